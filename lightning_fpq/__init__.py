@@ -1,0 +1,42 @@
+"""lightning-fpq: floating-point quantized training for PyTorch Lightning.
+
+Public names are imported lazily (PEP 562), so ``import lightning_fpq`` and the command line
+stay fast and do not import Lightning until a Lightning-facing name is used.
+"""
+
+from importlib import import_module
+from typing import Any
+
+__version__ = "0.1.0"
+
+_PUBLIC = {
+    "FPFormat": "lightning_fpq.formats",
+    "quantize": "lightning_fpq.quantize",
+    "dequantize_packed": "lightning_fpq.quantize",
+    "pack": "lightning_fpq.quantize",
+    "unpack": "lightning_fpq.quantize",
+    "QuantRecipe": "lightning_fpq.recipe",
+    "QuantLinear": "lightning_fpq.linear",
+    "FPQuantPrecision": "lightning_fpq.precision",
+    "CapybaraLaw": "lightning_fpq.scaling",
+    "KumarLaw": "lightning_fpq.scaling",
+    "ChinchillaLaw": "lightning_fpq.scaling",
+    "count_params": "lightning_fpq.scaling",
+    "fit": "lightning_fpq.fitting",
+    "CriticalDataMonitor": "lightning_fpq.callbacks.monitor",
+    "ProgressivePrecision": "lightning_fpq.callbacks.progressive",
+    "TokenCounter": "lightning_fpq.callbacks.tokens",
+}
+__all__ = sorted(_PUBLIC) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _PUBLIC:
+        value = getattr(import_module(_PUBLIC[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'lightning_fpq' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__

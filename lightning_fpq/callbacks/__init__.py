@@ -1,0 +1,1 @@
+"""Lightning callbacks: token counting, CriticalDataMonitor, ProgressivePrecision."""

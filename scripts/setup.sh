@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Create .venv and install lightning-fpq with its dev extras into it.
+# Without an NVIDIA GPU, torch's CPU build is installed first ("+cpu" pins the CPU wheel, so
+# pip can never fall back to the multi-GB CUDA build); the project's own torch>=2.13 range is
+# then already satisfied. Set PIP_EXTRA_INDEX_URL to a CPU wheel index where none is configured.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    .venv/bin/pip install -q "torch>=2.13.0"
+  else
+    .venv/bin/pip install -q "torch==2.13.0+cpu"
+  fi
+fi
+.venv/bin/pip install -q -e ".[dev]" 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
+.venv/bin/python -c "import lightning_fpq, torch, lightning; print('lightning-fpq', lightning_fpq.__version__, '| torch', torch.__version__, '| lightning', lightning.__version__)"
+touch .venv/.installed
