@@ -90,8 +90,11 @@ class FPFormat:
             raise ValueError(f"FPFormat special={self.special!r} is not one of {SPECIAL_MODES}")
         if self.ebits == 0 and self.special != "finite":
             raise ValueError(f"an E0M{self.mbits} format has no exponent to reserve: special must be 'finite', got {self.special!r}")
-        if self.special == "ieee" and self.ebits == 1 and self.mbits == 0:
-            raise ValueError("E1M0 with special='ieee' has no finite non-zero value")
+        if self.mbits == 0 and (self.ebits == 0 or (self.ebits == 1 and self.special != "finite")):
+            raise ValueError(
+                f"E{self.ebits}M0 with special={self.special!r} has no finite non-zero value; "
+                "use at least one mantissa bit, or E1M0 with special='finite'"
+            )
         if not self.name:
             # A name that parses back to this very format: canonical, else eXmY[:mode].
             default = _CANONICAL_NAMES.get((self.ebits, self.mbits, self.special))
@@ -112,7 +115,9 @@ class FPFormat:
         text = spec.strip().lower()
         base, _, mode = text.partition(":")
         if mode and mode not in SPECIAL_MODES:
-            raise ValueError(f"format {spec!r}: special-value mode {mode!r} is not one of {SPECIAL_MODES}")
+            raise ValueError(
+                f"format {spec!r}: special-value mode {mode!r} is not one of {SPECIAL_MODES}; expected {ACCEPTED_FORMS}"
+            )
         if base in _NAMED:
             ebits, mbits, special = _NAMED[base]
         else:
