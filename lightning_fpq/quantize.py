@@ -14,8 +14,11 @@ Order of operations (the contract fast paths must follow exactly):
 1. ``x`` is read in float32 (never modified in place).
 2. Each block's scale ``S`` is computed from the absolute maximum of its *finite* values
    (NaN and inf are ignored, so they cannot poison their neighbours), see ``block_scales``.
+   Scales are divided tensor by tensor (IEEE, correctly rounded): torch's ``float / tensor``
+   on CPU is not, see ``_scalar_over``.
 3. ``y = x32 * S`` (float32), rounded to the grid (``round_to_format``), ``out = q / S``
-   (float32), then cast to ``x.dtype``.
+   (float32), clamped to the output dtype's finite range when saturating, then cast to
+   ``x.dtype``.
 """
 
 from __future__ import annotations
@@ -127,6 +130,13 @@ def finite_absmax(blocks: torch.Tensor) -> torch.Tensor:
     return a.amax(dim=-1, keepdim=True)
 
 
+def _scalar_over(numerator: float, t: torch.Tensor) -> torch.Tensor:
+    """``numerator / t`` correctly rounded. torch computes ``float / tensor`` on CPU as a
+    reciprocal times the scalar, which is off by an ulp about a quarter of the time; every
+    fast path must divide the same way, so the contract is IEEE division."""
+    return torch.full_like(t, numerator) / t
+
+
 def block_scales(
     amax: torch.Tensor, fmt: FPFormat, scale_format: str, tensor_amax: Optional[torch.Tensor] = None
 ) -> torch.Tensor:
@@ -141,7 +151,7 @@ def block_scales(
     """
     one = torch.ones_like(amax)
     if scale_format == "fp32":
-        scale = torch.where(amax > 0, fmt.max / amax, one)
+        scale = torch.where(amax > 0, _scalar_over(fmt.max, amax), one)
         return scale.clamp(max=_FP32_MAX)  # a subnormal amax must not give an inf scale
     if scale_format == "e8m0":
         _, exp = torch.frexp(amax)
@@ -152,7 +162,7 @@ def block_scales(
     tensor_amax = tensor_amax if tensor_amax is not None else amax.amax()
     tensor_scale = torch.where(tensor_amax > 0, tensor_amax / (fmt.max * E4M3.max), torch.ones_like(tensor_amax))
     decode = round_to_format((amax / fmt.max) / tensor_scale, E4M3) * tensor_scale
-    return torch.where(decode > 0, 1.0 / decode, one).clamp(max=_FP32_MAX)
+    return torch.where(decode > 0, _scalar_over(1.0, decode), one).clamp(max=_FP32_MAX)
 
 
 # -------------------------------------------------------------------------- quantize
@@ -235,16 +245,28 @@ def quantize_reference(
     """The reference implementation of ``quantize`` (arguments already validated)."""
     x32 = x.to(torch.float32)
     noise = _noise(x32, rounding, generator)
+    if x.numel() == 0:
+        return x.clone()
     if block_size is None:
-        return round_to_format(x32, fmt, rounding=rounding, saturate=saturate, noise=noise).to(x.dtype)
-    axis = axis % max(x.dim(), 1)
-    blocks, pad = _blocks_last(x32.reshape(x.shape or (1,)), block_size, axis)
-    scale = block_scales(finite_absmax(blocks), fmt, scale_format)
-    if noise is not None:
-        noise, _ = _blocks_last(noise.reshape(x.shape or (1,)), block_size, axis)
-    q = round_to_format(blocks * scale, fmt, rounding=rounding, saturate=saturate, noise=noise)
-    out = _unblock(q / scale, x.shape or torch.Size([1]), axis, pad, block_size)
-    return out.reshape(x.shape).to(x.dtype)
+        out = round_to_format(x32, fmt, rounding=rounding, saturate=saturate, noise=noise)
+    else:
+        axis = axis % max(x.dim(), 1)
+        blocks, pad = _blocks_last(x32.reshape(x.shape or (1,)), block_size, axis)
+        scale = block_scales(finite_absmax(blocks), fmt, scale_format)
+        if noise is not None:
+            noise, _ = _blocks_last(noise.reshape(x.shape or (1,)), block_size, axis)
+        q = round_to_format(blocks * scale, fmt, rounding=rounding, saturate=saturate, noise=noise)
+        out = _unblock(q / scale, x.shape or torch.Size([1]), axis, pad, block_size).reshape(x.shape)
+    return _to_output(out, x.dtype, saturate)
+
+
+def _to_output(out32: torch.Tensor, dtype: torch.dtype, saturate: bool) -> torch.Tensor:
+    """Cast to the input dtype. Saturating means finite: a grid value beyond the dtype's
+    range (E5M2:finite into fp16) or a dequantized block near fp32's max must not become inf."""
+    if saturate:
+        limit = torch.finfo(dtype).max
+        out32 = out32.clamp(-limit, limit)  # clamp keeps NaN
+    return out32.to(dtype)
 
 
 # -------------------------------------------------------------------------- packing
