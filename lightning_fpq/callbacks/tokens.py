@@ -1,0 +1,106 @@
+"""The one source of truth for the number of training tokens seen.
+
+``TokenCounter`` counts each training batch once, sums the count over all ranks, and lives
+in checkpoints. ``CriticalDataMonitor`` and ``ProgressivePrecision`` read it; when the user
+did not add one, the first of them to be set up attaches one to the trainer, so there is
+never more than one count.
+
+The default counting rule (``count_batch_tokens``), override it with ``count_tokens=``:
+
+- a tensor batch: its number of elements (a ``(B, T)`` batch of token ids is B*T tokens);
+- a tuple or list: the first element, counted by these rules (``(x, y)`` counts ``x``);
+- a dict: the first of the keys ``input_ids``, ``tokens``, ``idx``, ``x``, ``inputs``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from typing_extensions import override
+
+TOKEN_KEYS = ("input_ids", "tokens", "idx", "x", "inputs")
+TokenCountFn = Callable[[Any], int]
+
+
+def count_batch_tokens(batch: Any) -> int:
+    """Tokens in one batch by the default rule (see the module docstring)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.numel()
+    if isinstance(batch, (tuple, list)) and batch:
+        return count_batch_tokens(batch[0])
+    if isinstance(batch, dict):
+        for key in TOKEN_KEYS:
+            if key in batch:
+                return count_batch_tokens(batch[key])
+        raise ValueError(
+            f"cannot count tokens in a dict batch with keys {sorted(batch)}: expected one of "
+            f"{TOKEN_KEYS}, or pass count_tokens=<function batch -> int> to the callback"
+        )
+    raise ValueError(
+        f"cannot count tokens in a batch of type {type(batch).__name__}: expected a tensor, a "
+        "tuple/list whose first item holds the token ids, or a dict; or pass count_tokens=<function>"
+    )
+
+
+class TokenCounter(Callback):
+    """Counts training tokens, summed over all ranks; saved in and restored from checkpoints.
+
+    Args:
+        count_tokens: ``batch -> int``, the tokens of one batch on this rank. Default:
+            ``count_batch_tokens``.
+    """
+
+    def __init__(self, count_tokens: Optional[TokenCountFn] = None) -> None:
+        if count_tokens is not None and not callable(count_tokens):
+            raise ValueError(f"count_tokens={count_tokens!r} is not callable: expected a function batch -> int")
+        self.count_tokens = count_tokens or count_batch_tokens
+        self.tokens_seen = 0
+        self._counted_batch = -1  # index of the last batch counted (idempotent observe)
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return "TokenCounter"  # one counter per trainer
+
+    @staticmethod
+    def attach(trainer: Trainer, count_tokens: Optional[TokenCountFn] = None) -> "TokenCounter":
+        """The trainer's counter; one is appended to ``trainer.callbacks`` if there is none.
+
+        Called from ``setup`` of our callbacks: Lightning iterates ``trainer.callbacks`` live,
+        so an appended counter still gets its own ``setup`` and its checkpoint state.
+        """
+        for callback in trainer.callbacks:
+            if isinstance(callback, TokenCounter):
+                return callback
+        counter = TokenCounter(count_tokens)
+        trainer.callbacks.append(counter)
+        return counter
+
+    def observe(self, trainer: Trainer, batch: Any) -> int:
+        """Count ``batch`` once (safe to call from several hooks); returns ``tokens_seen``."""
+        batch_index = trainer.fit_loop.epoch_loop.batch_progress.total.ready
+        if batch_index != self._counted_batch:
+            local = int(self.count_tokens(batch))
+            if local < 0:
+                raise ValueError(f"count_tokens returned {local} for a batch: expected a count >= 0")
+            total = trainer.strategy.reduce(torch.tensor(local, dtype=torch.float64), reduce_op="sum")
+            self.tokens_seen += int(total.item())
+            self._counted_batch = batch_index
+        return self.tokens_seen
+
+    @override
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self.observe(trainer, batch)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"tokens_seen": self.tokens_seen, "counted_batch": self._counted_batch}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.tokens_seen = int(state_dict["tokens_seen"])
+        self._counted_batch = int(state_dict.get("counted_batch", -1))
