@@ -7,13 +7,25 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
+
+# pip install, quiet; on failure print everything and stop (set -e).
+pip_install() {
+  local out
+  if ! out=$(.venv/bin/pip install -q "$@" 2>&1); then
+    echo "$out" >&2
+    return 1
+  fi
+  # a local mirror's harmless "Location ... is ignored" notes are dropped
+  echo "$out" | grep -v "is ignored: it is neither a file nor a directory" || true
+}
+
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-    .venv/bin/pip install -q "torch>=2.13.0"
+    pip_install "torch>=2.13.0"
   else
-    .venv/bin/pip install -q "torch==2.13.0+cpu"
+    pip_install "torch==2.13.0+cpu"
   fi
 fi
-.venv/bin/pip install -q -e ".[dev]" 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
+pip_install -e ".[dev]"
 .venv/bin/python -c "import lightning_fpq, torch, lightning; print('lightning-fpq', lightning_fpq.__version__, '| torch', torch.__version__, '| lightning', lightning.__version__)"
 touch .venv/.installed
