@@ -609,6 +609,18 @@ class CapybaraLaw(_Law):
             return _out(np.full_like(N, np.inf))
         return _out(capybara_critical_data_size(N, fmt.ebits, fmt.mbits, log2b, **self.constants()))
 
+    def token_value(self, N, D, fmt: Optional[FormatLike], block_size: Union[int, str] = DEFAULT_BLOCK_SIZE):
+        """What one more token is worth in ``fmt``, relative to unquantized training (dimensionless).
+
+        The ratio of dL/dlog D with and without the penalty term:
+        ``(b T_D - b T_Q) / (b T_D) = 1 - (D / D_crit)^(2b)``, where T_D = d/D^b is the data
+        term and T_Q the penalty. 1 = as useful as unquantized; 0 at D_crit; negative past
+        it (more tokens raise the loss).
+        """
+        N, D = _positive("N", N), _positive("D", D)
+        d_crit = np.asarray(self.critical_data_size(N, fmt, block_size), dtype=float)
+        return _out(1.0 - (D / d_crit) ** (2.0 * self.b))
+
     def min_loss(self, N, fmt: Optional[FormatLike], block_size: Union[int, str] = DEFAULT_BLOCK_SIZE):
         """The lowest loss N parameters reach in ``fmt`` (nats/token): the loss at D_crit.
 
@@ -787,6 +799,12 @@ class KumarLaw(_Law):
         _format_or_none(fmt), self._log2b(block_size)
         return _out(np.full_like(N, np.inf))
 
+    def token_value(self, N, D, fmt: Optional[FormatLike] = None, block_size: Union[int, str] = DEFAULT_BLOCK_SIZE):
+        """1.0: this law has no D-dependent quantization penalty, so a token is worth what it is unquantized."""
+        N, D = _positive("N", N), _positive("D", D)
+        _format_or_none(fmt), log2_block_size(block_size)
+        return _out(np.ones(np.broadcast_shapes(N.shape, D.shape)))
+
     def min_loss(self, N, fmt: Optional[FormatLike], block_size: Union[int, str] = DEFAULT_BLOCK_SIZE):
         """The D -> inf limit, A N_eff^-alpha + E (nats/token)."""
         N = _positive("N", N)
@@ -859,6 +877,12 @@ class ChinchillaLaw(_Law):
         N = _positive("N", N)
         _format_or_none(fmt), log2_block_size(block_size)
         return _out(np.full_like(N, np.inf))
+
+    def token_value(self, N, D, fmt: Optional[FormatLike] = None, block_size: Union[int, str] = DEFAULT_BLOCK_SIZE):
+        """1.0: this law has no D-dependent quantization penalty, so a token is worth what it is unquantized."""
+        N, D = _positive("N", N), _positive("D", D)
+        _format_or_none(fmt), log2_block_size(block_size)
+        return _out(np.ones(np.broadcast_shapes(N.shape, D.shape)))
 
     def min_loss(self, N, fmt: Optional[FormatLike] = None, block_size: Union[int, str] = DEFAULT_BLOCK_SIZE):
         """The D -> inf limit, E + A / N^alpha (nats/token)."""

@@ -1,0 +1,465 @@
+"""The ``lightning-fpq`` command line: the questions to answer before a quantized run.
+
+    lightning-fpq formats                                  which formats exist (and which the law prefers)
+    lightning-fpq predict --params 1e9 --tokens 2e12 --format e4m3 --block-size 128
+                                                           loss, critical data size, verdict
+    lightning-fpq plan --compute 1e23 [--params N | --tokens D]
+                                                           compute-optimal precision and format
+    lightning-fpq fit runs.csv --out law.yaml              fit the law to your own runs
+    lightning-fpq plot --params 1e9 --formats e2m1,e4m3,bf16 --out law.png
+
+Adding a subcommand: write ``cmd_<name>(args) -> int`` (the work; import anything heavy
+inside it) and ``add_<name>(subparsers)`` (its parser; end with
+``parser.set_defaults(func=cmd_<name>)``), then append ``add_<name>`` to
+:data:`SUBCOMMANDS`. Raise ``ValueError`` (or :class:`CLIError`) for bad input: :func:`main`
+prints it as one line on stderr and exits with status 2.
+
+This module imports only the standard library at its top, so the command line starts
+fast; the scaling law (numpy, and torch through ``formats``), rich and matplotlib are
+imported by the subcommands that use them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from typing import Any, Callable, Optional, Sequence
+
+PROG = "lightning-fpq"
+EXIT_USAGE = 2  # bad input: one line on stderr
+
+_SUFFIXES = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12, "p": 1e15}
+
+
+class CLIError(Exception):
+    """Bad input found by a subcommand: printed as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (no usage dump), exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+# ------------------------------------------------------------------ argument types
+
+
+def positive_number(text: str) -> float:
+    """'1e9', '7B', '2T', '350m' -> float > 0 (suffixes k, m, b/g, t, p: powers of 1000)."""
+    raw = text.strip().lower().replace("_", "")
+    scale = 1.0
+    if raw and raw[-1] in _SUFFIXES:
+        scale, raw = _SUFFIXES[raw[-1]], raw[:-1]
+    try:
+        value = float(raw) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number (e.g. 1e9, 7B, 2T)") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+    return value
+
+
+def format_name(text: str) -> Any:
+    from lightning_fpq.formats import as_format
+
+    try:
+        return as_format(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def format_list(text: str) -> list:
+    names = [t for t in (part.strip() for part in text.split(",")) if t]
+    if not names:
+        raise argparse.ArgumentTypeError(f"{text!r} names no format (e.g. e2m1,e4m3,bf16)")
+    return [format_name(name) for name in names]
+
+
+def block_size(text: str) -> Any:
+    key = text.strip().lower()
+    if key in ("channel", "tensor"):
+        return key
+    try:
+        value = int(key)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not valid: expected an int >= 1, 'channel' or 'tensor'")
+    return value
+
+
+# ------------------------------------------------------------------ output helpers
+
+
+def _console():
+    from rich.console import Console
+
+    # a terminal gets its own width; a pipe or a test capture gets 120 columns, so tables never wrap
+    return Console(file=sys.stdout, highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 120)
+
+
+def _table(title: Optional[str], columns: Sequence[str], rows: Sequence[Sequence[str]], *, right: Sequence[bool] = ()):
+    from rich import box
+    from rich.table import Table
+
+    table = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left", pad_edge=False, show_edge=False)
+    for i, name in enumerate(columns):
+        table.add_column(name, justify="right" if (right[i] if i < len(right) else False) else "left", no_wrap=True)
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+def _g(x: float, digits: int = 3) -> str:
+    """Compact number: 2.73e+13 -> '2.73e13'; inf -> 'inf'."""
+    if isinstance(x, float) and math.isinf(x):
+        return "inf"
+    text = f"{x:.{digits}g}"
+    return text.replace("e+0", "e").replace("e+", "e").replace("e-0", "e-")
+
+
+def _pct(x: float) -> str:
+    """A fraction as a percentage, with two significant digits below 10%: 0.00116 -> '0.12%'."""
+    return f"{x:.0%}" if abs(x) >= 0.1 else f"{100 * x:.2g}%"
+
+
+def _law(path: Optional[str]):
+    from lightning_fpq.scaling import CapybaraLaw, load_law
+
+    return CapybaraLaw.paper() if path is None else load_law(path)
+
+
+def _law_line(law) -> str:
+    prov = law.provenance
+    source = prov.citation if prov.source == "paper" else prov.short_str()
+    return f"{type(law).__name__} ({source})"
+
+
+def _block_text(bs: Any) -> str:
+    return f"{bs}-element blocks" if isinstance(bs, int) else f"{bs}-wise scaling"
+
+
+def _add_law_options(parser: argparse.ArgumentParser, *, block: bool = True) -> None:
+    parser.add_argument("--law", metavar="LAW.yaml", help="a law saved by `fit` or law.save() (default: the paper's Capybara law)")
+    if block:
+        parser.add_argument("--block-size", type=block_size, default=128, metavar="B",
+                            help="elements per scale: an int, 'channel' or 'tensor' (default: 128)")
+
+
+# ---------------------------------------------------------------------- formats
+
+
+def cmd_formats(args: argparse.Namespace) -> int:
+    from lightning_fpq.formats import named_formats
+    from lightning_fpq.scaling import CapybaraLaw
+
+    law = CapybaraLaw.paper()
+    groups: dict = {}
+    for alias, fmt in named_formats().items():
+        groups.setdefault(fmt, []).append(alias)
+    rows = []
+    for fmt in sorted(groups, key=lambda f: (f.bits, -f.ebits)):
+        if args.bits is not None and fmt.bits != args.bits:
+            continue
+        aliases = ", ".join(a for a in groups[fmt] if a != fmt.name)
+        best = law.optimal_format(fmt.bits) if fmt.bits >= 2 else None
+        law_best = "yes" if best is not None and (best.ebits, best.mbits) == (fmt.ebits, fmt.mbits) else ""
+        rows.append([fmt.name, aliases, str(fmt.bits), str(fmt.ebits), str(fmt.mbits), str(fmt.bias),
+                     _g(fmt.max, 6), _g(fmt.min_subnormal, 4), fmt.special, law_best])
+    console = _console()
+    console.print(_table("Named formats: 1 sign + E exponent + M mantissa bits",
+                         ["name", "aliases", "bits", "E", "M", "bias", "max", "min subnormal", "special", "law's best E/M"],
+                         rows, right=[False, False, True, True, True, True, True, True, False, False]))
+    if args.optimal:
+        rows = []
+        for p in range(2, 17):
+            e_opt, m_opt = law.optimal_split(p)
+            best = law.optimal_format(p)
+            rows.append([str(p), best.name, f"{e_opt:.2f}", f"{m_opt:.2f}"])
+        console.print(_table("Best split per bit width (Capybara law, arXiv 2501.02423): integer pair minimising 1/((E+0.5)^dl (M+0.5)^nu)",
+                             ["bits", "best format", "E_opt", "M_opt"], rows, right=[True, False, True, True]))
+    return 0
+
+
+def add_formats(sub) -> None:
+    p = sub.add_parser("formats", help="table of the named formats (bits, E, M, bias, range, special values)",
+                       description="List the named floating-point formats.")
+    p.add_argument("--bits", type=int, help="only formats of this many bits")
+    p.add_argument("--optimal", action="store_true", help="also list the law's best E/M split for every width 2..16")
+    p.set_defaults(func=cmd_formats)
+
+
+# ---------------------------------------------------------------------- predict
+
+
+def verdict(law, N: float, D: float, fmt, bs) -> str:
+    """One line on whether D tokens in ``fmt`` still pay, from D_crit and the token value."""
+    d_crit = float(law.critical_data_size(N, fmt, bs))
+    if math.isinf(d_crit):
+        return f"{fmt.name}: no critical data size under this law: more tokens always lower the loss."
+    ratio = D / d_crit
+    worth = float(law.token_value(N, D, fmt, bs))
+    if ratio <= 0.5:
+        return (f"OK: {_g(D)} tokens is {_pct(ratio)} of D_crit ({_g(d_crit)}) for {fmt.name}; "
+                f"a further token is still worth {_pct(worth)} of an unquantized one.")
+    if ratio <= 1.0:
+        return (f"NEAR D_crit: {_g(D)} tokens is {_pct(ratio)} of D_crit ({_g(d_crit)}) for {fmt.name}; "
+                f"a further token is worth only {_pct(worth)} of an unquantized one: widen the format before {_g(d_crit)} tokens.")
+    wider = _first_wider(law, N, D, fmt, bs)
+    advice = f"switch to {wider[0].name} ({wider[0].bits} bits, D_crit {_g(wider[1])}) by {_g(d_crit)} tokens" if wider else "no format up to 32 bits reaches this D"
+    return f"PAST D_crit: tokens beyond {_g(d_crit)} raise the loss in {fmt.name}; {advice}."
+
+
+def _first_wider(law, N: float, D: float, fmt, bs):
+    """The narrowest wider format (the law's best split per width) whose D_crit exceeds D."""
+    if not hasattr(law, "optimal_format"):
+        return None
+    for p in range(fmt.bits + 1, 33):
+        try:
+            cand = law.optimal_format(p)
+        except ValueError:
+            break
+        d_crit = float(law.critical_data_size(N, cand, bs))
+        if d_crit > D:
+            return cand, d_crit
+    return None
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    law = _law(args.law)
+    N, D, bs = args.params, args.tokens, args.block_size
+    console = _console()
+    console.print(f"{_law_line(law)}")
+    console.print(f"N = {_g(N)} parameters, D = {_g(D)} tokens, {_block_text(bs)}")
+    rows = []
+    baseline = float(law.loss(N, D, None, bs))
+    for fmt in args.format:
+        loss = float(law.loss(N, D, fmt, bs))
+        d_crit = float(law.critical_data_size(N, fmt, bs))
+        rows.append([fmt.name, str(fmt.bits), f"{loss:.4f}", f"{loss - baseline:+.4f}", _g(d_crit),
+                     "0" if math.isinf(d_crit) else f"{D / d_crit:.3g}", f"{float(law.min_loss(N, fmt, bs)):.4f}"])
+    console.print(_table(None, ["format", "bits", "loss", "vs unquantized", "D_crit (tokens)", "D / D_crit", "loss at D_crit"],
+                         rows, right=[False, True, True, True, True, True, True]))
+    for fmt in args.format:
+        console.print(verdict(law, N, D, fmt, bs))
+    if len(args.format) > 1:
+        best = min(args.format, key=lambda f: float(law.loss(N, D, f, bs)))
+        console.print(f"lowest predicted loss at this N and D: {best.name}")
+    return 0
+
+
+def add_predict(sub) -> None:
+    p = sub.add_parser("predict", help="predicted loss, critical data size and a verdict for one run",
+                       description="Predict a quantized run's loss and how far it is from the critical data size.")
+    p.add_argument("--params", type=positive_number, required=True, metavar="N", help="parameters (e.g. 1e9, 1.3B)")
+    p.add_argument("--tokens", type=positive_number, required=True, metavar="D", help="training tokens (e.g. 2e12, 2T)")
+    p.add_argument("--format", type=format_list, required=True, metavar="FMT[,FMT...]", help="format name(s): e2m1, e4m3, bf16, eXmY ...")
+    _add_law_options(p)
+    p.set_defaults(func=cmd_predict)
+
+
+# ------------------------------------------------------------------------- plan
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    law = _law(args.law)
+    if not hasattr(law, "optimal_precision"):
+        raise CLIError(f"a {law.kind} law has no precision term: plan needs a capybara or kumar law")
+    C, bs = args.compute, args.block_size
+    plan = law.optimal_precision(C, N=args.params, D=args.tokens, block_size=bs)
+    console = _console()
+    regime = {"joint": "N, D and precision free", "fixed_N": f"N fixed at {_g(plan.params)}", "fixed_D": f"D fixed at {_g(plan.tokens)}"}
+    console.print(_law_line(law))
+    console.print(f"compute {_g(C)} FLOPs (C = 6/16 * P * N * D), {_block_text(bs)}; {regime[plan.regime]}")
+    console.print(f"optimal precision: {plan.bits:.2f} bits (real-valued E/M split): "
+                  f"N = {_g(plan.params)}, D = {_g(plan.tokens)}, loss {plan.loss:.4f}")
+    console.print(f"best format: {plan.format.name} ({plan.format.bits} bits, E{plan.format.ebits}M{plan.format.mbits}): "
+                  f"N = {_g(plan.format_params)}, D = {_g(plan.format_tokens)}, loss {plan.format_loss:.4f}")
+    rows = []
+    for fmt in args.formats:
+        try:
+            n_, d_, loss = law.plan_format(C, fmt, N=args.params, D=args.tokens, block_size=bs)
+        except ValueError:
+            rows.append([fmt.name, str(fmt.bits), "-", "-", "-", "-"])
+            continue
+        d_crit = float(law.critical_data_size(n_, fmt, bs))
+        rows.append([fmt.name, str(fmt.bits), _g(n_), _g(d_), f"{loss:.4f}", "0" if math.isinf(d_crit) else f"{d_ / d_crit:.3g}"])
+    console.print(_table(f"the same budget in other formats ({plan.regime.replace('_', ' ')})",
+                         ["format", "bits", "N", "D", "loss", "D / D_crit"], rows, right=[False, True, True, True, True, True]))
+    return 0
+
+
+def add_plan(sub) -> None:
+    p = sub.add_parser("plan", help="compute-optimal precision and format for a FLOP budget",
+                       description="Minimise the law's loss at fixed compute C = (6/16) P N D.")
+    p.add_argument("--compute", type=positive_number, required=True, metavar="FLOPS", help="training compute in FLOPs (e.g. 1e23)")
+    fixed = p.add_mutually_exclusive_group()
+    fixed.add_argument("--params", type=positive_number, metavar="N", help="fix the model size (precision and D are planned)")
+    fixed.add_argument("--tokens", type=positive_number, metavar="D", help="fix the data (precision and N are planned)")
+    p.add_argument("--formats", type=format_list, default="e2m1,e3m2,e4m3,bf16", metavar="FMT[,FMT...]",
+                   help="formats to compare at this budget (default: e2m1,e3m2,e4m3,bf16)")
+    _add_law_options(p)
+    p.set_defaults(func=cmd_plan)
+
+
+# -------------------------------------------------------------------------- fit
+
+
+def _fixed_constants(text: Optional[str]) -> dict:
+    if not text:
+        return {}
+    out = {}
+    for item in text.split(","):
+        name, sep, value = item.partition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise CLIError(f"--fix {text!r}: expected NAME=VALUE[,NAME=VALUE...] (e.g. dl=3.1926,nu=2.9543)")
+    return out
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    from lightning_fpq.fitting import fit
+
+    holdout: Any = args.holdout
+    if holdout is not None and holdout != "largest_N":
+        try:
+            holdout = float(holdout)
+        except ValueError:
+            raise CLIError(f"--holdout {args.holdout!r}: expected a fraction in (0, 1) or 'largest_N'") from None
+    result = fit(args.csv, kind=args.kind, fixed=_fixed_constants(args.fix), holdout=holdout, starts=args.starts, seed=args.seed)
+    law = result.law
+    paper = type(law).paper().constants()
+    console = _console()
+    rows = [[name, f"{value:.6g}", f"{paper[name]:.6g}", "fixed" if name in result.fixed else ("at bound" if name in result.at_bounds else "")]
+            for name, value in law.constants().items() if name in paper and name in type(law).FITTED]
+    console.print(_table(f"{type(law).__name__} fitted to {args.csv}", ["constant", "fitted", "paper", "note"], rows,
+                         right=[False, True, True, False]))
+    console.print(result.summary())
+    worst = int(abs(result.residuals).argmax())
+    console.print(f"largest residual: row {worst + 1}, observed {result.observed[worst]:.4f}, predicted {result.predicted[worst]:.4f}")
+    if result.at_bounds:
+        console.print(f"note: {', '.join(result.at_bounds)} ended on a bound: the rows may not determine them; consider --fix")
+    if args.out:
+        law.save(args.out)
+        console.print(f"wrote {args.out}")
+    return 0
+
+
+def add_fit(sub) -> None:
+    p = sub.add_parser("fit", help="fit the law's constants to your runs (CSV: N, D, E, M, B, loss)",
+                       description="Fit a scaling law to a CSV of runs: columns N, D, E, M (or format), B, loss.")
+    p.add_argument("csv", help="CSV file, one run per row")
+    p.add_argument("--out", metavar="LAW.yaml", help="write the fitted law here")
+    p.add_argument("--kind", choices=("capybara", "kumar", "chinchilla"), default="capybara", help="which law to fit (default: capybara)")
+    p.add_argument("--holdout", metavar="FRACTION|largest_N", help="rows kept out of the fit and scored: a fraction, or the largest model")
+    p.add_argument("--fix", metavar="NAME=VALUE,...", help="hold constants fixed, e.g. dl=3.1926,nu=2.9543")
+    p.add_argument("--starts", type=int, default=16, help="starting points of the optimiser (default: 16)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random starts and of a random hold-out (default: 0)")
+    p.set_defaults(func=cmd_fit)
+
+
+# ------------------------------------------------------------------------- plot
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    law = _law(args.law)
+    N, bs = args.params, args.block_size
+    crits = [float(law.critical_data_size(N, f, bs)) for f in args.formats]
+    finite = [c for c in crits if math.isfinite(c)]
+    lo = args.min_tokens or (min(finite) / 300 if finite else 1e9)
+    hi = args.max_tokens or (max(finite) * 10 if finite else 1e14)
+    if not lo < hi:
+        raise CLIError(f"--min-tokens {_g(lo)} must be below --max-tokens {_g(hi)}")
+
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FormatStrFormatter
+
+    D = np.logspace(math.log10(lo), math.log10(hi), 400)
+    fig, ax = plt.subplots(figsize=(9, 5.5), dpi=130)
+    colors = plt.get_cmap("tab10").colors
+    for i, (fmt, d_crit) in enumerate(zip(args.formats, crits)):
+        color = colors[i % len(colors)]
+        label = f"{fmt.name} ({fmt.bits} bits)" + (f", D_crit = {_g(d_crit, 2)}" if math.isfinite(d_crit) else "")
+        ax.plot(D, law.loss(N, D, fmt, bs), color=color, lw=2, label=label)
+        if math.isfinite(d_crit) and lo <= d_crit <= hi:
+            ax.axvline(d_crit, color=color, ls=":", lw=1.2)
+            ax.plot([d_crit], [float(law.min_loss(N, fmt, bs))], "o", color=color, ms=7, mec="black", zorder=5)
+    ax.plot(D, law.loss(N, D, None, bs), color="grey", ls="--", lw=1.2, label="no quantization", zorder=4)
+    # y range: from just below the lowest minimum to the unquantized loss at the left edge, so
+    # the minima stay visible; a format far past its D_crit leaves the top of the frame
+    floor = min([float(law.min_loss(N, f, bs)) for f in args.formats] + [float(law.loss(N, hi, None, bs))])
+    top = float(law.loss(N, lo, None, bs))
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_ylim(floor - 0.04 * (top - floor), top + 0.04 * (top - floor))
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%.2f"))
+    ax.yaxis.set_minor_formatter(FormatStrFormatter("%.2f"))
+    ax.tick_params(axis="y", which="minor", labelsize=8)
+    ax.set_xlabel("training tokens D")
+    ax.set_ylabel("predicted loss (nats/token)")
+    ax.set_title(f"{type(law).__name__}: N = {_g(N)} parameters, {_block_text(bs)}\n"
+                 f"dots: critical data size D_crit, the lowest loss each format reaches", fontsize=11)
+    ax.grid(True, which="major", alpha=0.35)
+    ax.grid(True, which="minor", alpha=0.12)
+    ax.legend(loc="upper right", fontsize=9, framealpha=0.9)
+    fig.tight_layout()
+    fig.savefig(args.out)
+    plt.close(fig)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def add_plot(sub) -> None:
+    p = sub.add_parser("plot", help="loss against tokens per format, D_crit marked (PNG)",
+                       description="Plot the law's predicted loss against training tokens for several formats.")
+    p.add_argument("--params", type=positive_number, required=True, metavar="N", help="parameters (e.g. 1e9)")
+    p.add_argument("--formats", type=format_list, default="e2m1,e4m3,bf16", metavar="FMT[,FMT...]",
+                   help="formats to draw (default: e2m1,e4m3,bf16)")
+    p.add_argument("--out", required=True, metavar="FILE.png", help="output image")
+    p.add_argument("--min-tokens", type=positive_number, metavar="D", help="left end of the token axis")
+    p.add_argument("--max-tokens", type=positive_number, metavar="D", help="right end of the token axis")
+    _add_law_options(p)
+    p.set_defaults(func=cmd_plot)
+
+
+# ------------------------------------------------------------------------- main
+
+SUBCOMMANDS: list[Callable[[Any], None]] = [add_formats, add_predict, add_plan, add_fit, add_plot]
+"""Each entry registers one subcommand on the subparsers object: append yours here."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="Floating-point quantized training: formats, the Capybara scaling law, plans.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for register in SUBCOMMANDS:
+        register(sub)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the command line; returns the exit status (0 ok, 2 bad input)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as stop:  # --help (0) or a usage error (2, already printed on one line)
+        return stop.code if isinstance(stop.code, int) else EXIT_USAGE
+    try:
+        return int(args.func(args) or 0)
+    except (CLIError, ValueError, OSError) as err:
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"{PROG} {args.command}: error: {message}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
