@@ -1,0 +1,420 @@
+"""The scaling laws against published numbers, hand-derived formulas and scipy minimisations.
+
+Every check computes its expectation independently of lightning_fpq.scaling: constants
+copied from the papers (SCIENCE.md sections 4 and 5), closed forms derived by hand in
+the test, or a numeric minimisation with scipy.
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import brentq, minimize, minimize_scalar
+
+from lightning_fpq.formats import FPFormat
+from lightning_fpq.scaling import (
+    COMPUTE_FACTOR,
+    CapybaraLaw,
+    ChinchillaLaw,
+    KumarLaw,
+    LawFileError,
+    Provenance,
+    count_params,
+    load_law,
+    log2_block_size,
+)
+
+# SCIENCE.md section 4 (arXiv 2501.02423), copied by hand
+PAPER = dict(n=69.2343, a=0.2368, d=68973.0621, b=0.5162, eps=1.9061, g=11334.5197, dl=3.1926, nu=2.9543)
+K = 6 / 16
+
+
+@pytest.fixture(scope="module")
+def law() -> CapybaraLaw:
+    return CapybaraLaw.paper()
+
+
+def hand_loss(N, D, E, M, log2b, c=PAPER):
+    """The law as written in SCIENCE.md section 4."""
+    return (c["n"] / N ** c["a"] + c["d"] / D ** c["b"] + c["eps"]
+            + (D ** c["b"] / N ** c["a"]) * log2b / (c["g"] * (E + 0.5) ** c["dl"] * (M + 0.5) ** c["nu"]))
+
+
+def relaxed_q(P, c=PAPER):
+    """(E_opt + 0.5)^dl (M_opt + 0.5)^nu with the real-valued split of SCIENCE.md section 4."""
+    s = c["dl"] + c["nu"]
+    return (c["dl"] * P / s) ** c["dl"] * (c["nu"] * P / s) ** c["nu"]
+
+
+# ----------------------------------------------------------------- constants and formulas
+
+
+def test_paper_constants_are_the_published_ones(law):
+    assert law.constants() == {**PAPER, "channel_log2_block": 13.1567}
+    assert law.provenance.source == "paper"
+    assert "2501.02423" in law.provenance.citation
+    assert "2501.02423" in CapybaraLaw.__doc__
+
+
+def test_loss_matches_the_formula_by_hand(law):
+    # N = 1e9, D = 2e12, E4M3, 128-element blocks
+    assert law.loss(1e9, 2e12, "e4m3", 128) == pytest.approx(hand_loss(1e9, 2e12, 4, 3, 7.0), rel=1e-12)
+    assert law.loss(3e8, 5e10, "e2m1", "channel") == pytest.approx(hand_loss(3e8, 5e10, 2, 1, 13.1567), rel=1e-12)
+    # tensor-wise: the documented approximation log2 B = 2 x the channel value
+    assert law.loss(3e8, 5e10, "e2m1", "tensor") == pytest.approx(hand_loss(3e8, 5e10, 2, 1, 2 * 13.1567), rel=1e-12)
+    # no quantization: the penalty term vanishes
+    assert law.loss(1e9, 2e12, None) == pytest.approx(hand_loss(1e9, 2e12, 4, 3, 0.0), rel=1e-12)
+
+
+def test_only_the_bit_split_matters_not_the_special_mode(law):
+    assert law.loss(1e9, 1e11, "e4m3") == law.loss(1e9, 1e11, "e4m3:ieee") == law.loss(1e9, 1e11, FPFormat(4, 3))
+
+
+def test_vectorised_over_numpy_arrays(law):
+    N = np.array([1e8, 1e9, 1e10])
+    out = law.loss(N, 1e10, "e4m3", 128)
+    assert isinstance(out, np.ndarray) and out.shape == (3,)
+    np.testing.assert_allclose(out, [hand_loss(n, 1e10, 4, 3, 7.0) for n in N], rtol=1e-12)
+    grid = law.loss(N[:, None], np.array([1e10, 1e11, 1e12, 1e13]), "e2m1", 32)
+    assert grid.shape == (3, 4)
+    assert law.critical_data_size(N, "e4m3").shape == (3,)
+    assert isinstance(law.loss(1e9, 1e10, "e4m3"), float)
+
+
+def test_critical_data_size_by_hand(law):
+    # D_crit = [d g N^a (E+.5)^dl (M+.5)^nu / log2 B]^(1/(2b)), SCIENCE.md section 4
+    c = PAPER
+    expected = (c["d"] * c["g"] * 1e9 ** c["a"] * 2.5 ** c["dl"] * 1.5 ** c["nu"] / 7.0) ** (1 / (2 * c["b"]))
+    assert law.critical_data_size(1e9, "e2m1", 128) == pytest.approx(expected, rel=1e-12)
+    assert law.critical_data_size(1e9, "e2m1", 128) == pytest.approx(3.93e11, rel=1e-2)
+
+
+@pytest.mark.parametrize("N, fmt, block", [(1e8, "e2m1", 128), (1e9, "e4m3", 32), (7e9, "e3m2", "channel"), (7e10, "bf16", 16)])
+def test_critical_data_size_is_where_the_loss_is_lowest(law, N, fmt, block):
+    f = FPFormat.parse(fmt)
+    log2b = log2_block_size(block)
+    res = minimize_scalar(lambda x: hand_loss(N, math.exp(x), f.ebits, f.mbits, log2b), bounds=(math.log(1e6), math.log(1e20)),
+                          method="bounded", options={"xatol": 1e-10})
+    assert law.critical_data_size(N, fmt, block) == pytest.approx(math.exp(res.x), rel=1e-4)
+    assert law.min_loss(N, fmt, block) == pytest.approx(res.fun, rel=1e-10)
+    # and the loss really rises on both sides
+    d_crit = law.critical_data_size(N, fmt, block)
+    assert law.loss(N, 0.5 * d_crit, fmt, block) > law.min_loss(N, fmt, block) < law.loss(N, 2 * d_crit, fmt, block)
+
+
+def test_critical_data_size_grows_with_params_bits_and_smaller_blocks(law):
+    N = np.array([1e8, 1e9, 1e10, 1e11])
+    assert np.all(np.diff(law.critical_data_size(N, "e4m3", 128)) > 0)
+    by_bits = [law.critical_data_size(1e9, law.optimal_format(p), 128) for p in range(2, 17)]
+    assert all(lo < hi for lo, hi in zip(by_bits, by_bits[1:]))
+    by_block = [law.critical_data_size(1e9, "e2m1", b) for b in (16, 32, 64, 128, 256, 1024, "channel", "tensor")]
+    assert all(small > large for small, large in zip(by_block, by_block[1:]))
+    assert law.critical_data_size(1e9, "e2m1", 1) == math.inf  # one scale per element: no penalty
+    assert law.critical_data_size(1e9, None) == math.inf
+
+
+def test_token_value_is_one_minus_the_ratio_to_the_power_2b(law):
+    d_crit = law.critical_data_size(1e9, "e4m3", 128)
+    assert law.token_value(1e9, d_crit, "e4m3", 128) == pytest.approx(0.0, abs=1e-9)
+    # numerically: d loss / d log D, quantized over unquantized
+    h = 1e-4
+    for D in (0.3 * d_crit, 3 * d_crit):
+        dq = (law.loss(1e9, D * math.exp(h), "e4m3") - law.loss(1e9, D * math.exp(-h), "e4m3")) / (2 * h)
+        du = (law.loss(1e9, D * math.exp(h), None) - law.loss(1e9, D * math.exp(-h), None)) / (2 * h)
+        assert law.token_value(1e9, D, "e4m3") == pytest.approx(dq / du, rel=1e-5)
+
+
+# ------------------------------------------------------------------- best formats
+
+
+# integer splits of the law, width by width; 4, 6, 8 and 16 bits are the paper's statements
+BEST = {2: (1, 0), 3: (1, 1), 4: (2, 1), 5: (2, 2), 6: (3, 2), 7: (3, 3), 8: (4, 3), 9: (4, 4), 10: (5, 4),
+        11: (5, 5), 12: (6, 5), 13: (6, 6), 14: (7, 6), 15: (7, 7), 16: (8, 7)}
+
+
+@pytest.mark.parametrize("bits", range(2, 17))
+def test_optimal_format_for_every_width(law, bits):
+    fmt = law.optimal_format(bits)
+    assert (fmt.ebits, fmt.mbits) == BEST[bits] and fmt.bits == bits
+    # brute force over every integer pair, minimising the quantization penalty 1/((E+.5)^dl (M+.5)^nu)
+    pairs = [(e, bits - 1 - e) for e in range(bits)]
+    brute = min(pairs, key=lambda em: 1.0 / ((em[0] + 0.5) ** PAPER["dl"] * (em[1] + 0.5) ** PAPER["nu"]))
+    assert brute == BEST[bits]
+    # and it rounds the real optimum E_opt = dl P/(dl+nu) - 0.5 (SCIENCE.md section 4)
+    e_opt = PAPER["dl"] * bits / (PAPER["dl"] + PAPER["nu"]) - 0.5
+    m_opt = PAPER["nu"] * bits / (PAPER["dl"] + PAPER["nu"]) - 0.5
+    assert law.optimal_split(bits) == pytest.approx((e_opt, m_opt), rel=1e-12)
+    assert fmt.ebits in (math.floor(e_opt), math.ceil(e_opt))
+    assert fmt.mbits in (math.floor(m_opt), math.ceil(m_opt))
+
+
+def test_published_best_formats_are_the_hardware_ones(law):
+    assert law.optimal_format(4).name == "e2m1"  # FP4
+    assert law.optimal_format(6).name == "e3m2"  # FP6
+    assert law.optimal_format(8) == FPFormat.parse("e4m3")  # FP8 E4M3 (OCP FN)
+    assert law.optimal_format(16) == FPFormat.parse("bf16")  # E8M7
+
+
+def test_optimal_format_respects_format_limits(law):
+    assert law.optimal_format(32).name == "fp32"  # E8M23: E capped at 8
+    for bad in (1, 33, 4.0, "8", True):
+        with pytest.raises(ValueError, match="bits="):
+            law.optimal_format(bad)
+
+
+# --------------------------------------------------------------- compute-optimal precision
+
+
+def relaxed_loss(N, D, P, log2b, c=PAPER):
+    """The law with the real-valued best split at P bits."""
+    return c["n"] / N ** c["a"] + c["d"] / D ** c["b"] + c["eps"] + D ** c["b"] / N ** c["a"] * log2b / (c["g"] * relaxed_q(P, c))
+
+
+def scipy_joint_optimum(C, log2b):
+    """min over (log N, P) of the relaxed law with D = C/(k P N), by Nelder-Mead from several starts."""
+    def objective(x):
+        N, P = math.exp(x[0]), x[1]
+        return relaxed_loss(N, C / (K * P * N), P, log2b) if 1.5 < P < 40 else 1e9
+
+    best = min((minimize(objective, [math.log(n0), p0], method="Nelder-Mead", options=dict(xatol=1e-10, fatol=1e-15, maxiter=4000))
+                for n0 in (1e9, 1e12, 1e15) for p0 in (4.0, 8.0)), key=lambda r: r.fun)
+    return best.x[1], math.exp(best.x[0]), best.fun
+
+
+def test_joint_optimal_precision_between_4_and_8_bits(law):
+    computes = np.logspace(21, 31, 11)
+    plan = law.optimal_precision(computes, block_size=128)
+    assert np.all((plan.bits >= 4) & (plan.bits <= 8)), plan.bits
+    assert np.all(np.diff(plan.bits) > 0)  # grows (slowly) with compute
+    # the plan's N and D spend the budget
+    np.testing.assert_allclose(K * plan.bits * plan.params * plan.tokens, computes, rtol=1e-9)
+
+
+@pytest.mark.parametrize("C", [1e21, 1e26, 1e31])
+def test_joint_optimum_matches_scipy(law, C):
+    bits, N, loss = scipy_joint_optimum(C, 7.0)
+    plan = law.optimal_precision(C, block_size=128)
+    assert plan.regime == "joint"
+    assert plan.bits == pytest.approx(bits, rel=1e-3)
+    assert plan.params == pytest.approx(N, rel=1e-2)
+    assert plan.loss == pytest.approx(loss, rel=1e-9)
+
+
+def test_channel_wise_optimum_passes_8_bits_at_1e31(law):
+    # documented in optimal_precision: the 4..8-bit finding holds for 128-element blocks
+    assert 8.2 < law.optimal_precision(1e31, block_size="channel").bits < 8.6
+
+
+def test_integer_format_plan_is_the_best_candidate(law):
+    plan = law.optimal_precision(1e23, block_size=128)
+    assert plan.format_loss >= plan.loss - 1e-12  # integer splits cannot beat the relaxed optimum
+    for name in ("e2m1", "e3m2", "e4m3", "bf16", "e2m2", "e3m3"):
+        _, _, loss = law.plan_format(1e23, name, block_size=128)
+        assert plan.format_loss <= loss + 1e-12
+    n_, d_, loss = law.plan_format(1e23, plan.format, block_size=128)
+    assert (n_, d_, loss) == pytest.approx((plan.format_params, plan.format_tokens, plan.format_loss), rel=1e-6)
+    restricted = law.optimal_precision(1e23, formats=["e4m3", "bf16"])
+    assert restricted.format.name == "e4m3"
+
+
+def test_fixed_params_regime_matches_closed_form(law):
+    # L(P) = d (kPN/C)^b + (C/(kPN))^b N^-a K0 / P^(dl+nu) with K0 = log2B/(g c_Q); dL/dP = 0 gives
+    # P^(2b+dl+nu) = (b+dl+nu)/(b d) (C/(kN))^(2b) N^-a K0
+    c, C, N, log2b = PAPER, 1e23, 1e9, 7.0
+    s = c["dl"] + c["nu"]
+    k0 = log2b / (c["g"] * (c["dl"] / s) ** c["dl"] * (c["nu"] / s) ** c["nu"])
+    expected = ((c["b"] + s) / (c["b"] * c["d"]) * (C / (K * N)) ** (2 * c["b"]) * N ** -c["a"] * k0) ** (1 / (2 * c["b"] + s))
+    plan = law.optimal_precision(C, N=N, block_size=128)
+    assert plan.regime == "fixed_N" and plan.params == N
+    assert plan.bits == pytest.approx(expected, rel=1e-6)
+    assert plan.tokens == pytest.approx(C / (K * expected * N), rel=1e-6)
+
+
+def test_fixed_tokens_regime_matches_closed_form(law):
+    # with N = C/(kPD): P^(dl+nu) = (dl+nu-a) D^b K0 / (a n), independent of C
+    c, D, log2b = PAPER, 1e12, 7.0
+    s = c["dl"] + c["nu"]
+    k0 = log2b / (c["g"] * (c["dl"] / s) ** c["dl"] * (c["nu"] / s) ** c["nu"])
+    expected = ((s - c["a"]) * D ** c["b"] * k0 / (c["a"] * c["n"])) ** (1 / s)
+    for C in (1e22, 1e24):
+        plan = law.optimal_precision(C, D=D, block_size=128)
+        assert plan.regime == "fixed_D" and plan.tokens == D
+        assert plan.bits == pytest.approx(expected, rel=1e-6)
+
+
+def test_optimal_precision_rejects_bad_arguments(law):
+    with pytest.raises(ValueError, match="at most one of N and D"):
+        law.optimal_precision(1e23, N=1e9, D=1e12)
+    with pytest.raises(ValueError, match="compute="):
+        law.optimal_precision(-1.0)
+    with pytest.raises(ValueError, match="less than one token"):
+        law.optimal_precision(1e8, N=1e9)  # 1e8 / (k * 2 bits * 1e9) = 0.13 tokens
+
+
+# ------------------------------------------------------------ exchange rate, N_eff
+
+
+def test_precision_parameter_tradeoff_by_root_finding(law):
+    # the N whose compute-C run ends exactly at D_crit: C/(kPN) = D_crit(N, P) with the relaxed split
+    c, C, log2b = PAPER, 1e24, 7.0
+
+    def n_at_dcrit(P):
+        def gap(lnN):
+            N = math.exp(lnN)
+            d_crit = (c["d"] * c["g"] * N ** c["a"] * relaxed_q(P) / log2b) ** (1 / (2 * c["b"]))
+            return math.log(C / (K * P * N)) - math.log(d_crit)
+        return math.exp(brentq(gap, 0.0, 80.0, xtol=1e-14))
+
+    for p_from, p_to in ((16, 8), (8, 4), (6, 5)):
+        assert law.precision_parameter_tradeoff(p_from, p_to) == pytest.approx(n_at_dcrit(p_to) / n_at_dcrit(p_from), rel=1e-8)
+    # the SCIENCE.md exponent: P^(dl+nu+2b) N^(a+2b) = const
+    expo = (c["dl"] + c["nu"] + 2 * c["b"]) / (c["a"] + 2 * c["b"])
+    assert law.precision_parameter_tradeoff(16, 8) == pytest.approx(2**expo, rel=1e-12)
+
+
+def test_effective_params_give_the_same_loss_unquantized(law):
+    N, D = 1e9, np.array([1e10, 1e11, 1e12, 1e13])
+    n_eff = law.effective_params(N, D, "e2m1", 128)
+    np.testing.assert_allclose(law.loss(n_eff, D, None), law.loss(N, D, "e2m1", 128), rtol=1e-12)
+    assert np.all(n_eff < N) and np.all(np.diff(n_eff) < 0)  # more data, more penalty, fewer effective parameters
+    assert law.effective_params(N, 1e10, None) == pytest.approx(N, rel=1e-12)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, "row", "", True, None, 2**0.5])
+def test_block_size_rejected_with_the_choices(law, bad):
+    with pytest.raises(ValueError, match="expected an int >= 1.*'channel' or 'tensor'"):
+        law.loss(1e9, 1e10, "e4m3", bad)
+
+
+@pytest.mark.parametrize("N, D", [(0, 1e10), (-1e9, 1e10), (1e9, float("nan")), (1e9, float("inf")), (np.array([1e9, -1]), 1e10), ("x", 1e10)])
+def test_non_positive_sizes_rejected(law, N, D):
+    with pytest.raises(ValueError, match=r"(N|D)="):
+        law.loss(N, D, "e4m3", 128)
+
+
+def test_unknown_format_rejected(law):
+    with pytest.raises(ValueError, match="unknown format 'e4m3x'"):
+        law.critical_data_size(1e9, "e4m3x")
+
+
+def test_constants_and_provenance_validated():
+    with pytest.raises(ValueError, match="constant a=-0.2"):
+        CapybaraLaw(**{**PAPER, "a": -0.2})
+    with pytest.raises(ValueError, match="source='book'"):
+        Provenance(source="book")
+    CapybaraLaw(**{**PAPER, "eps": 0.0})  # eps may be 0
+
+
+# ------------------------------------------------------------------------------- YAML
+
+
+def test_yaml_round_trip_keeps_constants_and_provenance(tmp_path, law):
+    for original in (law, KumarLaw.paper(), ChinchillaLaw.paper(),
+                     CapybaraLaw(**PAPER, provenance=Provenance(source="fit", rows=40, rmse=0.01, r2=0.99, heldout_rmse=0.02))):
+        path = tmp_path / f"{original.kind}.yaml"
+        original.save(path)
+        assert type(original).load(path) == original
+        assert load_law(path) == original
+        assert load_law(path).provenance == original.provenance
+    assert "kind: capybara" in (tmp_path / "capybara.yaml").read_text()
+
+
+def test_bad_law_files_raise_one_clear_error(tmp_path):
+    with pytest.raises(LawFileError, match="cannot read law file"):
+        load_law(tmp_path / "missing.yaml")
+    (tmp_path / "garbage.yaml").write_text("kind: [unclosed\n")
+    with pytest.raises(LawFileError, match="cannot read law file"):
+        load_law(tmp_path / "garbage.yaml")
+    (tmp_path / "kind.yaml").write_text("kind: moore\nconstants: {}\n")
+    with pytest.raises(LawFileError, match="kind 'moore' is not one of"):
+        load_law(tmp_path / "kind.yaml")
+    (tmp_path / "short.yaml").write_text("kind: capybara\nconstants: {n: 1.0}\n")
+    with pytest.raises(LawFileError, match="missing \\['a'"):
+        load_law(tmp_path / "short.yaml")
+    ChinchillaLaw.paper().save(tmp_path / "chin.yaml")
+    with pytest.raises(LawFileError, match="kind 'chinchilla' is not 'capybara'"):
+        CapybaraLaw.load(tmp_path / "chin.yaml")
+    assert issubclass(LawFileError, ValueError)
+
+
+# ------------------------------------------------------------------ Kumar and Chinchilla
+
+
+def test_kumar_loss_by_hand():
+    law = KumarLaw.paper()
+    P = 8.0
+    f = (1 - math.exp(-P / 2.6745)) * (1 - math.exp(-P / 2.2102)) * (1 - math.exp(-P / 0.9578))
+    expected = 4.299e3 * (1e9 * f) ** -0.4965 + 1.806e4 * 1e11**-0.4965 + 2.7648
+    assert law.loss(1e9, 1e11, "e0m7") == pytest.approx(expected, rel=1e-12)
+    assert law.loss(1e9, 1e11, "e4m3") == pytest.approx(expected, rel=1e-12)  # only the bit count matters
+    assert law.effective_params(1e9, 1e11, "e0m7") == pytest.approx(1e9 * f, rel=1e-12)
+    assert law.critical_data_size(1e9, "e0m7") == math.inf
+    assert law.optimal_format(8) == FPFormat(ebits=0, mbits=7)
+
+
+def test_kumar_joint_optimum_is_independent_of_compute():
+    # alpha = beta: the inner optimum over N leaves L* proportional to (P / f(P))^(alpha/2), so P* minimises P/f(P)
+    law = KumarLaw.paper()
+    ratio = lambda P: P / ((1 - math.exp(-P / 2.6745)) * (1 - math.exp(-P / 2.2102)) * (1 - math.exp(-P / 0.9578)))
+    expected = minimize_scalar(ratio, bounds=(2, 24), method="bounded", options={"xatol": 1e-10}).x
+    plan = law.optimal_precision(np.array([1e21, 1e25]), block_size=128)
+    np.testing.assert_allclose(plan.bits, expected, rtol=1e-4)
+
+
+def test_chinchilla_by_hand_and_compute_optimal():
+    law = ChinchillaLaw.paper()
+    assert law.loss(7e10, 1.4e12) == pytest.approx(1.69 + 406.4 / 7e10**0.34 + 410.7 / 1.4e12**0.28, rel=1e-12)
+    assert law.critical_data_size(7e10) == math.inf
+    C = 5.76e23
+    res = minimize_scalar(lambda x: law.loss(math.exp(x), C / (6 * math.exp(x))), bounds=(math.log(1e8), math.log(1e13)),
+                          method="bounded", options={"xatol": 1e-10})
+    N, D = law.compute_optimal(C)
+    assert N == pytest.approx(math.exp(res.x), rel=1e-4)
+    assert 6 * N * D == pytest.approx(C, rel=1e-12)
+
+
+# ------------------------------------------------------------------------- count_params
+
+
+class TinyLM(torch.nn.Module):
+    def __init__(self, tied: bool):
+        super().__init__()
+        self.embed = torch.nn.Embedding(100, 16)  # 1600
+        self.block = torch.nn.Linear(16, 16)  # 272
+        self.norm = torch.nn.LayerNorm(16)  # 32
+        self.head = torch.nn.Linear(16, 100, bias=False)  # 1600
+        if tied:
+            self.head.weight = self.embed.weight
+
+
+def test_count_params_excludes_embeddings_by_default():
+    assert count_params(TinyLM(tied=False)) == 272 + 32 + 1600  # untied head is a matmul: counted
+    assert count_params(TinyLM(tied=False), include_embeddings=True) == 1600 + 272 + 32 + 1600
+    assert count_params(TinyLM(tied=True)) == 272 + 32  # the tied head is the embedding matrix
+    assert count_params(TinyLM(tied=True), include_embeddings=True) == 1600 + 272 + 32
+
+
+def test_count_params_rejects_non_modules_and_lazy_ones():
+    with pytest.raises(ValueError, match="torch.nn.Module"):
+        count_params([1, 2, 3])
+    with pytest.raises(ValueError, match="uninitialized"):
+        count_params(torch.nn.LazyLinear(4))
+
+
+def test_scaling_and_fitting_do_not_import_lightning():
+    # DESIGN.md: the scaling law knows only formats
+    root = Path(__file__).resolve().parents[1] / "lightning_fpq"
+    for name in ("scaling.py", "fitting.py"):
+        tree = ast.parse((root / name).read_text())
+        modules = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+        modules += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+        assert not [m for m in modules if m.split(".")[0] in ("lightning", "pytorch_lightning", "scipy", "matplotlib")
+                    and not (name == "fitting.py" and m.startswith("scipy"))], (name, modules)
