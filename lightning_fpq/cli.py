@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
 from typing import Any, Callable, Optional, Sequence
 
@@ -37,7 +38,17 @@ class CLIError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line on stderr (no usage dump), exit status 2."""
+    """argparse, but a usage error is one line on stderr (no usage dump), exit status 2.
+
+    It also reads "-1e9" as a (negative) number, not as an option, so that a negative size
+    is reported as such ("must be > 0") instead of "expected one argument".
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # argparse's own pattern knows -1 and -1.5 but not -1e9 (a private attribute: best effort)
+        if hasattr(self, "_negative_number_matcher"):
+            self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?[kmbgtpKMBGTP]?$")
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")

@@ -384,6 +384,10 @@ def fit(
     space. For the Capybara law ``channel_log2_block`` is not fitted: it is the log2(B)
     given to "channel" rows. Refuses (ValueError) rows that cannot determine the free
     constants: too few rows, or N, D or the formats taking too few distinct values.
+
+    Kumar rows carry one precision for weights, activations and KV cache, which makes that
+    law symmetric in g_w, g_a, g_kv: the fit determines the three values but not which is
+    which, and reports them in descending order (the published order).
     """
     try:
         from scipy.optimize import least_squares
@@ -470,6 +474,12 @@ def fit(
         raise ValueError("no starting point converged: check the rows (units: N in parameters, D in tokens, loss in nats)")
 
     consts = constants(best.x)
+    gammas = ("g_w", "g_a", "g_kv")
+    if kind == "kumar" and all(c in free for c in gammas):
+        # one precision for all operands makes the law symmetric in the three gammas: only
+        # their set is determined. Report it in the published order, g_w >= g_a >= g_kv.
+        for name, value in zip(gammas, sorted((consts[c] for c in gammas), reverse=True)):
+            consts[name] = value
     span = hi - lo
     at_bounds = tuple(c for c, v, l, h, s in zip(free, best.x, lo, hi, span) if (v - l) < 1e-6 * s or (h - v) < 1e-6 * s)
 

@@ -8,57 +8,64 @@ import numpy as np
 import pytest
 
 from lightning_fpq.fitting import fit, load_rows
-from lightning_fpq.scaling import CapybaraLaw, ChinchillaLaw, load_law
+from lightning_fpq.scaling import ChinchillaLaw, KumarLaw, load_law
 
-PAPER = CapybaraLaw.paper()
+# The truth the synthetic runs come from: not the paper's constants, because fit() starts one
+# of its searches from those, and a test must not begin at the answer.
+TRUTH = dict(n=80.0, a=0.26, d=50000.0, b=0.48, eps=1.7, g=20000.0, dl=2.7, nu=3.3)
 GRID_N = (4e7, 1e8, 2.5e8, 6e8)  # the paper's range of model sizes (41M-679M)
 GRID_D = (1e10, 2e10, 5e10, 1e11)  # and of tokens (10B-100B)
 GRID_FORMATS = ("e2m1", "e3m2", "e4m3", "e2m3", "e5m2", "e1m2", "e3m4", "e4m1")
+LOG2B = {32: 5.0, 128: 7.0, "channel": 13.1567}
 
 
-def hand_loss(N, D, E, M, log2b):
-    """SCIENCE.md section 4 with the published constants, written out independently of the library."""
-    return (69.2343 / N**0.2368 + 68973.0621 / D**0.5162 + 1.9061
-            + D**0.5162 / N**0.2368 * log2b / (11334.5197 * (E + 0.5) ** 3.1926 * (M + 0.5) ** 2.9543))
+def hand_loss(N, D, E, M, log2b, c=TRUTH):
+    """SCIENCE.md section 4, written out independently of the library."""
+    return (c["n"] / N ** c["a"] + c["d"] / D ** c["b"] + c["eps"]
+            + D ** c["b"] / N ** c["a"] * log2b / (c["g"] * (E + 0.5) ** c["dl"] * (M + 0.5) ** c["nu"]))
 
 
-def synthetic_rows(noise: float = 0.0, seed: int = 0, formats=GRID_FORMATS, blocks=(32, 128, "channel"), Ns=GRID_N, Ds=GRID_D):
-    """Runs on a grid, loss from the published law times exp(noise * standard normal)."""
+def hand_dcrit(N, E, M, log2b, c=TRUTH):
+    return (c["d"] * c["g"] * N ** c["a"] * (E + 0.5) ** c["dl"] * (M + 0.5) ** c["nu"] / log2b) ** (1 / (2 * c["b"]))
+
+
+def synthetic_rows(noise: float = 0.0, seed: int = 0, formats=GRID_FORMATS, blocks=(32, 128, "channel"), Ns=GRID_N, Ds=GRID_D, c=TRUTH):
+    """Runs on a grid, loss from the law with constants ``c`` times exp(noise * standard normal)."""
     rng = np.random.default_rng(seed)
-    log2b = {32: 5.0, 128: 7.0, "channel": 13.1567}
     rows = []
     for N in Ns:
         for D in Ds:
             for name in formats:
                 E, M = int(name[1]), int(name[3])
                 for B in blocks:
-                    loss = hand_loss(N, D, E, M, log2b[B]) * float(np.exp(noise * rng.standard_normal()))
+                    loss = hand_loss(N, D, E, M, LOG2B[B], c) * float(np.exp(noise * rng.standard_normal()))
                     rows.append({"N": N, "D": D, "E": E, "M": M, "B": B, "loss": loss})
     return rows
 
 
 def test_noise_free_rows_give_back_the_constants():
     rows = synthetic_rows(formats=GRID_FORMATS[:6], blocks=(32, "channel"))
-    result = fit(rows, starts=4, seed=0)
-    for name, value in result.law.constants().items():
-        assert value == pytest.approx(getattr(PAPER, name), rel=1e-5), name
+    result = fit(rows, starts=2, seed=0)
+    for name, value in TRUTH.items():
+        assert getattr(result.law, name) == pytest.approx(value, rel=1e-5), name
     assert result.rmse < 1e-8 and result.r2 == pytest.approx(1.0)
 
 
 def test_noisy_rows_give_back_the_constants_within_the_stated_tolerance():
     # 384 runs (the paper used 358), 0.2% multiplicative noise on the loss, 20% of rows held out.
-    # Stated tolerance (measured over 10 noise seeds: worst a 5.5%, b 3.8%, eps 3%, dl 12%, nu 13%,
-    # in-range D_crit 12%): exponents a, b within 8%, eps within 5%, dl, nu within 20%,
-    # D_crit inside the fitted range within 20%.
+    # Measured over 8 noise seeds, the worst errors were: a 5.8%, b 2.5%, eps 2.8%, dl 38%,
+    # nu 40% (g, dl, nu trade off against each other), D_crit inside the fitted range 20%.
+    # Stated tolerance: a, b within 10%, eps within 5%, dl, nu within 50%, that D_crit within 30%,
+    # and residuals at the noise level.
     noise = 0.002
-    result = fit(synthetic_rows(noise=noise, seed=0), starts=8, seed=0, holdout=0.2)
+    result = fit(synthetic_rows(noise=noise, seed=0), starts=4, seed=0, holdout=0.2)
     law = result.law
-    assert law.a == pytest.approx(PAPER.a, rel=0.08)
-    assert law.b == pytest.approx(PAPER.b, rel=0.08)
-    assert law.eps == pytest.approx(PAPER.eps, rel=0.05)
-    assert law.dl == pytest.approx(PAPER.dl, rel=0.20)
-    assert law.nu == pytest.approx(PAPER.nu, rel=0.20)
-    assert law.critical_data_size(3e8, "e2m1", 32) == pytest.approx(PAPER.critical_data_size(3e8, "e2m1", 32), rel=0.20)
+    assert law.a == pytest.approx(TRUTH["a"], rel=0.10)
+    assert law.b == pytest.approx(TRUTH["b"], rel=0.10)
+    assert law.eps == pytest.approx(TRUTH["eps"], rel=0.05)
+    assert law.dl == pytest.approx(TRUTH["dl"], rel=0.50)
+    assert law.nu == pytest.approx(TRUTH["nu"], rel=0.50)
+    assert law.critical_data_size(3e8, "e2m1", 32) == pytest.approx(hand_dcrit(3e8, 2, 1, 5.0), rel=0.30)
     # the residuals are the noise: RMSE about noise * loss, on fitted and held-out rows alike
     typical = noise * float(np.mean(result.observed))
     assert 0.7 * typical < result.rmse < 1.5 * typical
@@ -94,10 +101,10 @@ def test_one_format_fits_when_the_precision_constants_are_fixed():
     rows = synthetic_rows(formats=("e4m3",), blocks=(128,), Ns=GRID_N, Ds=GRID_D + (2e11,))
     with pytest.raises(ValueError, match="cannot separate g, dl, nu"):
         fit(rows)
-    result = fit(rows, fixed={"g": PAPER.g, "dl": PAPER.dl, "nu": PAPER.nu}, starts=4)
+    result = fit(rows, fixed={"g": TRUTH["g"], "dl": TRUTH["dl"], "nu": TRUTH["nu"]}, starts=2)
     for name in ("n", "a", "d", "b", "eps"):
-        assert getattr(result.law, name) == pytest.approx(getattr(PAPER, name), rel=1e-4), name
-    assert result.fixed == {"g": PAPER.g, "dl": PAPER.dl, "nu": PAPER.nu}
+        assert getattr(result.law, name) == pytest.approx(TRUTH[name], rel=1e-4), name
+    assert result.fixed == {"g": TRUTH["g"], "dl": TRUTH["dl"], "nu": TRUTH["nu"]}
 
 
 def test_every_row_source_gives_the_same_fit(tmp_path):
@@ -172,10 +179,19 @@ def test_bad_arguments_name_the_choices():
 
 
 def test_chinchilla_fit_recovers_its_constants():
-    law = ChinchillaLaw.paper()
+    law = ChinchillaLaw(A=500.0, alpha=0.3, B=300.0, beta=0.31, E=1.8)  # not the paper's: the fit starts there
     rows = [{"N": N, "D": D, "loss": law.loss(N, D)} for N in (1e8, 4e8, 1e9, 4e9) for D in (1e10, 5e10, 2e11, 1e12)]
     result = fit(rows, kind="chinchilla", starts=4)
     for name, value in law.constants().items():
+        assert getattr(result.law, name) == pytest.approx(value, rel=1e-4), name
+
+
+def test_kumar_fit_recovers_a_law_other_than_the_start():
+    truth = KumarLaw(A=2000.0, alpha=0.42, B=9000.0, beta=0.45, E=2.2, g_w=3.0, g_a=2.0, g_kv=1.2)
+    rows = [{"N": N, "D": D, "bits": P, "loss": truth.loss(N, D, f"e0m{P - 1}")}
+            for N in (3e7, 1e8, 3e8, 1e9) for D in (1e9, 5e9, 2e10) for P in (3, 4, 5, 6, 8, 16)]
+    result = fit(rows, kind="kumar", starts=2, seed=0)
+    for name, value in truth.constants().items():
         assert getattr(result.law, name) == pytest.approx(value, rel=1e-4), name
 
 
