@@ -209,7 +209,8 @@ def verdict(law, N: float, D: float, fmt, bs) -> str:
     """One line on whether D tokens in ``fmt`` still pay, from D_crit and the token value."""
     d_crit = float(law.critical_data_size(N, fmt, bs))
     if math.isinf(d_crit):
-        return f"{fmt.name}: no critical data size under this law: more tokens always lower the loss."
+        why = "no quantization penalty at this block size" if law.kind == "capybara" else "this law has no data-dependent quantization penalty"
+        return f"{fmt.name}: no critical data size ({why}): more tokens always lower the loss."
     ratio = D / d_crit
     worth = float(law.token_value(N, D, fmt, bs))
     if ratio <= 0.5:
@@ -286,19 +287,23 @@ def cmd_plan(args: argparse.Namespace) -> int:
     console.print(f"compute {_g(C)} FLOPs (C = 6/16 * P * N * D), {_block_text(bs)}; {regime[plan.regime]}")
     console.print(f"optimal precision: {plan.bits:.2f} bits (real-valued E/M split): "
                   f"N = {_g(plan.params)}, D = {_g(plan.tokens)}, loss {plan.loss:.4f}")
-    console.print(f"best format: {plan.format.name} ({plan.format.bits} bits, E{plan.format.ebits}M{plan.format.mbits}): "
+    console.print(f"best format: {plan.format.name} ({plan.format.bits} bits): "
                   f"N = {_g(plan.format_params)}, D = {_g(plan.format_tokens)}, loss {plan.format_loss:.4f}")
-    rows = []
+    rows, losses = [], {}
     for fmt in args.formats:
         try:
             n_, d_, loss = law.plan_format(C, fmt, N=args.params, D=args.tokens, block_size=bs)
-        except ValueError:
+        except ValueError:  # the budget buys less than one token or parameter in this format
             rows.append([fmt.name, str(fmt.bits), "-", "-", "-", "-"])
             continue
+        losses[fmt.name] = loss
         d_crit = float(law.critical_data_size(n_, fmt, bs))
         rows.append([fmt.name, str(fmt.bits), _g(n_), _g(d_), f"{loss:.4f}", "0" if math.isinf(d_crit) else f"{d_ / d_crit:.3g}"])
-    console.print(_table(f"the same budget in other formats ({plan.regime.replace('_', ' ')})",
+    how = {"joint": "N and D re-optimised per format", "fixed_N": "D = C / (6/16 * P * N)", "fixed_D": "N = C / (6/16 * P * D)"}
+    console.print(_table(f"the same budget in each listed format ({how[plan.regime]})",
                          ["format", "bits", "N", "D", "loss", "D / D_crit"], rows, right=[False, True, True, True, True, True]))
+    if losses:
+        console.print(f"best of the listed formats: {min(losses, key=losses.get)}")
     return 0
 
 

@@ -82,6 +82,10 @@ def log2_block_size(block_size: Union[int, str], *, channel_log2: float = CHANNE
       where a channel-wise scale covers one row, so its log2(B) is doubled. Refit with
       tensor-wise runs (``lightning_fpq.fitting.fit``) before relying on it.
     """
+    if block_size is None:
+        raise ValueError(
+            f"block_size=None (unscaled quantization) is outside the law, which was fitted on scaled blocks: expected {BLOCK_CHOICES}"
+        )
     if isinstance(block_size, str):
         key = block_size.strip().lower()
         if key == "channel":

@@ -104,7 +104,7 @@ def test_predict_with_a_law_file(tmp_path, capsys):
     assert g(custom.critical_data_size(1e9, "e2m1", 128)) != g(LAW.critical_data_size(1e9, "e2m1", 128))
     ChinchillaLaw.paper().save(tmp_path / "chin.yaml")
     code, out, _ = run(capsys, "predict", "--params", "1e9", "--tokens", "1e12", "--format", "e2m1", "--law", str(tmp_path / "chin.yaml"))
-    assert code == 0 and "no critical data size under this law" in out
+    assert code == 0 and "no critical data size (this law has no data-dependent quantization penalty)" in out
 
 
 # --------------------------------------------------------------------------------- plan
@@ -120,6 +120,8 @@ def test_plan_joint(capsys):
     assert f"best format: {plan.format.name} ({plan.format.bits} bits" in out
     n_, d_, loss = LAW.plan_format(1e23, "e4m3", block_size=128)
     assert row_of(out, "e4m3")[1:5] == ["8", g(n_), g(d_), f"{loss:.4f}"]
+    listed = {name: LAW.plan_format(1e23, name, block_size=128)[2] for name in ("e2m1", "e3m2", "e4m3", "bf16")}
+    assert f"best of the listed formats: {min(listed, key=listed.get)}" in out
 
 
 def test_plan_fixed_params_and_tokens(capsys):

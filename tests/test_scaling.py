@@ -56,6 +56,7 @@ def relaxed_q(P, c=PAPER):
 
 def test_paper_constants_are_the_published_ones(law):
     assert law.constants() == {**PAPER, "channel_log2_block": 13.1567}
+    assert COMPUTE_FACTOR == 6 / 16  # C = (6/16) P N D: 6 N D at 16 bits
     assert law.provenance.source == "paper"
     assert "2501.02423" in law.provenance.citation
     assert "2501.02423" in CapybaraLaw.__doc__
