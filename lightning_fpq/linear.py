@@ -1,0 +1,516 @@
+"""``QuantLinear``: an ``nn.Linear`` whose three GEMMs see quantized operands.
+
+One autograd function (:class:`_QuantLinearFn`) quantizes each of the six GEMM operands along
+its own reduction dimension (SCIENCE.md section 3, arXiv 2501.02423 eq. 8)::
+
+    forward   Y  = q1(X)  @ q2(W).T  (+ b)        q1, q2 blocked along in_features
+    dgrad     dX = q3(dY) @ q4(W)                 q3, q4 blocked along out_features
+    wgrad     dW = q5(dY).T @ q6(X)               q5, q6 blocked along tokens
+
+Gradients pass straight through the quantizers (STE), except where the recipe asks for the
+differentiable gradient estimator (DGE) or outlier clamping and compensation (OCC) of
+arXiv 2501.17116 (SCIENCE.md section 6). Products are computed in the compute dtype (the
+autocast dtype when autocast is on, else the input's dtype); each operand is quantized from
+the tensor it is made of (the fp32 master weight, the incoming activation, the incoming
+gradient) and the quantized values are then cast to the compute dtype.
+
+Conversion is in place: :func:`convert_linears` swaps the ``__class__`` of each selected
+``nn.Linear`` to :class:`QuantLinear`, so the module keeps the very same ``weight`` and
+``bias`` ``Parameter`` objects (optimizer state, DDP buckets and FSDP2 sharding stay valid)
+and the model's ``state_dict`` keys do not change. Every ``QuantLinear`` of a model holds the
+same :class:`RecipeHolder` and asks it for its ``LayerSpec`` at each call, so replacing the
+holder's recipe switches precision at the next batch without rebuilding anything.
+
+This module knows formats, recipes and backends, and nothing of Lightning.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+import zlib
+from typing import Iterable, Optional, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import backends
+from .formats import FPFormat
+from .quantize import _blocks_last, _unblock, block_scales, finite_absmax, quantize
+from .recipe import LayerSpec, OperandSpec, QuantRecipe, clean_module_name
+
+__all__ = ["QuantLinear", "RecipeHolder", "convert_linears", "quant_linear", "dge_factor", "occ_threshold"]
+
+
+# ------------------------------------------------------------------------- holder
+class RecipeHolder:
+    """The one mutable object of quantized training: the active recipe, shared by every
+    ``QuantLinear`` of a model (the precision plugin owns it).
+
+    ``set_recipe`` replaces the recipe; layers read their resolved ``LayerSpec`` from a dict
+    that is rebuilt at that moment, so the per-call cost is one dict lookup and
+    ``torch.compile`` sees a constant (it recompiles once after a switch).
+
+    Args:
+        recipe: the initial recipe (a ``QuantRecipe``, a name or a YAML path).
+        backend: "auto", "emulated" or "torchao" (see :mod:`lightning_fpq.backends`).
+        seed: base seed of the stochastic-rounding generators (one per layer and device,
+            seeded from ``seed``, ``rank`` and the layer's name); ``None`` takes
+            ``torch.initial_seed()`` when the first generator is made.
+        rank: mixed into the seed so that data-parallel ranks draw different noise.
+        save_quantized_weight: save q4(W) for the backward pass (computed in forward while
+            W is read anyway). ``False`` saves W itself and quantizes it again in backward:
+            less memory under FSDP2, where the saved q4(W) would be a full unsharded copy.
+    """
+
+    def __init__(
+        self,
+        recipe: Union[QuantRecipe, str] = "paper",
+        *,
+        backend: str = "auto",
+        seed: Optional[int] = None,
+        rank: int = 0,
+        save_quantized_weight: bool = True,
+    ) -> None:
+        self.backend = backends.check_backend(backend)
+        self.seed = seed
+        self.rank = rank
+        self.save_quantized_weight = save_quantized_weight
+        self.version = 0
+        self._names: dict[str, None] = {}  # ordered set of registered layer names
+        self._specs: dict[str, Optional[LayerSpec]] = {}
+        self._generators: dict[tuple[str, str], torch.Generator] = {}
+        self._backends: dict[tuple[str, str], str] = {}
+        self._recipe = QuantRecipe.coerce(recipe)
+        self._resolve()
+
+    # -------------------------------------------------------------------- recipe
+    @property
+    def recipe(self) -> QuantRecipe:
+        return self._recipe
+
+    def set_recipe(self, recipe: Union[QuantRecipe, str]) -> QuantRecipe:
+        """Make ``recipe`` the active recipe; every layer uses it from its next call on."""
+        self._recipe = QuantRecipe.coerce(recipe)
+        self.version += 1
+        self._resolve()
+        return self._recipe
+
+    def register(self, name: str) -> Optional[LayerSpec]:
+        """Remember a layer's name (so switches resolve it too) and return its spec."""
+        name = clean_module_name(name)
+        if name not in self._names:
+            self._names[name] = None
+            specs = dict(self._specs)
+            specs[name] = self._recipe.layer_spec(name)
+            self._specs = specs  # a new dict: compiled graphs guard on it
+        return self._specs[name]
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._names)
+
+    def _resolve(self) -> None:
+        self._specs = {name: self._recipe.layer_spec(name) for name in self._names}
+        self._backends = {}
+
+    def layer_backend(self, name: str, device: torch.device) -> str:
+        """The backend that runs layer ``name`` on ``device`` now (cached until the next switch)."""
+        if self.backend == "emulated":
+            return "emulated"
+        hit = self._backends.get((name, device.type))
+        return hit if hit is not None else self._choose_backend(name, device)
+
+    @torch.compiler.disable
+    def _choose_backend(self, name: str, device: torch.device) -> str:
+        spec = self.layer_spec(name)
+        backend = "emulated" if spec is None else backends.backend_for(self.backend, spec, device, layer=name)
+        backends_ = dict(self._backends)
+        backends_[(name, device.type)] = backend
+        self._backends = backends_
+        return backend
+
+    def set_backend(self, backend: str) -> None:
+        self.backend = backends.check_backend(backend)
+        self._backends = {}
+
+    def layer_spec(self, name: str) -> Optional[LayerSpec]:
+        """The active spec of the layer called ``name`` (``None``: not quantized)."""
+        spec = self._specs.get(name, _MISSING)
+        if spec is _MISSING:
+            spec = self._register_uncompiled(name)
+        return spec
+
+    @torch.compiler.disable
+    def _register_uncompiled(self, name: str) -> Optional[LayerSpec]:
+        return self.register(name)
+
+    # --------------------------------------------------------------- generators
+    def generator(self, name: str, device: torch.device) -> torch.Generator:
+        """The stochastic-rounding generator of layer ``name`` on ``device`` (reproducible:
+        seeded from the holder's seed, the rank and the name)."""
+        key = (name, str(device))
+        gen = self._generators.get(key)
+        if gen is None:
+            if self.seed is None:
+                self.seed = torch.initial_seed() % (2**63)
+            gen = torch.Generator(device=device)
+            gen.manual_seed((self.seed + 1_000_003 * self.rank + zlib.crc32(name.encode())) % (2**63))
+            self._generators[key] = gen
+        return gen
+
+    def rng_state(self) -> dict[str, torch.Tensor]:
+        """Generator states by ``name@device`` (for checkpoints)."""
+        return {f"{name}@{dev}": gen.get_state() for (name, dev), gen in self._generators.items()}
+
+    def load_rng_state(self, state: dict[str, torch.Tensor]) -> None:
+        for key, value in state.items():
+            name, _, dev = key.rpartition("@")
+            self.generator(name, torch.device(dev)).set_state(value)
+
+    def __repr__(self) -> str:
+        return f"RecipeHolder({self._recipe.short_str()}, backend={self.backend!r}, layers={len(self._names)})"
+
+
+_MISSING = object()
+
+
+# ------------------------------------------------------------------------- maths
+def occ_threshold(x: torch.Tensor, quantile: float) -> torch.Tensor:
+    """The clamp threshold of OCC: the ``quantile`` of |x| by nearest rank (the
+    ``ceil(quantile * n)``-th smallest |x|), a 0-dim tensor of x's dtype (arXiv 2501.17116)."""
+    a = x.detach().abs().reshape(-1)
+    k = min(max(1, math.ceil(quantile * a.numel())), a.numel())
+    return a.float().kthvalue(k).values.to(x.dtype)
+
+
+def dge_factor(weight: torch.Tensor, spec: OperandSpec, *, k: float, clamp: float) -> torch.Tensor:
+    """DGE: the derivative of the smooth quantizer of arXiv 2501.17116 at each weight, float32.
+
+    With y = w * S (S the block scale of the weight's P2 quantization) lying in the grid
+    interval [lo, lo + delta], ``f'(y) = (1/k) * |2 (|y| - lo) / delta - 1| ** (1/k - 1)``,
+    clamped at ``clamp`` (their code clamps at 3). |y| is saturated at the format's max first
+    (the block's absmax element can land one ulp above it), so the max itself gets 1/k.
+    """
+    fmt = spec.fmt
+    w32 = weight.detach().to(torch.float32)
+    if spec.block_size is None:
+        y = w32
+    else:
+        blocks, pad = _blocks_last(w32, spec.block_size, -1)
+        scale = block_scales(finite_absmax(blocks), fmt, spec.scale_format)
+        y = _unblock(blocks * scale, w32.shape, -1 % w32.dim(), pad, spec.block_size)
+    a = torch.clamp(y.abs(), max=fmt.max)  # saturation first: an absmax one ulp above max is at max
+    if fmt.emin - fmt.mbits >= -126:
+        # floor(log2 a) from the fp32 exponent field (fp32 subnormals and 0 read -127 and clamp
+        # to emin), and the step 2**(e - mbits) built from bits: exact, and torch.compile-able
+        e = ((a.view(torch.int32) >> 23) & 0xFF) - 127
+        e = torch.clamp(e, min=fmt.emin)  # subnormals share emin's step
+        delta = ((e - fmt.mbits + 127) << 23).view(torch.float32)  # the grid step around |y|
+    else:  # E8 formats: steps below 2**-126 are fp32 subnormals
+        _, e = torch.frexp(a)  # a = m * 2**e with m in [0.5, 1): floor(log2 a) = e - 1
+        delta = torch.ldexp(torch.ones_like(a), torch.clamp(e - 1, min=fmt.emin) - fmt.mbits)
+    lo = torch.floor(a / delta) * delta  # the grid point at or below |y|
+    t = 2.0 * (a - lo) / delta - 1.0  # position inside [lo, lo + delta], in [-1, 1)
+    factor = (1.0 / k) * t.abs().pow(1.0 / k - 1.0)
+    return torch.clamp(factor, max=clamp)
+
+
+def _q(x: torch.Tensor, spec: Optional[OperandSpec], axis: int, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """Fake-quantize one operand along ``axis`` (``x`` itself when the spec is None)."""
+    if spec is None:
+        return x
+    if spec.rounding == "stochastic":
+        return _quantize_stochastic(x, spec, axis, generator)
+    block = "none" if spec.block_size is None else str(spec.block_size)
+    return torch.ops.lightning_fpq.fake_quantize(x, spec.fmt.name, block, axis, spec.scale_format)
+
+
+@torch.library.custom_op("lightning_fpq::fake_quantize", mutates_args=())
+def _fake_quantize(x: torch.Tensor, fmt: str, block_size: str, axis: int, scale_format: str) -> torch.Tensor:
+    """``quantize`` (nearest rounding) as an opaque op: ``torch.compile`` puts it in the graph
+    as one node and runs the quantizer's own fast path, instead of tracing its float64 code."""
+    block = None if block_size == "none" else int(block_size) if block_size.isdigit() else block_size
+    return quantize(x, fmt, block_size=block, axis=axis, scale_format=scale_format).contiguous()
+
+
+@_fake_quantize.register_fake
+def _(x, fmt, block_size, axis, scale_format):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.compiler.disable
+def _quantize_stochastic(x: torch.Tensor, spec: OperandSpec, axis: int, generator: Optional[torch.Generator]) -> torch.Tensor:
+    # eager (a graph break under torch.compile): the draws come from the layer's own generator
+    return quantize(x, spec.fmt, block_size=spec.block_size, axis=axis, scale_format=spec.scale_format,
+                    rounding="stochastic", generator=generator)
+
+
+def _same_on_any_axis(a: Optional[OperandSpec], b: Optional[OperandSpec]) -> bool:
+    """Whether q_a along one axis equals q_b along another: same spec, scaling that does not
+    depend on the axis (none or one tensor scale), deterministic rounding."""
+    return a is not None and a == b and a.block_size in (None, "tensor") and a.rounding == "nearest"
+
+
+def quantize_pair(
+    x: torch.Tensor,
+    first: Optional[OperandSpec],
+    second: Optional[OperandSpec],
+    generator: Optional[torch.Generator] = None,
+    *,
+    need_second: bool = True,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Both quantizations of a 2-D operand that the recipe asks for: ``first`` along its rows
+    (axis -1, the forward / dgrad reduction) and ``second`` along its columns (axis 0).
+
+    X gives (q1, q6), W gives (q2, q4), dY gives (q3, q5). When the two specs quantize alike on
+    any axis, the second is the first (quantized once); ``need_second=False`` skips it.
+    """
+    a = _q(x, first, -1, generator)
+    if not need_second:
+        return a, None
+    if _same_on_any_axis(first, second):
+        return a, a
+    return a, _q(x, second, 0, generator)
+
+
+# ------------------------------------------------------------------ autograd fn
+class _QuantLinearFn(torch.autograd.Function):
+    """Y = q1(X) @ q2(W).T + b, with q3..q6 in the backward GEMMs (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, spec: LayerSpec, compute_dtype: torch.dtype,
+                generator: Optional[torch.Generator], save_quantized_weight: bool):
+        x2d = x.reshape(-1, x.shape[-1])  # (N, in)
+        need_dx = ctx.needs_input_grad[0]
+        need_dw = ctx.needs_input_grad[1]
+        cd = compute_dtype
+
+        # P1 (and P6 from the same read of X)
+        if spec.occ:
+            tau = occ_threshold(x2d, spec.occ_quantile)
+            x_clamped = torch.clamp(x2d, -tau, tau)
+            xq1 = _q(x_clamped, spec.p1, -1, generator).to(cd)
+            xq6 = _q(x2d, spec.p6, 0, generator) if need_dw else None
+            residual = (x2d - x_clamped).to(cd)  # sparse: the outliers beyond the quantile
+        else:
+            xq1, xq6 = quantize_pair(x2d, spec.p1, spec.p6, generator, need_second=need_dw)
+            xq1 = xq1.to(cd)
+            residual = None
+        # P2 (and P4 from the same read of W: it does not change between forward and backward)
+        keep_wq4 = need_dx and save_quantized_weight
+        wq2, wq4 = quantize_pair(weight, spec.p2, spec.p4, generator, need_second=keep_wq4)
+        wq2 = wq2.to(cd)
+
+        b = bias.to(cd) if bias is not None else None
+        y = F.linear(xq1, wq2, b)  # (N, out)
+        if residual is not None:
+            y = y + F.linear(residual, weight.to(cd))  # OCC compensation in the compute dtype
+
+        ctx.spec, ctx.cd, ctx.generator = spec, cd, generator
+        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
+        ctx.w_dtype = weight.dtype
+        ctx.b_dtype = bias.dtype if bias is not None else None
+        ctx.has_bias = bias is not None
+        ctx.wq4_saved = keep_wq4
+        saved_x = xq6.to(cd) if need_dw else None
+        saved_wq4 = wq4.to(cd) if keep_wq4 else None
+        ctx.save_for_backward(saved_x, weight, saved_wq4)  # the weight Parameter costs no memory
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        saved_x, weight, saved_wq4 = ctx.saved_tensors
+        spec, cd = ctx.spec, ctx.cd
+        dy2d = grad_out.reshape(-1, grad_out.shape[-1]).to(cd)  # (N, out)
+        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+        dyq3, dyq5 = None, None
+        if need_dx:
+            dyq3, dyq5 = quantize_pair(dy2d, spec.p3, spec.p5, ctx.generator, need_second=need_dw)
+        elif need_dw:
+            dyq5 = _q(dy2d, spec.p5, 0, ctx.generator)
+
+        dx = dw = db = None
+        if need_dx:
+            wq4 = saved_wq4 if ctx.wq4_saved else _q(weight, spec.p4, 0, ctx.generator).to(cd)
+            dx = (dyq3 @ wq4).reshape(ctx.x_shape).to(ctx.x_dtype)  # (N, out) @ (out, in)
+        if need_dw:
+            dw = dyq5.t() @ saved_x  # (out, N) @ (N, in)
+            if spec.dge:
+                dw = dw * dge_factor(weight, spec.p2, k=spec.dge_k, clamp=spec.dge_clamp).to(dw.dtype)
+            dw = dw.to(ctx.w_dtype)
+        if need_db and ctx.has_bias:
+            db = dy2d.sum(0).to(ctx.b_dtype)
+        return dx, dw, db, None, None, None, None
+
+
+def quant_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    spec: Optional[LayerSpec],
+    *,
+    generator: Optional[torch.Generator] = None,
+    backend: str = "emulated",
+    save_quantized_weight: bool = True,
+) -> torch.Tensor:
+    """``F.linear`` with the operands quantized as ``spec`` says (``None``: plain ``F.linear``).
+
+    Under autocast the compute dtype is the autocast dtype of ``x``'s device type (autocast is
+    then switched off inside: the quantized operands are cast explicitly); otherwise it is
+    ``x.dtype``.
+    """
+    if spec is None or spec.is_identity:
+        return F.linear(x, weight, bias)
+    weight = _full(weight)
+    bias = _full(bias) if bias is not None else None
+    device_type = x.device.type
+    autocast_on = torch.is_autocast_enabled(device_type)
+    compute_dtype = torch.get_autocast_dtype(device_type) if autocast_on else x.dtype
+    if backend == "torchao":
+        return backends.torchao_float8_linear(x, weight, bias, spec, compute_dtype, autocast_on)
+    if autocast_on:
+        with torch.autocast(device_type, enabled=False):
+            return _QuantLinearFn.apply(x, weight, bias, spec, compute_dtype, generator, save_quantized_weight)
+    return _QuantLinearFn.apply(x, weight, bias, spec, compute_dtype, generator, save_quantized_weight)
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor parameter (tensor parallelism) gathered to its full value, differentiably:
+    blocks must see whole reduction dimensions. FSDP2 already hands forward full tensors."""
+    if type(t).__name__ == "DTensor" and hasattr(t, "full_tensor"):
+        return t.full_tensor()
+    return t
+
+
+# ------------------------------------------------------------------------ module
+class QuantLinear(nn.Linear):
+    """``nn.Linear`` whose GEMM operands are quantized as the active recipe says.
+
+    Build one directly (``QuantLinear(64, 32, recipe="paper", fmt="e2m1")``) or convert an
+    existing model in place with :func:`convert_linears` / ``QuantLinear.from_linear``; either
+    way the parameters are those of ``nn.Linear`` and the ``state_dict`` is identical.
+    """
+
+    _fpq_holder: RecipeHolder
+    _fpq_name: str
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        recipe: Union[QuantRecipe, str] = "paper",
+        fmt: Optional[Union[str, FPFormat]] = None,
+        block_size=None,
+        holder: Optional[RecipeHolder] = None,
+        name: str = "",
+    ) -> None:
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        if holder is None:
+            holder = RecipeHolder(QuantRecipe.coerce(recipe, fmt=fmt, block_size=block_size))
+        self._attach(holder, name)
+
+    def _attach(self, holder: RecipeHolder, name: str) -> None:
+        # plain attributes (not submodules, buffers or parameters): the state_dict is unchanged
+        object.__setattr__(self, "_fpq_holder", holder)
+        object.__setattr__(self, "_fpq_name", clean_module_name(name))
+        holder.register(self._fpq_name)
+
+    @classmethod
+    def from_linear(cls, module: nn.Linear, holder: RecipeHolder, name: str = "") -> "QuantLinear":
+        """Convert ``module`` in place (its class changes, its Parameters stay) and return it."""
+        new_cls = _quant_class_for(type(module))
+        if new_cls is None:
+            raise ValueError(
+                f"cannot convert {type(module).__qualname__} {name!r}: only nn.Linear itself (plain or "
+                "FSDP2-sharded) is converted; a subclass may change forward, which QuantLinear would drop"
+            )
+        module.__class__ = new_cls
+        module._attach(holder, name)
+        return module
+
+    @property
+    def spec(self) -> Optional[LayerSpec]:
+        """The spec this layer uses now (``None``: not quantized by the active recipe)."""
+        return self._fpq_holder.layer_spec(self._fpq_name)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        holder = self._fpq_holder
+        spec = holder.layer_spec(self._fpq_name)
+        if spec is None or spec.is_identity:
+            return F.linear(input, self.weight, self.bias)
+        generator = holder.generator(self._fpq_name, input.device) if spec.needs_generator else None
+        return quant_linear(
+            input, self.weight, self.bias, spec, generator=generator,
+            backend=holder.layer_backend(self._fpq_name, input.device),
+            save_quantized_weight=holder.save_quantized_weight,
+        )
+
+    def extra_repr(self) -> str:
+        spec = self.spec
+        return f"{super().extra_repr()}, quant={'off' if spec is None else spec.short_str()}"
+
+
+_FSDP_QUANT_CLASSES: dict[type, type] = {}
+
+
+def _quant_class_for(cls: type) -> Optional[type]:
+    """The class a module of class ``cls`` becomes: QuantLinear for nn.Linear; for FSDP2's
+    per-module class ``FSDPLinear(FSDPModule, nn.Linear)`` a matching ``FSDPQuantLinear``."""
+    if cls is nn.Linear or issubclass(cls, QuantLinear):
+        return QuantLinear if cls is nn.Linear else cls
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without distributed
+        return None
+    if issubclass(cls, FSDPModule) and cls.__bases__ == (FSDPModule, nn.Linear):
+        new = _FSDP_QUANT_CLASSES.get(cls)
+        if new is None:
+            new = type(f"FSDP{QuantLinear.__name__}", (FSDPModule, QuantLinear), dict(cls.__dict__))
+            _FSDP_QUANT_CLASSES[cls] = new
+        return new
+    return None
+
+
+def convert_linears(
+    model: nn.Module,
+    holder: RecipeHolder,
+    *,
+    only_included: bool = True,
+) -> tuple[list[str], list[str]]:
+    """Convert, in place, every ``nn.Linear`` of ``model`` that the holder's recipe includes
+    (every one when ``only_included=False``). Returns ``(converted, skipped)`` names;
+    ``skipped`` lists included layers whose class is an ``nn.Linear`` subclass that cannot be
+    converted (the caller warns with their names).
+
+    Idempotent: layers already converted are re-attached to ``holder``.
+    """
+    converted, skipped = [], []
+    recipe = holder.recipe
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.Linear):
+            continue
+        if only_included and not isinstance(module, QuantLinear) and not recipe.is_included(name):
+            continue
+        if _quant_class_for(type(module)) is None:
+            skipped.append(clean_module_name(name))
+            continue
+        QuantLinear.from_linear(module, holder, name)
+        converted.append(clean_module_name(name))
+    return converted, skipped
+
+
+def quantized_layers(model: nn.Module) -> Iterable[tuple[str, QuantLinear]]:
+    """``(name, layer)`` for every ``QuantLinear`` of ``model``."""
+    for name, module in model.named_modules():
+        if isinstance(module, QuantLinear):
+            yield clean_module_name(name), module
+
+
+def _warn(message: str) -> None:  # pragma: no cover - used by callers without Lightning
+    warnings.warn(message, stacklevel=3)
