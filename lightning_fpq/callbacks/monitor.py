@@ -1,0 +1,228 @@
+"""Early warning: how far a run is towards the critical data size of its precision."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional, Sequence, Union
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
+from typing_extensions import override
+
+from .critical import (
+    LawLike, LawPoint, check_n_params, critical_tokens, find_plugin, predicted_loss, resolve_law, resolve_n_params,
+)
+from .progressive import ProgressivePrecision
+from .tokens import TokenCounter, TokenCountFn
+
+ACTIONS = ("warn", "stop", "raise-precision")
+
+
+class CriticalDataMonitor(Callback):
+    """Compares the tokens seen with the critical data size D_crit of the active recipe.
+
+    D_crit (arXiv 2501.02423) is the token count past which more data at the current
+    precision makes the model worse. How a recipe maps to the law's (E, M, B) is explained
+    in :mod:`lightning_fpq.callbacks.critical` (the most binding quantized operand).
+
+    Args:
+        law: None (the paper's constants), a ``CapybaraLaw``, or a law YAML path. The paper's
+            constants belong to LLaMA on Dolma: refit them for your setup (``lightning-fpq fit``).
+        n_params: N for the law: "auto" counts the model's non-embedding parameters.
+        thresholds: fractions of D_crit at which to warn, once each per stage.
+        action: what to do when the tokens reach D_crit (the fraction 1.0): "warn" only;
+            "stop" the run; "raise-precision": move a ``ProgressivePrecision`` callback to its
+            next stage (an error at setup if there is none).
+        plateau_window: steps over which the smoothed training loss must still fall while a
+            low-precision stage is active; 0 disables the empirical check.
+        plateau_tolerance: the relative decrease over a window below which the loss counts as
+            no longer falling (default 0.1%).
+        count_tokens: ``batch -> int`` for the shared TokenCounter (if this callback creates it).
+
+    Logs ``fpq/tokens_seen``, ``fpq/d_crit``, ``fpq/d_crit_fraction``, ``fpq/predicted_loss``
+    and ``fpq/format_bits`` through the Trainer's loggers, and shows the active format and
+    the D_crit fraction in the progress bar.
+    """
+
+    def __init__(
+        self,
+        law: LawLike = None,
+        n_params: Union[str, int] = "auto",
+        thresholds: Sequence[float] = (0.5, 0.8, 1.0),
+        action: str = "warn",
+        *,
+        plateau_window: int = 200,
+        plateau_tolerance: float = 1e-3,
+        count_tokens: Optional[TokenCountFn] = None,
+    ) -> None:
+        self.law = resolve_law(law)
+        self.n_params_arg = check_n_params(n_params)
+        values = list(thresholds)
+        if not values or any(isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0 for t in values):
+            raise ValueError(f"thresholds={thresholds!r} is not valid: expected positive fractions of D_crit, e.g. (0.5, 0.8, 1.0)")
+        self.thresholds = tuple(sorted(float(t) for t in values))
+        if action not in ACTIONS:
+            raise ValueError(f"action={action!r} is not valid: expected one of {ACTIONS}")
+        self.action = action
+        if isinstance(plateau_window, bool) or not isinstance(plateau_window, int) or plateau_window < 0:
+            raise ValueError(f"plateau_window={plateau_window!r} is not valid: expected an int >= 0 (0 disables the check)")
+        self.plateau_window, self.plateau_tolerance = plateau_window, float(plateau_tolerance)
+        self._count_tokens = count_tokens
+        self.n_params: Optional[int] = None
+        self.d_crit = math.inf
+        self.point: Optional[LawPoint] = None
+        self._recipe_key: Optional[str] = None
+        self.warned: list[str] = []  # "<format>@<threshold>" once each
+        self._loss_ema: Optional[float] = None
+        self._ema_history: list[float] = []
+        self._plateau_warned: list[str] = []
+        self._acted_on: list[str] = []
+        self._counter: Optional[TokenCounter] = None
+        self._plugin: Any = None
+        self._progressive: Optional[ProgressivePrecision] = None
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(thresholds=self.thresholds, action=self.action)
+
+    # ---------------------------------------------------------------------- setup
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._plugin = find_plugin(trainer, needed_by="CriticalDataMonitor")
+        self._counter = TokenCounter.attach(trainer, self._count_tokens)
+        progressive = [c for c in trainer.callbacks if isinstance(c, ProgressivePrecision)]
+        if self.action == "raise-precision" and not progressive:
+            raise ValueError(
+                "CriticalDataMonitor(action='raise-precision') needs a ProgressivePrecision callback to raise the "
+                "precision with: add ProgressivePrecision([...]) to the Trainer's callbacks, or use action='warn' or 'stop'"
+            )
+        self._progressive = progressive[0] if progressive else None
+        self.n_params = resolve_n_params(self.n_params_arg, pl_module)
+        self._wrap_progress_bar(trainer)
+
+    def _refresh(self) -> None:
+        """Recompute D_crit when the plugin's recipe changed (a precision switch)."""
+        recipe = self._plugin.recipe
+        key = recipe.short_str()
+        if key != self._recipe_key:
+            self.d_crit, self.point = critical_tokens(recipe, self.law, self.n_params)
+            self._recipe_key = key
+
+    @property
+    def fraction(self) -> float:
+        tokens = self._counter.tokens_seen if self._counter else 0
+        return 0.0 if not math.isfinite(self.d_crit) else tokens / self.d_crit
+
+    # ---------------------------------------------------------------------- hooks
+    @override
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        tokens = self._counter.observe(trainer, batch)  # counted once, whichever hook runs first
+        self._refresh()
+        fraction = self.fraction
+        metrics = {
+            "fpq/tokens_seen": float(tokens),
+            "fpq/d_crit": self.d_crit if math.isfinite(self.d_crit) else -1.0,
+            "fpq/d_crit_fraction": fraction,
+            "fpq/predicted_loss": predicted_loss(self.point, self.law, self.n_params, tokens),
+            "fpq/format_bits": float(self.point.fmt.bits if self.point.fmt else 16),
+        }
+        if trainer.loggers:  # the values are identical on every rank: no sync needed
+            pl_module.log_dict(metrics, on_step=True, on_epoch=False, logger=True, batch_size=1, sync_dist=False)
+        self._check_thresholds(trainer, tokens, fraction)
+        self._check_plateau(outputs)
+
+    def _check_thresholds(self, trainer: Trainer, tokens: int, fraction: float) -> None:
+        name = self.point.short_str()
+        for threshold in self.thresholds:
+            key = f"{name}@{threshold:g}"
+            if fraction < threshold or key in self.warned:
+                continue
+            self.warned.append(key)
+            rank_zero_warn(
+                f"[lightning-fpq] {tokens:,} tokens = {fraction:.0%} of the critical data size "
+                f"D_crit = {self.d_crit:.3g} tokens for {name} (N = {self.n_params:,}; law: {self.law.short_str()}). "
+                + self._advice(threshold),
+                category=UserWarning,
+            )
+        if fraction >= 1.0 and name not in self._acted_on:
+            self._acted_on.append(name)
+            if self.action == "stop":
+                trainer.should_stop = True
+            elif self.action == "raise-precision" and self._progressive is not None:
+                self._progressive.advance(trainer, reason=f"D_crit reached ({fraction:.0%})")
+
+    def _advice(self, threshold: float) -> str:
+        if threshold < 1.0:
+            return ("Past D_crit more tokens at this precision raise the loss: plan a switch to a wider format "
+                    "(ProgressivePrecision) before then.")
+        return {
+            "warn": "More tokens at this precision are predicted to make the model worse: raise the precision now "
+                    "(ProgressivePrecision, or CriticalDataMonitor(action='raise-precision')).",
+            "stop": "Stopping the run (action='stop').",
+            "raise-precision": "Raising the precision (action='raise-precision').",
+        }[self.action]
+
+    def _check_plateau(self, outputs: Any) -> None:
+        """Empirical check beside the law: the smoothed loss stopped falling at low precision."""
+        if not self.plateau_window or self.point is None or self.point.fmt is None or self.point.fmt.bits >= 16:
+            return
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if loss is None:
+            return
+        value = float(loss.detach()) if hasattr(loss, "detach") else float(loss)
+        if not math.isfinite(value):
+            return
+        alpha = 2.0 / (self.plateau_window + 1)  # EMA span = window
+        self._loss_ema = value if self._loss_ema is None else (1 - alpha) * self._loss_ema + alpha * value
+        self._ema_history.append(self._loss_ema)
+        if len(self._ema_history) <= 2 * self.plateau_window:
+            return  # let the EMA settle for one window, then compare across a full window
+        self._ema_history = self._ema_history[-(self.plateau_window + 1):]
+        before, now = self._ema_history[0], self._ema_history[-1]
+        name = self.point.short_str()
+        if now > before * (1 - self.plateau_tolerance) and name not in self._plateau_warned:
+            self._plateau_warned.append(name)
+            rank_zero_warn(
+                f"[lightning-fpq] the smoothed training loss stopped falling at {name} "
+                f"({before:.4f} -> {now:.4f} over {self.plateau_window} steps, {self.fraction:.0%} of the law's D_crit). "
+                "The scaling law predicts this past the critical data size: raise the precision "
+                "(ProgressivePrecision), or refit the law to your runs (lightning-fpq fit) if this comes early.",
+                category=UserWarning,
+            )
+
+    # ------------------------------------------------------------- progress bar
+    def _wrap_progress_bar(self, trainer: Trainer) -> None:
+        """Add the active format and D_crit fraction to the progress bar's metrics.
+
+        Loggers take numbers only; the bar can show text. Lightning's bars build their
+        postfix from ``get_metrics``, so we extend that one bound method of this trainer's
+        bar (never the class, never another trainer's).
+        """
+        bar = trainer.progress_bar_callback
+        if bar is None or getattr(bar, "_fpq_wrapped", False):
+            return
+        original = bar.get_metrics
+
+        def get_metrics(trainer_: Trainer, pl_module: LightningModule) -> dict[str, Any]:
+            items = dict(original(trainer_, pl_module))
+            if self.point is not None:
+                items["fmt"] = self.point.fmt.name if self.point.fmt else "bf16"
+                items["D/Dcrit"] = f"{self.fraction:.2%}" if math.isfinite(self.d_crit) else "-"
+            return items
+
+        bar.get_metrics = get_metrics  # type: ignore[method-assign]
+        bar._fpq_wrapped = True
+
+    # ----------------------------------------------------------------- checkpoint
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"warned": list(self.warned), "plateau_warned": list(self._plateau_warned),
+                "acted_on": list(self._acted_on), "loss_ema": self._loss_ema}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.warned = list(state_dict.get("warned", []))
+        self._plateau_warned = list(state_dict.get("plateau_warned", []))
+        self._acted_on = list(state_dict.get("acted_on", []))
+        self._loss_ema = state_dict.get("loss_ema")

@@ -1,0 +1,261 @@
+"""CriticalDataMonitor and ProgressivePrecision in real (tiny) Lightning runs."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+
+import pytest
+import torch
+from lightning.pytorch import LightningModule, Trainer, seed_everything
+from lightning.pytorch.loggers import CSVLogger
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_fpq import CapybaraLaw, CriticalDataMonitor, FPQuantPrecision, ProgressivePrecision
+from lightning_fpq.callbacks.critical import critical_tokens, law_point
+from lightning_fpq.callbacks.progressive import auto_switch_tokens
+from lightning_fpq.callbacks.tokens import TokenCounter
+from lightning_fpq.recipe import QuantRecipe
+from lightning_fpq.scaling import count_params
+
+BATCH, SEQ = 4, 8
+TOKENS_PER_STEP = BATCH * SEQ
+
+
+class TinyLM(LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(32, 16)
+        self.hidden = torch.nn.Linear(16, 32)
+        self.lm_head = torch.nn.Linear(32, 32)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self.lm_head(torch.relu(self.hidden(self.emb(x))))  # (B, T, V)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
+        self.log("train/loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def loader(n_batches: int) -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 32, (n_batches * BATCH, SEQ), generator=g)
+    return DataLoader(TensorDataset(x, x.roll(1, -1)), batch_size=BATCH)
+
+
+def make_trainer(tmp_path, callbacks, *, max_steps, plugin=None, logger=False, **kwargs) -> Trainer:
+    return Trainer(
+        accelerator="cpu", max_steps=max_steps, logger=logger, enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
+        plugins=[plugin if plugin is not None else FPQuantPrecision(recipe="paper", fmt="e2m1", block_size=16)],
+        callbacks=callbacks, **kwargs,
+    )
+
+
+def law_with_dcrit(tokens: float, n_params: int, fmt="e2m1", block=16) -> CapybaraLaw:
+    """The paper's law with g rescaled so that D_crit(n_params, fmt, block) == tokens.
+
+    D_crit is proportional to g^(1/(2b)) (SCIENCE.md section 4)."""
+    paper = CapybaraLaw.paper()
+    d0 = paper.critical_data_size(n_params, fmt, block)
+    return dataclasses.replace(paper, g=paper.g * (tokens / d0) ** (2 * paper.b))
+
+
+N_TINY = count_params(TinyLM())
+
+
+def test_law_with_dcrit_helper_hits_its_target():
+    law = law_with_dcrit(1000.0, N_TINY)
+    assert law.critical_data_size(N_TINY, "e2m1", 16) == pytest.approx(1000.0, rel=1e-9)
+
+
+# ------------------------------------------------------------------- ProgressivePrecision
+@pytest.mark.parametrize(
+    "switch_at,unit,expected_steps",
+    [([5 * TOKENS_PER_STEP, 9 * TOKENS_PER_STEP], "tokens", [5, 9]), ([0.25, 0.5], "budget", [5, 10])],
+)
+def test_switches_at_the_right_token_count(tmp_path, switch_at, unit, expected_steps):
+    progressive = ProgressivePrecision(["e2m1", "e4m3", "bf16"], switch_at, unit=unit)
+    trainer = make_trainer(tmp_path, [progressive], max_steps=20)
+    trainer.fit(TinyLM(), loader(20))
+    # a switch happens at the start of the first batch whose preceding tokens reach the threshold
+    assert [h["step"] for h in progressive.history] == expected_steps
+    assert [h["tokens"] for h in progressive.history] == [s * TOKENS_PER_STEP for s in expected_steps]
+    assert trainer.precision_plugin.recipe.name == "bf16"
+    assert [h["to"].split()[1] for h in progressive.history] == ["e4m3", "bf16"]
+
+
+def test_dcrit_unit_switches_at_a_fraction_of_each_stage_critical_size(tmp_path):
+    law = law_with_dcrit(10 * TOKENS_PER_STEP, N_TINY)  # D_crit(e2m1) = 10 steps of tokens
+    progressive = ProgressivePrecision(["e2m1", "e4m3"], [0.45], unit="dcrit", law=law)  # 144 tokens
+    trainer = make_trainer(tmp_path, [progressive], max_steps=12)
+    trainer.fit(TinyLM(), loader(12))
+    assert [h["step"] for h in progressive.history] == [5]
+
+
+def test_auto_rule_matches_the_closed_form_crossing():
+    """-dL/dD / P equal for both stages: D^(2b) = d N^a (1/P1 - 1/P2) / (c1/P1 - c2/P2),
+    c = log2 B / (g (E+.5)^dl (M+.5)^nu), derived by hand from the law (SCIENCE.md section 4)."""
+    law, n = CapybaraLaw.paper(), 1e8
+    cur = law_point(QuantRecipe.from_name("paper", fmt="e2m1", block_size=128), law, int(n))
+    nxt = law_point(QuantRecipe.from_name("paper", fmt="e4m3", block_size=128), law, int(n))
+
+    def c(e, m):
+        return math.log2(128) / (law.g * (e + 0.5) ** law.dl * (m + 0.5) ** law.nu)
+
+    c1, c2 = c(2, 1), c(4, 3)
+    expected = (law.d * n**law.a * (1 / 4 - 1 / 8) / (c1 / 4 - c2 / 8)) ** (1 / (2 * law.b))
+    got = auto_switch_tokens(law, int(n), cur, nxt, 4, 8)
+    assert got == pytest.approx(expected, rel=1e-3)
+    assert got < law.critical_data_size(n, "e2m1", 128)  # always before the current D_crit
+
+
+def test_auto_schedule_uses_the_law(tmp_path):
+    law = law_with_dcrit(40 * TOKENS_PER_STEP, N_TINY)
+    progressive = ProgressivePrecision(["e2m1", "bf16"], "auto", law=law)
+    trainer = make_trainer(tmp_path, [progressive], max_steps=40)
+    trainer.fit(TinyLM(), loader(40))
+    threshold = progressive.thresholds[0]
+    assert 0 < threshold < 40 * TOKENS_PER_STEP
+    assert progressive.history[0]["tokens"] == math.ceil(threshold / TOKENS_PER_STEP) * TOKENS_PER_STEP
+
+
+def test_resume_mid_stage_continues_in_the_same_stage_with_the_same_tokens(tmp_path):
+    def run(max_steps, ckpt=None):
+        progressive = ProgressivePrecision(["e2m1", "e4m3", "bf16"], [4 * TOKENS_PER_STEP, 12 * TOKENS_PER_STEP])
+        trainer = make_trainer(tmp_path, [progressive], max_steps=max_steps)
+        trainer.fit(TinyLM(), loader(20), ckpt_path=ckpt)
+        return trainer, progressive
+
+    trainer, first = run(7)  # stopped in stage 1 (e4m3)
+    trainer.save_checkpoint(tmp_path / "mid.ckpt")
+    assert first.stage == 1 and trainer.precision_plugin.recipe.fmt.name == "e4m3"
+
+    resumed_trainer, resumed = run(7, ckpt=tmp_path / "mid.ckpt")  # nothing left to train
+    counter = next(c for c in resumed_trainer.callbacks if isinstance(c, TokenCounter))
+    assert resumed.stage == 1 and resumed.history == first.history
+    assert counter.tokens_seen == 7 * TOKENS_PER_STEP
+    assert resumed_trainer.precision_plugin.recipe.fmt.name == "e4m3"
+
+    full_trainer, full = run(15, ckpt=tmp_path / "mid.ckpt")
+    assert [h["step"] for h in full.history] == [4, 12]
+    assert full_trainer.precision_plugin.recipe.name == "bf16"
+
+
+def test_progressive_errors_are_clear(tmp_path):
+    with pytest.raises(ValueError, match=r"does not rise in precision .*allow_decreasing=True"):
+        ProgressivePrecision(["e4m3", "e2m1"], [10])
+    ProgressivePrecision(["e4m3", "e2m1"], [10], allow_decreasing=True)
+    with pytest.raises(ValueError, match="switch_at has 1 values for 3 stages: expected 2"):
+        ProgressivePrecision(["e2m1", "e4m3", "bf16"], [10])
+    with pytest.raises(ValueError, match="unit='tokens' must be token counts >= 1"):
+        ProgressivePrecision(["e2m1", "bf16"], [0.5])
+    with pytest.raises(ValueError, match="schedule entry 'fp5' is not valid"):
+        ProgressivePrecision(["fp5", "bf16"], [10])
+    with pytest.raises(ValueError, match="unit='hours' is not valid"):
+        ProgressivePrecision(["e2m1", "bf16"], [10], unit="hours")
+    with pytest.raises(ValueError, match="must increase"):
+        ProgressivePrecision(["e2m1", "e4m3", "bf16"], [20, 10])
+    trainer = Trainer(accelerator="cpu", max_steps=2, logger=False, enable_progress_bar=False,
+                      callbacks=[ProgressivePrecision(["e2m1", "bf16"], [10])])
+    with pytest.raises(ValueError, match="needs the FPQuantPrecision plugin"):
+        trainer.fit(TinyLM(), loader(2))
+
+
+def test_budget_unit_without_max_steps_says_how_to_fix(tmp_path):
+    trainer = make_trainer(tmp_path, [ProgressivePrecision(["e2m1", "bf16"], [0.5], unit="budget")], max_steps=-1, max_epochs=1)
+    with pytest.raises(ValueError, match="token_budget=<tokens> or set Trainer\\(max_steps=...\\)"):
+        trainer.fit(TinyLM(), loader(2))
+
+
+# -------------------------------------------------------------------- CriticalDataMonitor
+def test_each_threshold_warns_exactly_once_and_metrics_are_logged(tmp_path):
+    law = law_with_dcrit(9.5 * TOKENS_PER_STEP, N_TINY)  # crossings after steps 5, 8 and 10
+    monitor = CriticalDataMonitor(law=law, thresholds=(0.5, 0.8, 1.0), plateau_window=0)
+    trainer = make_trainer(tmp_path, [monitor], max_steps=15, logger=CSVLogger(tmp_path, name="m"), log_every_n_steps=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(TinyLM(), loader(15))
+    ours = [str(w.message) for w in caught if "critical data size" in str(w.message)]
+    assert len(ours) == 3, ours
+    assert [m.split(" = ")[1].split(" of")[0] for m in ours] == ["53%", "84%", "105%"]  # 5, 8, 10 of 9.5
+    assert "raise the precision now" in ours[-1]
+    assert monitor.d_crit == pytest.approx(9.5 * TOKENS_PER_STEP)
+    metrics = trainer.logged_metrics
+    for key in ("fpq/tokens_seen", "fpq/d_crit", "fpq/d_crit_fraction", "fpq/predicted_loss", "fpq/format_bits"):
+        assert key in metrics
+    assert float(metrics["fpq/tokens_seen"]) == 15 * TOKENS_PER_STEP
+    assert float(metrics["fpq/d_crit_fraction"]) == pytest.approx(15 / 9.5)
+    header = (tmp_path / "m" / "version_0" / "metrics.csv").read_text().splitlines()[0]
+    assert "fpq/d_crit_fraction" in header
+
+
+def test_stop_action_stops_at_dcrit(tmp_path):
+    law = law_with_dcrit(5.5 * TOKENS_PER_STEP, N_TINY)
+    trainer = make_trainer(tmp_path, [CriticalDataMonitor(law=law, action="stop", plateau_window=0)], max_steps=50)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(TinyLM(), loader(50))
+    assert trainer.global_step == 6
+
+
+def test_raise_precision_action_advances_the_schedule_at_dcrit(tmp_path):
+    law = law_with_dcrit(5.5 * TOKENS_PER_STEP, N_TINY)
+    progressive = ProgressivePrecision(["e2m1", "e4m3"], [10**9])  # never by tokens
+    monitor = CriticalDataMonitor(law=law, action="raise-precision", plateau_window=0)
+    trainer = make_trainer(tmp_path, [progressive, monitor], max_steps=10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(TinyLM(), loader(10))
+    assert progressive.stage == 1 and progressive.history[0]["reason"].startswith("D_crit reached")
+    assert progressive.history[0]["tokens"] == 6 * TOKENS_PER_STEP
+    # D_crit was recomputed for the new stage
+    assert monitor.d_crit == pytest.approx(critical_tokens(progressive.stages[1], law, N_TINY)[0])
+
+
+def test_plateau_check_warns_when_loss_stops_falling_at_low_precision(tmp_path):
+    class Flat(TinyLM):
+        def training_step(self, batch, batch_idx):
+            return (self.hidden.weight * 0).sum() + 2.0  # a constant loss: no progress at all
+
+    monitor = CriticalDataMonitor(plateau_window=5)
+    trainer = make_trainer(tmp_path, [monitor], max_steps=20)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(Flat(), loader(20))
+    plateau = [str(w.message) for w in caught if "stopped falling" in str(w.message)]
+    assert len(plateau) == 1 and "e2m1" in plateau[0]
+
+
+def test_monitor_errors_are_clear(tmp_path):
+    with pytest.raises(ValueError, match="action='pause' is not valid"):
+        CriticalDataMonitor(action="pause")
+    with pytest.raises(ValueError, match="thresholds=.* is not valid"):
+        CriticalDataMonitor(thresholds=(0.5, -1))
+    with pytest.raises(ValueError, match="n_params=0 is not valid"):
+        CriticalDataMonitor(n_params=0)
+    with pytest.raises(ValueError, match="needs a ProgressivePrecision"):
+        make_trainer(tmp_path, [CriticalDataMonitor(action="raise-precision")], max_steps=1).fit(TinyLM(), loader(1))
+
+
+def test_one_token_counter_is_shared_by_both_callbacks(tmp_path):
+    progressive = ProgressivePrecision(["e2m1", "bf16"], [3 * TOKENS_PER_STEP])
+    monitor = CriticalDataMonitor(plateau_window=0)
+    trainer = make_trainer(tmp_path, [monitor, progressive], max_steps=5)
+    trainer.fit(TinyLM(), loader(5))
+    counters = [c for c in trainer.callbacks if isinstance(c, TokenCounter)]
+    assert len(counters) == 1 and counters[0].tokens_seen == 5 * TOKENS_PER_STEP
+    assert progressive.history[0]["step"] == 3
+
+
+def test_law_point_takes_the_most_binding_operand():
+    law = CapybaraLaw.paper()
+    mixed = dataclasses.replace(QuantRecipe.from_name("paper", fmt="e4m3", block_size=128),
+                                p6=QuantRecipe.from_name("paper", fmt="e2m1", block_size=32).p6)
+    point = law_point(mixed, law, 10**8)
+    assert (point.fmt.name, point.block_size, point.operand) == ("e2m1", 32, "P6")
+    assert critical_tokens(QuantRecipe.from_name("bf16"), law, 10**8)[0] == math.inf
