@@ -1,0 +1,149 @@
+"""Can the Triton kernels run here, and which tensor-core paths does this GPU have?
+
+Every check returns ``(ok, reason)`` and is cached (STYLE.md item 5): the reason is what a
+backend logs when it falls back, and what a GPU-only test prints when it skips.
+
+Triton's interpreter (``TRITON_INTERPRET=1``) runs the kernels on CPU tensors, slowly, for
+tests. It only works when the variable is set *before triton is first imported* in the
+process: triton's own library functions (``tl.max``, ``tl.rand``, ...) are built for the
+interpreter or for the GPU at import time, and an interpreted kernel cannot call GPU-built
+ones. ``triton_available()`` detects that case and says how to fix it, instead of failing
+inside a kernel launch.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from typing import Optional
+
+import torch
+
+Capability = tuple[bool, str]
+
+
+def _interpret_requested() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+def interpreting() -> bool:
+    """True when the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``), on CPU tensors.
+
+    A backend's automatic choice should never pick an interpreted kernel for training:
+    it is orders of magnitude slower than the emulated path.
+    """
+    return _interpret_requested() and triton_available()[0]
+
+
+def triton_available() -> Capability:
+    """``(True, description)`` when the Triton kernels can be launched in this process.
+
+    Needs triton importable and either a CUDA device (compiled kernels, CUDA tensors) or
+    ``TRITON_INTERPRET=1`` set before triton was imported (interpreted kernels, CPU tensors).
+    """
+    return _triton_available(_interpret_requested())
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_available(interpret: bool) -> Capability:
+    if importlib.util.find_spec("triton") is None:
+        return False, "triton is not installed (pip install 'triton>=3.9' on Linux with an NVIDIA GPU)"
+    try:
+        import triton
+    except Exception as exc:  # a broken install must not break `import lightning_fpq`
+        return False, f"triton is installed but cannot be imported: {exc!r}"
+    if interpret:
+        if not _triton_built_for_interpreter():
+            return False, (
+                "TRITON_INTERPRET=1 was set after triton had been imported in this process, so "
+                "triton's own library functions were built for the GPU and the interpreter cannot "
+                "call them: set TRITON_INTERPRET=1 in the environment before starting Python"
+            )
+        return True, f"triton {triton.__version__} interpreter (TRITON_INTERPRET=1): CPU tensors, slow, for tests"
+    if not torch.cuda.is_available():
+        return False, (
+            "no CUDA device (torch.cuda.is_available() is False); the Triton kernels need an NVIDIA "
+            "GPU, or TRITON_INTERPRET=1 set before triton is imported (CPU, slow, for tests)"
+        )
+    major, minor = torch.cuda.get_device_capability()
+    if (major, minor) < (8, 0):
+        return False, f"{torch.cuda.get_device_name()} is sm_{major}{minor}; the kernels need sm_80 or newer"
+    return True, f"triton {triton.__version__} on {torch.cuda.get_device_name()} (sm_{major}{minor})"
+
+
+def _triton_built_for_interpreter() -> bool:
+    """Were triton's library functions (``tl.max`` ...) built for the interpreter?"""
+    try:
+        from triton.language import standard
+        from triton.runtime.interpreter import InterpretedFunction
+    except Exception:
+        return False
+    return isinstance(getattr(standard, "sum", None), InterpretedFunction)
+
+
+def kernel_launchable(kernel) -> Capability:
+    """``triton_available()``, plus: was this ``@triton.jit`` kernel built for the current mode?
+
+    A kernel module imported before ``TRITON_INTERPRET=1`` was set holds a GPU-built kernel
+    (and the reverse); launching it in the other mode fails deep inside triton.
+    """
+    ok, reason = triton_available()
+    if not ok:
+        return ok, reason
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if isinstance(kernel, InterpretedFunction) != _interpret_requested():
+        built = "the interpreter" if isinstance(kernel, InterpretedFunction) else "the GPU"
+        return False, (
+            f"kernel {getattr(kernel, '__name__', kernel)!s} was built for {built} when its module was "
+            "imported, but TRITON_INTERPRET has changed since: set it before importing lightning_fpq.kernels"
+        )
+    return True, reason
+
+
+def kernel_device() -> Optional[torch.device]:
+    """The device the kernels' tensors must live on: cpu when interpreting, cuda otherwise."""
+    if not triton_available()[0]:
+        return None
+    return torch.device("cpu") if _interpret_requested() else torch.device("cuda")
+
+
+def _cuda_capability_at_least(major: int, minor: int, what: str) -> Capability:
+    ok, reason = triton_available()
+    if not ok:
+        return False, reason
+    if _interpret_requested():
+        return False, f"{what} needs a GPU of sm_{major}{minor} or newer; the interpreter has none (its path can still be forced for tests)"
+    cap = torch.cuda.get_device_capability()
+    name = torch.cuda.get_device_name()
+    if cap < (major, minor):
+        return False, f"{what} needs sm_{major}{minor} or newer; {name} is sm_{cap[0]}{cap[1]}"
+    return True, f"{what} on {name} (sm_{cap[0]}{cap[1]})"
+
+
+@functools.lru_cache(maxsize=None)
+def _fp8_cached(interpret: bool) -> Capability:
+    return _cuda_capability_at_least(8, 9, "FP8 tensor cores (tl.dot on float8e4nv)")
+
+
+@functools.lru_cache(maxsize=None)
+def _dot_scaled_cached(interpret: bool) -> Capability:
+    return _cuda_capability_at_least(10, 0, "block-scaled FP4 tensor cores (tl.dot_scaled)")
+
+
+def fp8_tensor_cores_available() -> Capability:
+    """FP8 ``tl.dot`` (Ada sm_89, Hopper sm_90 and newer)."""
+    return _fp8_cached(_interpret_requested())
+
+
+def dot_scaled_available() -> Capability:
+    """Native block-scaled ``tl.dot_scaled`` with E2M1 operands and E8M0 scales (sm_100 and newer)."""
+    return _dot_scaled_cached(_interpret_requested())
+
+
+def require(capability: Capability, what: str) -> None:
+    """Raise a RuntimeError naming ``what`` and the capability's reason when it is missing."""
+    ok, reason = capability
+    if not ok:
+        raise RuntimeError(f"{what} cannot run: {reason}")

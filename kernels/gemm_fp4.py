@@ -1,0 +1,289 @@
+"""FP4 GEMM: packed E2M1 operands with per-block scales, fp32 accumulation.
+
+``gemm_fp4(a, b)`` computes ``unpack(a) @ unpack(b).T`` (``torch.nn.functional.linear``'s
+convention) from the ``PackedTensor`` codes and scales that ``pack`` / ``pack_triton``
+produce, without materialising the dequantized operands:
+
+- the packed bytes of a [BLOCK_M, BLOCK_K] tile are loaded (two E2M1 codes a byte, low
+  nibble first) and turned into exact values in registers with integer operations;
+- every E2M1 value (0, 0.5, 1, 1.5, 2, 3, 4, 6) is exactly an E4M3 and a BF16 value, so the
+  tile goes to the FP8 tensor cores (sm_89+, path "fp8") or the BF16 ones (path "bf16");
+  the products are exact and a scale block's partial sum (multiples of 0.25, below
+  36 * block) is exact in the fp32 accumulator;
+- the block scales are applied to that partial sum: ``acc += part * (1/Sa) * (1/Sb)``
+  (``dequantize = decode / S``); with power-of-two scales (E8M0) this is exact;
+- on sm_100+ with E8M0 scales and 32-element blocks (OCP MXFP4), path "dot_scaled" hands
+  the packed bytes and the scale exponents to ``tl.dot_scaled`` (native block-scaled MMA).
+
+With power-of-two scales the result is exactly ``unpack(a) @ unpack(b).T`` summed in any
+order as long as fp32 holds the partial sums exactly; with arbitrary fp32 scales it differs
+from dequantize-then-matmul by the rounding of the scaling (a few ulps), because the
+scaling happens once per block product instead of once per element.
+
+Under Triton's interpreter ``tl.dot`` multiplies bf16 inputs wrongly (DESIGN.md "Known
+traps"): the tile is then built as bf16 or fp8 bits exactly as on the GPU and converted to
+fp32 before the dot, so every path's decoding is exercised on the CPU.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from lightning_fpq.formats import FPFormat
+from lightning_fpq.quantize import PackedTensor
+
+from . import capability
+from ._common import jit, round_to_dtype_grid, store_from_f32, tl, triton
+
+E2M1 = FPFormat.parse("e2m1")
+PATHS = ("auto", "dot_scaled", "fp8", "bf16", "fp32")
+_DOT_MODES = {"fp32": 0, "bf16": 1, "fp8": 2, "dot_scaled": 3}
+_OUT_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+# ============================================================================ kernel
+@jit
+def _e2m1_tile(packed, DOT_MODE: tl.constexpr, DOT_IN_FP32: tl.constexpr):
+    """[R, C/2] uint8 (two E2M1 codes a byte, low nibble first) -> [R, C] exact values for tl.dot."""
+    codes = tl.interleave(packed & 0xF, packed >> 4).to(tl.int32)
+    mag = codes & 7  # (exponent << 1) | mantissa; 1 is the subnormal 0.5
+    neg = (codes & 8) != 0
+    if DOT_MODE == 1:  # bf16 bits: exponent e2 - 1 + 127, mantissa bit at position 6
+        bits = tl.where(mag >= 2, (mag << 6) + (126 << 7), tl.where(mag == 1, 0x3F00, 0))
+        bits = tl.where(neg, bits | 0x8000, bits)
+        vals = bits.to(tl.int16).to(tl.bfloat16, bitcast=True)
+    elif DOT_MODE == 2:  # e4m3 bits: exponent e2 - 1 + 7, mantissa bit at position 2
+        bits = tl.where(mag >= 2, (mag << 2) + 48, tl.where(mag == 1, 0x30, 0))
+        bits = tl.where(neg, bits | 0x80, bits)
+        vals = bits.to(tl.uint8).to(tl.float8e4nv, bitcast=True)
+    else:  # fp32 bits
+        bits = tl.where(mag >= 2, (mag << 22) + (126 << 23), tl.where(mag == 1, 0x3F000000, 0))
+        bits = tl.where(neg, bits | -2147483648, bits)
+        vals = bits.to(tl.float32, bitcast=True)
+    if DOT_IN_FP32:
+        vals = vals.to(tl.float32)
+    return vals
+
+
+@jit
+def _gemm_fp4_kernel(
+    a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr,
+    M, N, K, n_scale_blocks, scale_block, tiles_per_scale,
+    sam, sak, sasm, sask, sbn, sbk, sbsn, sbsk, scm, scn,
+    DOT_MODE: tl.constexpr, DOT_IN_FP32: tl.constexpr, OUT_KIND: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """C[M, N] = (A / Sa) @ (B / Sb)^T over K; A: [M, K/2] bytes, B: [N, K/2] bytes,
+    Sa: [M, n_scale_blocks], Sb: [N, n_scale_blocks] (float32 multipliers, or e8m0 bytes for
+    dot_scaled). One program computes a [BLOCK_M, BLOCK_N] tile, programs grouped along M
+    (GROUP_M) so that neighbours reuse B tiles from L2."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * num_n
+    first_m = (pid // group) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % size_m
+    pid_n = (pid % group) // size_m
+
+    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    m_mask = rm < M
+    n_mask = rn < N
+    rkb = tl.arange(0, BLOCK_K // 2)  # byte offsets within a tile
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+
+    if DOT_MODE == 3:
+        # sm_100+: native block-scaled MMA; scale_block == 32, scales are e8m0 bytes.
+        rks = tl.arange(0, BLOCK_K // 32)
+        for t in range(0, tl.cdiv(K, BLOCK_K)):
+            kb = t * (BLOCK_K // 2) + rkb
+            kb_mask = kb < K // 2
+            a = tl.load(a_ptr + rm[:, None] * sam + kb[None, :] * sak, mask=m_mask[:, None] & kb_mask[None, :], other=0)
+            b = tl.load(b_ptr + rn[:, None] * sbn + kb[None, :] * sbk, mask=n_mask[:, None] & kb_mask[None, :], other=0)
+            ks = t * (BLOCK_K // 32) + rks
+            ks_mask = ks < n_scale_blocks
+            sa = tl.load(as_ptr + rm[:, None] * sasm + ks[None, :] * sask, mask=m_mask[:, None] & ks_mask[None, :], other=127)
+            sb = tl.load(bs_ptr + rn[:, None] * sbsn + ks[None, :] * sbsk, mask=n_mask[:, None] & ks_mask[None, :], other=127)
+            acc = tl.dot_scaled(a, sa, "e2m1", tl.trans(b), sb, "e2m1", acc)
+    else:
+        for sblk in range(0, n_scale_blocks):
+            part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            k_end = tl.minimum((sblk + 1) * scale_block, K)
+            for t in range(0, tiles_per_scale):
+                k0 = sblk * scale_block + t * BLOCK_K
+                kb = k0 // 2 + rkb
+                kb_mask = kb * 2 < k_end
+                a = tl.load(a_ptr + rm[:, None] * sam + kb[None, :] * sak, mask=m_mask[:, None] & kb_mask[None, :], other=0)
+                b = tl.load(b_ptr + rn[:, None] * sbn + kb[None, :] * sbk, mask=n_mask[:, None] & kb_mask[None, :], other=0)
+                a_vals = _e2m1_tile(a, DOT_MODE, DOT_IN_FP32)
+                b_vals = _e2m1_tile(b, DOT_MODE, DOT_IN_FP32)
+                if DOT_MODE == 0 or DOT_IN_FP32:
+                    part = tl.dot(a_vals, tl.trans(b_vals), part, input_precision="ieee")
+                else:
+                    part = tl.dot(a_vals, tl.trans(b_vals), part)
+            sa = tl.load(as_ptr + rm * sasm + sblk * sask, mask=m_mask, other=1.0)
+            sb = tl.load(bs_ptr + rn * sbsn + sblk * sbsk, mask=n_mask, other=1.0)
+            inv_a = tl.math.div_rn(tl.zeros_like(sa) + 1.0, sa)
+            inv_b = tl.math.div_rn(tl.zeros_like(sb) + 1.0, sb)
+            acc += (part * inv_a[:, None]) * inv_b[None, :]
+
+    out = round_to_dtype_grid(acc, OUT_KIND)
+    store_from_f32(c_ptr + rm[:, None] * scm + rn[None, :] * scn, out, m_mask[:, None] & n_mask[None, :], OUT_KIND)
+
+
+# ============================================================================ host side
+def _operand(p: PackedTensor, name: str) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """A 2-D E2M1 PackedTensor -> (codes [rows, K/2] uint8, scales [rows, n_blocks] fp32, rows, K)."""
+    if not isinstance(p, PackedTensor):
+        raise ValueError(f"gemm_fp4: {name} must be a PackedTensor (from pack or pack_triton), got {type(p).__name__}")
+    if p.fmt != E2M1:
+        raise ValueError(f"gemm_fp4: {name} is packed as {p.fmt.name}; the FP4 GEMM takes e2m1 operands")
+    if len(p.shape) != 2:
+        raise ValueError(f"gemm_fp4: {name} must be 2-D, got shape {tuple(p.shape)}")
+    if p.block_size is None:
+        raise ValueError(f"gemm_fp4: {name} has no block scales (block_size=None); pack it with a block size")
+    rows = p.shape[1 - p.axis]
+    k_padded = p.shape[p.axis] + p.pad
+    if k_padded % 2:
+        raise ValueError(f"gemm_fp4: {name}'s reduction length {k_padded} is odd; two codes a byte need an even length")
+    codes = p.codes.reshape(-1)[: rows * k_padded // 2].view(rows, k_padded // 2)
+    scales = p.scales.reshape(-1)
+    if p.block_size == "tensor":
+        scales = scales[:1].view(1, 1).expand(rows, 1)
+    else:
+        scales = scales.view(rows, -1)
+    return codes, scales, rows, k_padded
+
+
+def _block_len(p: PackedTensor, k_padded: int) -> int:
+    return k_padded if p.block_size in ("channel", "tensor") else int(p.block_size)
+
+
+def _e8m0_bytes(scales: torch.Tensor) -> torch.Tensor:
+    """Power-of-two multipliers S = 2**-e -> the e8m0 byte of the decode scale 2**e (127 + e)."""
+    mantissa, exponent = torch.frexp(scales)  # S = 0.5 * 2**exponent
+    return (128 - exponent).clamp(0, 254).to(torch.uint8)
+
+
+def _scales_pow2(scales: torch.Tensor) -> bool:
+    mantissa, exponent = torch.frexp(scales)
+    return bool(((mantissa == 0.5) & (exponent >= -126) & (exponent <= 128)).all())
+
+
+def choose_path(block_len: int, a_scales: torch.Tensor, b_scales: torch.Tensor) -> tuple[str, str]:
+    """The fastest exact path for these operands on this device, and why.
+
+    Only where ``tl.dot_scaled`` exists are the scales inspected (one host sync) to see whether
+    they are powers of two, as E8M0 needs."""
+    if block_len == 32:
+        ok, reason = capability.dot_scaled_available()
+        if ok and _scales_pow2(a_scales) and _scales_pow2(b_scales):
+            return "dot_scaled", reason
+    if block_len >= 32:
+        ok, reason = capability.fp8_tensor_cores_available()
+        if ok:
+            return "fp8", reason
+    return "bf16", "BF16 tensor cores (E2M1 values are exact in BF16)"
+
+
+def _tiles(path: str, block_len: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)."""
+    if path == "dot_scaled":
+        return 128, 128, 128, 8, 3
+    block_k = min(128, 1 << (block_len.bit_length() - 1)) if block_len >= 16 else 16
+    if capability._interpret_requested():
+        return 32, 32, block_k, 4, 1
+    return 128, 128, block_k, 8, 3
+
+
+if triton is not None:
+
+    @torch.library.triton_op("lightning_fpq::gemm_fp4", mutates_args=())
+    def _gemm_fp4_op(
+        a_codes: torch.Tensor, a_scales: torch.Tensor, b_codes: torch.Tensor, b_scales: torch.Tensor,
+        k: int, scale_block: int, path: str, out_dtype: torch.dtype,
+    ) -> torch.Tensor:
+        m, n = a_codes.shape[0], b_codes.shape[0]
+        out = torch.empty((m, n), dtype=out_dtype, device=a_codes.device)
+        block_m, block_n, block_k, num_warps, num_stages = _tiles(path, scale_block)
+        n_scale_blocks = a_scales.shape[1]
+        tiles_per_scale = -(-scale_block // block_k)
+        grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
+        out_kind = _OUT_KINDS[out_dtype]
+        out_arg = out.view(torch.int16) if out_kind == 1 else out
+        torch.library.wrap_triton(_gemm_fp4_kernel)[grid](
+            a_codes, a_scales, b_codes, b_scales, out_arg,
+            m, n, k, n_scale_blocks, scale_block, tiles_per_scale,
+            a_codes.stride(0), a_codes.stride(1), a_scales.stride(0), a_scales.stride(1),
+            b_codes.stride(0), b_codes.stride(1), b_scales.stride(0), b_scales.stride(1),
+            out.stride(0), out.stride(1),
+            DOT_MODE=_DOT_MODES[path], DOT_IN_FP32=capability._interpret_requested(), OUT_KIND=out_kind,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,
+            num_warps=num_warps, num_stages=num_stages,
+        )
+        return out
+
+
+def gemm_fp4(
+    a: PackedTensor,
+    b: PackedTensor,
+    *,
+    out_dtype: torch.dtype = torch.float32,
+    path: str = "auto",
+) -> torch.Tensor:
+    """``unpack(a) @ unpack(b).T`` from packed E2M1 operands, accumulated in float32.
+
+    Args:
+        a: (M, K) packed e2m1 along K (``pack(x, "e2m1", block_size=B, axis=-1)``).
+        b: (N, K) packed e2m1 along K, like ``F.linear``'s weight. Any 2-D operand packed
+            along its reduction dimension works: a (K, N) tensor packed along axis 0 stands
+            for its transpose (its codes are stored in (N, K) order), which is how the
+            backward pass's ``W`` (blocked along out_features) is passed.
+        out_dtype: float32, bfloat16 or float16 (rounded to nearest-even from fp32).
+        path: "auto" (fastest available: "dot_scaled" on sm_100+ for 32-element blocks with
+            power-of-two scales, "fp8" on sm_89+ for blocks of 32 or more, else "bf16"),
+            or one of them forced; "fp32" uses IEEE fp32 dots (slow, for checks). Forcing a
+            path the GPU lacks raises; under the interpreter every path can be forced.
+
+    Block sizes: powers of two from 16, "channel" or "tensor"; both operands must share the
+    block size and the padded reduction length. Returns an (M, N) tensor.
+    """
+    if path not in PATHS:
+        raise ValueError(f"path={path!r} is not valid: expected one of {PATHS}")
+    if out_dtype not in _OUT_KINDS:
+        raise ValueError(f"out_dtype={out_dtype} is not valid: expected float32, bfloat16 or float16")
+    a_codes, a_scales, m, ka = _operand(a, "a")
+    b_codes, b_scales, n, kb = _operand(b, "b")
+    if ka != kb:
+        raise ValueError(f"gemm_fp4: reduction lengths differ (a: {ka}, b: {kb}, padded to whole blocks)")
+    if (a.block_size == "tensor") != (b.block_size == "tensor") or _block_len(a, ka) != _block_len(b, kb):
+        raise ValueError(f"gemm_fp4: a and b must share the block size, got {a.block_size!r} and {b.block_size!r}")
+    block_len = _block_len(a, ka)
+    if a.block_size not in ("channel", "tensor") and (block_len < 16 or block_len & (block_len - 1)):
+        raise ValueError(f"gemm_fp4: block_size={block_len} is not supported: use a power of two >= 16, 'channel' or 'tensor'")
+    capability.require(capability.kernel_launchable(_gemm_fp4_kernel), "the Triton FP4 GEMM")
+    device = capability.kernel_device()
+    for name, t in (("a", a_codes), ("b", b_codes)):
+        if t.device.type != device.type:
+            raise ValueError(f"gemm_fp4: {name} lives on {t.device}; the kernel runs on {device.type} tensors here")
+    interp = capability._interpret_requested()
+    if path == "auto":
+        path = choose_path(block_len, a_scales, b_scales)[0]
+    elif path == "dot_scaled":
+        if block_len != 32 or not (_scales_pow2(a_scales) and _scales_pow2(b_scales)):
+            raise ValueError("gemm_fp4: path='dot_scaled' needs 32-element blocks with power-of-two (e8m0) scales")
+        if not interp:
+            capability.require(capability.dot_scaled_available(), "gemm_fp4 path='dot_scaled'")
+    elif path == "fp8":
+        if block_len < 32:
+            raise ValueError("gemm_fp4: path='fp8' needs blocks of at least 32 elements (the FP8 MMA's K)")
+        if not interp:
+            capability.require(capability.fp8_tensor_cores_available(), "gemm_fp4 path='fp8'")
+    if path == "dot_scaled":
+        a_scales, b_scales = _e8m0_bytes(a_scales), _e8m0_bytes(b_scales)
+    else:
+        a_scales, b_scales = a_scales.to(torch.float32), b_scales.to(torch.float32)
+    return torch.ops.lightning_fpq.gemm_fp4(a_codes, a_scales, b_codes, b_scales, ka, block_len, path, out_dtype)
