@@ -450,7 +450,50 @@ def add_plot(sub) -> None:
 
 # ------------------------------------------------------------------------- main
 
-SUBCOMMANDS: list[Callable[[Any], None]] = [add_formats, add_predict, add_plan, add_fit, add_plot]
+# ------------------------------------------------------------------------- demo
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from lightning_fpq.demo import load_config, run_demo  # imports torch and Lightning: only here
+
+    overrides = list(args.overrides)
+    for flag, key in (("steps", "steps"), ("model", "model"), ("out", "out"), ("law", "law"), ("unit", "unit")):
+        value = getattr(args, flag)
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    if args.schedule is not None:
+        overrides.append(f"schedule=[{','.join(f.name for f in args.schedule)}]")
+    if args.switch_at is not None:
+        overrides.append(f"switch_at={args.switch_at if args.switch_at == 'auto' else '[' + args.switch_at + ']'}")
+    if args.baseline:
+        overrides.append("baseline=true")
+    if args.no_progress_bar:
+        overrides.append("progress_bar=false")
+    run_demo(load_config(args.config, tuple(overrides)))
+    return 0
+
+
+def add_demo(sub) -> None:
+    p = sub.add_parser(
+        "demo", help="train a small GPT with FP4 -> FP8 -> BF16 on the Python stdlib's source (CPU, minutes)",
+        description="Train a small GPT on an embedded corpus (the Python standard library's own source, byte-level) "
+        "with progressive precision, then write a plot, CSV logs and a summary. Any config key can be set as key=value.",
+    )
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. steps=1200 block=16")
+    p.add_argument("--config", metavar="YAML", help="a demo config (see examples/configs/demo.yaml)")
+    p.add_argument("--steps", type=int, help="optimizer steps per run")
+    p.add_argument("--model", help="GPT size: tiny, demo or small")
+    p.add_argument("--schedule", type=format_list, help="formats, lowest precision first (default: e2m1,e4m3,bf16)")
+    p.add_argument("--switch-at", help="switch points, comma-separated, in --unit; or 'auto' (from the law)")
+    p.add_argument("--unit", choices=("budget", "tokens", "dcrit"), help="unit of --switch-at (default: budget fractions)")
+    p.add_argument("--law", metavar="LAW.yaml", help="scaling law for D_crit (default: the paper's constants)")
+    p.add_argument("--baseline", action="store_true", help="also train a BF16-only run for comparison")
+    p.add_argument("--out", metavar="DIR", help="where the plot, logs and summary go (default: runs/demo)")
+    p.add_argument("--no-progress-bar", action="store_true", help="no progress bar (for logs and CI)")
+    p.set_defaults(func=cmd_demo)
+
+
+SUBCOMMANDS: list[Callable[[Any], None]] = [add_formats, add_predict, add_plan, add_fit, add_plot, add_demo]
 """Each entry registers one subcommand on the subparsers object: append yours here."""
 
 

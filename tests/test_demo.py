@@ -1,0 +1,57 @@
+"""The demo end to end (tiny config, seconds) and the examples."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lightning_fpq.cli import main
+from lightning_fpq.demo import load_config, read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["model=tiny", "steps=30", "block_size=32", "batch_size=8", "val_every=10", "val_samples=8", "max_bytes=200000"]
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end_with_switches_plot_and_summary(tmp_path, capsys):
+    code = main(["demo", *TINY, "--out", str(tmp_path), "--baseline", "--no-progress-bar"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "lightning-fpq demo summary" in out
+    assert "e2m1->e4m3 @ step 12" in out and "e4m3->bf16 @ step 23" in out  # 0.4 and 0.75 of 30 steps
+    assert "D_crit lies far beyond this run's budget" in out  # the paper's constants at demo scale
+    png = tmp_path / "demo.png"
+    assert png.stat().st_size > 20_000 and png.read_bytes()[:4] == b"\x89PNG"
+    rows = read_metrics(tmp_path / "progressive" / "metrics.csv")
+    stages = [r["fpq/stage"] for r in rows if "fpq/stage" in r]
+    assert stages[0] == 0.0 and stages[-1] == 2.0
+    assert any("val/loss" in r for r in rows)
+    assert (tmp_path / "baseline-bf16" / "metrics.csv").exists()
+
+
+def test_demo_config_errors_name_the_key(tmp_path):
+    with pytest.raises(ValueError, match="stepz"):
+        load_config(None, ("stepz=3",))
+    with pytest.raises(ValueError, match="steps=0 is not valid"):
+        load_config(None, ("steps=0",))
+    with pytest.raises(ValueError, match="unknown format 'fp5'"):
+        load_config(None, ("schedule=[fp5,bf16]",))
+    cfg = load_config(str(ROOT / "examples" / "configs" / "demo.yaml"), ("steps=7",))
+    assert cfg.steps == 7 and cfg.schedule == ["e2m1", "e4m3", "bf16"]
+
+
+def test_demo_bad_input_is_one_line_and_exit_2(capsys):
+    assert main(["demo", "stepz=3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "stepz" in err[0]
+
+
+@pytest.mark.slow
+def test_example_script_runs():
+    result = subprocess.run([sys.executable, str(ROOT / "examples" / "train_with_fpq.py"), "--steps", "40"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "e2m1" in result.stdout and "-> bf16" in result.stdout and "final train loss" in result.stdout
