@@ -98,28 +98,31 @@ def _block_scale(amax, tamax, FMT_MAX: tl.constexpr, EMAX: tl.constexpr, SCALE_M
 
 @jit
 def _quantize_tile(
-    x, s, u, out_ptr, o, i, k, vmask, kmask, soo, sol, soi,
+    x, s, u, out_ptr, row, k, mask,
     MBITS: tl.constexpr, EBITS: tl.constexpr, EMIN: tl.constexpr, BIAS: tl.constexpr,
     FMT_MAX: tl.constexpr, MIN_NORMAL: tl.constexpr, SUB1: tl.constexpr, SUB2: tl.constexpr,
     SPECIAL: tl.constexpr, OVERFLOW: tl.constexpr, HAS_SCALE: tl.constexpr, STOCHASTIC: tl.constexpr,
     SATURATE: tl.constexpr, OUT_LIMIT: tl.constexpr, OUT_KIND: tl.constexpr, CODE_BITS: tl.constexpr,
-    BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_V: tl.constexpr, NB: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Quantize one [BLOCK_V, BLOCK_K] tile of float32 ``x`` with per-row multipliers ``s`` and store it."""
+    """Quantize a [BLOCK_V, NB, BLOCK_K] tile (NB blocks of BLOCK_V slices) of float32 ``x``
+    with the blocks' multipliers ``s`` [BLOCK_V, NB]; store at ``row + k`` (k: [NB, BLOCK_K],
+    already multiplied by the output's stride along the axis, except for packed codes)."""
     if HAS_SCALE:
-        y = x * s[:, None]
+        y = x * s[:, :, None]
     else:
         y = x
     negative = y.to(tl.int32, bitcast=True) < 0
     q = round_magnitude(tl.abs(y), u, MBITS, EMIN, FMT_MAX, STOCHASTIC, OVERFLOW)
+    ptrs = out_ptr + row[:, None, None] + k[None, :, :]
     if OUT_KIND == 3:
         # ---- codes (lightning_fpq.quantize.encode): sign | exponent | mantissa
         qbits = q.to(tl.int32, bitcast=True)
+        is_nan = q != q
         if EBITS > 0:
             normal = q >= MIN_NORMAL
         else:
-            normal = q != q  # E0My: no normal numbers (all False)
-        is_nan = q != q
+            normal = is_nan & (q == q)  # E0My: no normal numbers (all False)
         mant_normal = (qbits >> (23 - MBITS)) & ((1 << MBITS) - 1)
         q_sub = tl.where(normal | is_nan, 0.0, q)
         mant_sub = ((q_sub * SUB1) * SUB2).to(tl.int32)  # q / min_subnormal, exact
@@ -133,31 +136,26 @@ def _quantize_tile(
             code = tl.where(is_nan, 1 << (EBITS + MBITS), code)
         else:
             code = tl.where(is_nan, (top << MBITS) | ((1 << MBITS) - 1), code)
-        mask = vmask[:, None] & kmask[None, :]
-        row = o * soo + i * soi  # [BLOCK_V] int64
         if CODE_BITS <= 4:
-            # two codes a byte, low nibble first: element k -> byte k // 2 of its row
-            lo, hi = tl.split(tl.reshape(code, (BLOCK_V, BLOCK_K // 2, 2)))
+            # two codes a byte, low nibble first: element k of a slice -> byte k // 2
+            lo, hi = tl.split(tl.reshape(code, (BLOCK_V, NB * BLOCK_K // 2, 2)))
             byte = (lo | (hi << 4)).to(tl.uint8)
-            k_even, _k_odd = tl.split(tl.reshape(k, (BLOCK_K // 2, 2)))
-            m_even, _m_odd = tl.split(tl.reshape(kmask.to(tl.int32), (BLOCK_K // 2, 2)))
-            tl.store(out_ptr + row[:, None] + (k_even // 2)[None, :] * sol, byte,
-                     mask=vmask[:, None] & (m_even > 0)[None, :])
+            k_even, _k_odd = tl.split(tl.reshape(k, (NB * BLOCK_K // 2, 2)))
+            m_even, _m_odd = tl.split(tl.reshape(mask.to(tl.int32), (BLOCK_V, NB * BLOCK_K // 2, 2)))
+            tl.store(out_ptr + row[:, None] + (k_even // 2)[None, :], byte, mask=m_even > 0)
         elif CODE_BITS <= 8:
-            tl.store(out_ptr + row[:, None] + k[None, :].to(tl.int64) * sol, code.to(tl.uint8), mask=mask)
+            tl.store(ptrs, code.to(tl.uint8), mask=mask)
         else:
-            tl.store(out_ptr + row[:, None] + k[None, :].to(tl.int64) * sol, code.to(tl.int16), mask=mask)
+            tl.store(ptrs, code.to(tl.int16), mask=mask)
     else:
         # ---- fake quantization: copysign, q / S, clamp to the output dtype, round to it
         out = copysign_bits(q, negative)
         if HAS_SCALE:
-            out = tl.math.div_rn(out, s[:, None] + tl.zeros_like(out))
+            out = tl.math.div_rn(out, s[:, :, None] + tl.zeros_like(out))
         if SATURATE:
             out = tl.where(out > OUT_LIMIT, OUT_LIMIT, tl.where(out < -OUT_LIMIT, -OUT_LIMIT, out))
         out = round_to_dtype_grid(out, OUT_KIND)
-        row = o * soo + i * soi
-        store_from_f32(out_ptr + row[:, None] + k[None, :].to(tl.int64) * sol, out,
-                       vmask[:, None] & kmask[None, :], OUT_KIND)
+        store_from_f32(ptrs, out, mask, OUT_KIND)
 
 
 @jit
@@ -170,22 +168,26 @@ def _block_quantize_kernel(
     SUB1: tl.constexpr, SUB2: tl.constexpr, SPECIAL: tl.constexpr, OVERFLOW: tl.constexpr,
     SCALE_MODE: tl.constexpr, TENSOR_BLOCK: tl.constexpr, ROUND_MODE: tl.constexpr,
     SATURATE: tl.constexpr, OUT_LIMIT: tl.constexpr, IN_KIND: tl.constexpr, OUT_KIND: tl.constexpr,
-    CODE_BITS: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, N_CHUNKS: tl.constexpr,
+    CODE_BITS: tl.constexpr, BLOCK_V: tl.constexpr, NB: tl.constexpr, BLOCK_K: tl.constexpr,
+    N_CHUNKS: tl.constexpr,
 ):
-    """One program: BLOCK_V vectors (slices along the block axis) x one block of ``block_len``
-    elements, read in N_CHUNKS tiles of BLOCK_K. Element (o, l, i) lives at
-    ``o*sxo + l*sxl + i*sxi``; vector v = o * inner + i."""
+    """One program: BLOCK_V slices along the block axis x NB consecutive blocks of
+    ``block_len`` elements, each block read in N_CHUNKS tiles of BLOCK_K (NB is 1 when
+    N_CHUNKS > 1). Element (o, l, i) lives at ``o*sxo + l*sxl + i*sxi``; slice v = o*inner + i.
+    A block's absmax needs the whole block, so a block longer than one tile is read twice."""
     pid = tl.program_id(0)
-    pb = pid % n_blocks
-    pv = pid // n_blocks
+    n_groups = tl.cdiv(n_blocks, NB)
+    pg = pid % n_groups
+    pv = pid // n_groups
     v = pv * BLOCK_V + tl.arange(0, BLOCK_V)
     vmask = v < n_vec
     v64 = v.to(tl.int64)
     o = v64 // inner
     i = v64 % inner
     x_row = o * sxo + i * sxi  # [BLOCK_V]
-    n_row = o * sno + i * sni
-    k0 = pb.to(tl.int64) * block_len
+    blk = pg * NB + tl.arange(0, NB)  # [NB]
+    bmask = blk < n_blocks
+    k0 = blk.to(tl.int64) * block_len  # [NB]
     arange_k = tl.arange(0, BLOCK_K)
     HAS_SCALE: tl.constexpr = SCALE_MODE > 0
     STOCHASTIC: tl.constexpr = ROUND_MODE > 0
@@ -197,43 +199,50 @@ def _block_quantize_kernel(
     # ---- pass 1: block absmax over finite values
     if HAS_SCALE:
         if TENSOR_BLOCK:
-            amax = tl.zeros([BLOCK_V], dtype=tl.float32) + tamax
+            amax = tl.zeros([BLOCK_V, NB], dtype=tl.float32) + tamax
         else:
-            amax = tl.zeros([BLOCK_V], dtype=tl.float32)
+            amax = tl.zeros([BLOCK_V, NB], dtype=tl.float32)
             for c in range(N_CHUNKS):
                 kk = c * BLOCK_K + arange_k
-                k = k0 + kk
-                kmask = (kk < block_len) & (k < length)
-                x = load_as_f32(x_ptr + x_row[:, None] + k[None, :] * sxl, vmask[:, None] & kmask[None, :], IN_KIND)
+                k = k0[:, None] + kk[None, :]  # [NB, BLOCK_K]
+                kmask = bmask[:, None] & (kk < block_len)[None, :] & (k < length)
+                mask = vmask[:, None, None] & kmask[None, :, :]
+                x = load_as_f32(x_ptr + x_row[:, None, None] + (k * sxl)[None, :, :], mask, IN_KIND)
                 ax = tl.abs(x)
                 ax = tl.where(ax < float("inf"), ax, 0.0)  # NaN and inf ignored
-                amax = tl.maximum(amax, tl.max(ax, axis=1))
+                amax = tl.maximum(amax, tl.max(ax, axis=2))
         s = _block_scale(amax, tamax, FMT_MAX, EMAX, SCALE_MODE)
         if OUT_KIND == 3:
-            tl.store(scale_ptr + v64 * n_blocks + pb, s, mask=vmask)
+            tl.store(scale_ptr + v64[:, None] * n_blocks + blk[None, :], s, mask=vmask[:, None] & bmask[None, :])
     else:
-        s = tl.zeros([BLOCK_V], dtype=tl.float32) + 1.0
+        s = tl.zeros([BLOCK_V, NB], dtype=tl.float32) + 1.0
 
     # ---- pass 2: scale, round, store
+    out_row = o * soo + i * soi
     for c in range(N_CHUNKS):
         kk = c * BLOCK_K + arange_k
-        k = k0 + kk
-        kmask = (kk < block_len) & (k < length)
-        x = load_as_f32(x_ptr + x_row[:, None] + k[None, :] * sxl, vmask[:, None] & kmask[None, :], IN_KIND)
+        k = k0[:, None] + kk[None, :]
+        kmask = bmask[:, None] & (kk < block_len)[None, :] & (k < length)
+        mask = vmask[:, None, None] & kmask[None, :, :]
+        x = load_as_f32(x_ptr + x_row[:, None, None] + (k * sxl)[None, :, :], mask, IN_KIND)
         if ROUND_MODE == 1:
-            u = tl.load(noise_ptr + n_row[:, None] + k[None, :] * snl, mask=vmask[:, None] & kmask[None, :], other=0.0)
+            n_row = o * sno + i * sni
+            u = tl.load(noise_ptr + n_row[:, None, None] + (k * snl)[None, :, :], mask=mask, other=0.0)
         elif ROUND_MODE == 2:
-            u = tl.rand(seed, v64[:, None] * length + k[None, :])
+            u = tl.rand(seed, v64[:, None, None] * length + k[None, :, :])
         else:
             u = 0.0
         if OUT_KIND == 3:
-            store_kmask = kk < block_len  # codes cover the padded block too (pack pads with zeros)
+            # codes cover the padded block too (pack pads with zeros); sol is 1 for codes
+            store_mask = vmask[:, None, None] & (bmask[:, None] & (kk < block_len)[None, :])[None, :, :]
+            k_out = k
         else:
-            store_kmask = kmask
+            store_mask = mask
+            k_out = k * sol
         _quantize_tile(
-            x, s, u, out_ptr, o, i, k, vmask, store_kmask, soo, sol, soi,
+            x, s, u, out_ptr, out_row, k_out, store_mask,
             MBITS, EBITS, EMIN, BIAS, FMT_MAX, MIN_NORMAL, SUB1, SUB2, SPECIAL, OVERFLOW, HAS_SCALE,
-            STOCHASTIC, SATURATE, OUT_LIMIT, OUT_KIND, CODE_BITS, BLOCK_V, BLOCK_K,
+            STOCHASTIC, SATURATE, OUT_LIMIT, OUT_KIND, CODE_BITS, BLOCK_V, NB, BLOCK_K,
         )
 
 
@@ -258,14 +267,23 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-def _tiles(block_len: int) -> tuple[int, int, int]:
-    """(BLOCK_V, BLOCK_K, N_CHUNKS) for a block of ``block_len`` elements."""
+def _tiles(block_len: int, n_blocks: int, n_vec: int) -> tuple[int, int, int, int]:
+    """(BLOCK_V, NB, BLOCK_K, N_CHUNKS): slices x blocks x elements a program holds.
+
+    Compiled: about 4096 elements a program, at least 256 consecutive ones along the axis
+    when blocks are short (NB blocks side by side). Interpreted: as few programs as
+    possible (each one costs milliseconds of Python), up to 16384 elements."""
     interp = capability._interpret_requested()
-    max_k = 1024 if not interp else 4096
+    max_k = 4096 if interp else 1024
+    target = 16384 if interp else 4096
     block_k = max(2, min(_next_pow2(block_len), max_k))
-    target = 4096 if not interp else 16384  # elements a program holds (interpreter: fewer, larger programs)
-    block_v = max(1, min(256, target // block_k))
-    return block_v, block_k, -(-block_len // block_k)
+    n_chunks = -(-block_len // block_k)
+    nb = 1
+    if n_chunks == 1:
+        want = _next_pow2(n_blocks) if interp else max(1, 256 // block_k)
+        nb = max(1, min(want, _next_pow2(n_blocks), target // block_k))
+    block_v = max(1, min(_next_pow2(n_vec), target // (nb * block_k)))
+    return block_v, nb, block_k, n_chunks
 
 
 def _view3(t: torch.Tensor, axis: int) -> tuple[torch.Tensor, int, int, int]:
@@ -349,8 +367,8 @@ def _run(
         n3, sn = x3, (0, 0, 0)
     p = fmt.mbits - fmt.emin  # q / min_subnormal = q * 2**p, as two fp32 factors
     p1 = min(p, 127)
-    block_v, block_k, n_chunks = _tiles(block_len)
-    grid = (triton.cdiv(n_vec, block_v) * n_blocks,)
+    block_v, nb, block_k, n_chunks = _tiles(block_len, n_blocks, n_vec)
+    grid = (triton.cdiv(n_vec, block_v) * triton.cdiv(n_blocks, nb),)
     torch.library.wrap_triton(_block_quantize_kernel)[grid](
         x3.view(torch.int16) if in_kind == 1 else x3, n3, tamax if tamax is not None else scales,
         out_arg, scales,
@@ -361,7 +379,7 @@ def _run(
         SPECIAL=SPECIAL_CODES[fmt.special], OVERFLOW=overflow_mode(fmt.special, saturate),
         SCALE_MODE=scale_mode, TENSOR_BLOCK=block == _BLOCK_TENSOR, ROUND_MODE=round_mode, SATURATE=saturate,
         OUT_LIMIT=_OUT_LIMITS[x.dtype], IN_KIND=in_kind, OUT_KIND=out_kind,
-        CODE_BITS=fmt.bits, BLOCK_V=block_v, BLOCK_K=block_k, N_CHUNKS=n_chunks,
+        CODE_BITS=fmt.bits, BLOCK_V=block_v, NB=nb, BLOCK_K=block_k, N_CHUNKS=n_chunks,
     )
     return out, scales
 

@@ -1,0 +1,564 @@
+"""The Triton kernels against the reference quantizer, bit for bit (STYLE.md item 7).
+
+How this runs without a GPU: Triton's interpreter (``TRITON_INTERPRET=1``) runs the kernels
+on CPU tensors, but only if the variable is set before triton is first imported in the
+process (triton builds its own library functions for the interpreter or the GPU at import;
+see ``kernels/capability.py``). Under ``make test`` other test modules import lightning,
+which imports triton, so setting the variable here would come too late. This module
+therefore runs itself once in a fresh ``python -m pytest`` process with the variable set
+(``test_kernel_suite_in_fresh_interpreter_process``) and skips its tests in the parent;
+nothing in the parent process is changed. To see the tests one by one on a CPU:
+
+    TRITON_INTERPRET=1 .venv/bin/python -m pytest tests/test_kernels.py
+
+On a CUDA machine the tests run the compiled kernels on the GPU, and the GPU-only tests
+(real FP8 / ``tl.dot_scaled`` tensor cores, ``torch.compile``) run where the capability
+checks allow; elsewhere they skip with the checks' reasons.
+
+Every expected value comes from ``lightning_fpq.quantize`` (``backend="reference"``,
+``pack``, ``unpack``, ``round_to_format``) or from hand-computed grids, never from a kernel.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_fpq.formats import FPFormat
+from lightning_fpq.quantize import PackedTensor, block_scales, finite_absmax, pack, quantize, round_to_format, unpack
+from lightning_fpq.kernels import (
+    dot_scaled_available,
+    fp8_tensor_cores_available,
+    gemm_fp4,
+    kernel_device,
+    pack_triton,
+    quantize_triton,
+    triton_available,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+_CHILD_ENV = "LIGHTNING_FPQ_KERNEL_TESTS_CHILD"
+IN_CHILD = os.environ.get(_CHILD_ENV) == "1"
+OK, REASON = triton_available()
+INTERPRETING = OK and not torch.cuda.is_available() or (OK and os.environ.get("TRITON_INTERPRET") == "1")
+# On a CPU with triton installed but not importable as the interpreter in this process:
+# run this file again in a fresh process where TRITON_INTERPRET=1 precedes triton's import.
+RERUN_IN_FRESH_PROCESS = (
+    not OK and not IN_CHILD and not torch.cuda.is_available() and "not installed" not in REASON
+)
+_RERUN_REASON = (
+    "run by test_kernel_suite_in_fresh_interpreter_process in a fresh process "
+    f"(here: {REASON})"
+)
+
+pytestmark = pytest.mark.filterwarnings(
+    # The interpreter runs kernels with numpy: an fp32 division that overflows to inf on
+    # purpose (fmt.max / a subnormal absmax, then clamped) warns there.
+    "ignore:overflow encountered:RuntimeWarning",
+    "ignore:invalid value encountered:RuntimeWarning",
+)
+
+
+@pytest.fixture
+def device() -> torch.device:
+    """The device the kernels run on here; skips (or fails, in the fresh process) without one."""
+    if not OK:
+        if IN_CHILD:
+            pytest.fail(f"the fresh interpreter process cannot run the kernels: {REASON}")
+        pytest.skip(_RERUN_REASON if RERUN_IN_FRESH_PROCESS else REASON)
+    return kernel_device()
+
+
+@pytest.mark.skipif(not RERUN_IN_FRESH_PROCESS, reason="the kernel tests run in this process")
+def test_kernel_suite_in_fresh_interpreter_process():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    env.update({"TRITON_INTERPRET": "1", _CHILD_ENV: "1"})
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        env["OMP_NUM_THREADS"] = "1"  # share the cores with the other worker
+    cmd = [sys.executable, "-m", "pytest", str(Path(__file__).resolve()), "-q", "-rfEs", "-p", "no:cacheprovider"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    output = (proc.stdout + proc.stderr)[-6000:]
+    assert proc.returncode == 0, f"kernel tests failed in the fresh interpreter process:\n{output}"
+    assert " passed" in proc.stdout, output
+
+
+# ============================================================================ helpers
+def assert_same(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Bit-level equality of two float tensors: dtype, shape, NaN positions, values, signs."""
+    actual, expected = actual.cpu(), expected.cpu()
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    nan_a, nan_e = torch.isnan(actual), torch.isnan(expected)
+    assert torch.equal(nan_a, nan_e), f"NaN positions differ at {torch.nonzero(nan_a != nan_e)[:5].tolist()}"
+    a, e = actual[~nan_a], expected[~nan_e]
+    bad = a != e
+    assert not bad.any(), (
+        f"{int(bad.sum())} of {a.numel()} values differ, e.g. kernel {a[bad][:4].tolist()} "
+        f"vs reference {e[bad][:4].tolist()}"
+    )
+    assert torch.equal(torch.signbit(a), torch.signbit(e)), "signs of zeros differ"
+
+
+def edge_tensor(shape: tuple[int, ...], *, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Values over 40 binades plus every special case: NaN, +-inf, +-0, fp32 subnormals,
+    an all-zero row and column (all-zero blocks along either axis), a row of NaN/inf only."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g) * torch.exp2(torch.randint(-20, 20, shape, generator=g).float())
+    flat = x.view(-1)
+    flat[::17] = 0.0
+    flat[3::37] = -0.0
+    flat[1::29] = float("nan")
+    flat[2::31] = float("-inf")
+    flat[4::43] = float("inf")
+    flat[5::41] = 1e-42  # fp32 subnormal
+    flat[6::47] = -3e-39
+    if x.dim() == 2 and x.shape[0] > 3 and x.shape[1] > 2:
+        x[1] = 0.0
+        x[:, 2] = 0.0
+        x[3] = float("nan")
+        x[3, ::2] = float("inf")
+    return x.to(dtype)
+
+
+def reference(x: torch.Tensor, fmt, **kw) -> torch.Tensor:
+    return quantize(x.cpu(), fmt, backend="reference", **kw)
+
+
+def path_available(path: str) -> tuple[bool, str]:
+    """Under the interpreter every GEMM path can be forced; on a GPU only what it has."""
+    if INTERPRETING or path in ("bf16", "fp32"):
+        return True, ""
+    return fp8_tensor_cores_available() if path == "fp8" else dot_scaled_available()
+
+
+# ===================================================================== quantize: nearest
+QUANT_FORMATS = ["e2m1", "e2m3", "e3m2", "e4m3", "e5m2", "e4m3:ieee", "e3m4", "e0m3", "e1m2", "bf16"]
+QUANT_BLOCKS = [None, 16, 32, 128, 12, "channel", "tensor"]
+SHAPE = (40, 144)  # neither axis a multiple of 32 or 128: padded last blocks along both
+
+
+@pytest.mark.parametrize("block_size", QUANT_BLOCKS, ids=str)
+@pytest.mark.parametrize("fmt", QUANT_FORMATS)
+def test_quantize_nearest_matches_reference(device, fmt, block_size):
+    # Scale format and axis rotate over the grid so that every pair meets each of them.
+    i = QUANT_FORMATS.index(fmt) + QUANT_BLOCKS.index(block_size)
+    scale_format = ("fp32", "e8m0", "e4m3")[i % 3]
+    axis = (-1, 0)[i % 2]
+    x = edge_tensor(SHAPE, seed=i)
+    kw = dict(block_size=block_size, axis=axis, scale_format=scale_format)
+    assert_same(quantize_triton(x.to(device), fmt, **kw), reference(x, fmt, **kw))
+
+
+@pytest.mark.parametrize("scale_format", ["fp32", "e8m0", "e4m3"])
+@pytest.mark.parametrize("axis", [-1, 0])
+@pytest.mark.parametrize("fmt", ["e2m1", "e4m3"])
+def test_quantize_every_scale_format_and_axis(device, fmt, axis, scale_format):
+    x = edge_tensor((24, 80), seed=7)
+    kw = dict(block_size=16, axis=axis, scale_format=scale_format)
+    assert_same(quantize_triton(x.to(device), fmt, **kw), reference(x, fmt, **kw))
+
+
+@pytest.mark.parametrize(
+    "dtype,fmt,block_size",
+    [
+        (torch.bfloat16, "e2m1", 32),
+        (torch.bfloat16, "e4m3", "channel"),
+        (torch.bfloat16, "bf16", None),
+        (torch.bfloat16, "e5m2", 16),
+        (torch.float16, "e2m1", 16),
+        (torch.float16, "e5m2", "tensor"),
+        (torch.float16, "fp16", None),
+        (torch.float16, "e3m2", 128),
+    ],
+    ids=str,
+)
+def test_quantize_half_precision_inputs(device, dtype, fmt, block_size):
+    # bf16/fp16 in and out: the output rounding to x's dtype (and the clamp to its range) must match too.
+    x = edge_tensor(SHAPE, seed=3, dtype=dtype)
+    assert_same(quantize_triton(x.to(device), fmt, block_size=block_size), reference(x, fmt, block_size=block_size))
+
+
+@pytest.mark.parametrize("fmt", ["e5m2", "e4m3", "e2m1", "e3m4"])
+@pytest.mark.parametrize("block_size,scale_format", [(None, "fp32"), (32, "e8m0")], ids=str)
+def test_quantize_without_saturation(device, fmt, block_size, scale_format):
+    # Overflow: inf (ieee), NaN (fn), max (finite). E8M0 scales leave the block absmax in
+    # [2**emax, 2**(emax+1)), above max for most formats, so blocks overflow too.
+    x = edge_tensor(SHAPE, seed=11)
+    kw = dict(block_size=block_size, scale_format=scale_format, saturate=False)
+    assert_same(quantize_triton(x.to(device), fmt, **kw), reference(x, fmt, **kw))
+
+
+def test_quantize_ties_round_to_even(device):
+    # E2M1 grid 0, .5, 1, 1.5, 2, 3, 4, 6: midpoints go to the even neighbour; beyond 6 saturates.
+    x = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 7.0, 100.0, -0.25, -0.75, -5.0, 0.2500001, 4.999])
+    expected = torch.tensor([0.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0, 6.0, 6.0, -0.0, -1.0, -4.0, 0.5, 4.0])
+    out = quantize_triton(x.to(device), "e2m1")
+    assert_same(out, expected)
+    assert_same(out, reference(x, "e2m1"))
+    # The same ties behind a power-of-two (E8M0) block scale: the block's absmax 0.875 gives
+    # S = 2**-(floor(log2 0.875) - emax) = 2**3, which maps x / 8 back onto the ties above.
+    xs = torch.cat([x[:8] / 8, torch.full((8,), 0.875)])
+    assert_same(quantize_triton(xs.to(device), "e2m1", block_size=16, scale_format="e8m0"),
+                reference(xs, "e2m1", block_size=16, scale_format="e8m0"))
+
+
+def test_quantize_subnormals_and_underflow(device):
+    # Every E4M3 subnormal, the midpoints between them, and values that underflow to +-0.
+    fmt = FPFormat.parse("e4m3")
+    step = fmt.min_subnormal
+    x = torch.arange(-20, 21, dtype=torch.float32) * (step / 2)
+    x = torch.cat([x, torch.tensor([step / 4, -step / 4, step * 0.5000001, 1e-45, -1e-45])])
+    assert_same(quantize_triton(x.to(device), fmt), reference(x, fmt))
+
+
+def test_quantize_transposed_operand_reads_strides(device):
+    # W.t() is quantized along its rows without a copy: the result equals quantizing the copy.
+    w = edge_tensor((48, 80), seed=5).to(device)
+    wt = w.t()
+    assert not wt.is_contiguous()
+    for axis in (0, 1):
+        kw = dict(block_size=16, axis=axis)
+        assert_same(quantize_triton(wt, "e2m1", **kw), reference(wt.contiguous(), "e2m1", **kw))
+
+
+def test_quantize_three_dims_middle_axis_and_long_channel(device):
+    x3 = edge_tensor((3, 40, 5), seed=2)
+    assert_same(quantize_triton(x3.to(device), "e3m2", block_size=16, axis=1),
+                reference(x3, "e3m2", block_size=16, axis=1))
+    # A channel longer than one tile (4096 interpreted, 1024 compiled): the two-pass path.
+    xl = edge_tensor((2, 9000), seed=4)
+    assert_same(quantize_triton(xl.to(device), "e2m1", block_size="channel"), reference(xl, "e2m1", block_size="channel"))
+
+
+def test_quantize_scalar_and_empty(device):
+    x = torch.tensor(3.3)
+    assert_same(quantize_triton(x.to(device), "e2m1"), reference(x, "e2m1"))
+    assert_same(quantize_triton(x.to(device), "e2m1", block_size="tensor"), reference(x, "e2m1", block_size="tensor"))
+    e = torch.empty(0, 4)
+    assert quantize_triton(e.to(device), "e2m1", block_size=4).shape == (0, 4)
+
+
+# ================================================================== quantize: stochastic
+@pytest.mark.parametrize(
+    "fmt,block_size,axis",
+    [("e2m1", None, -1), ("e2m1", 16, -1), ("e4m3", 32, 0), ("e3m2", "channel", 0), ("e5m2", "tensor", -1)],
+    ids=str,
+)
+def test_stochastic_with_shared_generator_is_bit_exact(device, fmt, block_size, axis):
+    # The wrapper draws torch.rand(x.shape, generator) exactly as the reference does.
+    x = edge_tensor(SHAPE, seed=9).to(device)
+    kw = dict(block_size=block_size, axis=axis, rounding="stochastic")
+    g_kernel = torch.Generator(device=device).manual_seed(1234)
+    g_ref = torch.Generator(device=device).manual_seed(1234)
+    expected = quantize(x, fmt, backend="reference", generator=g_ref, **kw)
+    assert_same(quantize_triton(x, fmt, generator=g_kernel, **kw), expected)
+
+
+def test_stochastic_with_noise_tensor_is_bit_exact(device):
+    x = edge_tensor(SHAPE, seed=10)
+    noise = torch.rand(SHAPE, generator=torch.Generator().manual_seed(3))
+    expected = quantize(x, "e2m1", backend="reference", block_size=32, rounding="stochastic",
+                        generator=torch.Generator().manual_seed(3))
+    out = quantize_triton(x.to(device), "e2m1", block_size=32, rounding="stochastic", noise=noise.to(device))
+    assert_same(out, expected)
+
+
+def test_stochastic_floor_decision_is_exact_at_boundaries(device):
+    # E2M1 below 1: step 0.5, t = 2|y|. Pairs (y, u) whose exact t + u sits at or just below 1:
+    # u = 1 - t exactly rounds up; one ulp less does not; t = 2**-24 - 2**-30 with the largest
+    # torch.rand value 1 - 2**-24 sums to 1 - 2**-30, which fp32 would round to 1.0.
+    t = torch.tensor([0.375, 0.375, 2.0**-20, 2.0**-20, 2.0**-24 - 2.0**-30, 0.75, 0.75], dtype=torch.float32)
+    u = torch.tensor([0.625, 0.625 - 2.0**-24, 1 - 2.0**-20, 1 - 2.0**-20 - 2.0**-24, 1 - 2.0**-24, 0.25, 0.0])
+    y = t / 2
+    expected = round_to_format(y, FPFormat.parse("e2m1"), rounding="stochastic", noise=u)  # float64 inside
+    assert expected.tolist() == [0.5, 0.0, 0.5, 0.0, 0.0, 0.5, 0.0]
+    out = quantize_triton(y.to(device), "e2m1", rounding="stochastic", noise=u.to(device))
+    assert_same(out, expected)
+    # Same in the normal range (t = 2 + f, step 0.5 above 1... E4M3 here: step 2**-3 at [1, 2)).
+    y2 = torch.tensor([1.0 + 3 * 2.0**-6, 1.0 + 3 * 2.0**-6, 1.5 + 2.0**-20])
+    u2 = torch.tensor([0.625, 0.625 - 2.0**-24, 1 - 2.0**-17])
+    expected2 = round_to_format(y2, FPFormat.parse("e4m3"), rounding="stochastic", noise=u2)
+    assert_same(quantize_triton(y2.to(device), "e4m3", rounding="stochastic", noise=u2.to(device)), expected2)
+
+
+def test_stochastic_with_seed_is_unbiased_and_reproducible(device):
+    # In-kernel Philox: not the reference's stream, so checked statistically against it.
+    fmt = FPFormat.parse("e2m1")
+    x = torch.randn(64, 256, generator=torch.Generator().manual_seed(0))
+    kw = dict(block_size=32, rounding="stochastic")
+    out = quantize_triton(x.to(device), fmt, seed=17, **kw).cpu()
+    assert torch.equal(out, quantize_triton(x.to(device), fmt, seed=17, **kw).cpu())
+    assert not torch.equal(out, quantize_triton(x.to(device), fmt, seed=18, **kw).cpu())
+    # The two grid neighbours of each element, from the reference's own pieces with u = 0
+    # and u = 1 - 2**-24 (the largest torch.rand value).
+    blocks = x.view(64, 8, 32)
+    scale = block_scales(finite_absmax(blocks), fmt, "fp32")
+    def neighbour(u: float) -> torch.Tensor:
+        noise = torch.full_like(blocks, u)
+        return (round_to_format(blocks * scale, fmt, rounding="stochastic", noise=noise) / scale).view(64, 256)
+    down, up = neighbour(0.0), neighbour(1 - 2.0**-24)
+    assert ((out == down) | (out == up)).all(), "stochastic rounding left the two neighbouring grid points"
+    between = up != down
+    p_up = ((x - down) / (up - down))[between].double()  # P(round up) of each element
+    went_up = (out == up)[between].double()
+    # A sum of independent Bernoulli(p): mean sum(p), variance sum(p (1 - p)); allow 5 sigma.
+    sigma = math.sqrt(float((p_up * (1 - p_up)).sum()))
+    assert int(between.sum()) > 10000
+    assert abs(float(went_up.sum() - p_up.sum())) < 5 * sigma, (float(went_up.sum()), float(p_up.sum()), sigma)
+
+
+# ========================================================================= pack (codes)
+PACK_CASES = [
+    ("e2m1", 16, -1, "fp32"),
+    ("e2m1", 32, 0, "e8m0"),
+    ("e2m1", "channel", -1, "e4m3"),
+    ("e2m1", "tensor", 0, "fp32"),
+    ("e2m1", None, -1, "fp32"),
+    ("e2m1", 12, 1, "fp32"),
+    ("e4m3", 32, -1, "e8m0"),
+    ("e4m3", None, 0, "fp32"),
+    ("e3m2", 16, 0, "fp32"),
+    ("e2m3", 128, -1, "e4m3"),
+    ("e5m2", "channel", 0, "fp32"),
+    ("bf16", 16, -1, "fp32"),  # 16-bit codes (int16)
+]
+
+
+@pytest.mark.parametrize("fmt,block_size,axis,scale_format", PACK_CASES, ids=str)
+def test_pack_matches_reference_codes_and_scales(device, fmt, block_size, axis, scale_format):
+    x = edge_tensor((24, 80), seed=13)
+    kw = dict(block_size=block_size, axis=axis, scale_format=scale_format)
+    expected = pack(x, fmt, **kw)
+    got = pack_triton(x.to(device), fmt, **kw)
+    assert got.codes.dtype == expected.codes.dtype and got.codes.shape == expected.codes.shape
+    assert torch.equal(got.codes.cpu(), expected.codes), f"{int((got.codes.cpu() != expected.codes).sum())} codes differ"
+    if expected.scales is None:
+        assert got.scales is None
+    else:
+        assert got.scales.shape == expected.scales.shape
+        assert torch.equal(got.scales.cpu(), expected.scales)
+    meta = lambda p: (tuple(p.shape), p.dtype, p.fmt, p.block_size, p.axis, p.pad)  # noqa: E731
+    assert meta(got) == meta(expected)
+    # Codes round-trip to the fake-quantized values (a finite format stores NaN as -0).
+    keep = ~torch.isnan(x)
+    assert_same(unpack(_to_cpu(got))[keep], reference(x, fmt, **kw)[keep])
+
+
+def _to_cpu(p: PackedTensor) -> PackedTensor:
+    scales = None if p.scales is None else p.scales.cpu()
+    return PackedTensor(p.codes.cpu(), scales, p.shape, p.dtype, p.fmt, p.block_size, p.axis, p.pad)
+
+
+def test_pack_stochastic_unpacks_to_the_reference(device):
+    x = edge_tensor((24, 80), seed=14).to(device)
+    kw = dict(block_size=16, rounding="stochastic")
+    got = pack_triton(x, "e2m1", generator=torch.Generator(device=device).manual_seed(8), **kw)
+    expected = quantize(x, "e2m1", backend="reference", generator=torch.Generator(device=device).manual_seed(8), **kw)
+    keep = ~torch.isnan(x.cpu())  # e2m1 stores NaN as -0
+    assert_same(unpack(_to_cpu(got))[keep], expected.cpu()[keep])
+
+
+# ============================================================================ FP4 GEMM
+E2M1 = FPFormat.parse("e2m1")
+GEMM_M, GEMM_N, GEMM_K = 40, 24, 128  # M, N not multiples of the tiles: masked edges
+
+
+def random_e2m1_operand(rows: int, k: int, block_size, *, seed: int, axis: int = 1) -> PackedTensor:
+    """Random E2M1 codes (all 16, -0 and -6 included) and power-of-two scales S in 2**[-2, 2].
+
+    Why the GEMM comparison is exact: every dequantized value is a multiple of 2**-3 of
+    magnitude at most 6 * 2**2, so every product is a multiple of 2**-6 below 576 and every
+    partial sum over K = 128 a multiple of 2**-6 below 2**17: 23 significant bits, which
+    fp32 holds exactly. No order of accumulation, no blocking of the sum and no scaling by
+    a power of two can then round, so the kernel must equal the float64 product exactly.
+    """
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 16, (rows * k,), generator=g)  # (rows, k) order: the reduction is last
+    packed = (codes[0::2] | (codes[1::2] << 4)).to(torch.uint8)
+    n_blocks = 1 if block_size in ("channel", "tensor") else k // block_size
+    exps = torch.randint(-2, 3, (1, 1) if block_size == "tensor" else (rows, n_blocks, 1), generator=g)
+    shape = torch.Size((rows, k) if axis == 1 else (k, rows))
+    return PackedTensor(packed, torch.exp2(exps.float()), shape, torch.float32, E2M1, block_size, axis, 0)
+
+
+def _to(p: PackedTensor, device) -> PackedTensor:
+    return PackedTensor(p.codes.to(device), p.scales.to(device), p.shape, p.dtype, p.fmt, p.block_size, p.axis, p.pad)
+
+
+def _rows(p: PackedTensor) -> torch.Tensor:
+    """The dequantized operand with the reduction dimension last, in float64 (exact)."""
+    dense = unpack(_to_cpu(p)).double()
+    return dense if p.axis == 1 else dense.T
+
+
+GEMM_CASES = [
+    (16, "bf16"), (16, "fp32"),
+    (32, "bf16"), (32, "fp8"), (32, "dot_scaled"),
+    (64, "fp8"), (128, "bf16"), (128, "fp8"),
+    ("channel", "bf16"), ("channel", "fp8"), ("tensor", "fp8"),
+]
+
+
+@pytest.mark.parametrize("block_size,path", GEMM_CASES, ids=str)
+def test_gemm_fp4_exact_against_dequantize_then_matmul(device, block_size, path):
+    ok, reason = path_available(path)
+    if not ok:
+        pytest.skip(reason)
+    a = random_e2m1_operand(GEMM_M, GEMM_K, block_size, seed=1)
+    b = random_e2m1_operand(GEMM_N, GEMM_K, block_size, seed=2)
+    expected = (_rows(a) @ _rows(b).T).float()
+    out = gemm_fp4(_to(a, device), _to(b, device), path=path)
+    assert_same(out, expected)
+
+
+def test_gemm_fp4_auto_path_and_operand_packed_along_axis0(device):
+    # dgrad: dX = dY @ W with W (N_out, K_in) blocked along N_out (axis 0) -> codes in (K_in, N_out) order.
+    dy = random_e2m1_operand(GEMM_M, GEMM_K, 32, seed=3)
+    w = random_e2m1_operand(GEMM_N, GEMM_K, 32, seed=4, axis=0)  # shape (K, N) packed along axis 0
+    expected = (_rows(dy) @ _rows(w).T).float()
+    assert_same(gemm_fp4(_to(dy, device), _to(w, device)), expected)
+    assert torch.equal(_rows(w).T, unpack(_to_cpu(w)).double())  # the operand stands for its transpose
+
+
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
+def test_gemm_fp4_half_precision_output_rounds_once(device, out_dtype):
+    a = random_e2m1_operand(GEMM_M, GEMM_K, 32, seed=5)
+    b = random_e2m1_operand(GEMM_N, GEMM_K, 32, seed=6)
+    expected = (_rows(a) @ _rows(b).T).float().to(out_dtype)  # exact in fp32, then one rounding
+    assert_same(gemm_fp4(_to(a, device), _to(b, device), out_dtype=out_dtype), expected)
+
+
+def test_gemm_fp4_after_pack_triton_with_fp32_scales(device):
+    # The real pipeline: fp32 block scales are not powers of two, so the kernel's per-block
+    # scaling rounds differently from per-element dequantization: equal to a few fp32 ulps.
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(GEMM_M, 96, generator=g), torch.randn(GEMM_N, 96, generator=g)
+    a, b = pack_triton(x.to(device), "e2m1", block_size=32), pack_triton(w.to(device), "e2m1", block_size=32)
+    da, db = unpack(pack(x, "e2m1", block_size=32)).double(), unpack(pack(w, "e2m1", block_size=32)).double()
+    expected = da @ db.T
+    bound = 1e-6 * (da.abs() @ db.abs().T)  # |error| <= a few ulps of the sum of |products|
+    err = (gemm_fp4(a, b).cpu().double() - expected).abs()
+    assert (err <= bound).all(), float((err / bound).max())
+
+
+def test_gemm_fp4_rejects_what_it_cannot_multiply(device):
+    a = random_e2m1_operand(8, 64, 32, seed=1)
+    with pytest.raises(ValueError, match="reduction lengths differ"):
+        gemm_fp4(_to(a, device), _to(random_e2m1_operand(8, 96, 32, seed=2), device))
+    with pytest.raises(ValueError, match="share the block size"):
+        gemm_fp4(_to(a, device), _to(random_e2m1_operand(8, 64, 16, seed=2), device))
+    with pytest.raises(ValueError, match="power of two"):
+        odd = pack(torch.randn(8, 48), "e2m1", block_size=24)
+        gemm_fp4(_to(odd, device), _to(odd, device))
+    with pytest.raises(ValueError, match="e2m1 operands"):
+        e4 = pack(torch.randn(8, 64), "e4m3", block_size=32)
+        gemm_fp4(_to(e4, device), _to(e4, device))
+    with pytest.raises(ValueError, match="at least 32"):
+        s = random_e2m1_operand(8, 64, 16, seed=3)
+        gemm_fp4(_to(s, device), _to(s, device), path="fp8")
+    with pytest.raises(ValueError, match="power-of-two"):
+        f = pack(torch.randn(8, 64), "e2m1", block_size=32)  # fp32 scales
+        gemm_fp4(_to(f, device), _to(f, device), path="dot_scaled")
+
+
+# ========================================================== arguments and capabilities
+def test_wrappers_validate_arguments_before_launching():
+    x = torch.randn(4, 32)
+    with pytest.raises(ValueError, match="stochastic"):
+        quantize_triton(x, "e2m1", seed=1)
+    with pytest.raises(ValueError, match="at most one"):
+        quantize_triton(x, "e2m1", rounding="stochastic", seed=1, noise=torch.rand(4, 32))
+    with pytest.raises(ValueError, match="noise must be"):
+        quantize_triton(x, "e2m1", rounding="stochastic", noise=torch.rand(4, 31))
+    with pytest.raises(ValueError, match="seed"):
+        quantize_triton(x, "e2m1", rounding="stochastic", seed=-1)
+    with pytest.raises(ValueError, match="block_size"):
+        quantize_triton(x, "e2m1", block_size=0)
+    with pytest.raises(ValueError, match="axis"):
+        quantize_triton(x, "e2m1", block_size=16, axis=2)
+    with pytest.raises(ValueError, match="float32, bfloat16 or float16"):
+        quantize_triton(x.double(), "e2m1")
+    with pytest.raises(ValueError, match="at most 16 bits"):
+        pack_triton(x, "fp32")
+    with pytest.raises(ValueError, match="odd"):
+        pack_triton(torch.randn(4, 7), "e2m1", block_size="channel")
+    with pytest.raises(ValueError, match="path"):
+        gemm_fp4(pack(x, "e2m1", block_size=32), pack(x, "e2m1", block_size=32), path="tf32")
+
+
+def test_capability_checks_are_cached_pairs():
+    for check in (triton_available, fp8_tensor_cores_available, dot_scaled_available):
+        ok, reason = check()
+        assert isinstance(ok, bool) and isinstance(reason, str) and reason
+        assert check() is check()  # cached: the same tuple object
+    if INTERPRETING:
+        assert not fp8_tensor_cores_available()[0] and "sm_89" in fp8_tensor_cores_available()[1]
+        assert not dot_scaled_available()[0] and "sm_100" in dot_scaled_available()[1]
+
+
+@pytest.mark.skipif(OK, reason="the kernels can run here")
+def test_wrappers_raise_the_capability_reason():
+    with pytest.raises(RuntimeError, match="cannot run"):
+        quantize_triton(torch.randn(4, 32), "e2m1", block_size=16)
+    with pytest.raises(RuntimeError, match="cannot run"):
+        gemm_fp4(pack(torch.randn(4, 32), "e2m1", block_size=32), pack(torch.randn(4, 32), "e2m1", block_size=32))
+
+
+@pytest.mark.skipif(IN_CHILD, reason="checked once, in the parent process")
+def test_package_imports_without_triton():
+    code = (
+        "import sys; sys.modules['triton'] = None; sys.modules['triton.language'] = None\n"
+        "import torch, lightning_fpq.kernels as k\n"
+        "ok, reason = k.triton_available(); assert not ok and 'not installed' in reason, reason\n"
+        "try:\n    k.quantize_triton(torch.randn(2, 16), 'e2m1')\n"
+        "except RuntimeError as e:\n    assert 'not installed' in str(e)\n"
+        "else:\n    raise SystemExit('no error')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+# ============================================================================ GPU only
+@pytest.mark.gpu
+@pytest.mark.skipif(not fp8_tensor_cores_available()[0], reason=fp8_tensor_cores_available()[1])
+def test_gpu_fp8_tensor_cores_exact_at_llm_block_sizes():
+    for block_size in (32, 128):
+        a = random_e2m1_operand(256, 1024 if block_size == 128 else 128, block_size, seed=7)
+        b = random_e2m1_operand(192, 1024 if block_size == 128 else 128, block_size, seed=8)
+        out = gemm_fp4(_to(a, "cuda"), _to(b, "cuda"), path="fp8")
+        # K up to 1024: partial sums below 2**20 in multiples of 2**-6 can exceed 24 bits
+        # only across scale blocks; compare with the bf16 tensor-core path instead.
+        assert_same(out, gemm_fp4(_to(a, "cuda"), _to(b, "cuda"), path="bf16"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not dot_scaled_available()[0], reason=dot_scaled_available()[1])
+def test_gpu_dot_scaled_exact():
+    a = random_e2m1_operand(GEMM_M, GEMM_K, 32, seed=9)
+    b = random_e2m1_operand(GEMM_N, GEMM_K, 32, seed=10)
+    assert_same(gemm_fp4(_to(a, "cuda"), _to(b, "cuda"), path="dot_scaled"), (_rows(a) @ _rows(b).T).float())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not (OK and torch.cuda.is_available() and not INTERPRETING),
+    reason="torch.compile traces user Triton kernels only when they are compiled for a CUDA device "
+    "(not under TRITON_INTERPRET=1); " + (REASON if not OK else "interpreting"),
+)
+def test_gpu_torch_compile_traces_the_ops():
+    x = edge_tensor((64, 128), seed=1).cuda()
+
+    def fn(t):
+        q = quantize_triton(t, "e2m1", block_size=32)
+        p = pack_triton(t.nan_to_num(0.0, 0.0, 0.0), "e2m1", block_size=32, scale_format="e8m0")
+        return q, gemm_fp4(p, p)
+
+    eager = fn(x)
+    compiled = torch.compile(fn, fullgraph=True)(x)
+    assert_same(compiled[0], eager[0])
+    assert_same(compiled[1], eager[1])
