@@ -259,3 +259,20 @@ def test_law_point_takes_the_most_binding_operand():
     point = law_point(mixed, law, 10**8)
     assert (point.fmt.name, point.block_size, point.operand) == ("e2m1", 32, "P6")
     assert critical_tokens(QuantRecipe.from_name("bf16"), law, 10**8)[0] == math.inf
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_switch_at_the_same_step_with_equal_token_counts(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parent / "callback_scripts" / "ddp_progressive.py"
+    result = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["tokens_seen"] == ranks[1]["tokens_seen"] == 12 * 2 * TOKENS_PER_STEP  # summed over ranks
+    assert ranks[0]["history"] == ranks[1]["history"]
+    assert [h["step"] for h in ranks[0]["history"]] == [5, 9]
+    assert ranks[0]["final_recipe"] == ranks[1]["final_recipe"] and ranks[0]["final_recipe"].startswith("bf16")
