@@ -498,7 +498,6 @@ def pack_triton(
     fmt, block, axis, round_mode, noise, seed = _prepare(x, fmt, block_size, axis, scale_format, rounding, generator, noise, seed)
     if fmt.bits > 16:
         raise ValueError(f"pack_triton stores codes of at most 16 bits; {fmt.name} has {fmt.bits}: use lightning_fpq.quantize.pack")
-    _check_launchable(x)
     shape = tuple(x.shape) or (1,)
     code_axis = len(shape) - 1 if block == _BLOCK_NONE else axis  # "tensor" codes follow the moved axis, as in pack
     length = shape[code_axis]
@@ -511,6 +510,7 @@ def pack_triton(
         )
     if x.numel() == 0:
         raise ValueError("pack_triton needs a non-empty tensor")
+    _check_launchable(x)
     codes, scales = torch.ops.lightning_fpq.block_pack(
         x, noise, fmt.ebits, fmt.mbits, fmt.special, block, axis, scale_format, round_mode, seed, saturate
     )
