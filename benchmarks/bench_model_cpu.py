@@ -13,6 +13,7 @@ Loss is mean nats per byte; ln(256) = 5.55 is a uniform guess.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import time
 
@@ -45,6 +46,7 @@ def bench_loop(cfg: GPTConfig, args: argparse.Namespace) -> None:
     for step, (x, y) in enumerate(dm.train_dataloader(), start=1):
         if step == args.skip + 1:
             t_start, tokens = time.perf_counter(), 0  # the first steps warm up allocators
+            cpu_start = time.process_time()
         t_step = time.perf_counter()
         loss = lm_loss(model(x), y)
         optimizer.zero_grad(set_to_none=True)
@@ -61,6 +63,7 @@ def bench_loop(cfg: GPTConfig, args: argparse.Namespace) -> None:
                   f"  {len(window) / dt:6.2f} steps/s")
             window, t_window = [], time.perf_counter()
     elapsed = time.perf_counter() - t_start
+    cpu = time.process_time() - cpu_start
     timed = args.steps - args.skip
     # The median step is robust to other processes sharing the CPU; the mean is the wall clock.
     median = sorted(step_times)[len(step_times) // 2]
@@ -68,6 +71,10 @@ def bench_loop(cfg: GPTConfig, args: argparse.Namespace) -> None:
     print(f"  => mean {timed / elapsed:.2f} steps/s, {tokens / elapsed:,.0f} tokens/s; "
           f"median step {median * 1e3:.1f} ms = {1 / median:.2f} steps/s, {tpb / median:,.0f} tokens/s "
           f"({args.batch_size} x {cfg.block_size} tokens a step, steps {args.skip + 1}..{args.steps})")
+    # CPU seconds per step: with one thread, the wall time the step would take on an idle
+    # core, whatever else runs on the machine (with more threads it sums them).
+    print(f"  => CPU time {cpu / timed * 1e3:.1f} ms a step over {torch.get_num_threads()} thread(s)"
+          + (f" = {timed / cpu:.2f} steps/s on an idle core" if torch.get_num_threads() == 1 else ""))
     model.eval()
     with torch.no_grad():
         val = [lm_loss(model(x), y).item() for x, y in dm.val_dataloader()]
@@ -80,15 +87,14 @@ def bench_trainer(cfg: GPTConfig, args: argparse.Namespace) -> None:
 
     class _Timer(Callback):
         def __init__(self) -> None:
-            self.t0: float | None = None
-            self.t1 = 0.0
+            self.t0 = self.t1 = self.cpu0 = self.cpu1 = 0.0
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
             if batch_idx == args.skip:
-                self.t0 = time.perf_counter()
+                self.t0, self.cpu0 = time.perf_counter(), time.process_time()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-            self.t1 = time.perf_counter()
+            self.t1, self.cpu1 = time.perf_counter(), time.process_time()
             step = batch_idx + 1
             if step % args.every == 0 or step == 1:
                 print(f"  step {step:5d}  loss {outputs['loss'].item():.3f}")
@@ -108,6 +114,8 @@ def bench_trainer(cfg: GPTConfig, args: argparse.Namespace) -> None:
     rate = timed / (timer.t1 - timer.t0)
     print(f"  => {rate:.2f} steps/s, {rate * args.batch_size * cfg.block_size:,.0f} tokens/s in the loop; "
           f"fit() took {total:.1f} s in all")
+    cpu = (timer.cpu1 - timer.cpu0) / timed
+    print(f"  => CPU time {cpu * 1e3:.1f} ms a step over {torch.get_num_threads()} thread(s)")
 
 
 def main() -> None:
@@ -132,7 +140,7 @@ def main() -> None:
     for name in args.configs:
         cfg = GPTConfig.from_name(name)
         if args.block_size is not None:
-            cfg = GPTConfig(**{**cfg.__dict__, "block_size": args.block_size})
+            cfg = dataclasses.replace(cfg, block_size=args.block_size)
         print(f"{name}: {cfg.short_str()}, batch {args.batch_size} x {cfg.block_size}, lr {args.lr}")
         (bench_trainer if args.trainer else bench_loop)(cfg, args)
 

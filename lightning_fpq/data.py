@@ -124,8 +124,8 @@ def _read_corpus(max_bytes: int | None) -> tuple[bytes, CorpusInfo]:
             files.append((rel, len(data)))
             total += len(data)
     if not files:
-        raise ValueError(
-            f"no Python source files found under the stdlib directory {str(root)!r}; "
+        raise FileNotFoundError(
+            f"none of the corpus's source files are under the stdlib directory {str(root)!r}; "
             "this Python install ships without .py sources, so the demo corpus is unavailable"
         )
     version = ".".join(map(str, sys.version_info[:3]))

@@ -25,8 +25,11 @@ def test_corpus_is_stdlib_source_of_the_requested_size():
     info = corpus_info()
     assert corpus.dtype == torch.uint8 and corpus.dim() == 1
     assert corpus.numel() == info.total_bytes == DEFAULT_MAX_BYTES
-    # The fixed list comes first, in its order; this Python has all of its first files.
-    assert [f for f, _ in info.files] == list(STDLIB_FILES[: len(info.files)])
+    # The fixed list comes first, in its order (a trimmed install may lack some of its files
+    # and fill up with others after them).
+    names = [f for f, _ in info.files]
+    listed = [f for f in STDLIB_FILES if f in names]
+    assert names[: len(listed)] == listed and len(listed) > 10
     text = bytes(corpus[:20_000].tolist()).decode("utf-8")
     assert "def " in text and "class " in text
     assert VOCAB_SIZE == 256

@@ -184,3 +184,10 @@ def test_lightning_cli_parses_the_init_arguments(monkeypatch):
     )
     assert cli.model.config == GPT_CONFIGS["tiny"] and cli.model.hparams.lr == 0.001
     assert cli.datamodule.block_size == 64
+    # A config can also be spelled out field by field (a dict on the command line or in YAML).
+    cli = LightningCLI(
+        GPTLightning, ByteCorpusDataModule, run=False,
+        args=['--model.config={"n_layer": 1, "n_embd": 32, "n_head": 2}', "--trainer.accelerator=cpu",
+              "--trainer.logger=false"],
+    )
+    assert cli.model.config == GPTConfig(n_layer=1, n_embd=32, n_head=2)
