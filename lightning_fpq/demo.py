@@ -43,10 +43,13 @@ class DemoConfig:
     max_bytes: int = 2_000_000  # corpus size
     seed: int = 0
     accelerator: str = "auto"
+    threads: int = 0  # torch CPU threads; 0 keeps torch's default (use 1 on a busy machine)
     out: str = "runs/demo"
     progress_bar: bool = True
 
     def validate(self) -> "DemoConfig":
+        if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 0:
+            raise ValueError(f"demo threads={self.threads!r} is not valid: expected 0 (torch's default) or a positive int")
         for name in ("steps", "batch_size", "block_size", "val_every", "val_samples"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -157,6 +160,10 @@ def read_metrics(path: Path) -> list[dict[str, float]]:
 
 def run_demo(cfg: DemoConfig) -> list[RunResult]:
     os.makedirs(cfg.out, exist_ok=True)
+    if cfg.threads > 0:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
     runs = [("progressive", [as_format(f).name for f in cfg.schedule])]
     if cfg.baseline:
         runs.append(("baseline-bf16", ["bf16"]))
