@@ -1,0 +1,280 @@
+"""``FPQuantPrecision``: the Lightning precision plugin (glue only).
+
+It converts the model's selected ``nn.Linear`` layers to ``QuantLinear`` in place (same
+Parameters, same state_dict keys), owns the :class:`~lightning_fpq.linear.RecipeHolder` that
+every converted layer reads its operand specs from, wraps each step in an autocast for the
+operations that are not quantized, saves the active recipe in checkpoints, and lets callbacks
+switch the recipe at a batch boundary (:meth:`FPQuantPrecision.set_recipe`).
+
+Strategies: single device, DDP and ``ModelParallelStrategy`` (FSDP2 ``fully_shard`` in
+``configure_model``). ``FSDPStrategy`` (FSDP1) accepts only its own ``FSDPPrecision`` plugin and
+refuses this one; its error message then says to use ``ModelParallelStrategy``.
+"""
+
+from __future__ import annotations
+
+import sys
+import weakref
+from contextlib import AbstractContextManager, ExitStack
+from typing import Any, Optional, Union
+
+import torch
+from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch import nn
+from typing_extensions import override
+
+from . import backends
+from .linear import RecipeHolder, convert_linears, quantized_layers
+from .recipe import QuantRecipe
+
+_COMPUTE_DTYPES = {
+    "fp32": torch.float32, "float32": torch.float32, "32": torch.float32, "32-true": torch.float32,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "bf16-mixed": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16, "16": torch.float16, "16-mixed": torch.float16,
+}
+_PRECISION_STR = {torch.float32: "32-true", torch.bfloat16: "bf16-mixed", torch.float16: "16-mixed"}
+_FSDP1_HINT = (
+    "FPQuantPrecision works with FSDP2: use strategy=ModelParallelStrategy() and call "
+    "torch.distributed.fsdp.fully_shard in LightningModule.configure_model; Lightning's FSDPStrategy "
+    "(FSDP1) accepts only its own FSDPPrecision plugin"
+)
+
+
+def _compute_dtype(value: Union[None, str, torch.dtype]) -> torch.dtype:
+    if value is None:
+        return torch.float32
+    if isinstance(value, torch.dtype) and value in _PRECISION_STR:
+        return value
+    if isinstance(value, str) and value.strip().lower() in _COMPUTE_DTYPES:
+        return _COMPUTE_DTYPES[value.strip().lower()]
+    raise ValueError(
+        f"compute_dtype={value!r} is not valid: expected None (fp32), torch.float32/bfloat16/float16 or one of "
+        f"{sorted(_COMPUTE_DTYPES)}"
+    )
+
+
+def _refuse_fsdp1(module: nn.Module) -> None:
+    """A model already wrapped in FSDP1 (``FullyShardedDataParallel``) cannot be converted."""
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:  # pragma: no cover - torch without distributed
+        return
+    if any(isinstance(m, FullyShardedDataParallel) for m in module.modules()):
+        raise TypeError(f"the model is wrapped in FSDP1 (FullyShardedDataParallel): {_FSDP1_HINT}")
+
+
+class FPQuantPrecision(Precision):
+    """Floating-point quantized training of every selected linear layer.
+
+    Example::
+
+        trainer = Trainer(plugins=[FPQuantPrecision(recipe="paper", fmt="e2m1", block_size=128)])
+
+    Args:
+        recipe: a named recipe ("paper", "full", "fp8", "fp4", "nvfp4", "mxfp4", "mxfp8",
+            "bf16"), a :class:`~lightning_fpq.recipe.QuantRecipe`, or the path of a recipe YAML.
+        fmt: shortcut: the recipe's format (any "eXmY" name or ``FPFormat``).
+        block_size: shortcut: the recipe's block size (an int, "channel", "tensor" or "none").
+        compute_dtype: dtype of the GEMMs and of the operations that are not quantized: autocast
+            runs on the device type the model actually lives on. ``None``/"fp32" means no
+            autocast; "bf16" is what the paper's runs used on GPUs. "fp16" runs without a loss
+            scaler (a warning says so): prefer "bf16".
+        backend: "auto" (torchao FP8 GEMMs where the device has them and the recipe allows,
+            emulation elsewhere), "emulated" or "torchao" (see :mod:`lightning_fpq.backends`).
+        seed: base seed of the stochastic-rounding generators (``None``: from
+            ``torch.initial_seed()``, so ``seed_everything`` makes runs reproducible).
+        save_quantized_weight: keep q4(W) from forward for backward (faster) or quantize W
+            again in backward (less memory). ``None``: keep it, except under FSDP2 sharding.
+    """
+
+    def __init__(
+        self,
+        recipe: Union[str, QuantRecipe] = "paper",
+        *,
+        fmt: Optional[str] = None,
+        block_size: Optional[Union[int, str]] = None,
+        compute_dtype: Optional[Union[str, torch.dtype]] = None,
+        backend: str = "auto",
+        seed: Optional[int] = None,
+        save_quantized_weight: Optional[bool] = None,
+    ) -> None:
+        super().__init__()
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise ValueError(f"seed={seed!r} is not valid: expected None or an int")
+        if save_quantized_weight is not None and not isinstance(save_quantized_weight, bool):
+            raise ValueError(f"save_quantized_weight={save_quantized_weight!r} is not valid: expected None, True or False")
+        self.compute_dtype = _compute_dtype(compute_dtype)
+        self.precision = _PRECISION_STR[self.compute_dtype]  # type: ignore[assignment]
+        self._save_quantized_weight = save_quantized_weight
+        self._holder = RecipeHolder(
+            QuantRecipe.coerce(recipe, fmt=fmt, block_size=block_size),
+            backend=backends.check_backend(backend), seed=seed,
+            save_quantized_weight=True if save_quantized_weight is None else save_quantized_weight,
+        )
+        self._device_type: Optional[str] = None
+        self._module_ref: Optional[weakref.ReferenceType] = None
+        if self.compute_dtype == torch.float16:
+            rank_zero_warn("FPQuantPrecision(compute_dtype='fp16') applies no loss scaling: small gradients may underflow; prefer 'bf16'")
+        if self._holder.backend == "torchao":
+            ok, reason = backends.torchao_available()
+            if not ok:
+                rank_zero_warn(f"FPQuantPrecision(backend='torchao'): {reason}; every layer runs emulated with the same recipe")
+
+    # ------------------------------------------------------------------ recipe API
+    @property
+    def recipe(self) -> QuantRecipe:
+        """The active recipe (what callbacks read; replace it with :meth:`set_recipe`)."""
+        return self._holder.recipe
+
+    @property
+    def active_recipe(self) -> QuantRecipe:
+        return self._holder.recipe
+
+    @property
+    def holder(self) -> RecipeHolder:
+        """The object every converted layer reads its spec from."""
+        return self._holder
+
+    @property
+    def backend(self) -> str:
+        return self._holder.backend
+
+    def set_recipe(
+        self,
+        recipe: Union[str, QuantRecipe],
+        *,
+        fmt: Optional[str] = None,
+        block_size: Optional[Union[int, str]] = None,
+    ) -> QuantRecipe:
+        """Switch precision: every layer uses ``recipe`` from its next call on.
+
+        Call it at a batch boundary (a callback's ``on_train_batch_start``/``end``) on every
+        rank. No module is rebuilt and no Parameter replaced; layers the new recipe includes
+        that were not converted yet are converted in place.
+        """
+        new = self._holder.set_recipe(QuantRecipe.coerce(recipe, fmt=fmt, block_size=block_size))
+        module = self._module_ref() if self._module_ref is not None else None
+        if module is not None:
+            self._convert(module)
+        rank_zero_info(f"FPQuantPrecision: recipe is now {new.short_str()}")
+        return new
+
+    def describe(self) -> str:
+        """The active recipe's table for the converted model (layer, shape, each operand)."""
+        module = self._module_ref() if self._module_ref is not None else None
+        if module is None:
+            return self.recipe.short_str()
+        return self.recipe.describe(module)
+
+    # ---------------------------------------------------------------- Lightning hooks
+    @override
+    def convert_module(self, module: nn.Module) -> nn.Module:
+        """Convert the included ``nn.Linear`` layers in place (Lightning calls this once, in
+        ``Strategy.setup``, after ``configure_model`` and after weights are restored)."""
+        _refuse_fsdp1(module)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            self._holder.rank = torch.distributed.get_rank()
+        if self._save_quantized_weight is None:
+            # FSDP2 shards parameters as DTensors: a saved q4(W) would be a full unsharded copy
+            sharded = any(type(p).__name__ == "DTensor" for p in module.parameters())
+            self._holder.save_quantized_weight = not sharded
+        self._module_ref = weakref.ref(module)
+        self._convert(module)
+        return module
+
+    def _convert(self, module: nn.Module) -> None:
+        converted, skipped = convert_linears(module, self._holder)
+        for name in skipped:
+            rank_zero_warn(f"FPQuantPrecision: layer {name!r} is an nn.Linear subclass and stays unquantized")
+        if not converted:
+            rank_zero_warn(f"FPQuantPrecision: no nn.Linear layer matches the recipe's include/exclude patterns ({self.recipe.short_str()})")
+        self._warn_fallbacks(module)
+
+    def _warn_fallbacks(self, module: nn.Module) -> None:
+        if self._holder.backend == "emulated":
+            return
+        device = self._device(module)
+        reasons: dict[str, list[str]] = {}
+        for name, _ in quantized_layers(module):
+            spec = self._holder.layer_spec(name)
+            if spec is None or spec.is_identity:
+                continue
+            backend, reason = backends.choose(self._holder.backend, spec, device)
+            if backend != self._holder.backend and self._holder.backend == "torchao":
+                reasons.setdefault(reason, []).append(name)
+        for reason, names in reasons.items():
+            rank_zero_warn(
+                f"FPQuantPrecision(backend='torchao'): {len(names)} layer(s) run emulated with the same recipe "
+                f"({reason}): {', '.join(names[:8])}{' ...' if len(names) > 8 else ''}"
+            )
+
+    @staticmethod
+    def _device(module: nn.Module) -> torch.device:
+        for p in module.parameters():
+            return p.device
+        return torch.device("cpu")
+
+    @override
+    def connect(self, model: nn.Module, optimizers: list, lr_schedulers: list) -> tuple:
+        # called after the model moved to its device: the autocast device type comes from here
+        self._device_type = self._device(model).type
+        return super().connect(model, optimizers, lr_schedulers)
+
+    @override
+    def forward_context(self) -> AbstractContextManager:
+        """Autocast to ``compute_dtype`` on the model's device type (nothing for fp32)."""
+        stack = ExitStack()
+        if self.compute_dtype != torch.float32:
+            device_type = self._device_type
+            if device_type is None:
+                module = self._module_ref() if self._module_ref is not None else None
+                device_type = self._device(module).type if module is not None else "cpu"
+            stack.enter_context(torch.autocast(device_type=device_type, dtype=self.compute_dtype))
+        return stack
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "recipe": self.recipe.to_dict(),
+            "version": self._holder.version,
+            "backend": self._holder.backend,
+            "seed": self._holder.seed,
+            "rng": self._holder.rng_state(),
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the active recipe (and the stochastic-rounding generators) of a checkpoint."""
+        if "recipe" not in state_dict:
+            rank_zero_warn("FPQuantPrecision: the checkpoint holds no recipe; keeping the plugin's own")
+            return
+        recipe = QuantRecipe.from_dict(state_dict["recipe"])
+        if recipe != self.recipe:
+            self.set_recipe(recipe)
+        self._holder.version = int(state_dict.get("version", self._holder.version))
+        if state_dict.get("seed") is not None:
+            self._holder.seed = state_dict["seed"]
+        self._holder.load_rng_state(state_dict.get("rng", {}))
+
+    # ----------------------------------------------------------------------- text
+    def __repr__(self) -> str:
+        return (f"FPQuantPrecision(recipe={self.recipe.short_str()!r}, compute_dtype={str(self.compute_dtype).replace('torch.', '')}, "
+                f"backend={self._holder.backend!r})")
+
+    def __str__(self) -> str:
+        # Lightning's FSDPStrategy (FSDP1) refuses this plugin with
+        # f"... can only work with the `FSDPPrecision` plugin, found {plugin}": say there how to fix it.
+        caller = sys._getframe(1).f_globals.get("__name__", "")
+        if caller.endswith("strategies.fsdp"):
+            return f"{self!r}. {_FSDP1_HINT}"
+        return repr(self)
+
+    def __format__(self, spec: str) -> str:
+        caller = sys._getframe(1).f_globals.get("__name__", "")
+        if caller.endswith("strategies.fsdp"):
+            return f"{self!r}. {_FSDP1_HINT}"
+        return format(repr(self), spec)
+
+
+__all__ = ["FPQuantPrecision"]
