@@ -10,6 +10,8 @@ Nothing here is an op. The helpers avoid two things on purpose:
   by powers of two is exact, the round-to-nearest-even uses the ``(t + 2**23) - 2**23``
   trick on a value already scaled to integer units, and the stochastic rounding decides
   ``floor(t + u)`` with an exact two-sum, so it equals the reference's float64 result.
+  FMA contraction (Triton's default "FP fusion") cannot change a result either: every
+  product that feeds an addition is a multiplication by a power of two, hence exact.
 
 triton is imported lazily-safe: without it this module still imports (``jit`` is then the
 identity and no kernel is ever launched; the wrappers check ``triton_available()`` first).

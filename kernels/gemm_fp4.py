@@ -122,6 +122,11 @@ def _gemm_fp4_kernel(
                 b_vals = _e2m1_tile(b, DOT_MODE, DOT_IN_FP32)
                 if DOT_MODE == 0 or DOT_IN_FP32:
                     part = tl.dot(a_vals, tl.trans(b_vals), part, input_precision="ieee")
+                elif DOT_MODE == 2:
+                    # Hopper's FP8 MMA accumulates with reduced precision unless promoted; a
+                    # promotion every 32 products keeps each imprecise partial sum (at most
+                    # 32 * 36 in units of 0.25: 13 bits) exact.
+                    part = tl.dot(a_vals, tl.trans(b_vals), part, max_num_imprecise_acc=32)
                 else:
                     part = tl.dot(a_vals, tl.trans(b_vals), part)
             sa = tl.load(as_ptr + rm * sasm + sblk * sask, mask=m_mask, other=1.0)

@@ -267,12 +267,13 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-def _tiles(block_len: int, n_blocks: int, n_vec: int) -> tuple[int, int, int, int]:
+def _tiles(block_len: int, n_blocks: int, n_vec: int, vectors_contiguous: bool) -> tuple[int, int, int, int]:
     """(BLOCK_V, NB, BLOCK_K, N_CHUNKS): slices x blocks x elements a program holds.
 
-    Compiled: about 4096 elements a program, at least 256 consecutive ones along the axis
-    when blocks are short (NB blocks side by side). Interpreted: as few programs as
-    possible (each one costs milliseconds of Python), up to 16384 elements."""
+    Compiled: about 4096 elements a program. Blocks along rows (elements contiguous) put
+    NB short blocks side by side, so that a program reads at least 256 consecutive elements
+    of each row; blocks along columns (slices contiguous) take at least 64 slices instead.
+    Interpreted: as few programs as possible (each costs milliseconds of Python)."""
     interp = capability._interpret_requested()
     max_k = 4096 if interp else 1024
     target = 16384 if interp else 4096
@@ -280,7 +281,12 @@ def _tiles(block_len: int, n_blocks: int, n_vec: int) -> tuple[int, int, int, in
     n_chunks = -(-block_len // block_k)
     nb = 1
     if n_chunks == 1:
-        want = _next_pow2(n_blocks) if interp else max(1, 256 // block_k)
+        if interp:
+            want = _next_pow2(n_blocks)
+        elif vectors_contiguous:
+            want = max(1, target // (64 * block_k))
+        else:
+            want = max(1, 256 // block_k)
         nb = max(1, min(want, _next_pow2(n_blocks), target // block_k))
     block_v = max(1, min(_next_pow2(n_vec), target // (nb * block_k)))
     return block_v, nb, block_k, n_chunks
@@ -367,7 +373,7 @@ def _run(
         n3, sn = x3, (0, 0, 0)
     p = fmt.mbits - fmt.emin  # q / min_subnormal = q * 2**p, as two fp32 factors
     p1 = min(p, 127)
-    block_v, nb, block_k, n_chunks = _tiles(block_len, n_blocks, n_vec)
+    block_v, nb, block_k, n_chunks = _tiles(block_len, n_blocks, n_vec, inner > 1 and x3.stride(2) == 1)
     grid = (triton.cdiv(n_vec, block_v) * triton.cdiv(n_blocks, nb),)
     torch.library.wrap_triton(_block_quantize_kernel)[grid](
         x3.view(torch.int16) if in_kind == 1 else x3, n3, tamax if tamax is not None else scales,
