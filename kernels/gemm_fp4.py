@@ -287,6 +287,8 @@ def gemm_fp4(
             raise ValueError("gemm_fp4: path='fp8' needs blocks of at least 32 elements (the FP8 MMA's K)")
         if not interp:
             capability.require(capability.fp8_tensor_cores_available(), "gemm_fp4 path='fp8'")
+    if m == 0 or n == 0 or ka == 0:
+        return torch.zeros((m, n), dtype=out_dtype, device=a_codes.device)
     if path == "dot_scaled":
         a_scales, b_scales = _e8m0_bytes(a_scales), _e8m0_bytes(b_scales)
     else:

@@ -53,10 +53,7 @@ INTERPRETING = OK and not torch.cuda.is_available() or (OK and os.environ.get("T
 RERUN_IN_FRESH_PROCESS = (
     not OK and not IN_CHILD and not torch.cuda.is_available() and "not installed" not in REASON
 )
-_RERUN_REASON = (
-    "run by test_kernel_suite_in_fresh_interpreter_process in a fresh process "
-    f"(here: {REASON})"
-)
+_RERUN_REASON = "runs in a fresh TRITON_INTERPRET=1 process (test_kernel_suite_in_fresh_interpreter_process)"
 
 pytestmark = pytest.mark.filterwarnings(
     # The interpreter runs kernels with numpy: an fp32 division that overflows to inf on
