@@ -26,6 +26,7 @@ This module knows formats, recipes and backends, and nothing of Lightning.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 import zlib
@@ -276,6 +277,27 @@ def quantize_pair(
 
 
 # ------------------------------------------------------------------ autograd fn
+def _forward(x2d, weight, bias, spec: LayerSpec, cd: torch.dtype, generator, *, need_xq6: bool, need_wq4: bool):
+    """The forward GEMM ``q1(X) @ q2(W).T + b`` (plus OCC's compensation), and, from the same
+    reads of X and W, the operands the backward GEMMs will need: q6(X) and q4(W)."""
+    if spec.occ:
+        tau = occ_threshold(x2d, spec.occ_quantile)
+        x_clamped = torch.clamp(x2d, -tau, tau)
+        xq1 = _q(x_clamped, spec.p1, -1, generator).to(cd)
+        xq6 = _q(x2d, spec.p6, 0, generator) if need_xq6 else None
+        residual = (x2d - x_clamped).to(cd)  # sparse: the outliers beyond the quantile
+    else:
+        xq1, xq6 = quantize_pair(x2d, spec.p1, spec.p6, generator, need_second=need_xq6)
+        xq1 = xq1.to(cd)
+        residual = None
+    # W does not change between forward and backward: q4(W) comes from this same read of W
+    wq2, wq4 = quantize_pair(weight, spec.p2, spec.p4, generator, need_second=need_wq4)
+    y = F.linear(xq1, wq2.to(cd), bias.to(cd) if bias is not None else None)  # (N, out)
+    if residual is not None:
+        y = y + F.linear(residual, weight.to(cd))  # OCC compensation in the compute dtype
+    return y, xq6, wq4
+
+
 class _QuantLinearFn(torch.autograd.Function):
     """Y = q1(X) @ q2(W).T + b, with q3..q6 in the backward GEMMs (see the module docstring)."""
 
@@ -283,30 +305,10 @@ class _QuantLinearFn(torch.autograd.Function):
     def forward(ctx, x, weight, bias, spec: LayerSpec, compute_dtype: torch.dtype,
                 generator: Optional[torch.Generator], save_quantized_weight: bool):
         x2d = x.reshape(-1, x.shape[-1])  # (N, in)
-        need_dx = ctx.needs_input_grad[0]
-        need_dw = ctx.needs_input_grad[1]
+        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         cd = compute_dtype
-
-        # P1 (and P6 from the same read of X)
-        if spec.occ:
-            tau = occ_threshold(x2d, spec.occ_quantile)
-            x_clamped = torch.clamp(x2d, -tau, tau)
-            xq1 = _q(x_clamped, spec.p1, -1, generator).to(cd)
-            xq6 = _q(x2d, spec.p6, 0, generator) if need_dw else None
-            residual = (x2d - x_clamped).to(cd)  # sparse: the outliers beyond the quantile
-        else:
-            xq1, xq6 = quantize_pair(x2d, spec.p1, spec.p6, generator, need_second=need_dw)
-            xq1 = xq1.to(cd)
-            residual = None
-        # P2 (and P4 from the same read of W: it does not change between forward and backward)
         keep_wq4 = need_dx and save_quantized_weight
-        wq2, wq4 = quantize_pair(weight, spec.p2, spec.p4, generator, need_second=keep_wq4)
-        wq2 = wq2.to(cd)
-
-        b = bias.to(cd) if bias is not None else None
-        y = F.linear(xq1, wq2, b)  # (N, out)
-        if residual is not None:
-            y = y + F.linear(residual, weight.to(cd))  # OCC compensation in the compute dtype
+        y, xq6, wq4 = _forward(x2d, weight, bias, spec, cd, generator, need_xq6=need_dw, need_wq4=keep_wq4)
 
         ctx.spec, ctx.cd, ctx.generator = spec, cd, generator
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
@@ -370,10 +372,14 @@ def quant_linear(
     compute_dtype = torch.get_autocast_dtype(device_type) if autocast_on else x.dtype
     if backend == "torchao":
         return backends.torchao_float8_linear(x, weight, bias, spec, compute_dtype, autocast_on)
-    if autocast_on:
-        with torch.autocast(device_type, enabled=False):
-            return _QuantLinearFn.apply(x, weight, bias, spec, compute_dtype, generator, save_quantized_weight)
-    return _QuantLinearFn.apply(x, weight, bias, spec, compute_dtype, generator, save_quantized_weight)
+    with torch.autocast(device_type, enabled=False) if autocast_on else contextlib.nullcontext():
+        if not torch.is_grad_enabled():
+            # validation / inference: only the forward GEMM (autograd.Function would still see
+            # needs_input_grad=True for the weight and prepare q4(W), q6(X) for nothing)
+            x2d = x.reshape(-1, x.shape[-1])  # (N, in)
+            y, _, _ = _forward(x2d, weight, bias, spec, compute_dtype, generator, need_xq6=False, need_wq4=False)
+            return y.reshape(*x.shape[:-1], y.shape[-1])
+        return _QuantLinearFn.apply(x, weight, bias, spec, compute_dtype, generator, save_quantized_weight)
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:

@@ -382,3 +382,14 @@ def test_torch_compile_matches_eager():
     # a recipe switch is seen by the compiled module
     layer._fpq_holder.set_recipe("bf16")
     torch.testing.assert_close(compiled(x), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+
+
+def test_no_grad_forward_equals_the_training_forward():
+    recipe = QuantRecipe.from_name("fp4")
+    x, w, b, dy = data()
+    train = run_layer(recipe, x, w, b, dy)[0]
+    layer = QuantLinear(96, 80, recipe=recipe, name="blocks.0.fc")
+    with torch.no_grad():
+        layer.weight.copy_(w)
+        layer.bias.copy_(b)
+        assert torch.equal(layer(x), train)
