@@ -265,3 +265,18 @@ def test_bad_yaml_names_the_key_or_value(text, needle):
 def test_unknown_key_error_lists_valid_keys():
     with pytest.raises(ValueError, match=r"valid keys in a recipe are \['name', 'fmt', 'block_size', 'operands'"):
         QuantRecipe.from_yaml("formt: e4m3\n")
+
+
+def test_example_recipe_yamls_load():
+    from pathlib import Path
+
+    configs = Path(__file__).resolve().parents[1] / "examples" / "configs"
+    paper = QuantRecipe.from_yaml(configs / "recipe_paper_e2m1.yaml")
+    assert paper == QuantRecipe.from_name("paper", fmt="e2m1", rules=[
+        LayerRule("*.blocks.0.*", fmt="e4m3"), LayerRule("*.blocks.3.*", fmt="e4m3")])
+    assert paper.layer_spec("model.blocks.3.mlp.fc").p2 == OperandSpec("e4m3", 128)
+    nv = QuantRecipe.from_yaml(configs / "recipe_nvfp4.yaml")
+    assert nv.layer_spec("model.blocks.3.attn.qkv").is_identity and nv.layer_spec("model.blocks.2.attn.qkv").p3.rounding == "stochastic"
+    custom = QuantRecipe.from_yaml(configs / "recipe_custom.yaml")
+    assert custom.name == "custom" and custom.p3 is None and custom.p5 == OperandSpec("e5m2", "tensor")
+    assert custom.layer_spec("model.blocks.0.attn.qkv") is None and custom.layer_spec("model.blocks.0.mlp.fc") is not None
