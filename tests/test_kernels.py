@@ -37,6 +37,7 @@ from lightning_fpq.kernels import (
     dot_scaled_available,
     fp8_tensor_cores_available,
     gemm_fp4,
+    interpreting,
     kernel_device,
     pack_triton,
     quantize_triton,
@@ -47,7 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 _CHILD_ENV = "LIGHTNING_FPQ_KERNEL_TESTS_CHILD"
 IN_CHILD = os.environ.get(_CHILD_ENV) == "1"
 OK, REASON = triton_available()
-INTERPRETING = OK and not torch.cuda.is_available() or (OK and os.environ.get("TRITON_INTERPRET") == "1")
+INTERPRETING = interpreting()
 # On a CPU with triton installed but not importable as the interpreter in this process:
 # run this file again in a fresh process where TRITON_INTERPRET=1 precedes triton's import.
 RERUN_IN_FRESH_PROCESS = (
