@@ -57,6 +57,13 @@ def check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
     return value
 
 
+def usable_max(fmt: FPFormat) -> float:
+    """The largest grid value the fp32 computation can hold: ``fmt.max``, except for E8
+    formats in ``finite``/``fn`` mode whose top binade (2**128) lies beyond fp32; for those,
+    the largest value of the binade below, (2 - 2**-M) * 2**127."""
+    return fmt.max if fmt.max <= _FP32_MAX else math.ldexp(2.0 - 2.0**-fmt.mbits, 127)
+
+
 # ------------------------------------------------------------------- element rounding
 def round_to_format(
     y: torch.Tensor,
@@ -84,9 +91,10 @@ def round_to_format(
     else:
         units = torch.floor(a / step + noise.to(torch.float64))
     q = units * step
-    overflow = q > fmt.max  # inf included; NaN compares False and stays NaN
+    limit = usable_max(fmt)
+    overflow = q > limit  # inf included; NaN compares False and stays NaN
     if saturate or not fmt.has_nan:
-        q = torch.where(overflow, torch.full_like(q, fmt.max), q)
+        q = torch.where(overflow, torch.full_like(q, limit), q)
     elif fmt.has_inf:
         q = torch.where(overflow, torch.full_like(q, math.inf), q)
     else:  # fn: overflow is NaN
@@ -150,18 +158,20 @@ def block_scales(
     An all-zero block gets ``S = 1`` (it stays zero, no 0/0).
     """
     one = torch.ones_like(amax)
+    target = usable_max(fmt)
     if scale_format == "fp32":
-        scale = torch.where(amax > 0, _scalar_over(fmt.max, amax), one)
+        scale = torch.where(amax > 0, _scalar_over(target, amax), one)
         return scale.clamp(max=_FP32_MAX)  # a subnormal amax must not give an inf scale
     if scale_format == "e8m0":
         _, exp = torch.frexp(amax)
-        shared = torch.clamp(exp - 1 - fmt.emax, E8M0_MIN_EXP, E8M0_MAX_EXP)
+        emax = math.frexp(target)[1] - 1  # fmt.emax, or 127 for formats wider than fp32
+        shared = torch.clamp(exp - 1 - emax, E8M0_MIN_EXP, E8M0_MAX_EXP)
         scale = torch.ldexp(one, -shared.to(torch.float32))
         return torch.where(amax > 0, scale, one)
     # e4m3 two-level scaling
     tensor_amax = tensor_amax if tensor_amax is not None else amax.amax()
-    tensor_scale = torch.where(tensor_amax > 0, tensor_amax / (fmt.max * E4M3.max), torch.ones_like(tensor_amax))
-    decode = round_to_format((amax / fmt.max) / tensor_scale, E4M3) * tensor_scale
+    tensor_scale = torch.where(tensor_amax > 0, tensor_amax / (target * E4M3.max), torch.ones_like(tensor_amax))
+    decode = round_to_format((amax / target) / tensor_scale, E4M3) * tensor_scale
     return torch.where(decode > 0, _scalar_over(1.0, decode), one).clamp(max=_FP32_MAX)
 
 

@@ -241,6 +241,18 @@ def test_block_size_int_channel_and_tensor_agree_with_explicit_loops(name):
     assert torch.equal(qref(x, fmt, block_size=32)[2], torch.zeros(96))
 
 
+@pytest.mark.parametrize("scale_format", ["fp32", "e8m0", "e4m3"])
+def test_formats_wider_than_fp32_scale_to_fp32_max(scale_format):
+    # E8M0 "finite" reaches 2**128 > fp32's max: the block absmax maps onto fp32's max instead.
+    x = torch.randn(4, 32)
+    for name in ("e8m0:finite", "e8m3:fn", "e8m7:finite"):
+        out = qref(x, name, block_size=16, scale_format=scale_format)
+        assert torch.isfinite(out).all(), name
+        assert (out - x).abs().max() <= x.abs().max() * 0.5, name  # at least 1 significant bit kept
+    q = qref(torch.tensor([3e38, -1e39, float("inf")]), "e8m0:finite")
+    assert q.tolist() == [2.0**127, -(2.0**127), 2.0**127]  # saturates at the largest value fp32 holds
+
+
 def test_blocks_are_independent():
     x = torch.randn(4, 128)
     base = qref(x, "e2m1", block_size=32)
