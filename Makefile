@@ -16,6 +16,8 @@ test: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_quantize.py
+	$(PY) benchmarks/bench_step.py
+	$(PY) benchmarks/bench_kernels.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info lightning_logs .pytest_cache
