@@ -125,26 +125,24 @@ def choose(requested: str, spec: LayerSpec, device: torch.device) -> tuple[str, 
     return "emulated", (f"torchao cannot run it: {reason}" if requested == "torchao" else reason)
 
 
-_DECISIONS: dict[tuple[str, LayerSpec, str], str] = {}
+_DECISIONS: dict[tuple[str, LayerSpec, str], tuple[str, str]] = {}
 _WARNED: set[tuple[str, str]] = set()
 
 
-@torch.compiler.disable
-def _decide(requested: str, spec: LayerSpec, device: torch.device, layer: str) -> str:
-    backend, reason = choose(requested, spec, device)
-    if requested == "torchao" and backend != "torchao" and (layer, reason) not in _WARNED:
-        _WARNED.add((layer, reason))
-        warnings.warn(f"layer {layer!r} runs emulated instead of torchao ({reason}); the recipe is unchanged", stacklevel=4)
-    _DECISIONS[(requested, spec, device.type)] = backend
-    return backend
-
-
-def backend_for(requested: str, spec: LayerSpec, device: torch.device, *, layer: str = "") -> str:
-    """``choose`` cached per (requested, spec, device type): one dict lookup per call."""
+def backend_for(requested: str, spec: LayerSpec, device: torch.device, *, layer: str = "", warn: bool = True) -> str:
+    """``choose`` cached per (requested, spec, device type). A forced ``"torchao"`` that falls
+    back warns once per layer and reason (``warn=False`` when the caller has said it already)."""
     if requested == "emulated":
         return "emulated"
-    hit = _DECISIONS.get((requested, spec, device.type))
-    return hit if hit is not None else _decide(requested, spec, device, layer)
+    key = (requested, spec, device.type)
+    hit = _DECISIONS.get(key)
+    if hit is None:
+        hit = _DECISIONS[key] = choose(requested, spec, device)
+    backend, reason = hit
+    if warn and requested == "torchao" and backend != "torchao" and (layer, reason) not in _WARNED:
+        _WARNED.add((layer, reason))
+        warnings.warn(f"layer {layer!r} runs emulated instead of torchao ({reason}); the recipe is unchanged", stacklevel=3)
+    return backend
 
 
 # ----------------------------------------------------------------------- torchao

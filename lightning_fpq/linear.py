@@ -83,6 +83,7 @@ class RecipeHolder:
         self._specs: dict[str, Optional[LayerSpec]] = {}
         self._generators: dict[tuple[str, str], torch.Generator] = {}
         self._backends: dict[tuple[str, str], str] = {}
+        self.warn_fallbacks = True  # the plugin warns itself (on rank zero) and turns this off
         self._recipe = QuantRecipe.coerce(recipe)
         self._resolve()
 
@@ -126,7 +127,8 @@ class RecipeHolder:
     @torch.compiler.disable
     def _choose_backend(self, name: str, device: torch.device) -> str:
         spec = self.layer_spec(name)
-        backend = "emulated" if spec is None else backends.backend_for(self.backend, spec, device, layer=name)
+        backend = "emulated" if spec is None else backends.backend_for(
+            self.backend, spec, device, layer=name, warn=self.warn_fallbacks)
         backends_ = dict(self._backends)
         backends_[(name, device.type)] = backend
         self._backends = backends_

@@ -112,6 +112,7 @@ class FPQuantPrecision(Precision):
             backend=backends.check_backend(backend), seed=seed,
             save_quantized_weight=True if save_quantized_weight is None else save_quantized_weight,
         )
+        self._holder.warn_fallbacks = False  # _warn_fallbacks says it once, on rank zero
         self._device_type: Optional[str] = None
         self._module_ref: Optional[weakref.ReferenceType] = None
         if self.compute_dtype == torch.float16:
