@@ -34,7 +34,7 @@ from .formats import FPFormat, FormatLike, as_format
 BlockSize = Union[None, int, Literal["channel", "tensor"]]
 ROUNDING_MODES = ("nearest", "stochastic")
 SCALE_FORMATS = ("fp32", "e8m0", "e4m3")
-BACKENDS = ("auto", "reference", "compiled")
+BACKENDS = ("auto", "reference", "compiled", "triton")
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _FP32_MAX = torch.finfo(torch.float32).max
 E4M3 = FPFormat.parse("e4m3")  # NVFP4's block-scale format
@@ -204,8 +204,11 @@ def quantize(
             ``generator``).
         saturate: clamp overflow to +-max (the default of every training recipe).
         backend: "auto" picks the fastest implementation that is bit-identical to the
-            reference; "reference" forces this file's code; "compiled" forces the
-            torch.compile'd fast path (``fastquant.py``).
+            reference: the fused Triton kernel for CUDA tensors where Triton runs
+            (``lightning_fpq.kernels``), the torch.compile'd path (``fastquant.py``) on CPU
+            where it is known exact and worthwhile, else the reference. "reference",
+            "compiled" and "triton" force one; a forced one that cannot run raises
+            ``ValueError`` with the reason.
     """
     fmt = as_format(fmt)
     block_size = check_block_size(block_size)
@@ -219,7 +222,11 @@ def quantize(
         raise ValueError(f"block_size={block_size!r} needs a tensor with at least one dimension")
     if x.dim() > 0 and not -x.dim() <= axis < x.dim():
         raise ValueError(f"axis={axis} is out of range for a tensor of {x.dim()} dimensions")
-    if backend != "reference":
+    if backend in ("auto", "triton"):
+        out = _quantize_triton(x, fmt, backend, block_size, axis, scale_format, rounding, generator, saturate)
+        if out is not None:
+            return out
+    if backend in ("auto", "compiled"):
         from . import fastquant  # local import: fastquant imports this module
 
         out = fastquant.quantize_fast(
@@ -232,6 +239,33 @@ def quantize(
         x, fmt, block_size=block_size, axis=axis, scale_format=scale_format,
         rounding=rounding, generator=generator, saturate=saturate,
     )
+
+
+def _quantize_triton(
+    x: torch.Tensor, fmt: FPFormat, backend: str, block_size: BlockSize, axis: int, scale_format: str,
+    rounding: str, generator: Optional[torch.Generator], saturate: bool,
+) -> Optional[torch.Tensor]:
+    """The Triton kernel's result, or None when "auto" should use another path.
+
+    "auto" takes it only for CUDA tensors with compiled kernels (never the interpreter, which
+    is for tests) and formats that fit fp32; "triton" forces it wherever it can launch.
+    """
+    from .kernels import capability  # imports no triton until asked
+
+    ok, reason = capability.triton_available()
+    if backend == "auto" and not (ok and x.is_cuda and not capability.interpreting() and fmt.max <= _FP32_MAX):
+        return None
+    if not ok:
+        raise ValueError(f"backend='triton' cannot run here: {reason}")
+    from .kernels.quantize import quantize_triton
+
+    try:
+        return quantize_triton(
+            x, fmt, block_size=block_size, axis=axis, scale_format=scale_format, rounding=rounding,
+            generator=generator if rounding == "stochastic" else None, saturate=saturate,
+        )
+    except RuntimeError as err:  # the wrapper's launch check: wrong device for this process
+        raise ValueError(f"backend='triton' cannot run here: {err}") from None
 
 
 def _noise(x: torch.Tensor, rounding: str, generator: Optional[torch.Generator]) -> Optional[torch.Tensor]:

@@ -388,6 +388,21 @@ def test_bad_arguments_raise_clear_errors(kwargs, message):
         quantize(torch.randn(4, 8), fmt, **args)
 
 
+def test_forced_triton_backend_without_a_gpu_says_why():
+    from lightning_fpq.kernels.capability import triton_available
+
+    if triton_available()[0]:
+        pytest.skip("Triton can launch in this process")
+    with pytest.raises(ValueError, match="backend='triton' cannot run here: .*(triton|GPU|CUDA)"):
+        quantize(torch.randn(4, 32), "e2m1", block_size=32, backend="triton")
+
+
+def test_auto_backend_on_cpu_equals_the_reference():
+    x = torch.randn(64, 256)
+    for kwargs in (dict(block_size=32), dict(block_size=32, scale_format="e8m0"), dict(block_size="channel", axis=0)):
+        assert_same_bits(quantize(x, "e2m1", **kwargs), qref(x, "e2m1", **kwargs))
+
+
 def test_bad_tensor_types_raise_clear_errors():
     with pytest.raises(ValueError, match="float32, bfloat16 or float16 tensor, got torch.int64"):
         quantize(torch.arange(4), "e2m1")
