@@ -43,9 +43,12 @@ prints the measured figure.
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib
 import logging
+import math
 import threading
+import types
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -65,7 +68,6 @@ MAX_FAST_EBITS = 7  # see the module docstring: E8 formats fall back
 _RECOMPILE_LIMIT = 4
 
 _FP32_MAX = torch.finfo(torch.float32).max
-_TWO_POW_M127 = 2.0**-127  # the one E8M0 scale that is an fp32 subnormal
 # NVFP4's block-scale format, E4M3 (fn): 3 mantissa bits, emin -6, max 448.
 _E4M3_MBITS, _E4M3_EMIN, _E4M3_MAX = 3, -6, 448.0
 
@@ -120,11 +122,13 @@ def compiled_available() -> tuple[bool, str]:
 
 
 # ------------------------------------------------------------------------ the graph
-def _round_fp32(y, mbits, emin, fmax, overflow_value, noise=None):
+def _round_fp32(y, mbits, emin, fmax, overflow_value, neg_overflow_value, noise=None):
     """``round_to_format`` in fp32 (see the module docstring for why it is exact).
 
-    ``mbits``/``emin`` are int32 scalars, ``fmax``/``overflow_value`` float32 scalars (0-d
-    tensors or Python numbers); ``overflow_value`` is max (saturate), inf or NaN.
+    ``mbits``/``emin`` are int32 scalars, the others float32 scalars (0-d tensors or Python
+    numbers); ``overflow_value`` is max (saturate), inf or NaN, ``neg_overflow_value`` its
+    negation. Signs are handled with selects rather than ``copysign``, which inductor's CPU
+    backend calls out of line (Sleef) and which costs a third of the loop.
     """
     bits = y.view(torch.int32)
     e = torch.clamp_max(torch.clamp_min(((bits >> 23) & 0xFF) - 127, emin), 126)
@@ -132,61 +136,100 @@ def _round_fp32(y, mbits, emin, fmax, overflow_value, noise=None):
     step = ((127 - mbits + e) << 23).view(torch.float32)  # 2**(e - M)
     t = y * up
     if noise is None:
-        units = torch.round(t)  # ties to even
+        # Ties to even; keeps the sign of y, -0 and NaN included (x86 propagates the NaN).
+        q = torch.round(t) * step
     else:
-        # The reference's float64 sum, formed from the same two fp32 numbers.
-        units = torch.floor(t.abs().to(torch.float64) + noise.to(torch.float64)).to(torch.float32)
-    q = units * step
-    q = torch.where(q.abs() > fmax, overflow_value, q)  # inf overflows too; NaN stays NaN
-    return torch.copysign(q, y)
+        # The reference's float64 sum, formed from the same two fp32 numbers; then y's sign
+        # (bits < 0: negative, -0 and negative NaN alike, as copysign would).
+        q = torch.floor(t.abs().to(torch.float64) + noise.to(torch.float64)).to(torch.float32) * step
+        q = torch.where(bits < 0, -q, q)
+    # Overflow (inf included) to the signed overflow value; NaN compares False and stays.
+    return torch.where(q > fmax, overflow_value, torch.where(q < -fmax, neg_overflow_value, q))
 
 
-def _e8m0_scale(amax, emax):
-    """``block_scales(..., "e8m0")``: ``2**-clamp(floor(log2 amax) - emax, -127, 127)``."""
-    e = ((amax.view(torch.int32) >> 23) & 0xFF) - 127  # subnormal amax reads -127: clamps the same
-    k = -torch.clamp(e - emax, -127, 127)
-    scale = torch.where(k > -127, ((k + 127) << 23).view(torch.float32), _TWO_POW_M127)
-    return torch.where(amax > 0, scale, 1.0)
+def _finite_abs(x32):
+    """``|x|`` with NaN and inf replaced by 0 (``finite_absmax``'s filter in one compare)."""
+    a = x32.abs()
+    return torch.where(a < float("inf"), a, 0.0)
+
+
+def _e8m0_scales(amax, emax):
+    """``block_scales(..., "e8m0")`` and its exact inverse, on the exponent bits.
+
+    The reference: ``shared = clamp(floor(log2 amax) - emax, -127, 127)``, ``S = 2**-shared``,
+    ``S = 1`` for an all-zero block. With ``E`` the biased exponent of amax (an fp32-subnormal
+    amax has E = 0; its shared exponent is below -127 either way and clamps to -127) and
+    ``r = (E - emax) << 23``, which is ``bits(2**shared)`` whenever shared >= -126:
+
+    - ``bits(2**shared) = max(r, bits(2**-127))``;
+    - ``bits(2**-shared) = max(0x7F000000 - max(r, 0), bits(2**-127))``: ``0x7F000000 -
+      bits(2**k) = bits(2**-k)``; ``r <= 0`` (shared = -127) gives 2**127, and shared = 127
+      (only possible for emax = 0) gives the fp32 subnormal 2**-127.
+    Integer ops only, all within int32: inductor recomputes per-block values once per vector
+    of the element loop, so this is kept short.
+    """
+    amax_bits = amax.view(torch.int32)
+    r = (amax_bits & 0x7F800000) - (emax << 23)
+    inverse = torch.clamp_min(r, 0x00400000).view(torch.float32)
+    scale = torch.clamp_min(0x7F000000 - torch.clamp_min(r, 0), 0x00400000).view(torch.float32)
+    nonzero = amax_bits > 0
+    return torch.where(nonzero, scale, 1.0), torch.where(nonzero, inverse, 1.0)
 
 
 def _e4m3_scale(amax, fmax, fmax_x448):
     """``block_scales(..., "e4m3")``: E4M3 block scales under one fp32 tensor scale."""
     tensor_amax = amax.amax()
     tensor_scale = torch.where(tensor_amax > 0, tensor_amax / fmax_x448, 1.0)
-    decode = _round_fp32((amax / fmax) / tensor_scale, _E4M3_MBITS, _E4M3_EMIN, _E4M3_MAX, _E4M3_MAX)
+    decode = _round_fp32(amax / fmax / tensor_scale, _E4M3_MBITS, _E4M3_EMIN, _E4M3_MAX, _E4M3_MAX, -_E4M3_MAX)
     decode = decode * tensor_scale
     return torch.where(decode > 0, torch.ones_like(decode) / decode, 1.0).clamp(max=_FP32_MAX)
 
 
-def _make_graph(layout: str, scale_format: str, stochastic: bool, out_dtype: torch.dtype) -> Callable:
-    """The function torch.compile traces for one kernel key (a fresh closure per key)."""
+def _make_graph(fmt: FPFormat, layout: str, scale_format: str, stochastic: bool, saturate: bool,
+                out_dtype: torch.dtype) -> Callable:
+    """The function torch.compile traces for one kernel key (a fresh closure per key).
 
-    def graph(x, pf, pi, noise=None):
-        # pf: fp32 [max, overflow value, output clamp, max * 448]; pi: int32 [mbits, emin, emax]
-        fmax, overflow_value, limit, fmax_x448 = pf[0], pf[1], pf[2], pf[3]
-        mbits, emin, emax = pi[0], pi[1], pi[2]
+    Everything but the data is a compile-time constant folded into the C++ loop (runtime
+    scalars cost about a third more time per element in reloads and broadcasts, and change
+    which intermediates inductor keeps in buffers), except a NaN overflow value (an ``fn``
+    format without saturation), whose sign a C++ literal would lose, and the NVFP4 tensor
+    scale divisor: those come in ``pf`` = [overflow value, its negation, float32(max * 448)].
+    """
+    mbits, emin, emax, fmax = fmt.mbits, fmt.emin, fmt.emax, fmt.max
+    runtime_overflow = not saturate and fmt.has_nan and not fmt.has_inf
+    if saturate or not fmt.has_nan:
+        overflow = (fmax, -fmax)
+    elif fmt.has_inf:
+        overflow = (math.inf, -math.inf)
+    # The reference's _to_output clamps to the output dtype's range when saturating. Without
+    # scaling, |q| <= max: the clamp can only act when max exceeds the dtype's range.
+    limit = torch.finfo(out_dtype).max if saturate else None
+    if layout == PLAIN and limit is not None and fmax <= limit:
+        limit = None
+
+    def graph(x, pf, noise=None):
+        ovf, neg_ovf = (pf[0], pf[1]) if runtime_overflow else overflow
         x32 = x.to(torch.float32)
         if layout == PLAIN:
-            out = _round_fp32(x32, mbits, emin, fmax, overflow_value, noise)
+            out = _round_fp32(x32, mbits, emin, fmax, ovf, neg_ovf, noise)
         else:
-            a = x32.abs()
-            a = torch.where(torch.isfinite(a), a, 0.0)
-            if layout == TENSOR:
-                amax = a.amax(dim=0, keepdim=True)
+            amax = _finite_abs(x32).amax(dim=0 if layout == TENSOR else 1, keepdim=True)
+            if scale_format == "e8m0":
+                # S = 2**-shared is a power of two, so q / S == q * 2**shared exactly: one
+                # multiply instead of a division per element.
+                scale, inverse = _e8m0_scales(amax, emax)
+                out = _round_fp32(x32 * scale, mbits, emin, fmax, ovf, neg_ovf, noise) * inverse
             else:
-                amax = a.amax(dim=1, keepdim=True)
-            if scale_format == "fp32":
-                scale = torch.where(amax > 0, fmax / amax, 1.0).clamp(max=_FP32_MAX)
-            elif scale_format == "e8m0":
-                scale = _e8m0_scale(amax, emax)
-            else:
-                scale = _e4m3_scale(amax, fmax, fmax_x448)
-            q = _round_fp32(x32 * scale, mbits, emin, fmax, overflow_value, noise)
-            out = q / scale
-        # The reference's _to_output: clamp to the output dtype's range when saturating
-        # (limit = inf otherwise), then cast. Written as a select because ATen's vectorised
-        # clamp turns NaN into a negative NaN, and the reference's NaN keeps x's sign.
-        out = torch.where(out.abs() > limit, torch.copysign(limit, out), out)
+                if scale_format == "fp32":
+                    # A tensor numerator: ``float / tensor`` would trace as reciprocal * float.
+                    scale = torch.where(amax > 0, torch.full_like(amax, fmax) / amax, 1.0).clamp(max=_FP32_MAX)
+                else:
+                    scale = _e4m3_scale(amax, fmax, pf[2])
+                out = _round_fp32(x32 * scale, mbits, emin, fmax, ovf, neg_ovf, noise) / scale
+        if limit is not None:
+            # Selects rather than clamp: the vectorised clamp turns NaN into a negative NaN,
+            # and the reference's NaN keeps x's sign.
+            out = torch.where(out > limit, limit, torch.where(out < -limit, -limit, out))
         return out.to(out_dtype)
 
     return graph
@@ -195,10 +238,12 @@ def _make_graph(layout: str, scale_format: str, stochastic: bool, out_dtype: tor
 # ------------------------------------------------------------------------ planning
 @dataclass(frozen=True)
 class _KernelKey:
+    fmt: FPFormat
     layout: str
     static_shape: tuple  # per dim: the size when static, None when dynamic
     scale_format: str
     stochastic: bool
+    saturate: bool
     dtype: torch.dtype
 
 
@@ -232,36 +277,43 @@ def _plan(x: torch.Tensor, block_size, axis: int) -> Optional[tuple[str, tuple[i
 
 _kernels: dict[_KernelKey, Callable] = {}
 _failed_keys: dict[_KernelKey, str] = {}
-_params: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+_params: dict[FPFormat, torch.Tensor] = {}
+
+
+def _own_code(fn: Callable, name: str) -> Callable:
+    """``fn`` with a code object of its own, named ``name``.
+
+    Dynamo keeps its caches and its automatic-dynamic decisions per code object (and, for the
+    latter, per (file, line, name) across processes). Closures of one function share a code
+    object, so a second kernel key would see the first key's format constants "change" and
+    recompile them as symbolic values (slower, and wrong in torch 2.13's handling here). A
+    name derived from the key gives every key its own code object, stable across processes.
+    """
+    code = fn.__code__.replace(co_name=name)
+    if hasattr(code, "co_qualname"):
+        code = code.replace(co_qualname=name)
+    return types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
 
 
 def _kernel(key: _KernelKey) -> Callable:
     fn = _kernels.get(key)
     if fn is None:
-        graph = _make_graph(key.layout, key.scale_format, key.stochastic, key.dtype)
-        # isolate_recompiles: every key is a fresh closure of the same code object, and dynamo
-        # caches per code object; isolated, each key keeps its own entries and limit.
-        fn = torch.compile(graph, fullgraph=True, dynamic=None, isolate_recompiles=True,
-                           recompile_limit=_RECOMPILE_LIMIT)
+        graph = _make_graph(key.fmt, key.layout, key.scale_format, key.stochastic, key.saturate, key.dtype)
+        digest = hashlib.sha1(repr(key).encode()).hexdigest()[:16]
+        graph = _own_code(graph, f"fpq_quantize_{key.layout}_{digest}")
+        fn = torch.compile(graph, fullgraph=True, dynamic=None, recompile_limit=_RECOMPILE_LIMIT)
         _kernels[key] = fn
     return fn
 
 
-def _format_params(fmt: FPFormat, saturate: bool, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    key = (fmt.ebits, fmt.mbits, fmt.special, saturate, dtype)
-    params = _params.get(key)
-    if params is None:
-        if saturate or not fmt.has_nan:
-            overflow_value = fmt.max
-        else:
-            overflow_value = float("inf") if fmt.has_inf else float("nan")
-        limit = torch.finfo(dtype).max if saturate else float("inf")
-        # float32(fmt.max * 448): the reference divides by the Python product, which torch
-        # rounds to fp32 the same way.
-        pf = torch.tensor([fmt.max, overflow_value, limit, fmt.max * _E4M3_MAX], dtype=torch.float32)
-        pi = torch.tensor([fmt.mbits, fmt.emin, fmt.emax], dtype=torch.int32)
-        params = _params[key] = (pf, pi)
-    return params
+def _runtime_params(fmt: FPFormat) -> torch.Tensor:
+    """``pf`` of the graph: [NaN, -NaN, float32(max * 448)] (see ``_make_graph``)."""
+    pf = _params.get(fmt)
+    if pf is None:
+        # float32(max * 448): the reference divides by the Python product, which torch rounds
+        # to fp32 the same way. -nan is a NaN with the sign bit set, as copysign gives it.
+        pf = _params[fmt] = torch.tensor([math.nan, -math.nan, fmt.max * _E4M3_MAX], dtype=torch.float32)
+    return pf
 
 
 def _why_not(x: torch.Tensor, fmt: FPFormat, backend: str) -> Optional[str]:
@@ -335,23 +387,24 @@ def quantize_fast(
                       "(the reference zero-pads the last block)")
     layout, shape, fixed = plan
     static = tuple(s if (f or s < 2) else None for s, f in zip(shape, fixed))
-    key = _KernelKey(layout, static, scale_format, rounding == "stochastic", x.dtype)
+    key = _KernelKey(fmt, layout, static, scale_format, rounding == "stochastic", saturate, x.dtype)
     if key in _failed_keys:
         return refuse(_failed_keys[key])
     xv = xc.view(shape)
     dynamic_dims = [d for d, s in enumerate(static) if s is None]
     if dynamic_dims:
         torch._dynamo.mark_dynamic(xv, dynamic_dims)
-    pf, pi = _format_params(fmt, saturate, x.dtype)
-    args = [xv, pf, pi]
+    args = [xv, _runtime_params(fmt)]
     rng_state = None
     if key.stochastic:
         # The reference's draws, in the same order and shape (quantize._noise); kept
         # undone on failure so the fallback draws the very same numbers.
         gen = generator if generator is not None else torch.default_generator
         rng_state = gen.get_state()
-        noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=torch.float32)
-        args.append(noise.view(shape))
+        noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=torch.float32).view(shape)
+        if dynamic_dims:
+            torch._dynamo.mark_dynamic(noise, dynamic_dims)
+        args.append(noise)
     try:
         if len(dynamic_dims) > 1:
             # Without this, two dynamic dims of equal size at the first call would share one
