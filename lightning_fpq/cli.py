@@ -5,7 +5,8 @@
                                                            loss, critical data size, verdict
     lightning-fpq plan --compute 1e23 [--params N | --tokens D]
                                                            compute-optimal precision and format
-    lightning-fpq fit runs.csv --out law.yaml              fit the law to your own runs
+    lightning-fpq sweep sweep.yaml                         a grid of small runs -> runs.csv (resumable)
+    lightning-fpq fit runs.csv --out law.yaml --plots DIR  fit the law to your own runs
     lightning-fpq plot --params 1e9 --formats e2m1,e4m3,bf16 --out law.png
 
 Adding a subcommand: write ``cmd_<name>(args) -> int`` (the work; import anything heavy
@@ -338,8 +339,59 @@ def _fixed_constants(text: Optional[str]) -> dict:
     return out
 
 
+def _fit_rows(path: str) -> tuple[list, str]:
+    """A runs CSV -> the rows a fit may use, and a note on the rows left out.
+
+    A sweep CSV (with a ``status`` column) gives its ``ok`` rows, the last row of each run id;
+    any other CSV is used whole (the fit checks its cells).
+    """
+    import csv as csv_module
+
+    from lightning_fpq.sweep import ok_rows
+
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            rows = list(csv_module.DictReader(fh))
+    except (OSError, UnicodeDecodeError, csv_module.Error) as err:
+        raise CLIError(f"cannot read CSV {path!r}: {err}") from None
+    if not rows:
+        raise CLIError(f"CSV {path!r} has no data rows")
+    used, counts = ok_rows(rows)
+    if not used:
+        raise CLIError(f"CSV {path!r}: none of its {counts['total']} rows has status ok ({counts['failed']} failed): nothing to fit")
+    left_out = []
+    if counts["failed"]:
+        left_out.append(f"{counts['failed']} failed")
+    if counts["superseded"]:
+        left_out.append(f"{counts['superseded']} superseded by a later row of the same run")
+    note = f"{counts['used']} of {counts['total']} rows used" + (f" ({', '.join(left_out)} left out)" if left_out else "")
+    return used, note
+
+
+def _critical_table(law, data) -> Any:
+    """D_crit of every quantized (format, B) in the rows, at their smallest and largest N."""
+    import numpy as np
+
+    from lightning_fpq.scaling import capybara_critical_data_size
+
+    consts = law.constants()
+    n_lo, n_hi = float(data["N"].min()), float(data["N"].max())
+    keys = sorted({(int(e), int(m), float(lb), str(b)) for e, m, lb, b in zip(data["E"], data["M"], data["log2b"], data["B"]) if lb > 0},
+                  key=lambda k: (k[2], k[0] + k[1], k[0]))
+    rows = []
+    for e, m, lb, b in keys:
+        sel = (data["E"] == e) & (data["M"] == m) & np.isclose(data["log2b"], lb)
+        d_max = float(data["D"][sel].max())
+        crit_lo = float(capybara_critical_data_size(n_lo, e, m, lb, **consts))
+        crit_hi = float(capybara_critical_data_size(n_hi, e, m, lb, **consts))
+        rows.append([f"e{e}m{m}", b, _g(crit_lo), _g(crit_hi), _g(d_max), f"{d_max / crit_lo:.3g}"])
+    return _table(f"critical data size of the fitted law (tokens), at the rows' smallest N = {_g(n_lo)} and largest N = {_g(n_hi)}",
+                  ["format", "B", "D_crit (small N)", "D_crit (large N)", "largest D run", "that D / D_crit (small N)"],
+                  rows, right=[False, True, True, True, True, True])
+
+
 def cmd_fit(args: argparse.Namespace) -> int:
-    from lightning_fpq.fitting import fit
+    from lightning_fpq.fitting import fit, load_rows
 
     holdout: Any = args.holdout
     if holdout is not None and holdout != "largest_N":
@@ -347,36 +399,86 @@ def cmd_fit(args: argparse.Namespace) -> int:
             holdout = float(holdout)
         except ValueError:
             raise CLIError(f"--holdout {args.holdout!r}: expected a fraction in (0, 1) or 'largest_N'") from None
-    result = fit(args.csv, kind=args.kind, fixed=_fixed_constants(args.fix), holdout=holdout, starts=args.starts, seed=args.seed)
+    if args.plots and args.kind != "capybara":
+        raise CLIError(f"--plots draws capybara fits only (formats and block sizes), not a {args.kind} fit")
+    rows, note = _fit_rows(args.csv)
+    result = fit(rows, kind=args.kind, fixed=_fixed_constants(args.fix), holdout=holdout, starts=args.starts, seed=args.seed)
     law = result.law
     paper = type(law).paper().constants()
     console = _console()
-    rows = [[name, f"{value:.6g}", f"{paper[name]:.6g}", "fixed" if name in result.fixed else ("at bound" if name in result.at_bounds else "")]
-            for name, value in law.constants().items() if name in paper and name in type(law).FITTED]
-    console.print(_table(f"{type(law).__name__} fitted to {args.csv}", ["constant", "fitted", "paper", "note"], rows,
+    rows_table = [[name, f"{value:.6g}", f"{paper[name]:.6g}", "fixed" if name in result.fixed else ("at bound" if name in result.at_bounds else "")]
+                  for name, value in law.constants().items() if name in paper and name in type(law).FITTED]
+    console.print(_table(f"{type(law).__name__} fitted to {args.csv}", ["constant", "fitted", "paper", "note"], rows_table,
                          right=[False, True, True, False]))
-    console.print(result.summary())
+    console.print(f"{note}; {result.summary()}")
     worst = int(abs(result.residuals).argmax())
-    console.print(f"largest residual: row {worst + 1}, observed {result.observed[worst]:.4f}, predicted {result.predicted[worst]:.4f}")
+    console.print(f"largest residual: row {worst + 1} of the rows used, observed {result.observed[worst]:.4f}, predicted {result.predicted[worst]:.4f}")
     if result.at_bounds:
         console.print(f"note: {', '.join(result.at_bounds)} ended on a bound: the rows may not determine them; consider --fix")
+    data = load_rows(rows, kind=args.kind) if (args.plots or law.kind == "capybara") else None
+    if law.kind == "capybara" and (data["log2b"] > 0).any():
+        console.print(_critical_table(law, data))
     if args.out:
         law.save(args.out)
         console.print(f"wrote {args.out}")
+    if args.plots:
+        from lightning_fpq.fit_plots import plot_fit
+
+        for path in plot_fit(result, data, args.plots):
+            console.print(f"wrote {path}")
     return 0
 
 
 def add_fit(sub) -> None:
     p = sub.add_parser("fit", help="fit the law's constants to your runs (CSV: N, D, E, M, B, loss)",
-                       description="Fit a scaling law to a CSV of runs: columns N, D, E, M (or format), B, loss.")
-    p.add_argument("csv", help="CSV file, one run per row")
+                       description="Fit a scaling law to a CSV of runs: columns N, D, E, M (or format), B, loss. "
+                       "A sweep CSV's failed rows are left out.")
+    p.add_argument("csv", help="CSV file, one run per row (e.g. written by `lightning-fpq sweep`)")
     p.add_argument("--out", metavar="LAW.yaml", help="write the fitted law here")
+    p.add_argument("--plots", metavar="DIR", help="write loss_vs_tokens.png, fitted_vs_observed.png and residuals.png here")
     p.add_argument("--kind", choices=("capybara", "kumar", "chinchilla"), default="capybara", help="which law to fit (default: capybara)")
     p.add_argument("--holdout", metavar="FRACTION|largest_N", help="rows kept out of the fit and scored: a fraction, or the largest model")
     p.add_argument("--fix", metavar="NAME=VALUE,...", help="hold constants fixed, e.g. dl=3.1926,nu=2.9543")
     p.add_argument("--starts", type=int, default=16, help="starting points of the optimiser (default: 16)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random starts and of a random hold-out (default: 0)")
     p.set_defaults(func=cmd_fit)
+
+
+# ------------------------------------------------------------------------ sweep
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from lightning_fpq.sweep import load_config, run_sweep  # omegaconf, torch and Lightning: only here
+
+    overrides = list(args.overrides)
+    if args.out is not None:
+        overrides.append(f"out={args.out}")
+    if args.no_progress_bar:
+        overrides.append("progress_bar=false")
+    cfg = load_config(args.config, tuple(overrides))
+    result = run_sweep(cfg, retry_failed=args.retry_failed, dry_run=args.dry_run)
+    if args.dry_run:
+        return 0
+    print(result.summary())
+    if result.ok or result.skipped:
+        print(f"next: {PROG} fit {cfg.out} --plots <DIR> --out <LAW.yaml>")
+    return 1 if result.failed else 0
+
+
+def add_sweep(sub) -> None:
+    p = sub.add_parser(
+        "sweep", help="a grid of small training runs -> a CSV to fit the law to (resumable)",
+        description="Train every run of a grid (model sizes x token budgets x formats x block sizes x seeds) and append "
+        "one row per run to a CSV as it finishes; run it again to resume. A run that fails is recorded with its "
+        "reason and the sweep goes on (exit status 1 if any run failed). Any config key can be set as key=value.",
+    )
+    p.add_argument("config", metavar="CONFIG.yaml", help="the sweep config (see examples/calibration/sweep.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. threads=2 lr=0.002")
+    p.add_argument("--out", metavar="CSV", help="the CSV to append to (default: the config's out)")
+    p.add_argument("--dry-run", action="store_true", help="list the runs still to do; train nothing")
+    p.add_argument("--retry-failed", action="store_true", help="also run again the runs recorded as failed")
+    p.add_argument("--no-progress-bar", action="store_true", help="no live bar (one line per run is printed anyway)")
+    p.set_defaults(func=cmd_sweep)
 
 
 # ------------------------------------------------------------------------- plot
@@ -493,7 +595,7 @@ def add_demo(sub) -> None:
     p.set_defaults(func=cmd_demo)
 
 
-SUBCOMMANDS: list[Callable[[Any], None]] = [add_formats, add_predict, add_plan, add_fit, add_plot, add_demo]
+SUBCOMMANDS: list[Callable[[Any], None]] = [add_formats, add_predict, add_plan, add_fit, add_plot, add_demo, add_sweep]
 """Each entry registers one subcommand on the subparsers object: append yours here."""
 
 
@@ -509,7 +611,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line; returns the exit status (0 ok, 2 bad input)."""
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        # KEY=VALUE overrides after an option ("sweep cfg.yaml --dry-run lr=0.01"): argparse
+        # fills a positional nargs="*" only once, so later ones come back as extras
+        if extra and isinstance(getattr(args, "overrides", None), list) and all("=" in a and not a.startswith("-") for a in extra):
+            args.overrides.extend(extra)
+        elif extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as stop:  # --help (0) or a usage error (2, already printed on one line)
         return stop.code if isinstance(stop.code, int) else EXIT_USAGE
     try:

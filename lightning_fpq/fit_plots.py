@@ -1,0 +1,378 @@
+"""Pictures of a fitted Capybara law against the runs it was fitted on (``lightning-fpq fit --plots``).
+
+Up to four PNG files, each answering one question about the fit:
+
+- ``loss_vs_tokens.png``: per model size (columns) and block size (rows), the observed final
+  loss of every run against its token budget D, one colour per format, with the fitted law's
+  curve through them and its critical data size D_crit (a star at the curve's minimum) where
+  it falls inside the plotted range. Does the law follow each format's curve, and does the
+  observed loss turn up where the law says it does?
+- ``fitted_vs_observed.png``: predicted against observed loss for every run, with the y = x
+  line and the fit's RMSE, R^2 and held-out RMSE. Which runs does the law miss?
+- ``residuals.png``: observed - predicted against D, against N and per format. Is the miss
+  systematic (a trend in D or N, one format off) or noise?
+- ``penalty_vs_tokens.png`` (when some rows are quantized): each quantized run's loss minus
+  the unquantized run of the same N and D (the same seed, so the same initial weights and
+  batches), against the law's penalty term. The penalty is what the formats and block sizes
+  are fitted on; at this scale it is small next to the data term, and this is the picture
+  where one can see whether it is there at all, and whether it grows with D.
+
+Held-out rows (kept out of the fit) are drawn as open markers. Matplotlib runs with the Agg
+backend (files only, no display). Only the Capybara law is drawn here (the one with formats).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+
+from .scaling import capybara_critical_data_size, capybara_loss
+
+__all__ = ["format_label", "plot_fit", "plot_fitted_vs_observed", "plot_loss_vs_tokens", "plot_penalty_vs_tokens", "plot_residuals"]
+
+_UNQUANTIZED_COLOR = "black"
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X")
+
+
+def format_label(E: float, M: float, log2b: float) -> str:
+    """'e2m1'; a row with no quantization penalty (log2 B = 0) is 'bf16 (unquantized)' for E8M7."""
+    name = f"e{int(E)}m{int(M)}"
+    if log2b == 0:
+        return "bf16 (unquantized)" if (int(E), int(M)) == (8, 7) else f"{name}, B=1 (unquantized)"
+    return name
+
+
+def _block_label(b: Any) -> str:
+    return f"B = {b}" if not isinstance(b, str) else f"{b}-wise"
+
+
+def _formats(data: dict[str, np.ndarray]) -> list[tuple[float, float, bool]]:
+    """Distinct (E, M, quantized), lowest precision first, unquantized last."""
+    keys = {(float(e), float(m), bool(lb > 0)) for e, m, lb in zip(data["E"], data["M"], data["log2b"])}
+    return sorted(keys, key=lambda k: (not k[2], k[0] + k[1], k[0]))
+
+
+def _colors(formats: list[tuple[float, float, bool]]) -> dict[tuple[float, float, bool], Any]:
+    import matplotlib.pyplot as plt
+
+    quantized = [f for f in formats if f[2]]
+    cmap = plt.get_cmap("tab10") if len(quantized) <= 10 else plt.get_cmap("viridis")
+    colors = {}
+    for i, f in enumerate(quantized):
+        colors[f] = cmap(i % 10) if len(quantized) <= 10 else cmap(i / max(1, len(quantized) - 1))
+    for f in formats:
+        colors.setdefault(f, _UNQUANTIZED_COLOR)
+    return colors
+
+
+def _blocks(data: dict[str, np.ndarray]) -> list[tuple[float, Any]]:
+    """Distinct (log2 B, B) of the quantized rows, smallest first."""
+    seen: dict[float, Any] = {}
+    for lb, b in zip(data["log2b"], data["B"]):
+        if lb > 0:
+            seen.setdefault(round(float(lb), 9), b)
+    return sorted(seen.items())
+
+
+def _g(x: float) -> str:
+    text = f"{x:.3g}"
+    return text.replace("e+0", "e").replace("e+", "e").replace("e-0", "e-")
+
+
+def _setup():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+
+
+def plot_loss_vs_tokens(result: Any, data: dict[str, np.ndarray], path: Union[str, Path], *, title: str = "") -> Path:
+    """Observed loss against D with the fitted curves: a panel per (block size, model size)."""
+    plt = _setup()
+    consts = result.law.constants()
+    Ns = sorted({float(n) for n in data["N"]})
+    blocks = _blocks(data) or [(0.0, 1)]
+    formats = _formats(data)
+    colors = _colors(formats)
+    held = np.asarray(result.heldout, dtype=bool)
+    d_lo, d_hi = float(data["D"].min()) / 1.25, float(data["D"].max()) * 1.25
+    grid = np.logspace(math.log10(d_lo), math.log10(d_hi), 200)
+    ncols, nrows = len(Ns), len(blocks)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.3 * ncols + 1.0, 3.0 * nrows + 1.3), dpi=120,
+                             sharex=True, sharey=True, squeeze=False)
+    y_obs = data["loss"]
+    pad = 0.06 * (y_obs.max() - y_obs.min() + 1e-9)
+    for r, (lb_panel, b_panel) in enumerate(blocks):
+        for c, N in enumerate(Ns):
+            ax = axes[r][c]
+            at_n = np.isclose(data["N"], N)
+            for fmt in formats:
+                E, M, quantized = fmt
+                if quantized:
+                    lb_curve = lb_panel
+                    rows = at_n & np.isclose(data["log2b"], lb_panel) & (data["E"] == E) & (data["M"] == M)
+                else:
+                    lb_curve = 0.0
+                    rows = at_n & (data["log2b"] == 0) & (data["E"] == E) & (data["M"] == M)
+                if not rows.any():
+                    continue
+                color = colors[fmt]
+                curve = capybara_loss(N, grid, E, M, lb_curve, **consts)
+                ax.plot(grid, curve, color=color, lw=1.4, ls="-" if quantized else "--", zorder=2)
+                for mask, filled in ((rows & ~held, True), (rows & held, False)):
+                    if mask.any():
+                        ax.plot(data["D"][mask], y_obs[mask], ls="none", marker="o", ms=5, color=color,
+                                mfc=color if filled else "white", mec=color, mew=1.3, zorder=3)
+                if quantized and lb_curve > 0:
+                    d_crit = float(capybara_critical_data_size(N, E, M, lb_curve, **consts))
+                    if d_lo <= d_crit <= d_hi:
+                        y = float(capybara_loss(N, d_crit, E, M, lb_curve, **consts))
+                        ax.plot([d_crit], [y], marker="*", ms=13, color=color, mec="black", mew=0.7, zorder=4)
+            ax.set_xscale("log")
+            ax.grid(True, which="major", alpha=0.3)
+            ax.grid(True, which="minor", alpha=0.1)
+            if r == 0:
+                ax.set_title(f"N = {_g(N)}", fontsize=10)
+            if c == 0:
+                ax.set_ylabel(f"{_block_label(b_panel)}\nfinal val loss (nats)", fontsize=9)
+            if r == nrows - 1:
+                ax.set_xlabel("training tokens D", fontsize=9)
+            ax.tick_params(labelsize=8)
+    axes[0][0].set_ylim(y_obs.min() - pad, y_obs.max() + pad)
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color=colors[f], marker="o", ls="-" if f[2] else "--", lw=1.4,
+                      label=format_label(f[0], f[1], 1.0 if f[2] else 0.0)) for f in formats]
+    handles += [
+        Line2D([], [], color="grey", marker="o", ls="none", label="observed run"),
+        Line2D([], [], color="grey", marker="o", mfc="white", ls="none", label="held out of the fit"),
+        Line2D([], [], color="grey", ls="-", label="fitted law"),
+        Line2D([], [], color="grey", marker="*", ms=11, mec="black", ls="none", label="fitted D_crit (loss minimum)"),
+    ]
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=8, frameon=False)
+    fig.suptitle(title or "Final loss against training tokens: observed runs and the fitted law", fontsize=11)
+    legend_rows = math.ceil(len(handles) / min(len(handles), 6))
+    fig.tight_layout(rect=(0, 0.035 + 0.035 * legend_rows * 3.0 / (3.0 * nrows + 1.3), 1, 0.97))
+    return _save(fig, Path(path))
+
+
+def _paired_baseline(data: dict[str, np.ndarray]) -> np.ndarray:
+    """Per row, the observed loss of the unquantized run with the same N and D (nan if none)."""
+    base = np.full(len(data["loss"]), np.nan)
+    unq = data["log2b"] == 0
+    for i in range(len(base)):
+        match = unq & np.isclose(data["N"], data["N"][i]) & np.isclose(data["D"], data["D"][i])
+        if match.any():
+            base[i] = float(data["loss"][match].mean())
+    return base
+
+
+def plot_penalty_vs_tokens(result: Any, data: dict[str, np.ndarray], path: Union[str, Path], *, title: str = "") -> Path:
+    """The quantization penalty against D: each quantized run's loss minus the unquantized run of
+    the same N and D (observed, paired: same seed, same batches), and the fitted law's penalty term
+    (D^b/N^a) log2 B / (g (E+0.5)^dl (M+0.5)^nu). Without unquantized runs the fitted unquantized
+    loss is subtracted instead."""
+    plt = _setup()
+    consts = result.law.constants()
+    Ns = sorted({float(n) for n in data["N"]})
+    blocks = _blocks(data)
+    if not blocks:
+        raise ValueError("no quantized rows: there is no quantization penalty to draw")
+    formats = [f for f in _formats(data) if f[2]]
+    colors = _colors(_formats(data))
+    held = np.asarray(result.heldout, dtype=bool)
+    paired = _paired_baseline(data)
+    fitted_base = capybara_loss(data["N"], data["D"], data["E"], data["M"], 0.0, **consts)
+    has_pair = ~np.isnan(paired)
+    baseline = np.where(has_pair, paired, fitted_base)
+    excess = data["loss"] - baseline
+    d_lo, d_hi = float(data["D"].min()) / 1.25, float(data["D"].max()) * 1.25
+    grid = np.logspace(math.log10(d_lo), math.log10(d_hi), 200)
+    ncols, nrows = len(Ns), len(blocks)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.3 * ncols + 1.0, 3.0 * nrows + 1.3), dpi=120,
+                             sharex=True, sharey=True, squeeze=False)
+    shown = []
+    for r, (lb, b) in enumerate(blocks):
+        for c, N in enumerate(Ns):
+            ax = axes[r][c]
+            ax.axhline(0, color="grey", lw=1)
+            for fmt in formats:
+                E, M, _ = fmt
+                rows = np.isclose(data["N"], N) & np.isclose(data["log2b"], lb) & (data["E"] == E) & (data["M"] == M)
+                if not rows.any():
+                    continue
+                color = colors[fmt]
+                penalty = capybara_loss(N, grid, E, M, lb, **consts) - capybara_loss(N, grid, E, M, 0.0, **consts)
+                ax.plot(grid, penalty, color=color, lw=1.4, zorder=2)
+                for mask, filled in ((rows & ~held, True), (rows & held, False)):
+                    if mask.any():
+                        ax.plot(data["D"][mask], excess[mask], ls="none", marker="o", ms=5, color=color,
+                                mfc=color if filled else "white", mec=color, mew=1.3, zorder=3)
+                shown.append(excess[rows])
+            ax.set_xscale("log")
+            ax.grid(True, which="major", alpha=0.3)
+            ax.grid(True, which="minor", alpha=0.1)
+            if r == 0:
+                ax.set_title(f"N = {_g(N)}", fontsize=10)
+            if c == 0:
+                ax.set_ylabel(f"{_block_label(b)}\nloss - unquantized (nats)", fontsize=9)
+            if r == nrows - 1:
+                ax.set_xlabel("training tokens D", fontsize=9)
+            ax.tick_params(labelsize=8)
+    values = np.concatenate(shown) if shown else np.zeros(1)
+    lo, hi = min(0.0, float(values.min())), max(0.0, float(values.max()))
+    pad = 0.08 * (hi - lo + 1e-9)
+    axes[0][0].set_ylim(lo - pad, hi + pad)
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color=colors[f], marker="o", lw=1.4, label=format_label(f[0], f[1], 1.0)) for f in formats]
+    handles += [Line2D([], [], color="grey", marker="o", ls="none", label="observed: run - unquantized run (same N, D, seed)"),
+                Line2D([], [], color="grey", ls="-", label="fitted penalty term")]
+    if held.any():
+        handles.append(Line2D([], [], color="grey", marker="o", mfc="white", ls="none", label="held out of the fit"))
+    if not has_pair[data["log2b"] > 0].all():
+        handles.append(Line2D([], [], color="none", label="(runs without an unquantized twin: minus the fitted unquantized loss)"))
+    per_row = min(len(handles), 5)
+    fig.legend(handles=handles, loc="lower center", ncol=per_row, fontsize=8, frameon=False)
+    fig.suptitle(title or "Quantization penalty against training tokens: observed excess loss and the fitted term", fontsize=11)
+    legend_rows = math.ceil(len(handles) / per_row)
+    fig.tight_layout(rect=(0, 0.035 + 0.035 * legend_rows * 3.0 / (3.0 * nrows + 1.3), 1, 0.97))
+    return _save(fig, Path(path))
+
+
+def _style(data: dict[str, np.ndarray]):
+    formats = _formats(data)
+    colors = _colors(formats)
+    blocks = _blocks(data)
+    marker_of = {lb: _MARKERS[i % len(_MARKERS)] for i, (lb, _) in enumerate(blocks)}
+    return formats, colors, blocks, marker_of
+
+
+def _scatter_by_group(ax, data, x, y, held, formats, colors, marker_of, *, size=26):
+    for fmt in formats:
+        E, M, quantized = fmt
+        base = (data["E"] == E) & (data["M"] == M) & ((data["log2b"] > 0) == quantized)
+        groups = [(lb, base & np.isclose(data["log2b"], lb)) for lb in marker_of] if quantized else [(0.0, base)]
+        for lb, rows in groups:
+            marker = marker_of.get(lb, "D") if quantized else "D"
+            for mask, filled in ((rows & ~held, True), (rows & held, False)):
+                if mask.any():
+                    ax.scatter(x[mask], y[mask], s=size, marker=marker, color=colors[fmt] if filled else "white",
+                               edgecolors=colors[fmt], linewidths=1.1, zorder=3)
+
+
+def _group_legend(ax_or_fig, formats, colors, blocks, marker_of, *, held_any: bool, **kwargs):
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color=colors[f], marker="o", ls="none", label=format_label(f[0], f[1], 1.0 if f[2] else 0.0))
+               for f in formats]
+    handles += [Line2D([], [], color="grey", marker=marker_of[lb], ls="none", label=_block_label(b)) for lb, b in blocks]
+    if held_any:
+        handles.append(Line2D([], [], color="grey", marker="o", mfc="white", ls="none", label="held out of the fit"))
+    return ax_or_fig.legend(handles=handles, **kwargs)
+
+
+def plot_fitted_vs_observed(result: Any, data: dict[str, np.ndarray], path: Union[str, Path], *, title: str = "") -> Path:
+    """Predicted against observed loss, y = x for reference, with the fit's quality."""
+    plt = _setup()
+    formats, colors, blocks, marker_of = _style(data)
+    held = np.asarray(result.heldout, dtype=bool)
+    obs, pred = np.asarray(result.observed), np.asarray(result.predicted)
+    fig, ax = plt.subplots(figsize=(7.2, 6.4), dpi=120)
+    lo, hi = min(obs.min(), pred.min()), max(obs.max(), pred.max())
+    pad = 0.04 * (hi - lo + 1e-9)
+    ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], color="grey", lw=1, ls="--", zorder=1)
+    _scatter_by_group(ax, data, obs, pred, held, formats, colors, marker_of)
+    ax.set_xlim(lo - pad, hi + pad)
+    ax.set_ylim(lo - pad, hi + pad)
+    ax.set_aspect("equal")
+    ax.set_xlabel("observed final validation loss (nats)")
+    ax.set_ylabel("fitted law's loss (nats)")
+    quality = f"fit: RMSE {result.rmse:.4f} nats, R$^2$ {result.r2:.4f} on {int((~held).sum())} runs"
+    if result.heldout_rmse is not None:
+        quality += f"\nheld out: RMSE {result.heldout_rmse:.4f} nats on {int(held.sum())} runs"
+    ax.text(0.03, 0.97, quality, transform=ax.transAxes, va="top", ha="left", fontsize=9,
+            bbox=dict(facecolor="white", alpha=0.9, edgecolor="0.7"))
+    ax.grid(True, alpha=0.3)
+    _group_legend(ax, formats, colors, blocks, marker_of, held_any=bool(held.any()), loc="lower right", fontsize=8,
+                  framealpha=0.9)
+    ax.set_title(title or "Fitted against observed loss (dashed: y = x)", fontsize=11)
+    fig.tight_layout()
+    return _save(fig, Path(path))
+
+
+def plot_residuals(result: Any, data: dict[str, np.ndarray], path: Union[str, Path], *, title: str = "") -> Path:
+    """Residuals (observed - predicted) against D, against N, and per format."""
+    plt = _setup()
+    formats, colors, blocks, marker_of = _style(data)
+    held = np.asarray(result.heldout, dtype=bool)
+    res = np.asarray(result.residuals)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.8), dpi=110, sharey=True)
+    rmse = result.rmse
+    for ax in axes:
+        ax.axhline(0, color="grey", lw=1)
+        ax.axhspan(-rmse, rmse, color="grey", alpha=0.12, lw=0)
+        ax.grid(True, alpha=0.3)
+    _scatter_by_group(axes[0], data, data["D"], res, held, formats, colors, marker_of)
+    axes[0].set_xscale("log")
+    axes[0].set_xlabel("training tokens D")
+    axes[0].set_ylabel("observed - fitted loss (nats)")
+    # N: spread the points of one N a little so they do not hide each other
+    order = {f: i for i, f in enumerate(formats)}
+    offsets = np.array([(order[(float(e), float(m), bool(lb > 0))] - (len(formats) - 1) / 2) * 0.012
+                        for e, m, lb in zip(data["E"], data["M"], data["log2b"])])
+    _scatter_by_group(axes[1], data, data["N"] * 10 ** offsets, res, held, formats, colors, marker_of)
+    axes[1].set_xscale("log")
+    axes[1].set_xlabel("parameters N (points of one N spread by format)")
+    x_fmt = np.array([order[(float(e), float(m), bool(lb > 0))] for e, m, lb in zip(data["E"], data["M"], data["log2b"])], dtype=float)
+    jitter = np.zeros_like(x_fmt)
+    for i, (lb, _) in enumerate(blocks):
+        jitter[np.isclose(data["log2b"], lb)] = (i - (len(blocks) - 1) / 2) * 0.22
+    _scatter_by_group(axes[2], data, x_fmt + jitter, res, held, formats, colors, marker_of)
+    axes[2].set_xticks(range(len(formats)))
+    axes[2].set_xticklabels([format_label(f[0], f[1], 1.0 if f[2] else 0.0).replace(" (unquantized)", "\n(unquantized)")
+                             for f in formats], fontsize=8)
+    axes[2].set_xlabel("format (block sizes side by side)")
+    _group_legend(fig, formats, colors, blocks, marker_of, held_any=bool(held.any()), loc="lower center",
+                  ncol=len(formats) + len(blocks) + int(held.any()), fontsize=8, frameon=False)
+    fig.suptitle(title or f"Residuals of the fitted law (band: ±RMSE = {rmse:.4f} nats)", fontsize=11)
+    fig.tight_layout(rect=(0, 0.07, 1, 0.96))
+    return _save(fig, Path(path))
+
+
+def plot_fit(result: Any, data: dict[str, np.ndarray], out_dir: Union[str, Path], *, title: Optional[str] = None) -> list[Path]:
+    """The three pictures of a Capybara fit, written into ``out_dir``; returns their paths.
+
+    ``result`` is :func:`lightning_fpq.fitting.fit`'s result and ``data`` the rows it was given,
+    as :func:`lightning_fpq.fitting.load_rows` returns them (same order).
+    """
+    if getattr(result.law, "kind", None) != "capybara":
+        raise ValueError(f"plots are drawn for a capybara fit only, not a {getattr(result.law, 'kind', type(result.law).__name__)} fit")
+    if len(data["loss"]) != len(result.observed):
+        raise ValueError(f"data has {len(data['loss'])} rows but the fit has {len(result.observed)}: pass the rows the fit was given")
+    out = Path(out_dir)
+    suffix = f" ({title})" if title else ""
+    return [
+        plot_loss_vs_tokens(result, data, out / "loss_vs_tokens.png",
+                            title=f"Final loss against training tokens: observed runs and the fitted law{suffix}"),
+        plot_fitted_vs_observed(result, data, out / "fitted_vs_observed.png",
+                                title=f"Fitted against observed loss (dashed: y = x){suffix}"),
+        plot_residuals(result, data, out / "residuals.png",
+                       title=f"Residuals of the fitted law (band: ±RMSE = {result.rmse:.4f} nats){suffix}"),
+    ] + ([plot_penalty_vs_tokens(result, data, out / "penalty_vs_tokens.png",
+                                 title=f"Quantization penalty against training tokens: observed excess loss and the fitted term{suffix}")]
+         if (data["log2b"] > 0).any() else [])
