@@ -63,6 +63,11 @@ class RecipeHolder:
         save_quantized_weight: save q4(W) for the backward pass (computed in forward while
             W is read anyway). ``False`` saves W itself and quantizes it again in backward:
             less memory under FSDP2, where the saved q4(W) would be a full unsharded copy.
+        cache_weights: keep each layer's q2(W) and q4(W) until W changes, so that gradient
+            accumulation micro-batches and validation batches quantize W once per optimizer
+            step. Costs two W-sized tensors per layer between steps; off by default. Valid when
+            weights change through in-place ops on the Parameter or by replacement (optimizers,
+            ``load_state_dict``), which bump its version counter; writes through ``.data`` do not.
     """
 
     def __init__(
@@ -73,8 +78,10 @@ class RecipeHolder:
         seed: Optional[int] = None,
         rank: int = 0,
         save_quantized_weight: bool = True,
+        cache_weights: bool = False,
     ) -> None:
         self.backend = backends.check_backend(backend)
+        self.cache_weights = cache_weights
         self.seed = seed
         self.rank = rank
         self.save_quantized_weight = save_quantized_weight
@@ -278,8 +285,35 @@ def quantize_pair(
     return a, _q(x, second, 0, generator)
 
 
+class WeightCache:
+    """One layer's quantized weights, valid while the weight is unchanged (see ``cache_weights``)."""
+
+    __slots__ = ("key", "wq2", "wq4")
+
+    def __init__(self) -> None:
+        self.key, self.wq2, self.wq4 = None, None, None
+
+    def clear(self) -> None:
+        self.key, self.wq2, self.wq4 = None, None, None
+
+
+def _weight_operands(weight, spec: LayerSpec, generator, need_wq4: bool, cache: Optional[WeightCache]):
+    """(q2(W), q4(W) or None), from the cache when W has not changed since it was filled."""
+    usable = (cache is not None and not torch.compiler.is_compiling()
+              and all(op is None or op.rounding == "nearest" for op in (spec.p2, spec.p4)))
+    if not usable:
+        return quantize_pair(weight, spec.p2, spec.p4, generator, need_second=need_wq4)
+    key = (weight._version, weight.data_ptr(), tuple(weight.shape), weight.dtype, spec.p2, spec.p4)
+    if cache.key == key and (not need_wq4 or cache.wq4 is not None):
+        return cache.wq2, cache.wq4
+    wq2, wq4 = quantize_pair(weight, spec.p2, spec.p4, generator, need_second=need_wq4)
+    cache.key, cache.wq2, cache.wq4 = key, wq2, wq4
+    return wq2, wq4
+
+
 # ------------------------------------------------------------------ autograd fn
-def _forward(x2d, weight, bias, spec: LayerSpec, cd: torch.dtype, generator, *, need_xq6: bool, need_wq4: bool):
+def _forward(x2d, weight, bias, spec: LayerSpec, cd: torch.dtype, generator, *, need_xq6: bool, need_wq4: bool,
+             cache: Optional[WeightCache] = None):
     """The forward GEMM ``q1(X) @ q2(W).T + b`` (plus OCC's compensation), and, from the same
     reads of X and W, the operands the backward GEMMs will need: q6(X) and q4(W)."""
     if spec.occ:
@@ -293,7 +327,7 @@ def _forward(x2d, weight, bias, spec: LayerSpec, cd: torch.dtype, generator, *, 
         xq1 = xq1.to(cd)
         residual = None
     # W does not change between forward and backward: q4(W) comes from this same read of W
-    wq2, wq4 = quantize_pair(weight, spec.p2, spec.p4, generator, need_second=need_wq4)
+    wq2, wq4 = _weight_operands(weight, spec, generator, need_wq4, cache)
     y = F.linear(xq1, wq2.to(cd), bias.to(cd) if bias is not None else None)  # (N, out)
     if residual is not None:
         y = y + F.linear(residual, weight.to(cd))  # OCC compensation in the compute dtype
@@ -305,12 +339,13 @@ class _QuantLinearFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, spec: LayerSpec, compute_dtype: torch.dtype,
-                generator: Optional[torch.Generator], save_quantized_weight: bool):
+                generator: Optional[torch.Generator], save_quantized_weight: bool, cache: Optional[WeightCache]):
         x2d = x.reshape(-1, x.shape[-1])  # (N, in)
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         cd = compute_dtype
         keep_wq4 = need_dx and save_quantized_weight
-        y, xq6, wq4 = _forward(x2d, weight, bias, spec, cd, generator, need_xq6=need_dw, need_wq4=keep_wq4)
+        y, xq6, wq4 = _forward(x2d, weight, bias, spec, cd, generator, need_xq6=need_dw, need_wq4=keep_wq4,
+                               cache=cache)
 
         ctx.spec, ctx.cd, ctx.generator = spec, cd, generator
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
@@ -346,7 +381,7 @@ class _QuantLinearFn(torch.autograd.Function):
             dw = dw.to(ctx.w_dtype)
         if need_db and ctx.has_bias:
             db = dy2d.sum(0).to(ctx.b_dtype)
-        return dx, dw, db, None, None, None, None
+        return dx, dw, db, None, None, None, None, None
 
 
 def quant_linear(
@@ -358,6 +393,7 @@ def quant_linear(
     generator: Optional[torch.Generator] = None,
     backend: str = "emulated",
     save_quantized_weight: bool = True,
+    weight_cache: Optional[WeightCache] = None,
 ) -> torch.Tensor:
     """``F.linear`` with the operands quantized as ``spec`` says (``None``: plain ``F.linear``).
 
@@ -379,9 +415,11 @@ def quant_linear(
             # validation / inference: only the forward GEMM (autograd.Function would still see
             # needs_input_grad=True for the weight and prepare q4(W), q6(X) for nothing)
             x2d = x.reshape(-1, x.shape[-1])  # (N, in)
-            y, _, _ = _forward(x2d, weight, bias, spec, compute_dtype, generator, need_xq6=False, need_wq4=False)
+            y, _, _ = _forward(x2d, weight, bias, spec, compute_dtype, generator, need_xq6=False, need_wq4=False,
+                               cache=weight_cache)
             return y.reshape(*x.shape[:-1], y.shape[-1])
-        return _QuantLinearFn.apply(x, weight, bias, spec, compute_dtype, generator, save_quantized_weight)
+        return _QuantLinearFn.apply(x, weight, bias, spec, compute_dtype, generator, save_quantized_weight,
+                                    weight_cache)
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
@@ -427,6 +465,7 @@ class QuantLinear(nn.Linear):
         # plain attributes (not submodules, buffers or parameters): the state_dict is unchanged
         object.__setattr__(self, "_fpq_holder", holder)
         object.__setattr__(self, "_fpq_name", clean_module_name(name))
+        object.__setattr__(self, "_fpq_wcache", WeightCache())
         holder.register(self._fpq_name)
 
     @classmethod
@@ -457,6 +496,7 @@ class QuantLinear(nn.Linear):
             input, self.weight, self.bias, spec, generator=generator,
             backend=holder.layer_backend(self._fpq_name, input.device),
             save_quantized_weight=holder.save_quantized_weight,
+            weight_cache=self._fpq_wcache if holder.cache_weights else None,
         )
 
     def extra_repr(self) -> str:

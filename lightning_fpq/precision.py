@@ -86,6 +86,9 @@ class FPQuantPrecision(Precision):
             ``torch.initial_seed()``, so ``seed_everything`` makes runs reproducible).
         save_quantized_weight: keep q4(W) from forward for backward (faster) or quantize W
             again in backward (less memory). ``None``: keep it, except under FSDP2 sharding.
+        cache_weights: quantize each weight once per optimizer step rather than once per
+            micro-batch (gradient accumulation, validation loops), at the cost of keeping two
+            quantized copies of each weight between steps. Ignored under FSDP2 sharding.
     """
 
     def __init__(
@@ -98,12 +101,15 @@ class FPQuantPrecision(Precision):
         backend: str = "auto",
         seed: Optional[int] = None,
         save_quantized_weight: Optional[bool] = None,
+        cache_weights: bool = False,
     ) -> None:
         super().__init__()
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise ValueError(f"seed={seed!r} is not valid: expected None or an int")
         if save_quantized_weight is not None and not isinstance(save_quantized_weight, bool):
             raise ValueError(f"save_quantized_weight={save_quantized_weight!r} is not valid: expected None, True or False")
+        if not isinstance(cache_weights, bool):
+            raise ValueError(f"cache_weights={cache_weights!r} is not valid: expected True or False")
         self.compute_dtype = _compute_dtype(compute_dtype)
         self.precision = _PRECISION_STR[self.compute_dtype]  # type: ignore[assignment]
         self._save_quantized_weight = save_quantized_weight
@@ -111,6 +117,7 @@ class FPQuantPrecision(Precision):
             QuantRecipe.coerce(recipe, fmt=fmt, block_size=block_size),
             backend=backends.check_backend(backend), seed=seed,
             save_quantized_weight=True if save_quantized_weight is None else save_quantized_weight,
+            cache_weights=cache_weights,
         )
         self._holder.warn_fallbacks = False  # _warn_fallbacks says it once, on rank zero
         self._device_type: Optional[str] = None
@@ -176,10 +183,13 @@ class FPQuantPrecision(Precision):
         _refuse_fsdp1(module)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             self._holder.rank = torch.distributed.get_rank()
+        # FSDP2 shards parameters as DTensors: a saved or cached q(W) would be a full unsharded copy
+        sharded = any(type(p).__name__ == "DTensor" for p in module.parameters())
         if self._save_quantized_weight is None:
-            # FSDP2 shards parameters as DTensors: a saved q4(W) would be a full unsharded copy
-            sharded = any(type(p).__name__ == "DTensor" for p in module.parameters())
             self._holder.save_quantized_weight = not sharded
+        if sharded and self._holder.cache_weights:
+            rank_zero_warn("FPQuantPrecision(cache_weights=True) is ignored under FSDP2 sharding (full copies of sharded weights)")
+            self._holder.cache_weights = False
         self._module_ref = weakref.ref(module)
         self._convert(module)
         return module

@@ -393,3 +393,34 @@ def test_no_grad_forward_equals_the_training_forward():
         layer.weight.copy_(w)
         layer.bias.copy_(b)
         assert torch.equal(layer(x), train)
+
+
+def test_weight_cache_quantizes_w_once_per_weight_version(monkeypatch):
+    import lightning_fpq.linear as lin
+
+    recipe = QuantRecipe.from_name("full", fmt="e4m3", block_size=32)
+    x, w, b, dy = data()
+    layer = QuantLinear(96, 80, holder=RecipeHolder(recipe, cache_weights=True), name="blocks.0.fc")
+    with torch.no_grad():
+        layer.weight.copy_(w)
+        layer.bias.copy_(b)
+    calls = []
+    real = lin.quantize_pair
+    monkeypatch.setattr(lin, "quantize_pair", lambda t, *a, **k: calls.append(t) or real(t, *a, **k))
+    grads = []
+    for _ in range(2):  # two micro-batches, no optimizer step in between
+        xr = x.clone().requires_grad_()
+        layer(xr).backward(dy)
+        grads.append(xr.grad)
+    assert sum(t is layer.weight for t in calls) == 1  # W quantized once for both
+    want = reference(x, w, b, dy, recipe, torch.float32)
+    assert torch.equal(grads[0], want[1]) and torch.equal(grads[1], want[1])
+    with torch.no_grad():
+        layer.weight.mul_(0.5)  # an in-place update (as an optimizer step) invalidates the cache
+    layer.weight.grad = None
+    xr = x.clone().requires_grad_()
+    y = layer(xr)
+    y.backward(dy)
+    assert sum(t is layer.weight for t in calls) == 2
+    want = reference(x, w * 0.5, b, dy, recipe, torch.float32)
+    assert torch.equal(y, want[0]) and torch.equal(xr.grad, want[1]) and torch.equal(layer.weight.grad, want[2])

@@ -32,6 +32,8 @@ quiet()
         (dict(backend="triton"), "'triton'"),
         (dict(seed="x"), "'x'"),
         (dict(recipe=3), "3"),
+        (dict(cache_weights="yes"), "'yes'"),
+        (dict(save_quantized_weight=1), "1"),
     ],
 )
 def test_bad_arguments_raise_at_construction(kwargs, needle):
