@@ -189,10 +189,26 @@ _MISSING = object()
 # ------------------------------------------------------------------------- maths
 def occ_threshold(x: torch.Tensor, quantile: float) -> torch.Tensor:
     """The clamp threshold of OCC: the ``quantile`` of |x| by nearest rank (the
-    ``ceil(quantile * n)``-th smallest |x|), a 0-dim tensor of x's dtype (arXiv 2501.17116)."""
-    a = x.detach().abs().reshape(-1)
-    k = min(max(1, math.ceil(quantile * a.numel())), a.numel())
-    return a.float().kthvalue(k).values.to(x.dtype)
+    ``ceil(quantile * n)``-th smallest |x|), a 0-dim tensor of x's dtype (arXiv 2501.17116).
+
+    Exact, and on large CPU tensors ~10x cheaper than one ``kthvalue`` over all of |x|: a
+    strided sample gives a lower bound ``lb`` a little below the quantile; when fewer than k
+    elements lie below ``lb``, the k-th smallest is the ``(k - below)``-th smallest of the few
+    elements at or above ``lb``. Otherwise (adversarial layouts) the full ``kthvalue`` runs.
+    """
+    a = x.detach().abs().reshape(-1).float()
+    n = a.numel()
+    k = min(max(1, math.ceil(quantile * n)), n)
+    if n >= 1 << 16 and a.device.type == "cpu" and not torch.compiler.is_compiling():
+        sample = a[:: n // 4096]  # ~4096 evenly spaced elements
+        j = max(1, math.floor((k / n - 0.01) * sample.numel()))  # one percentile of margin
+        lb = sample.kthvalue(j).values
+        keep = a >= lb
+        candidates = a[keep]  # about (1 - quantile + margin) * n elements
+        below = n - candidates.numel()
+        if below < k:
+            return candidates.kthvalue(k - below).values.to(x.dtype)
+    return a.kthvalue(k).values.to(x.dtype)
 
 
 def dge_factor(weight: torch.Tensor, spec: OperandSpec, *, k: float, clamp: float) -> torch.Tensor:

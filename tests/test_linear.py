@@ -225,6 +225,19 @@ def test_occ_threshold_is_the_nearest_rank_quantile():
 
     x = torch.arange(1, 101, dtype=torch.float32).neg()
     assert occ_threshold(x, 0.99).item() == 99.0 and occ_threshold(x, 1.0).item() == 100.0
+    g = torch.Generator().manual_seed(0)
+    big = [
+        torch.randn(300, 700, generator=g),  # the sampled fast path
+        torch.randn(300, 700, generator=g).sort(dim=-1).values,  # structured rows
+        torch.arange(210_000, dtype=torch.float32).flip(0),  # sorted: the sample bound may fail
+        torch.randint(0, 5, (100_000,), generator=g).float(),  # heavy ties
+        torch.zeros(70_000),
+    ]
+    for t in big:
+        for q in (0.5, 0.99, 0.999, 1.0):
+            a = t.abs().reshape(-1).sort().values
+            want = a[math.ceil(q * a.numel()) - 1]
+            assert occ_threshold(t, q).item() == want.item(), (t.shape, q)
 
 
 # ------------------------------------------------------------------- SQNR floors
