@@ -195,7 +195,10 @@ def _make_graph(fmt: FPFormat, layout: str, scale_format: str, stochastic: bool,
     format without saturation), whose sign a C++ literal would lose, and the NVFP4 tensor
     scale divisor: those come in ``pf`` = [overflow value, its negation, float32(max * 448)].
     """
-    mbits, emin, emax, fmax = fmt.mbits, fmt.emin, fmt.emax, fmt.max
+    mbits, emin, fmax = fmt.mbits, fmt.emin, fmt.max
+    # e8m0 aligns the block absmax with the exponent of the largest grid value, as
+    # block_scales does (for E0My formats that is below fmt.emax: E0M3's max 7 is 1.75 * 2**2).
+    emax = math.frexp(fmax)[1] - 1
     runtime_overflow = not saturate and fmt.has_nan and not fmt.has_inf
     if saturate or not fmt.has_nan:
         overflow = (fmax, -fmax)
@@ -327,6 +330,8 @@ def _why_not(x: torch.Tensor, fmt: FPFormat, backend: str) -> Optional[str]:
     if fmt.ebits > MAX_FAST_EBITS:
         return (f"format {fmt.name} has {fmt.ebits} exponent bits: the fp32 fast path is exact only "
                 f"up to {MAX_FAST_EBITS} (E8 steps can be fp32 subnormals)")
+    if fmt.max < 1:
+        return f"format {fmt.name} has max {fmt.max} < 1 (a degenerate grid the e8m0 bit tricks do not cover)"
     if x.numel() == 0:
         return "an empty tensor has nothing to compile for"
     if x.requires_grad and torch.is_grad_enabled():
