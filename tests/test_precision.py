@@ -229,8 +229,9 @@ def test_lightning_cli_takes_the_plugin_by_class_path(tmp_path):
 
     config = tmp_path / "config.yaml"
     config.write_text(
-        """
+        f"""
 trainer:
+  default_root_dir: {tmp_path}
   accelerator: cpu
   devices: 1
   max_steps: 2
