@@ -190,3 +190,64 @@ def torchao_float8_linear(
             out = out + bias.to(out.dtype)
     return out
 
+
+
+# ------------------------------------------------- quantizer backends and Transformer Engine
+@functools.lru_cache(maxsize=None)
+def compiled_available() -> tuple[bool, str]:
+    """The torch.compile'd quantizer of ``fastquant.py`` (CPU and CUDA)."""
+    from . import fastquant
+
+    return fastquant.compiled_available()
+
+
+def triton_available() -> tuple[bool, str]:
+    """The fused Triton kernels of ``lightning_fpq.kernels`` (cached there)."""
+    from .kernels import capability
+
+    return capability.triton_available()
+
+
+@functools.lru_cache(maxsize=None)
+def transformer_engine_available() -> tuple[bool, str]:
+    """Transformer Engine (``pip install lightning-fpq[te]``, NVIDIA GPUs only), imported lazily."""
+    import importlib.util
+
+    if importlib.util.find_spec("transformer_engine") is None:
+        return False, "transformer_engine is not installed (pip install 'lightning-fpq[te]'; it needs an NVIDIA GPU and CUDA toolkit)"
+    if not torch.cuda.is_available():
+        return False, "Transformer Engine runs on NVIDIA GPUs only: CUDA is not available"
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception as err:  # a broken install: say what broke
+        return False, f"transformer_engine.pytorch does not import: {type(err).__name__}: {err}"
+    import transformer_engine
+
+    return True, f"Transformer Engine {getattr(transformer_engine, '__version__', '?')}"
+
+
+# Transformer Engine recipes and the lightning-fpq recipe each one computes, where the two
+# match in formats, scaling granularity, scale format and rounding (docs/backends.md).
+TE_RECIPE_MAPPING: dict[str, tuple[Optional[str], str]] = {
+    "Float8CurrentScaling(HYBRID)": ("fp8 (block_size='tensor')", "E4M3 X/W, E5M2 dY, one fp32 scale per tensor from the current amax"),
+    "Float8CurrentScaling(E4M3)": ("custom: QuantRecipe(p1..p6=OperandSpec('e4m3', block_size='tensor'))", "E4M3 for gradients too, tensorwise current scaling"),
+    "MXFP8BlockScaling": ("mxfp8", "E4M3 elements, 1x32 blocks along each GEMM's reduction, E8M0 scales"),
+    "DelayedScaling": (None, "scales from an amax history of earlier steps: lightning-fpq scales from the current tensor"),
+    "Float8BlockScaling": (None, "128x128 weight tiles (2-D): lightning-fpq blocks are 1-D; 'paper'/'full' with B=128 are the nearest"),
+    "NVFP4BlockScaling": (None, "16x16 weight tiles and random Hadamard transforms on wgrad inputs; 'nvfp4' has 1x16 blocks and no RHT"),
+}
+
+
+def describe_backends(device: Optional[torch.device] = None) -> str:
+    """One line per backend: available or not, and why (the table the README shows)."""
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rows = [
+        ("emulated", emulated_available()),
+        ("compiled (quantizer)", compiled_available()),
+        ("triton (quantizer, FP4 GEMM)", triton_available()),
+        ("torchao float8", torchao_available()),
+        ("FP8 GEMM on " + device.type, fp8_gemm_available(device.type)),
+        ("transformer_engine", transformer_engine_available()),
+    ]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {'yes' if ok else 'no '}  {reason}" for name, (ok, reason) in rows)
