@@ -609,12 +609,6 @@ class QuantRecipe:
                 return dataclasses.replace(spec, source=f"rule {rule.pattern!r}: {sub.name}")
         return self.layer_spec_default()
 
-    @property
-    def quantizes_anything(self) -> bool:
-        return not self.layer_spec_default().is_identity or any(
-            (r.recipe or self.name) != RecipeName.BF16.value for r in self.rules
-        )
-
     # ------------------------------------------------------------------ printing
     def short_str(self) -> str:
         """One line: ``paper e2m1 B=128 | P1=- P2=e2m1/128 ... | exclude=9 rules=[...]``."""
