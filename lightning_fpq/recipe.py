@@ -601,13 +601,23 @@ class QuantRecipe:
             return None
         for rule in self.rules:
             if rule.matches(name):
-                if rule.recipe is not None:
-                    sub = QuantRecipe.from_name(rule.recipe, fmt=rule.fmt, block_size=rule.block_size)
-                else:
-                    sub = self.with_format(rule.fmt or self.fmt, block_size=rule.block_size)
+                sub = self._rule_recipe(rule)
                 spec = sub.layer_spec_default()
                 return dataclasses.replace(spec, source=f"rule {rule.pattern!r}: {sub.name}")
         return self.layer_spec_default()
+
+    def _rule_recipe(self, rule: LayerRule) -> "QuantRecipe":
+        """The recipe the layers matching ``rule`` use."""
+        if rule.recipe is not None:
+            return QuantRecipe.from_name(rule.recipe, fmt=rule.fmt, block_size=rule.block_size)
+        return self.with_format(rule.fmt or self.fmt, block_size=rule.block_size)
+
+    @property
+    def quantizes_anything(self) -> bool:
+        """Whether some layer gets a quantized operand (or DGE/OCC): the default spec or a rule's."""
+        return not self.layer_spec_default().is_identity or any(
+            not self._rule_recipe(r).layer_spec_default().is_identity for r in self.rules
+        )
 
     # ------------------------------------------------------------------ printing
     def short_str(self) -> str:

@@ -280,3 +280,10 @@ def test_example_recipe_yamls_load():
     custom = QuantRecipe.from_yaml(configs / "recipe_custom.yaml")
     assert custom.name == "custom" and custom.p3 is None and custom.p5 == OperandSpec("e5m2", "tensor")
     assert custom.layer_spec("model.blocks.0.attn.qkv") is None and custom.layer_spec("model.blocks.0.mlp.fc") is not None
+
+
+def test_quantizes_anything():
+    assert QuantRecipe.from_name("paper").quantizes_anything
+    assert not QuantRecipe.from_name("bf16").quantizes_anything
+    assert QuantRecipe.from_name("bf16", rules=[LayerRule("blocks.0.*", recipe="fp8")]).quantizes_anything
+    assert not QuantRecipe.from_name("bf16", rules=[LayerRule("blocks.0.*", recipe="bf16")]).quantizes_anything
