@@ -276,3 +276,13 @@ def test_ddp_two_processes_switch_at_the_same_step_with_equal_token_counts(tmp_p
     assert ranks[0]["history"] == ranks[1]["history"]
     assert [h["step"] for h in ranks[0]["history"]] == [5, 9]
     assert ranks[0]["final_recipe"] == ranks[1]["final_recipe"] and ranks[0]["final_recipe"].startswith("bf16")
+
+
+def test_named_laws_and_bad_law_arguments():
+    from lightning_fpq.callbacks.critical import resolve_law
+
+    assert resolve_law("paper") == CapybaraLaw.paper() == resolve_law(None)
+    with pytest.raises(ValueError, match="law=3 is not valid: expected None, one of \\('paper', 'demo-calibration'\\)"):
+        resolve_law(3)
+    with pytest.raises(ValueError):
+        resolve_law("/no/such/law.yaml")

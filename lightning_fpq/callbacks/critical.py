@@ -27,15 +27,32 @@ from ..scaling import CapybaraLaw, count_params, load_law
 LawLike = Union[None, str, os.PathLike, CapybaraLaw]
 
 
+NAMED_LAWS = ("paper", "demo-calibration")
+
+
+def named_law_path(name: str) -> str:
+    """The YAML shipped in ``lightning_fpq/laws/`` for a named law (``"demo-calibration"``)."""
+    from importlib.resources import files
+
+    path = files("lightning_fpq") / "laws" / f"{name.replace('-', '_')}.yaml"
+    if not path.is_file():
+        raise ValueError(f"law {name!r} is not shipped with this installation (no {path})")
+    return str(path)
+
+
 def resolve_law(law: LawLike) -> CapybaraLaw:
-    """None -> the paper's constants; a ``CapybaraLaw``; or a YAML file saved by ``law.save``."""
-    if law is None:
+    """None or "paper" -> the paper's constants; "demo-calibration" -> the law fitted to this
+    project's own CPU sweep (examples/calibration/); a ``CapybaraLaw``; or a YAML file saved
+    by ``law.save``."""
+    if law is None or law == "paper":
         return CapybaraLaw.paper()
+    if law == "demo-calibration":
+        law = named_law_path(law)
     if isinstance(law, (str, os.PathLike)):
         law = load_law(law)
     if not isinstance(law, CapybaraLaw):
         raise ValueError(
-            f"law={law!r} is not valid: expected None (the paper's constants), a CapybaraLaw or the path "
+            f"law={law!r} is not valid: expected None, one of {NAMED_LAWS}, a CapybaraLaw or the path "
             "of a YAML file written by CapybaraLaw.save (KumarLaw/ChinchillaLaw have no critical data size)"
         )
     return law

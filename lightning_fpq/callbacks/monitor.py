@@ -26,7 +26,8 @@ class CriticalDataMonitor(Callback):
     in :mod:`lightning_fpq.callbacks.critical` (the most binding quantized operand).
 
     Args:
-        law: None (the paper's constants), a ``CapybaraLaw``, or a law YAML path. The paper's
+        law: None or "paper" (the paper's constants), "demo-calibration" (fitted to this
+            project's CPU sweep of tiny GPTs), a ``CapybaraLaw``, or a law YAML path. The paper's
             constants belong to LLaMA on Dolma: refit them for your setup (``lightning-fpq fit``).
         n_params: N for the law: "auto" counts the model's non-embedding parameters.
         thresholds: fractions of D_crit at which to warn, once each per stage.
