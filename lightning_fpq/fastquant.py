@@ -2,42 +2,49 @@
 
 ``quantize_fast`` returns None when no fast path covers the request (``backend="auto"``
 then falls back to the reference); a forced ``backend="compiled"`` that cannot be honoured
-raises ``ValueError`` with the reason.
+raises ``ValueError`` with the reason. ``compiled_available()`` says whether it can run here.
 
-The fast path is one ``torch.compile``'d (inductor) graph per *kernel key*: the layout of
-the blocks (no scaling / blocks along a contiguous last axis / blocks along an inner axis /
-one tensor-wide block), the block size when it is fixed, the scale format, the rounding mode
-and the input dtype. The element format (mantissa bits, emin, emax, max) and the saturation
-mode are *runtime* inputs (two tiny tensors), so one compiled kernel serves every ExMy format:
-a training run with FP4 and FP8 stages compiles each key once, and inductor's on-disk cache
-makes later processes cheaper still. Block counts and row lengths are dynamic, so a new shape
-does not recompile.
+The fast path is one ``torch.compile``'d (inductor, C++/OpenMP on CPU) graph per *kernel key*:
+the element format, the layout of the blocks (no scaling / blocks along a contiguous last
+axis / blocks along an inner axis / one tensor-wide block), the block size when it is fixed,
+the scale format, the rounding mode, saturation and the input dtype. Inductor fuses each
+block's absmax, scale, rounding and dequantization into one loop nest that reads ``x`` once
+from memory. The format's numbers are compile-time constants (runtime scalars cost about a
+third more time per element). Block counts and row lengths are dynamic, so a new shape does
+not recompile; a training run compiles each key it uses once per process, and inductor's
+on-disk cache makes that cheaper in later processes.
 
 Why the fp32 arithmetic below equals the reference's float64 rounding (``round_to_format``)
-for every format with at most 7 exponent bits:
+for every format with at most 7 exponent bits (``emin >= -62``, ``max < 2**65``):
 
 - ``e = clamp(floor(log2 |y|), emin, 126)`` is read from the fp32 exponent field (an fp32
-  subnormal reads as -127, below every supported emin, so the clamp gives emin as frexp would).
-- ``t = y * 2**(M - e)`` is exact: a power-of-two scaling whose result lies in
-  ``[2**M, 2**(M+1))`` (normal) or, in the format's subnormal range, only loses bits when
-  ``|t| < 2**-126``, where both roundings give 0.
-- ``round(t)`` (ties to even) or ``floor(float64(|t|) + float64(u))`` (stochastic: the very
-  float64 sum the reference forms) gives the same integer; ``q = units * 2**(e - M)`` is exact
-  because ``2**(emin - M) >= 2**-85`` is a normal fp32 number and ``|q| < 2**128`` except for
-  inputs of at least 2**127, which overflow every supported format anyway.
-- ``fmt.max < 2**65`` is exact in fp32, so ``|q| > max`` is the reference's overflow test.
-- Block scales, ``x * S``, ``q / S`` and the final clamp/cast are the reference's own fp32
-  operations (IEEE division, no reciprocal tricks; inductor's CPU codegen divides by tensors
-  as written and compiles without fast-math reassociation or FMA contraction).
+  subnormal reads -127, below every supported emin, so the clamp gives emin as frexp would;
+  values of 2**127 and more, inf and NaN, read 126: they overflow every format either way).
+- ``t = y * 2**(M - e)`` is exact: a power-of-two scaling into ``[2**M, 2**(M+1))``, or, in
+  the format's subnormal range, one that can only lose bits when ``|t| < 2**-126``, where
+  both roundings give 0.
+- ``round(t)`` (ties to even) or, stochastic, ``floor(float64(|t|) + float64(u))`` (the
+  very float64 sum the reference forms, from the same ``torch.rand`` draws) is the
+  reference's integer; ``q = units * 2**(e - M)`` is exact: ``2**(emin - M) >= 2**-85`` is a
+  normal fp32 number and ``units <= 2**(M+1)``.
+- ``max`` is exact in fp32, so ``q > max`` / ``q < -max`` is the reference's overflow test.
+- Block scales, ``x * S``, ``q / S`` and the final clamp and cast are the reference's own
+  fp32 operations (IEEE division by tensors, never ``float / tensor``, which torch computes as
+  a reciprocal times the float; inductor's CPU code is compiled without fast-math
+  reassociation or FMA contraction). An e8m0 ``S`` is a power of two, so ``q / S`` is done
+  as the exact ``q * (1 / S)``.
+- Signs come from selects, not ``copysign``/``clamp``: -0 stays -0 and NaN keeps its sign
+  bit, as in the reference.
 
-E8 formats (bf16, e8m0 ...) fall back to the reference: their steps can be fp32 subnormals
-and their max can exceed fp32's. Blocks that do not divide the axis (zero padding) fall back
-too. CUDA tensors fall back: the compiled CUDA path (Triton) has not been verified
-bit-identical here, and this module only promises what its tests show.
+Falls back to the reference (``auto``) or refuses (``compiled``): E8 formats (bf16,
+e8m23 ...: steps can be fp32 subnormals, the max can exceed fp32's), blocks that do not
+divide the axis (the reference zero-pads the last block), tensors that require grad while
+grad is enabled, calls made while ``torch.compile`` is tracing, and non-CPU tensors (CUDA
+takes the Triton kernel; a compiled CUDA graph has not been verified bit-identical here).
 
-Compile cost (2-core CPU, warm inductor cache): a few seconds per kernel key per process;
-a cold cache (first run on a machine) costs 10-30 s once. ``benchmarks/bench_quantize.py``
-prints the measured figure.
+Compile cost, measured on this project's 2-core CPU (see ``benchmarks/bench_quantize.py``):
+about 1-2 s per kernel key with a warm inductor cache, 5-10 s cold, plus 10-20 s once per
+process for importing and starting inductor.
 """
 
 from __future__ import annotations
@@ -47,6 +54,8 @@ import hashlib
 import importlib
 import logging
 import math
+import os
+import shutil
 import threading
 import types
 from dataclasses import dataclass
@@ -58,14 +67,16 @@ from .formats import FPFormat
 
 logger = logging.getLogger(__name__)
 
-# Below this many elements ``backend="auto"`` stays with the reference: the compiled call's
-# fixed cost (guards, wrapper, thread start) is about 20-40 us, which the reference beats
-# on tiny tensors, and a tiny call is not worth a first-time compile either.
+# Below this many elements ``backend="auto"`` stays with the reference. A compiled call costs
+# about 0.1 ms before any work (dynamo guards, wrappers, OpenMP), which the reference (0.2 ms
+# at 1K elements, 0.8 ms at 16K, 2.7 ms at 64K here) already loses to; but the first call of
+# a key compiles for seconds, which only pays off when one call saves a millisecond or more.
 AUTO_MIN_NUMEL = 1 << 15
 MAX_FAST_EBITS = 7  # see the module docstring: E8 formats fall back
-# Recompiles allowed per kernel key (dims of size 0/1 and new dtypes get their own keys, so
-# a healthy key never needs one; the limit only bounds a misbehaving guard).
-_RECOMPILE_LIMIT = 4
+# Recompiles allowed per kernel key. Shapes never recompile (dims of size 0/1 get keys of their
+# own), but dynamo guards on the dispatch keys of x: inference mode, and inference tensors,
+# each compile the key once more (from inductor's cache). The limit bounds anything else.
+_RECOMPILE_LIMIT = 8
 
 _FP32_MAX = torch.finfo(torch.float32).max
 # NVFP4's block-scale format, E4M3 (fn): 3 mantissa bits, emin -6, max 448.
@@ -103,6 +114,8 @@ def _static_availability() -> tuple[bool, str]:
         compiler = cpp_builder.get_cpp_compiler()
     except Exception as exc:  # no compiler found (e.g. Windows without MSVC)
         return False, f"torch.compile is unavailable: no C++ compiler for inductor's CPU backend ({exc})"
+    if shutil.which(compiler) is None and not os.path.isfile(compiler):
+        return False, f"torch.compile is unavailable: inductor's C++ compiler {compiler!r} is not on PATH"
     return True, f"torch.compile (inductor, C++ compiler {compiler})"
 
 
@@ -125,15 +138,16 @@ def compiled_available() -> tuple[bool, str]:
 def _round_fp32(y, mbits, emin, fmax, overflow_value, neg_overflow_value, noise=None):
     """``round_to_format`` in fp32 (see the module docstring for why it is exact).
 
-    ``mbits``/``emin`` are int32 scalars, the others float32 scalars (0-d tensors or Python
-    numbers); ``overflow_value`` is max (saturate), inf or NaN, ``neg_overflow_value`` its
-    negation. Signs are handled with selects rather than ``copysign``, which inductor's CPU
-    backend calls out of line (Sleef) and which costs a third of the loop.
+    ``mbits``, ``emin`` (ints) and ``fmax`` are constants; ``overflow_value`` is max
+    (saturate), inf or NaN, ``neg_overflow_value`` its negation (numbers, or 0-d tensors for
+    NaN). Signs are handled with selects rather than ``copysign``, which inductor's CPU backend
+    calls out of line (Sleef) and which cost a third of the loop.
     """
     bits = y.view(torch.int32)
-    e = torch.clamp_max(torch.clamp_min(((bits >> 23) & 0xFF) - 127, emin), 126)
-    up = ((127 + mbits - e) << 23).view(torch.float32)  # 2**(M - e)
-    step = ((127 - mbits + e) << 23).view(torch.float32)  # 2**(e - M)
+    # e << 23, worked on in place in the exponent field (no shifts): int32 throughout.
+    e23 = torch.clamp(bits & 0x7F800000, (emin + 127) << 23, 253 << 23) - (127 << 23)
+    up = (((127 + mbits) << 23) - e23).view(torch.float32)  # 2**(M - e)
+    step = (((127 - mbits) << 23) + e23).view(torch.float32)  # 2**(e - M)
     t = y * up
     if noise is None:
         # Ties to even; keeps the sign of y, -0 and NaN included (x86 propagates the NaN).
@@ -204,6 +218,8 @@ def _make_graph(fmt: FPFormat, layout: str, scale_format: str, stochastic: bool,
         overflow = (fmax, -fmax)
     elif fmt.has_inf:
         overflow = (math.inf, -math.inf)
+    else:
+        overflow = None  # NaN: read from pf
     # The reference's _to_output clamps to the output dtype's range when saturating. Without
     # scaling, |q| <= max: the clamp can only act when max exceeds the dtype's range.
     limit = torch.finfo(out_dtype).max if saturate else None
@@ -320,10 +336,8 @@ def _runtime_params(fmt: FPFormat) -> torch.Tensor:
 
 
 def _why_not(x: torch.Tensor, fmt: FPFormat, backend: str) -> Optional[str]:
-    """Why the compiled path cannot take this call (None: it can)."""
-    ok, reason = compiled_available()
-    if not ok:
-        return reason
+    """Why the compiled path cannot take this call (None: it can). The cheap checks come
+    first, so that a call the fast path would decline never imports inductor."""
     if x.device.type != "cpu":
         return (f"the compiled quantizer runs on CPU tensors only (got {x.device.type}); on other "
                 "devices it has not been verified bit-identical to the reference")
@@ -338,7 +352,8 @@ def _why_not(x: torch.Tensor, fmt: FPFormat, backend: str) -> Optional[str]:
         return "x requires grad: the compiled quantizer does not build an autograd graph (use torch.no_grad())"
     if backend == "auto" and x.numel() < AUTO_MIN_NUMEL:
         return f"{x.numel()} elements is below AUTO_MIN_NUMEL={AUTO_MIN_NUMEL}: the reference is faster"
-    return None
+    ok, reason = compiled_available()
+    return None if ok else reason
 
 
 def _note_failure(key: _KernelKey, exc: BaseException) -> str:
@@ -385,7 +400,10 @@ def quantize_fast(
     if torch.compiler.is_compiling():
         # Inside a caller's torch.compile: the reference's ops are traced into their graph.
         return refuse("called while torch.compile is tracing; the enclosing graph compiles the reference")
-    xc = x if x.is_contiguous() else x.contiguous()  # a copy, never a write to x
+    # detach + no_grad below: every call reaches the kernel with the same grad state, so
+    # dynamo's global-state guard never recompiles a key between training and evaluation.
+    xc = x.detach()
+    xc = xc if xc.is_contiguous() else xc.contiguous()  # a copy, never a write to x
     plan = _plan(xc, block_size, axis)
     if plan is None:
         return refuse(f"block_size={block_size} does not divide axis {axis} of shape {tuple(x.shape)} "
@@ -411,13 +429,14 @@ def quantize_fast(
             torch._dynamo.mark_dynamic(noise, dynamic_dims)
         args.append(noise)
     try:
-        if len(dynamic_dims) > 1:
-            # Without this, two dynamic dims of equal size at the first call would share one
-            # symbol and every later unequal pair would recompile.
-            with torch.fx.experimental._config.patch(use_duck_shape=False):
+        with torch.no_grad():
+            if len(dynamic_dims) > 1:
+                # Without this, two dynamic dims of equal size at the first call would share
+                # one symbol and every later unequal pair would recompile.
+                with torch.fx.experimental._config.patch(use_duck_shape=False):
+                    out = _kernel(key)(*args)
+            else:
                 out = _kernel(key)(*args)
-        else:
-            out = _kernel(key)(*args)
     except Exception as exc:
         if rng_state is not None:
             gen.set_state(rng_state)

@@ -91,15 +91,13 @@ def reference(x, fmt, **kwargs):
 CASES = [
     ("e2m1", 32, -1, "e8m0", "nearest", True, torch.float32, None),  # MXFP4
     ("e2m1", 32, -1, "fp32", "nearest", True, torch.float32, None),
-    ("e2m1", 16, -1, "e4m3", "nearest", True, torch.float32, None),  # NVFP4
-    ("e2m1", 16, -1, "e4m3", "stochastic", True, torch.bfloat16, None),  # NVFP4 gradients
-    ("e2m1", None, -1, "fp32", "nearest", True, torch.bfloat16, None),
+    ("e2m1", 16, -1, "e4m3", "stochastic", True, torch.bfloat16, None),  # NVFP4, gradients
     ("e4m3", 128, -1, "fp32", "nearest", True, torch.float32, None),  # DeepSeek-style 1x128
     ("e4m3", None, -1, "fp32", "nearest", False, torch.float32, None),  # fn overflow: NaN
     ("e5m2", "channel", -1, "fp32", "nearest", False, torch.float16, None),  # ieee overflow: inf
-    ("e4m3:ieee", 32, -1, "e8m0", "stochastic", True, torch.float32, None),
-    ("e3m2", 32, 0, "fp32", "nearest", True, torch.float32, (64, 256)),  # blocks down the columns
-    ("e2m3", "tensor", -1, "e8m0", "nearest", True, torch.bfloat16, None),
+    ("e4m3:ieee", "tensor", -1, "e8m0", "nearest", True, torch.bfloat16, None),
+    ("e3m2", 32, 0, "fp32", "nearest", True, torch.float32, (128, 256)),  # blocks down the columns
+    ("e2m3", None, -1, "fp32", "nearest", True, torch.bfloat16, None),
     ("e3m4", None, -1, "fp32", "stochastic", False, torch.float32, None),
     ("e1m1", 32, -1, "fp32", "nearest", True, torch.float16, None),
     ("e0m3", 32, 1, "e8m0", "nearest", True, torch.float32, (12, 256, 4)),  # middle axis of 3
@@ -131,22 +129,22 @@ def test_bit_identical_to_reference(case):
     if rnd == "stochastic":  # the same draws consumed: both generators are at the same state
         assert torch.equal(torch.rand(4, generator=gen_fast), torch.rand(4, generator=gen_ref))
     # A second shape through the same key: no recompile, still exact.
-    frames = torch._dynamo.utils.counters["frames"]["ok"]
+    frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     y = x[: x.shape[0] // 2]  # halves the blocks, or the channel length for axis 0
     assert_same_bits(compiled(y, fmt, generator=torch.Generator().manual_seed(1), **kwargs),
                      reference(y, fmt, generator=torch.Generator().manual_seed(1), **kwargs))
-    assert torch._dynamo.utils.counters["frames"]["ok"] == frames, "a new shape recompiled the kernel"
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == frames, "a new shape recompiled the kernel"
 
 
 @needs_compile
-@pytest.mark.parametrize("name,np_name,saturate", [("e4m3", "float8_e4m3fn", False), ("e2m1", "float4_e2m1fn", True)])
-def test_plain_cast_matches_ml_dtypes(name, np_name, saturate):
-    # Independent of the reference: ml_dtypes' casts. ml_dtypes does not saturate (E4M3FN
-    # overflow is NaN, as saturate=False), and its sub-byte types have no NaN or inf and
-    # saturate (E2M1, as saturate=True); compare on finite inputs, where both are defined.
+@pytest.mark.parametrize("name,np_name,saturate,dtype", [("e4m3", "float8_e4m3fn", False, torch.float32),
+                                                         ("e2m3", "float6_e2m3fn", True, torch.bfloat16)])
+def test_plain_cast_matches_ml_dtypes(name, np_name, saturate, dtype):
+    # Independent of the reference: ml_dtypes' casts (the keys of CASES[4] and CASES[8]).
+    # ml_dtypes does not saturate (E4M3FN overflow is NaN, as saturate=False); its FP6 types
+    # have no NaN or inf and saturate (as saturate=True). Finite inputs: both are defined there.
     x = probe(FPFormat.parse(name))
     x = torch.where(torch.isfinite(x), x, torch.zeros_like(x))
-    dtype = torch.float32 if name == "e4m3" else torch.bfloat16
     got = compiled(x.to(dtype), name, saturate=saturate).float()
     expected = torch.from_numpy(x.to(dtype).float().numpy().astype(getattr(ml_dtypes, np_name)).astype(np.float32))
     assert_same_bits(got, expected)
@@ -158,7 +156,7 @@ def test_plain_cast_matches_ml_dtypes(name, np_name, saturate):
     rows=st.integers(2, 40),
     values=st.lists(st.floats(width=32, allow_nan=True, allow_infinity=True), min_size=1, max_size=64),
     log_scale=st.integers(-40, 40),
-    case=st.sampled_from([CASES[0], CASES[1], CASES[5], CASES[4]]),  # keys the cases above compile
+    case=st.sampled_from([CASES[0], CASES[1], CASES[3], CASES[8]]),  # keys the cases above compile
     seed=st.integers(0, 2**31 - 1),
 )
 def test_property_any_values(rows, values, log_scale, case, seed):
@@ -174,11 +172,12 @@ def test_property_any_values(rows, values, log_scale, case, seed):
 
 @needs_compile
 def test_non_contiguous_input_and_auto_threshold():
-    x = probe(FPFormat.parse("e2m1")).t()  # (256, 48), blocks of 16 along the last (strided) axis
+    x = probe(FPFormat.parse("e2m1")).t().bfloat16()  # (256, 48): blocks along the strided axis
     before = x.clone()
-    kwargs = dict(block_size=16, axis=-1, scale_format="e4m3")
-    assert_same_bits(compiled(x, "e2m1", **kwargs), reference(x, "e2m1", **kwargs))
-    assert torch.equal(x.view(torch.int32), before.view(torch.int32))
+    kwargs = dict(block_size=16, axis=-1, scale_format="e4m3", rounding="stochastic")
+    assert_same_bits(compiled(x, "e2m1", generator=torch.Generator().manual_seed(5), **kwargs),
+                     reference(x, "e2m1", generator=torch.Generator().manual_seed(5), **kwargs))
+    assert torch.equal(x.view(torch.int16), before.view(torch.int16))
     # "auto" leaves tiny tensors to the reference (no compile); large ones take the fast path.
     small = torch.randn(4, 64)
     assert fastquant.quantize_fast(small, FPFormat.parse("e2m1"), block_size=32, axis=-1, scale_format="fp32",
