@@ -273,8 +273,9 @@ def test_example_recipe_yamls_load():
     configs = Path(__file__).resolve().parents[1] / "examples" / "configs"
     paper = QuantRecipe.from_yaml(configs / "recipe_paper_e2m1.yaml")
     assert paper == QuantRecipe.from_name("paper", fmt="e2m1", rules=[
-        LayerRule("*.blocks.0.*", fmt="e4m3"), LayerRule("*.blocks.3.*", fmt="e4m3")])
+        LayerRule("*blocks.0.*", fmt="e4m3"), LayerRule("*blocks.3.*", fmt="e4m3")])
     assert paper.layer_spec("model.blocks.3.mlp.fc").p2 == OperandSpec("e4m3", 128)
+    assert paper.layer_spec("blocks.3.mlp.fc").p2 == OperandSpec("e4m3", 128)  # a bare model too
     nv = QuantRecipe.from_yaml(configs / "recipe_nvfp4.yaml")
     assert nv.layer_spec("model.blocks.3.attn.qkv").is_identity and nv.layer_spec("model.blocks.2.attn.qkv").p3.rounding == "stochastic"
     custom = QuantRecipe.from_yaml(configs / "recipe_custom.yaml")
