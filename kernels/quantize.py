@@ -32,17 +32,8 @@ from typing import Optional
 
 import torch
 
-from lightning_fpq.formats import FormatLike, FPFormat, as_format
-from lightning_fpq.quantize import (
-    E4M3,
-    E8M0_MAX_EXP,
-    ROUNDING_MODES,
-    SCALE_FORMATS,
-    BlockSize,
-    PackedTensor,
-    check_block_size,
-    check_choice,
-)
+from lightning_fpq.formats import FormatLike, FPFormat
+from lightning_fpq.quantize import BlockSize, PackedTensor, check_quantize_args
 
 from . import capability
 from ._common import (
@@ -413,17 +404,7 @@ def _prepare(
     generator: Optional[torch.Generator], noise: Optional[torch.Tensor], seed: Optional[int],
 ) -> tuple[FPFormat, int, int, int, Optional[torch.Tensor], int]:
     """Validate the public arguments; returns (fmt, block, axis, round_mode, noise, seed)."""
-    fmt = as_format(fmt)
-    block_size = check_block_size(block_size)
-    check_choice("rounding", rounding, ROUNDING_MODES)
-    check_choice("scale_format", scale_format, SCALE_FORMATS)
-    if not isinstance(x, torch.Tensor) or x.dtype not in _IN_KINDS:
-        got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f"the Triton quantize kernel expects a float32, bfloat16 or float16 tensor, got {got}")
-    if x.dim() == 0 and block_size not in (None, "tensor"):
-        raise ValueError(f"block_size={block_size!r} needs a tensor with at least one dimension")
-    if x.dim() > 0 and not -x.dim() <= axis < x.dim():
-        raise ValueError(f"axis={axis} is out of range for a tensor of {x.dim()} dimensions")
+    fmt, block_size = check_quantize_args(x, fmt, block_size, axis, scale_format, rounding, who="the Triton quantize kernel")
     axis = axis % max(x.dim(), 1)
     block = {None: _BLOCK_NONE, "channel": _BLOCK_CHANNEL, "tensor": _BLOCK_TENSOR}.get(block_size, block_size)
     sources = sum(s is not None for s in (generator, noise, seed))

@@ -151,7 +151,7 @@ class FPFormat:
         """Exponent of the largest finite value."""
         top = 2**self.ebits - 1  # the top stored exponent code
         if self.ebits == 0:
-            return self.emin  # only subnormal codes
+            return self.mbits - 1  # the integer grid's largest value 2**M - 1 lies in [2**(M-1), 2**M)
         if self.special == "ieee" or (self.special == "fn" and self.mbits == 0):
             top -= 1
         return top - self.bias

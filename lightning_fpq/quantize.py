@@ -176,6 +176,24 @@ def block_scales(
 
 
 # -------------------------------------------------------------------------- quantize
+def check_quantize_args(
+    x: torch.Tensor, fmt: FormatLike, block_size: BlockSize, axis: int, scale_format: str, rounding: str, *, who: str,
+) -> tuple[FPFormat, BlockSize]:
+    """The argument checks every implementation of ``quantize`` shares; ``who`` names it in errors."""
+    fmt = as_format(fmt)
+    block_size = check_block_size(block_size)
+    check_choice("rounding", rounding, ROUNDING_MODES)
+    check_choice("scale_format", scale_format, SCALE_FORMATS)
+    if not isinstance(x, torch.Tensor) or x.dtype not in _FLOAT_DTYPES:
+        got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{who} expects a float32, bfloat16 or float16 tensor, got {got}")
+    if x.dim() == 0 and block_size not in (None, "tensor"):
+        raise ValueError(f"block_size={block_size!r} needs a tensor with at least one dimension")
+    if x.dim() > 0 and not -x.dim() <= axis < x.dim():
+        raise ValueError(f"axis={axis} is out of range for a tensor of {x.dim()} dimensions")
+    return fmt, block_size
+
+
 def quantize(
     x: torch.Tensor,
     fmt: FormatLike,
@@ -210,18 +228,8 @@ def quantize(
             "compiled" and "triton" force one; a forced one that cannot run raises
             ``ValueError`` with the reason.
     """
-    fmt = as_format(fmt)
-    block_size = check_block_size(block_size)
-    check_choice("rounding", rounding, ROUNDING_MODES)
-    check_choice("scale_format", scale_format, SCALE_FORMATS)
     check_choice("backend", backend, BACKENDS)
-    if not isinstance(x, torch.Tensor) or x.dtype not in _FLOAT_DTYPES:
-        got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f"quantize expects a float32, bfloat16 or float16 tensor, got {got}")
-    if x.dim() == 0 and block_size not in (None, "tensor"):
-        raise ValueError(f"block_size={block_size!r} needs a tensor with at least one dimension")
-    if x.dim() > 0 and not -x.dim() <= axis < x.dim():
-        raise ValueError(f"axis={axis} is out of range for a tensor of {x.dim()} dimensions")
+    fmt, block_size = check_quantize_args(x, fmt, block_size, axis, scale_format, rounding, who="quantize")
     if backend in ("auto", "triton"):
         out = _quantize_triton(x, fmt, backend, block_size, axis, scale_format, rounding, generator, saturate)
         if out is not None:

@@ -79,6 +79,7 @@ def test_derived_properties_agree_with_enumeration(ebits, mbits, special):
     assert fmt.max == positive.max().item()
     assert fmt.min_subnormal == positive.min().item()
     assert fmt.num_values == grid.numel()
+    assert math.frexp(fmt.max)[1] - 1 == fmt.emax  # emax is the largest value's exponent
     assert torch.equal(grid, -grid.flip(0))  # symmetric
     if ebits > 0:
         assert fmt.bias == 2 ** (ebits - 1) - 1
