@@ -1,7 +1,7 @@
 """Cost of quantized training: a small GPT training step on CPU, unquantized vs each recipe.
 
     .venv/bin/python benchmarks/bench_step.py                 # timing table (about 3M parameters)
-    .venv/bin/python benchmarks/bench_step.py --losses 200    # plus final losses per recipe (tiny GPT)
+    .venv/bin/python benchmarks/bench_step.py --losses 300    # plus held-out losses per recipe (tiny GPT)
 
 One step = forward + backward + AdamW step on a batch of the demo corpus (stdlib source bytes),
 in a plain PyTorch loop (no Trainer overhead). Every variant is timed in the same process, in
@@ -103,22 +103,27 @@ def timing(args) -> None:
 
 
 def losses(args) -> None:
-    """Held-out loss per recipe after training a tiny GPT (reported, not compared: one seed)."""
+    """Held-out loss per recipe after training a tiny GPT (reported, not compared)."""
     config = GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=64)
     data = load_corpus(1_200_000)
     train, held_out = data[:1_000_000], data[1_000_000:]
     evals = [next(batches(held_out, 64, 64, seed=s)) for s in range(4)]  # 4 x 64 x 64 tokens
+    seeds = list(range(args.seeds))
     print(f"\nheld-out loss (nats/byte) after {args.losses} steps: tiny GPT {config.n_layer}x{config.n_embd}, "
-          "batch 16x64, AdamW lr 3e-3, one seed; evaluated with the recipe's forward quantization")
+          f"batch 16x64, AdamW lr 3e-3, init seeds {seeds}; evaluated with the recipe's forward quantization")
     for name, recipe in [("unquantized", None)] + VARIANTS:
-        model, opt = build(config, recipe)
-        for group in opt.param_groups:
-            group["lr"] = 3e-3
-        stream = batches(train, 16, 64, seed=1)
-        hist = [step(model, opt, *next(stream)) for _ in range(args.losses)]
-        with torch.no_grad():
-            held = statistics.fmean(lm_loss(model(x), y).item() for x, y in evals)
-        print(f"  {name:<20} held-out {held:.3f}   train (last 20 steps) {statistics.fmean(hist[-20:]):.3f}")
+        held = []
+        for seed in seeds:
+            model, opt = build(config, recipe, seed=seed)
+            for group in opt.param_groups:
+                group["lr"] = 3e-3
+            stream = batches(train, 16, 64, seed=1)
+            for _ in range(args.losses):
+                step(model, opt, *next(stream))
+            with torch.no_grad():
+                held.append(statistics.fmean(lm_loss(model(x), y).item() for x, y in evals))
+        spread = f"  (min {min(held):.3f}, max {max(held):.3f})" if len(held) > 1 else ""
+        print(f"  {name:<20} {statistics.fmean(held):.3f}{spread}", flush=True)
 
 
 def main() -> None:
@@ -132,11 +137,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--only", nargs="*", default=None, help="substrings of variant names to time")
     parser.add_argument("--losses", type=int, default=0, help="also train each recipe this many steps")
+    parser.add_argument("--seeds", type=int, default=3, help="initialisation seeds per recipe for --losses")
+    parser.add_argument("--no-timing", action="store_true", help="skip the timing table")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
-    timing(args)
+    if not args.no_timing:
+        timing(args)
     if args.losses:
         losses(args)
 
