@@ -86,6 +86,10 @@ class GPTConfig:
         )
 
 
+# Checkpoints store the config in hparams; Trainer.fit(ckpt_path=...) loads with
+# weights_only=True, which accepts only allow-listed classes.
+torch.serialization.add_safe_globals([GPTConfig])
+
 # Named sizes. tiny: unit tests; demo: trains visibly on a laptop CPU in minutes; small:
 # a longer CPU run; 100m / 1b: GPU benchmarks only (never instantiate them in tests).
 GPT_CONFIGS: dict[str, GPTConfig] = {
