@@ -42,9 +42,9 @@ divide the axis (the reference zero-pads the last block), tensors that require g
 grad is enabled, calls made while ``torch.compile`` is tracing, and non-CPU tensors (CUDA
 takes the Triton kernel; a compiled CUDA graph has not been verified bit-identical here).
 
-Compile cost, measured on this project's 2-core CPU (see ``benchmarks/bench_quantize.py``):
-about 1-2 s per kernel key with a warm inductor cache, 5-10 s cold, plus 10-20 s once per
-process for importing and starting inductor.
+Compile cost, measured on this project's 2-core CPU (``benchmarks/bench_quantize.py``, which
+prints it): 0.3-1 s per kernel key with a warm on-disk inductor cache, 2-4 s with a cold one,
+plus 3-10 s once per process for importing and starting inductor (the first key's figure).
 """
 
 from __future__ import annotations
