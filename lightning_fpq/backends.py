@@ -193,9 +193,9 @@ def torchao_float8_linear(
 
 
 # ------------------------------------------------- quantizer backends and Transformer Engine
-@functools.lru_cache(maxsize=None)
 def compiled_available() -> tuple[bool, str]:
-    """The torch.compile'd quantizer of ``fastquant.py`` (CPU and CUDA)."""
+    """The torch.compile'd quantizer of ``fastquant.py`` (CPU tensors; cached there, and
+    turned off there when a compile fails, so this is not cached again here)."""
     from . import fastquant
 
     return fastquant.compiled_available()
