@@ -339,11 +339,12 @@ def _fixed_constants(text: Optional[str]) -> dict:
     return out
 
 
-def _fit_rows(path: str) -> tuple[list, str]:
-    """A runs CSV -> the rows a fit may use, and a note on the rows left out.
+def _fit_rows(path: str, min_tokens: Optional[float] = None) -> tuple[list, list, str]:
+    """A runs CSV -> (the rows a fit may use, rows left out by ``min_tokens``, a note on what was left out).
 
     A sweep CSV (with a ``status`` column) gives its ``ok`` rows, the last row of each run id;
-    any other CSV is used whole (the fit checks its cells).
+    any other CSV is used whole (the fit checks its cells). ``min_tokens``: rows with fewer
+    training tokens D are set aside (returned second, for the plots).
     """
     import csv as csv_module
 
@@ -364,8 +365,19 @@ def _fit_rows(path: str) -> tuple[list, str]:
         left_out.append(f"{counts['failed']} failed")
     if counts["superseded"]:
         left_out.append(f"{counts['superseded']} superseded by a later row of the same run")
-    note = f"{counts['used']} of {counts['total']} rows used" + (f" ({', '.join(left_out)} left out)" if left_out else "")
-    return used, note
+    short: list = []
+    if min_tokens is not None:
+        from lightning_fpq.fitting import load_rows
+
+        tokens = load_rows(used, kind="chinchilla")["D"]  # checks the N, D, loss cells
+        short = [r for r, d in zip(used, tokens) if d < min_tokens]
+        used = [r for r, d in zip(used, tokens) if d >= min_tokens]
+        if short:
+            left_out.append(f"{len(short)} with D < {_g(min_tokens)} tokens")
+        if not used:
+            raise CLIError(f"CSV {path!r}: no row has D >= --min-tokens {_g(min_tokens)}")
+    note = f"{len(used)} of {counts['total']} rows used" + (f" ({', '.join(left_out)} left out)" if left_out else "")
+    return used, short, note
 
 
 def _critical_table(law, data) -> Any:
@@ -401,7 +413,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
             raise CLIError(f"--holdout {args.holdout!r}: expected a fraction in (0, 1) or 'largest_N'") from None
     if args.plots and args.kind != "capybara":
         raise CLIError(f"--plots draws capybara fits only (formats and block sizes), not a {args.kind} fit")
-    rows, note = _fit_rows(args.csv)
+    rows, short, note = _fit_rows(args.csv, args.min_tokens)
     result = fit(rows, kind=args.kind, fixed=_fixed_constants(args.fix), holdout=holdout, starts=args.starts, seed=args.seed)
     law = result.law
     paper = type(law).paper().constants()
@@ -424,7 +436,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
     if args.plots:
         from lightning_fpq.fit_plots import plot_fit
 
-        for path in plot_fit(result, data, args.plots):
+        excluded = load_rows(short, kind=args.kind) if short else None
+        for path in plot_fit(result, data, args.plots, excluded=excluded):
             console.print(f"wrote {path}")
     return 0
 
@@ -438,6 +451,9 @@ def add_fit(sub) -> None:
     p.add_argument("--plots", metavar="DIR", help="write loss_vs_tokens.png, fitted_vs_observed.png and residuals.png here")
     p.add_argument("--kind", choices=("capybara", "kumar", "chinchilla"), default="capybara", help="which law to fit (default: capybara)")
     p.add_argument("--holdout", metavar="FRACTION|largest_N", help="rows kept out of the fit and scored: a fraction, or the largest model")
+    p.add_argument("--min-tokens", type=positive_number, metavar="D",
+                   help="leave out runs with fewer training tokens (early-training runs the law does not describe); "
+                   "the plots still show them")
     p.add_argument("--fix", metavar="NAME=VALUE,...", help="hold constants fixed, e.g. dl=3.1926,nu=2.9543")
     p.add_argument("--starts", type=int, default=16, help="starting points of the optimiser (default: 16)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random starts and of a random hold-out (default: 0)")

@@ -2,7 +2,7 @@
 
 Up to four PNG files, each answering one question about the fit:
 
-- ``loss_vs_tokens.png``: per model size (columns) and block size (rows), the observed final
+- ``loss_vs_tokens.png``: per model size and block size (one panel each), the observed final
   loss of every run against its token budget D, one colour per format, with the fitted law's
   curve through them and its critical data size D_crit (a star at the curve's minimum) where
   it falls inside the plotted range. Does the law follow each format's curve, and does the
@@ -100,143 +100,222 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def plot_loss_vs_tokens(result: Any, data: dict[str, np.ndarray], path: Union[str, Path], *, title: str = "") -> Path:
-    """Observed loss against D with the fitted curves: a panel per (block size, model size)."""
+def _merged(data: dict[str, np.ndarray], excluded: Optional[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """The fitted rows and the rows left out of the fit, as one set of columns (for ranges and styles)."""
+    if not excluded:
+        return data
+    return {k: np.concatenate([np.asarray(data[k], dtype=object if k == "B" else float),
+                               np.asarray(excluded[k], dtype=object if k == "B" else float)])
+            for k in ("N", "D", "E", "M", "B", "log2b", "loss")}
+
+
+def _panels(every: dict[str, np.ndarray]) -> list[tuple[float, float, Any]]:
+    """(N, log2 B, B) of every panel: each model size once per block size it has quantized runs
+    at; a size with none gets one panel for its unquantized runs (log2 B = 0)."""
+    out = []
+    N_all, lb_all = every["N"].astype(float), every["log2b"].astype(float)
+    for N in sorted(set(N_all.tolist())):
+        at_n = np.isclose(N_all, N)
+        blocks = [(lb, b) for lb, b in _blocks(every) if (at_n & np.isclose(lb_all, lb)).any()]
+        out += [(N, lb, b) for lb, b in blocks] or [(N, 0.0, 1)]
+    return out
+
+
+def _panel_grid(plt, count: int):
+    """A figure with ``count`` panels, at most four a row; returns (fig, axes, ncols, nrows)."""
+    ncols = min(4, count)
+    nrows = math.ceil(count / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.4 * ncols + 1.0, 3.0 * nrows + 1.4), dpi=120, squeeze=False)
+    flat = [ax for row in axes for ax in row]
+    for ax in flat[count:]:
+        ax.set_visible(False)
+    return fig, flat[:count], ncols, nrows
+
+
+def _panel_title(N: float, lb: float, b: Any) -> str:
+    return f"N = {_g(N)}" + (f", {_block_label(b)}" if lb > 0 else ", unquantized runs only")
+
+
+def _tokens_text(d: float) -> str:
+    for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if d >= scale:
+            return f"{d / scale:.3g}{suffix}"
+    return f"{d:.3g}"
+
+
+def _token_ticks(ax, Ds: np.ndarray) -> None:
+    """Ticks at the runs' token budgets when there are few of them (131k, 262k, ...), else log decades."""
+    from matplotlib.ticker import FixedLocator, NullFormatter, NullLocator
+
+    values = sorted(set(float(d) for d in Ds))
+    if len(values) <= 8:
+        ax.xaxis.set_major_locator(FixedLocator(values))
+        ax.set_xticklabels([_tokens_text(d) for d in values])
+        ax.xaxis.set_minor_locator(NullLocator())
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
+def _finish_panels(fig, axes, ncols: int, nrows: int, handles: list, title: str, ylabel: str,
+                   xlim: tuple[float, float], ylim: tuple[float, float], per_row: int = 6,
+                   Ds: Optional[np.ndarray] = None) -> None:
+    for i, ax in enumerate(axes):
+        ax.set_xscale("log")
+        if Ds is not None:
+            _token_ticks(ax, Ds)
+        ax.set_xlim(*xlim)
+        ax.set_ylim(*ylim)
+        ax.grid(True, which="major", alpha=0.3)
+        ax.grid(True, which="minor", alpha=0.1)
+        ax.tick_params(labelsize=8)
+        if i % ncols == 0:
+            ax.set_ylabel(ylabel, fontsize=9)
+        else:
+            ax.tick_params(labelleft=False)
+        if i + ncols >= len(axes):  # nothing below this panel
+            ax.set_xlabel("training tokens D", fontsize=9)
+    per_row = min(len(handles), per_row)
+    fig.legend(handles=handles, loc="lower center", ncol=per_row, fontsize=8, frameon=False)
+    fig.suptitle(title, fontsize=11)
+    legend_rows = math.ceil(len(handles) / per_row)
+    height = 3.0 * nrows + 1.4
+    fig.tight_layout(rect=(0, (0.25 + 0.2 * legend_rows) / height, 1, 1 - 0.35 / height))
+
+
+def _excluded_points(ax, excluded, N, lb, fmt, colors, y) -> None:
+    E, M, quantized = fmt
+    lb_match = np.isclose(excluded["log2b"], lb) if quantized else (excluded["log2b"] == 0)
+    sel = np.isclose(excluded["N"], N) & lb_match & (excluded["E"] == E) & (excluded["M"] == M)
+    if sel.any():
+        ax.plot(excluded["D"][sel], y[sel], ls="none", marker="x", ms=6, mew=1.5, color=colors[fmt], zorder=3)
+
+
+def plot_loss_vs_tokens(result: Any, data: dict[str, np.ndarray], path: Union[str, Path], *, title: str = "",
+                        excluded: Optional[dict[str, np.ndarray]] = None) -> Path:
+    """Observed loss against D with the fitted curves: a panel per (model size, block size),
+    the unquantized runs in every panel of their size.
+
+    ``excluded``: rows left out of the fit (e.g. by ``fit --min-tokens``), drawn as crosses."""
     plt = _setup()
     consts = result.law.constants()
-    Ns = sorted({float(n) for n in data["N"]})
-    blocks = _blocks(data) or [(0.0, 1)]
-    formats = _formats(data)
+    every = _merged(data, excluded)
+    formats = _formats(every)
     colors = _colors(formats)
     held = np.asarray(result.heldout, dtype=bool)
-    d_lo, d_hi = float(data["D"].min()) / 1.25, float(data["D"].max()) * 1.25
+    d_lo, d_hi = float(every["D"].min()) / 1.25, float(every["D"].max()) * 1.25
     grid = np.logspace(math.log10(d_lo), math.log10(d_hi), 200)
-    ncols, nrows = len(Ns), len(blocks)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3.3 * ncols + 1.0, 3.0 * nrows + 1.3), dpi=120,
-                             sharex=True, sharey=True, squeeze=False)
+    panels = _panels(every)
+    fig, axes, ncols, nrows = _panel_grid(plt, len(panels))
     y_obs = data["loss"]
-    pad = 0.06 * (y_obs.max() - y_obs.min() + 1e-9)
-    for r, (lb_panel, b_panel) in enumerate(blocks):
-        for c, N in enumerate(Ns):
-            ax = axes[r][c]
-            at_n = np.isclose(data["N"], N)
-            for fmt in formats:
-                E, M, quantized = fmt
-                if quantized:
-                    lb_curve = lb_panel
-                    rows = at_n & np.isclose(data["log2b"], lb_panel) & (data["E"] == E) & (data["M"] == M)
-                else:
-                    lb_curve = 0.0
-                    rows = at_n & (data["log2b"] == 0) & (data["E"] == E) & (data["M"] == M)
-                if not rows.any():
-                    continue
-                color = colors[fmt]
-                curve = capybara_loss(N, grid, E, M, lb_curve, **consts)
-                ax.plot(grid, curve, color=color, lw=1.4, ls="-" if quantized else "--", zorder=2)
-                for mask, filled in ((rows & ~held, True), (rows & held, False)):
-                    if mask.any():
-                        ax.plot(data["D"][mask], y_obs[mask], ls="none", marker="o", ms=5, color=color,
-                                mfc=color if filled else "white", mec=color, mew=1.3, zorder=3)
-                if quantized and lb_curve > 0:
-                    d_crit = float(capybara_critical_data_size(N, E, M, lb_curve, **consts))
-                    if d_lo <= d_crit <= d_hi:
-                        y = float(capybara_loss(N, d_crit, E, M, lb_curve, **consts))
-                        ax.plot([d_crit], [y], marker="*", ms=13, color=color, mec="black", mew=0.7, zorder=4)
-            ax.set_xscale("log")
-            ax.grid(True, which="major", alpha=0.3)
-            ax.grid(True, which="minor", alpha=0.1)
-            if r == 0:
-                ax.set_title(f"N = {_g(N)}", fontsize=10)
-            if c == 0:
-                ax.set_ylabel(f"{_block_label(b_panel)}\nfinal val loss (nats)", fontsize=9)
-            if r == nrows - 1:
-                ax.set_xlabel("training tokens D", fontsize=9)
-            ax.tick_params(labelsize=8)
-    axes[0][0].set_ylim(y_obs.min() - pad, y_obs.max() + pad)
+    y_all = every["loss"].astype(float)
+    pad = 0.06 * (y_all.max() - y_all.min() + 1e-9)
+    for ax, (N, lb_panel, b_panel) in zip(axes, panels):
+        at_n = np.isclose(data["N"], N)
+        for fmt in formats:
+            E, M, quantized = fmt
+            if quantized and lb_panel == 0:
+                continue
+            if excluded:
+                _excluded_points(ax, excluded, N, lb_panel, fmt, colors, excluded["loss"])
+            lb_curve = lb_panel if quantized else 0.0
+            lb_match = np.isclose(data["log2b"], lb_panel) if quantized else (data["log2b"] == 0)
+            rows = at_n & lb_match & (data["E"] == E) & (data["M"] == M)
+            if not rows.any():
+                continue
+            color = colors[fmt]
+            ax.plot(grid, capybara_loss(N, grid, E, M, lb_curve, **consts), color=color, lw=1.4,
+                    ls="-" if quantized else "--", zorder=2)
+            for mask, filled in ((rows & ~held, True), (rows & held, False)):
+                if mask.any():
+                    ax.plot(data["D"][mask], y_obs[mask], ls="none", marker="o", ms=5, color=color,
+                            mfc=color if filled else "white", mec=color, mew=1.3, zorder=3)
+            if quantized and lb_curve > 0:
+                d_crit = float(capybara_critical_data_size(N, E, M, lb_curve, **consts))
+                if d_lo <= d_crit <= d_hi:
+                    y = float(capybara_loss(N, d_crit, E, M, lb_curve, **consts))
+                    ax.plot([d_crit], [y], marker="*", ms=13, color=color, mec="black", mew=0.7, zorder=4)
+        ax.set_title(_panel_title(N, lb_panel, b_panel), fontsize=10)
     from matplotlib.lines import Line2D
 
     handles = [Line2D([], [], color=colors[f], marker="o", ls="-" if f[2] else "--", lw=1.4,
                       label=format_label(f[0], f[1], 1.0 if f[2] else 0.0)) for f in formats]
+    handles += [Line2D([], [], color="grey", marker="o", ls="none", label="observed run")]
+    if held.any():
+        handles.append(Line2D([], [], color="grey", marker="o", mfc="white", ls="none", label="held out of the fit"))
+    if excluded:
+        handles.append(Line2D([], [], color="grey", marker="x", mew=1.5, ls="none", label="left out of the fit (D too small)"))
     handles += [
-        Line2D([], [], color="grey", marker="o", ls="none", label="observed run"),
-        Line2D([], [], color="grey", marker="o", mfc="white", ls="none", label="held out of the fit"),
         Line2D([], [], color="grey", ls="-", label="fitted law"),
         Line2D([], [], color="grey", marker="*", ms=11, mec="black", ls="none", label="fitted D_crit (loss minimum)"),
     ]
-    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=8, frameon=False)
-    fig.suptitle(title or "Final loss against training tokens: observed runs and the fitted law", fontsize=11)
-    legend_rows = math.ceil(len(handles) / min(len(handles), 6))
-    fig.tight_layout(rect=(0, 0.035 + 0.035 * legend_rows * 3.0 / (3.0 * nrows + 1.3), 1, 0.97))
+    _finish_panels(fig, axes, ncols, nrows, handles, title or "Final loss against training tokens: observed runs and the fitted law",
+                   "final val loss (nats)", (d_lo, d_hi), (y_all.min() - pad, y_all.max() + pad), Ds=every["D"])
     return _save(fig, Path(path))
 
 
-def _paired_baseline(data: dict[str, np.ndarray]) -> np.ndarray:
-    """Per row, the observed loss of the unquantized run with the same N and D (nan if none)."""
+def _paired_baseline(data: dict[str, np.ndarray], pool: Optional[dict[str, np.ndarray]] = None) -> np.ndarray:
+    """Per row of ``data``, the observed loss of the unquantized run (in ``pool``, default
+    ``data``) with the same N and D; nan where there is none."""
+    pool = data if pool is None else pool
     base = np.full(len(data["loss"]), np.nan)
-    unq = data["log2b"] == 0
+    unq = pool["log2b"].astype(float) == 0
     for i in range(len(base)):
-        match = unq & np.isclose(data["N"], data["N"][i]) & np.isclose(data["D"], data["D"][i])
+        match = unq & np.isclose(pool["N"].astype(float), data["N"][i]) & np.isclose(pool["D"].astype(float), data["D"][i])
         if match.any():
-            base[i] = float(data["loss"][match].mean())
+            base[i] = float(pool["loss"][match].astype(float).mean())
     return base
 
 
-def plot_penalty_vs_tokens(result: Any, data: dict[str, np.ndarray], path: Union[str, Path], *, title: str = "") -> Path:
+def plot_penalty_vs_tokens(result: Any, data: dict[str, np.ndarray], path: Union[str, Path], *, title: str = "",
+                           excluded: Optional[dict[str, np.ndarray]] = None) -> Path:
     """The quantization penalty against D: each quantized run's loss minus the unquantized run of
     the same N and D (observed, paired: same seed, same batches), and the fitted law's penalty term
     (D^b/N^a) log2 B / (g (E+0.5)^dl (M+0.5)^nu). Without unquantized runs the fitted unquantized
     loss is subtracted instead."""
     plt = _setup()
     consts = result.law.constants()
-    Ns = sorted({float(n) for n in data["N"]})
-    blocks = _blocks(data)
-    if not blocks:
+    every = _merged(data, excluded)
+    if not _blocks(every):
         raise ValueError("no quantized rows: there is no quantization penalty to draw")
-    formats = [f for f in _formats(data) if f[2]]
-    colors = _colors(_formats(data))
+    formats = [f for f in _formats(every) if f[2]]
+    colors = _colors(_formats(every))
     held = np.asarray(result.heldout, dtype=bool)
-    paired = _paired_baseline(data)
-    fitted_base = capybara_loss(data["N"], data["D"], data["E"], data["M"], 0.0, **consts)
-    has_pair = ~np.isnan(paired)
-    baseline = np.where(has_pair, paired, fitted_base)
-    excess = data["loss"] - baseline
-    d_lo, d_hi = float(data["D"].min()) / 1.25, float(data["D"].max()) * 1.25
+
+    def excess_of(rows: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        paired = _paired_baseline(rows, every)
+        fitted_base = capybara_loss(rows["N"], rows["D"], rows["E"], rows["M"], 0.0, **consts)
+        has = ~np.isnan(paired)
+        return rows["loss"] - np.where(has, paired, fitted_base), has
+
+    excess, has_pair = excess_of(data)
+    ex_excess = excess_of(excluded)[0] if excluded else None
+    d_lo, d_hi = float(every["D"].min()) / 1.25, float(every["D"].max()) * 1.25
     grid = np.logspace(math.log10(d_lo), math.log10(d_hi), 200)
-    ncols, nrows = len(Ns), len(blocks)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3.3 * ncols + 1.0, 3.0 * nrows + 1.3), dpi=120,
-                             sharex=True, sharey=True, squeeze=False)
-    shown = []
-    for r, (lb, b) in enumerate(blocks):
-        for c, N in enumerate(Ns):
-            ax = axes[r][c]
-            ax.axhline(0, color="grey", lw=1)
-            for fmt in formats:
-                E, M, _ = fmt
-                rows = np.isclose(data["N"], N) & np.isclose(data["log2b"], lb) & (data["E"] == E) & (data["M"] == M)
-                if not rows.any():
-                    continue
-                color = colors[fmt]
-                penalty = capybara_loss(N, grid, E, M, lb, **consts) - capybara_loss(N, grid, E, M, 0.0, **consts)
-                ax.plot(grid, penalty, color=color, lw=1.4, zorder=2)
-                for mask, filled in ((rows & ~held, True), (rows & held, False)):
-                    if mask.any():
-                        ax.plot(data["D"][mask], excess[mask], ls="none", marker="o", ms=5, color=color,
-                                mfc=color if filled else "white", mec=color, mew=1.3, zorder=3)
-                shown.append(excess[rows])
-            ax.set_xscale("log")
-            ax.grid(True, which="major", alpha=0.3)
-            ax.grid(True, which="minor", alpha=0.1)
-            if r == 0:
-                ax.set_title(f"N = {_g(N)}", fontsize=10)
-            if c == 0:
-                ax.set_ylabel(f"{_block_label(b)}\nloss - unquantized (nats)", fontsize=9)
-            if r == nrows - 1:
-                ax.set_xlabel("training tokens D", fontsize=9)
-            ax.tick_params(labelsize=8)
-    values = np.concatenate(shown) if shown else np.zeros(1)
+    panels = [p for p in _panels(every) if p[1] > 0]
+    fig, axes, ncols, nrows = _panel_grid(plt, len(panels))
+    shown = [np.zeros(1)]
+    for ax, (N, lb, b) in zip(axes, panels):
+        ax.axhline(0, color="grey", lw=1)
+        for fmt in formats:
+            E, M, _ = fmt
+            if excluded:
+                _excluded_points(ax, excluded, N, lb, fmt, colors, ex_excess)
+                sel = np.isclose(excluded["N"], N) & np.isclose(excluded["log2b"], lb) & (excluded["E"] == E) & (excluded["M"] == M)
+                shown.append(ex_excess[sel])
+            rows = np.isclose(data["N"], N) & np.isclose(data["log2b"], lb) & (data["E"] == E) & (data["M"] == M)
+            if not rows.any():
+                continue
+            color = colors[fmt]
+            penalty = capybara_loss(N, grid, E, M, lb, **consts) - capybara_loss(N, grid, E, M, 0.0, **consts)
+            ax.plot(grid, penalty, color=color, lw=1.4, zorder=2)
+            for mask, filled in ((rows & ~held, True), (rows & held, False)):
+                if mask.any():
+                    ax.plot(data["D"][mask], excess[mask], ls="none", marker="o", ms=5, color=color,
+                            mfc=color if filled else "white", mec=color, mew=1.3, zorder=3)
+            shown.append(excess[rows])
+        ax.set_title(_panel_title(N, lb, b), fontsize=10)
+    values = np.concatenate(shown)
     lo, hi = min(0.0, float(values.min())), max(0.0, float(values.max()))
     pad = 0.08 * (hi - lo + 1e-9)
-    axes[0][0].set_ylim(lo - pad, hi + pad)
     from matplotlib.lines import Line2D
 
     handles = [Line2D([], [], color=colors[f], marker="o", lw=1.4, label=format_label(f[0], f[1], 1.0)) for f in formats]
@@ -244,13 +323,13 @@ def plot_penalty_vs_tokens(result: Any, data: dict[str, np.ndarray], path: Union
                 Line2D([], [], color="grey", ls="-", label="fitted penalty term")]
     if held.any():
         handles.append(Line2D([], [], color="grey", marker="o", mfc="white", ls="none", label="held out of the fit"))
+    if excluded:
+        handles.append(Line2D([], [], color="grey", marker="x", mew=1.5, ls="none", label="left out of the fit (D too small)"))
     if not has_pair[data["log2b"] > 0].all():
         handles.append(Line2D([], [], color="none", label="(runs without an unquantized twin: minus the fitted unquantized loss)"))
-    per_row = min(len(handles), 5)
-    fig.legend(handles=handles, loc="lower center", ncol=per_row, fontsize=8, frameon=False)
-    fig.suptitle(title or "Quantization penalty against training tokens: observed excess loss and the fitted term", fontsize=11)
-    legend_rows = math.ceil(len(handles) / per_row)
-    fig.tight_layout(rect=(0, 0.035 + 0.035 * legend_rows * 3.0 / (3.0 * nrows + 1.3), 1, 0.97))
+    _finish_panels(fig, axes, ncols, nrows, handles,
+                   title or "Quantization penalty against training tokens: observed excess loss and the fitted term",
+                   "loss - unquantized loss (nats)", (d_lo, d_hi), (lo - pad, hi + pad), per_row=5, Ds=every["D"])
     return _save(fig, Path(path))
 
 
@@ -329,6 +408,7 @@ def plot_residuals(result: Any, data: dict[str, np.ndarray], path: Union[str, Pa
         ax.grid(True, alpha=0.3)
     _scatter_by_group(axes[0], data, data["D"], res, held, formats, colors, marker_of)
     axes[0].set_xscale("log")
+    _token_ticks(axes[0], data["D"])
     axes[0].set_xlabel("training tokens D")
     axes[0].set_ylabel("observed - fitted loss (nats)")
     # N: spread the points of one N a little so they do not hide each other
@@ -337,6 +417,9 @@ def plot_residuals(result: Any, data: dict[str, np.ndarray], path: Union[str, Pa
                         for e, m, lb in zip(data["E"], data["M"], data["log2b"])])
     _scatter_by_group(axes[1], data, data["N"] * 10 ** offsets, res, held, formats, colors, marker_of)
     axes[1].set_xscale("log")
+    from matplotlib.ticker import NullFormatter
+
+    axes[1].xaxis.set_minor_formatter(NullFormatter())
     axes[1].set_xlabel("parameters N (points of one N spread by format)")
     x_fmt = np.array([order[(float(e), float(m), bool(lb > 0))] for e, m, lb in zip(data["E"], data["M"], data["log2b"])], dtype=float)
     jitter = np.zeros_like(x_fmt)
@@ -354,11 +437,13 @@ def plot_residuals(result: Any, data: dict[str, np.ndarray], path: Union[str, Pa
     return _save(fig, Path(path))
 
 
-def plot_fit(result: Any, data: dict[str, np.ndarray], out_dir: Union[str, Path], *, title: Optional[str] = None) -> list[Path]:
-    """The three pictures of a Capybara fit, written into ``out_dir``; returns their paths.
+def plot_fit(result: Any, data: dict[str, np.ndarray], out_dir: Union[str, Path], *, title: Optional[str] = None,
+             excluded: Optional[dict[str, np.ndarray]] = None) -> list[Path]:
+    """The pictures of a Capybara fit, written into ``out_dir``; returns their paths.
 
     ``result`` is :func:`lightning_fpq.fitting.fit`'s result and ``data`` the rows it was given,
-    as :func:`lightning_fpq.fitting.load_rows` returns them (same order).
+    as :func:`lightning_fpq.fitting.load_rows` returns them (same order). ``excluded``: rows
+    left out before fitting (same format), drawn as crosses in the loss and penalty plots.
     """
     if getattr(result.law, "kind", None) != "capybara":
         raise ValueError(f"plots are drawn for a capybara fit only, not a {getattr(result.law, 'kind', type(result.law).__name__)} fit")
@@ -367,12 +452,12 @@ def plot_fit(result: Any, data: dict[str, np.ndarray], out_dir: Union[str, Path]
     out = Path(out_dir)
     suffix = f" ({title})" if title else ""
     return [
-        plot_loss_vs_tokens(result, data, out / "loss_vs_tokens.png",
+        plot_loss_vs_tokens(result, data, out / "loss_vs_tokens.png", excluded=excluded,
                             title=f"Final loss against training tokens: observed runs and the fitted law{suffix}"),
         plot_fitted_vs_observed(result, data, out / "fitted_vs_observed.png",
                                 title=f"Fitted against observed loss (dashed: y = x){suffix}"),
         plot_residuals(result, data, out / "residuals.png",
                        title=f"Residuals of the fitted law (band: ±RMSE = {result.rmse:.4f} nats){suffix}"),
-    ] + ([plot_penalty_vs_tokens(result, data, out / "penalty_vs_tokens.png",
+    ] + ([plot_penalty_vs_tokens(result, data, out / "penalty_vs_tokens.png", excluded=excluded,
                                  title=f"Quantization penalty against training tokens: observed excess loss and the fitted term{suffix}")]
          if (data["log2b"] > 0).any() else [])

@@ -219,6 +219,17 @@ def test_fit_plots_from_a_sweep_csv(tmp_path, capsys):
     assert law.dl == pytest.approx(TRUTH["dl"], rel=0.15) and law.nu == pytest.approx(TRUTH["nu"], rel=0.15)
 
 
+def test_fit_min_tokens_sets_short_runs_aside(tmp_path, capsys):
+    write_synthetic(tmp_path / "runs.csv")
+    code = main(["fit", str(tmp_path / "runs.csv"), "--min-tokens", "1e5", "--starts", "2", "--out", str(tmp_path / "law.yaml")])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "132 of 177 rows used (1 failed, 44 with D < 1e5 tokens left out)" in out
+    assert load_law(tmp_path / "law.yaml").provenance.rows == 132
+    assert main(["fit", str(tmp_path / "runs.csv"), "--min-tokens", "1e9"]) == 2
+    assert "no row has D >= --min-tokens 1e9" in capsys.readouterr().err
+
+
 def test_fit_refuses_a_csv_with_only_failed_rows(tmp_path, capsys):
     path = tmp_path / "runs.csv"
     path.write_text("run_id,status,N,D,E,M,B,loss\nx,failed,,100,2,1,4,\n")
