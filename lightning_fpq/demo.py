@@ -36,7 +36,7 @@ class DemoConfig:
     schedule: list = field(default_factory=lambda: ["e2m1", "e4m3", "bf16"])
     switch_at: Any = field(default_factory=lambda: [0.4, 0.75])  # or "auto"
     unit: str = "budget"  # "budget" fractions, "tokens", or "dcrit" fractions
-    law: Optional[str] = None  # None: the paper's constants; else a law YAML
+    law: Optional[str] = "demo-calibration"  # fitted to this project's CPU sweep; "paper", or a law YAML
     baseline: bool = False  # also train a BF16-only run for comparison
     val_every: int = 100  # steps between validations
     val_samples: int = 64  # validation windows

@@ -17,7 +17,7 @@ TINY = ["model=tiny", "steps=30", "block_size=32", "batch_size=8", "val_every=10
 
 @pytest.mark.slow
 def test_demo_runs_end_to_end_with_switches_plot_and_summary(tmp_path, capsys):
-    code = main(["demo", *TINY, "--out", str(tmp_path), "--baseline", "--no-progress-bar"])
+    code = main(["demo", *TINY, "law=paper", "--out", str(tmp_path), "--baseline", "--no-progress-bar"])
     assert code == 0
     out = capsys.readouterr().out
     assert "lightning-fpq demo summary" in out
@@ -41,6 +41,10 @@ def test_demo_config_errors_name_the_key(tmp_path):
         load_config(None, ("schedule=[fp5,bf16]",))
     cfg = load_config(str(ROOT / "examples" / "configs" / "demo.yaml"), ("steps=7",))
     assert cfg.steps == 7 and cfg.schedule == ["e2m1", "e4m3", "bf16"]
+    assert load_config().law == cfg.law == "demo-calibration"  # the shipped calibration by default
+    from lightning_fpq.callbacks.critical import resolve_law
+
+    assert resolve_law(cfg.law).provenance.source == "fit"
 
 
 def test_demo_bad_input_is_one_line_and_exit_2(capsys):
