@@ -265,11 +265,16 @@ def summary_text(results: list[RunResult], plot_path: Path) -> str:
         fraction = first.tokens / d_crit
         far |= fraction < 0.01
         lines.append(f"  {fmt:<8} D_crit = {d_crit:.3g} tokens; this run reached {fraction:.2%} of it")
-    if far:
+    if far and "paper" in first.law:
         lines.append(
             "  D_crit lies far beyond this run's budget: with these constants the precision does not yet hurt at "
             "this scale. The paper's constants belong to LLaMA on Dolma; calibrate a law for your own setup "
             "(lightning-fpq sweep / fit) to get D_crit figures that mean something here."
+        )
+    elif far:
+        lines.append(
+            "  D_crit lies beyond this run's budget for every stage: by this law the precision does not yet hurt "
+            "at this token count (more steps, or a smaller model, bring D_crit within reach)."
         )
     lines += ["", f"plot: {plot_path}", f"logs: {', '.join(str(r.metrics_csv) for r in results)}"]
     return "\n".join(lines)
