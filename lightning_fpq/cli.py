@@ -346,17 +346,12 @@ def _fit_rows(path: str, min_tokens: Optional[float] = None) -> tuple[list, list
     any other CSV is used whole (the fit checks its cells). ``min_tokens``: rows with fewer
     training tokens D are set aside (returned second, for the plots).
     """
-    import csv as csv_module
 
     from lightning_fpq.sweep import ok_rows
 
-    try:
-        with open(path, newline="", encoding="utf-8") as fh:
-            rows = list(csv_module.DictReader(fh))
-    except (OSError, UnicodeDecodeError, csv_module.Error) as err:
-        raise CLIError(f"cannot read CSV {path!r}: {err}") from None
-    if not rows:
-        raise CLIError(f"CSV {path!r} has no data rows")
+    from lightning_fpq.fitting import read_csv_rows
+
+    rows = read_csv_rows(path)  # ValueError: one line on stderr, exit 2, like CLIError
     used, counts = ok_rows(rows)
     if not used:
         raise CLIError(f"CSV {path!r}: none of its {counts['total']} rows has status ok ({counts['failed']} failed): nothing to fit")

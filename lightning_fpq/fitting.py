@@ -80,7 +80,8 @@ _START_RANGES = {"a": (0.1, 0.8), "b": (0.1, 0.8), "alpha": (0.1, 0.8), "beta": 
 # ------------------------------------------------------------------------- rows
 
 
-def _read_csv(path: Union[str, os.PathLike]) -> list[dict[str, Any]]:
+def read_csv_rows(path: Union[str, os.PathLike]) -> list[dict[str, Any]]:
+    """The rows of a CSV file as dicts; ValueError naming the file when unreadable or empty."""
     try:
         with open(path, newline="", encoding="utf-8") as fh:
             rows = list(csv.DictReader(fh))
@@ -94,7 +95,7 @@ def _read_csv(path: Union[str, os.PathLike]) -> list[dict[str, Any]]:
 def _columns_of(rows: Any) -> tuple[dict[str, list], str]:
     """Any accepted row source -> ({column name: values}, a description for messages)."""
     if isinstance(rows, (str, os.PathLike)):
-        records, where = _read_csv(rows), f"CSV {os.fspath(rows)!r}"
+        records, where = read_csv_rows(rows), f"CSV {os.fspath(rows)!r}"
     elif isinstance(rows, Mapping):
         return {str(k): list(np.atleast_1d(np.asarray(v, dtype=object))) for k, v in rows.items()}, "the columns"
     elif hasattr(rows, "columns") and hasattr(rows, "__getitem__"):
