@@ -30,7 +30,7 @@ import contextlib
 import math
 import warnings
 import zlib
-from typing import Iterable, Optional, Union
+from typing import Iterable, NamedTuple, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from . import backends
 from .formats import FPFormat
-from .quantize import _blocks_last, _unblock, block_scales, finite_absmax, quantize
+from .quantize import PackedTensor, _blocks_last, _unblock, block_scales, finite_absmax, quantize
 from .recipe import LayerSpec, OperandSpec, QuantRecipe, clean_module_name
 
 __all__ = ["QuantLinear", "RecipeHolder", "convert_linears", "quant_linear", "dge_factor", "occ_threshold"]
@@ -55,7 +55,9 @@ class RecipeHolder:
 
     Args:
         recipe: the initial recipe (a ``QuantRecipe``, a name or a YAML path).
-        backend: "auto", "emulated" or "torchao" (see :mod:`lightning_fpq.backends`).
+        backend: "auto" or a layer backend of :mod:`lightning_fpq.backends` ("emulated",
+            "compiled", "triton", "torchao_float8", "transformer_engine"); a forced backend
+            this machine cannot run raises ``backends.BackendUnavailableError``.
         seed: base seed of the stochastic-rounding generators (one per layer and device,
             seeded from ``seed``, ``rank`` and the layer's name); ``None`` takes
             ``torch.initial_seed()`` when the first generator is made.
@@ -81,6 +83,7 @@ class RecipeHolder:
         cache_weights: bool = False,
     ) -> None:
         self.backend = backends.check_backend(backend)
+        backends.require(self.backend)  # a forced backend this machine cannot run: say so now
         self.cache_weights = cache_weights
         self.seed = seed
         self.rank = rank
@@ -133,16 +136,27 @@ class RecipeHolder:
 
     @torch.compiler.disable
     def _choose_backend(self, name: str, device: torch.device) -> str:
-        spec = self.layer_spec(name)
-        backend = "emulated" if spec is None else backends.backend_for(
-            self.backend, spec, device, layer=name, warn=self.warn_fallbacks)
+        backend, reason = self.backend_choice(name, device)
+        if self.warn_fallbacks and self.backend != "auto" and backend != self.backend:
+            warnings.warn(f"layer {name!r}: {reason}; the recipe is unchanged", stacklevel=3)
         backends_ = dict(self._backends)
         backends_[(name, device.type)] = backend
         self._backends = backends_
         return backend
 
+    def backend_choice(self, name: str, device: torch.device) -> tuple[str, str]:
+        """``(backend, reason)`` for layer ``name`` on ``device`` under the active recipe.
+
+        Raises ``backends.BackendUnavailableError`` when a forced backend cannot run there."""
+        spec = self.layer_spec(name)
+        if spec is None or spec.is_identity:
+            return "unquantized", "the active recipe leaves this layer in the compute dtype"
+        return backends.choose(self.backend, spec, device)
+
     def set_backend(self, backend: str) -> None:
-        self.backend = backends.check_backend(backend)
+        backend = backends.check_backend(backend)
+        backends.require(backend)
+        self.backend = backend
         self._backends = {}
 
     def layer_spec(self, name: str) -> Optional[LayerSpec]:
@@ -243,40 +257,89 @@ def dge_factor(weight: torch.Tensor, spec: OperandSpec, *, k: float, clamp: floa
     return torch.clamp(factor, max=clamp)
 
 
-def _q(x: torch.Tensor, spec: Optional[OperandSpec], axis: int, generator: Optional[torch.Generator]) -> torch.Tensor:
-    """Fake-quantize one operand along ``axis`` (``x`` itself when the spec is None)."""
+def _q(x: torch.Tensor, spec: Optional[OperandSpec], axis: int, generator: Optional[torch.Generator],
+       quantizer: str = "auto") -> torch.Tensor:
+    """Fake-quantize one operand along ``axis`` (``x`` itself when the spec is None) with the
+    ``quantize`` backend ``quantizer`` (every one is bit-identical to the reference)."""
     if spec is None:
         return x
     if spec.rounding == "stochastic":
-        return _quantize_stochastic(x, spec, axis, generator)
+        return _quantize_stochastic(x, spec, axis, generator, quantizer)
     block = "none" if spec.block_size is None else str(spec.block_size)
-    return torch.ops.lightning_fpq.fake_quantize(x, spec.fmt.name, block, axis, spec.scale_format)
+    return torch.ops.lightning_fpq.fake_quantize(x, spec.fmt.name, block, axis, spec.scale_format, quantizer)
 
 
 @torch.library.custom_op("lightning_fpq::fake_quantize", mutates_args=())
-def _fake_quantize(x: torch.Tensor, fmt: str, block_size: str, axis: int, scale_format: str) -> torch.Tensor:
+def _fake_quantize(x: torch.Tensor, fmt: str, block_size: str, axis: int, scale_format: str, backend: str) -> torch.Tensor:
     """``quantize`` (nearest rounding) as an opaque op: ``torch.compile`` puts it in the graph
     as one node and runs the quantizer's own fast path, instead of tracing its float64 code."""
     block = None if block_size == "none" else int(block_size) if block_size.isdigit() else block_size
-    return quantize(x, fmt, block_size=block, axis=axis, scale_format=scale_format).contiguous()
+    return quantize(x, fmt, block_size=block, axis=axis, scale_format=scale_format, backend=backend).contiguous()
 
 
 @_fake_quantize.register_fake
-def _(x, fmt, block_size, axis, scale_format):
+def _(x, fmt, block_size, axis, scale_format, backend):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 @torch.compiler.disable
-def _quantize_stochastic(x: torch.Tensor, spec: OperandSpec, axis: int, generator: Optional[torch.Generator]) -> torch.Tensor:
+def _quantize_stochastic(x: torch.Tensor, spec: OperandSpec, axis: int, generator: Optional[torch.Generator],
+                         quantizer: str) -> torch.Tensor:
     # eager (a graph break under torch.compile): the draws come from the layer's own generator
     return quantize(x, spec.fmt, block_size=spec.block_size, axis=axis, scale_format=spec.scale_format,
-                    rounding="stochastic", generator=generator)
+                    rounding="stochastic", generator=generator, backend=quantizer)
 
 
 def _same_on_any_axis(a: Optional[OperandSpec], b: Optional[OperandSpec]) -> bool:
     """Whether q_a along one axis equals q_b along another: same spec, scaling that does not
     depend on the axis (none or one tensor scale), deterministic rounding."""
     return a is not None and a == b and a.block_size in (None, "tensor") and a.rounding == "nearest"
+
+
+class Plan(NamedTuple):
+    """How one call of a fake-quantizing backend runs: the ``quantize`` backend of its dense
+    operands, and which GEMMs (forward, dgrad, wgrad) take packed E2M1 operands and the FP4
+    GEMM kernel instead."""
+
+    quantizer: str = "reference"
+    fp4: tuple[bool, bool, bool] = (False, False, False)
+
+
+def _plan(backend: str, spec: LayerSpec, n_tokens: int, d_in: int, d_out: int) -> Plan:
+    quantizer = backends.QUANTIZER[backend]
+    if backend != "triton":
+        return Plan(quantizer)
+    fwd, dgrad, wgrad = backends.fp4_gemms(spec)
+
+    def fits(op: OperandSpec, length: int) -> bool:  # two codes a byte along the reduction
+        return length > 0 and (isinstance(op.block_size, int) or length % 2 == 0)
+
+    if min(n_tokens, d_in, d_out) == 0:
+        return Plan(quantizer)
+    return Plan(quantizer, (fwd and fits(spec.p1, d_in), dgrad and fits(spec.p3, d_out), wgrad and fits(spec.p5, n_tokens)))
+
+
+@torch.compiler.disable
+def _pack(x: torch.Tensor, spec: OperandSpec, axis: int, generator: Optional[torch.Generator]) -> PackedTensor:
+    """E2M1 codes and block scales of ``x`` along ``axis`` (the Triton kernel; its values are
+    the reference's, and stochastic rounding draws the reference's noise from ``generator``)."""
+    from .kernels import pack_triton
+
+    return pack_triton(x, spec.fmt, block_size=spec.block_size, axis=axis, scale_format=spec.scale_format,
+                       rounding=spec.rounding, generator=generator if spec.rounding == "stochastic" else None)
+
+
+@torch.compiler.disable
+def _gemm_fp4(a: PackedTensor, b: PackedTensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """``unpack(a) @ unpack(b).T`` on the packed FP4 kernel, fp32 accumulation."""
+    from .kernels import gemm_fp4
+
+    return gemm_fp4(a, b, out_dtype=out_dtype)
+
+
+def _operand(x: torch.Tensor, spec: Optional[OperandSpec], axis: int, generator: Optional[torch.Generator],
+             quantizer: str, packed: bool) -> Union[torch.Tensor, PackedTensor]:
+    return _pack(x, spec, axis, generator) if packed else _q(x, spec, axis, generator, quantizer)
 
 
 def quantize_pair(
@@ -286,19 +349,24 @@ def quantize_pair(
     generator: Optional[torch.Generator] = None,
     *,
     need_second: bool = True,
-) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    quantizer: str = "auto",
+    packed: tuple[bool, bool] = (False, False),
+) -> tuple[Union[torch.Tensor, PackedTensor], Optional[Union[torch.Tensor, PackedTensor]]]:
     """Both quantizations of a 2-D operand that the recipe asks for: ``first`` along its rows
     (axis -1, the forward / dgrad reduction) and ``second`` along its columns (axis 0).
 
     X gives (q1, q6), W gives (q2, q4), dY gives (q3, q5). When the two specs quantize alike on
     any axis, the second is the first (quantized once); ``need_second=False`` skips it.
+    ``packed`` asks for E2M1 codes plus scales (``PackedTensor``) instead of fake-quantized
+    values; the quantizations happen in the same order either way (stochastic rounding draws
+    the same noise).
     """
-    a = _q(x, first, -1, generator)
+    a = _operand(x, first, -1, generator, quantizer, packed[0])
     if not need_second:
         return a, None
-    if _same_on_any_axis(first, second):
+    if not any(packed) and _same_on_any_axis(first, second):
         return a, a
-    return a, _q(x, second, 0, generator)
+    return a, _operand(x, second, 0, generator, quantizer, packed[1])
 
 
 class WeightCache:
@@ -313,38 +381,53 @@ class WeightCache:
         self.key, self.wq2, self.wq4 = None, None, None
 
 
-def _weight_operands(weight, spec: LayerSpec, generator, need_wq4: bool, cache: Optional[WeightCache]):
+def _weight_operands(weight, spec: LayerSpec, generator, need_wq4: bool, cache: Optional[WeightCache], plan: Plan):
     """(q2(W), q4(W) or None), from the cache when W has not changed since it was filled."""
+    packed = plan.fp4[:2]  # q2 feeds the forward GEMM, q4 the dgrad GEMM
     usable = (cache is not None and not torch.compiler.is_compiling()
               and all(op is None or op.rounding == "nearest" for op in (spec.p2, spec.p4)))
     if not usable:
-        return quantize_pair(weight, spec.p2, spec.p4, generator, need_second=need_wq4)
-    key = (weight._version, weight.data_ptr(), tuple(weight.shape), weight.dtype, spec.p2, spec.p4)
+        return quantize_pair(weight, spec.p2, spec.p4, generator, need_second=need_wq4, quantizer=plan.quantizer,
+                             packed=packed)
+    key = (weight._version, weight.data_ptr(), tuple(weight.shape), weight.dtype, spec.p2, spec.p4, packed)
     if cache.key == key and (not need_wq4 or cache.wq4 is not None):
         return cache.wq2, cache.wq4
-    wq2, wq4 = quantize_pair(weight, spec.p2, spec.p4, generator, need_second=need_wq4)
+    wq2, wq4 = quantize_pair(weight, spec.p2, spec.p4, generator, need_second=need_wq4, quantizer=plan.quantizer,
+                             packed=packed)
     cache.key, cache.wq2, cache.wq4 = key, wq2, wq4
     return wq2, wq4
 
 
+def _dense(t, cd: torch.dtype):
+    return t if isinstance(t, PackedTensor) else t.to(cd)
+
+
 # ------------------------------------------------------------------ autograd fn
 def _forward(x2d, weight, bias, spec: LayerSpec, cd: torch.dtype, generator, *, need_xq6: bool, need_wq4: bool,
-             cache: Optional[WeightCache] = None):
+             plan: Plan = Plan(), cache: Optional[WeightCache] = None):
     """The forward GEMM ``q1(X) @ q2(W).T + b`` (plus OCC's compensation), and, from the same
     reads of X and W, the operands the backward GEMMs will need: q6(X) and q4(W)."""
+    fwd_fp4, _, wgrad_fp4 = plan.fp4
     if spec.occ:
         tau = occ_threshold(x2d, spec.occ_quantile)
         x_clamped = torch.clamp(x2d, -tau, tau)
-        xq1 = _q(x_clamped, spec.p1, -1, generator).to(cd)
-        xq6 = _q(x2d, spec.p6, 0, generator) if need_xq6 else None
+        xq1 = _dense(_operand(x_clamped, spec.p1, -1, generator, plan.quantizer, fwd_fp4), cd)
+        xq6 = _operand(x2d, spec.p6, 0, generator, plan.quantizer, wgrad_fp4) if need_xq6 else None
         residual = (x2d - x_clamped).to(cd)  # sparse: the outliers beyond the quantile
     else:
-        xq1, xq6 = quantize_pair(x2d, spec.p1, spec.p6, generator, need_second=need_xq6)
-        xq1 = xq1.to(cd)
+        xq1, xq6 = quantize_pair(x2d, spec.p1, spec.p6, generator, need_second=need_xq6, quantizer=plan.quantizer,
+                                 packed=(fwd_fp4, wgrad_fp4))
+        xq1 = _dense(xq1, cd)
         residual = None
     # W does not change between forward and backward: q4(W) comes from this same read of W
-    wq2, wq4 = _weight_operands(weight, spec, generator, need_wq4, cache)
-    y = F.linear(xq1, wq2.to(cd), bias.to(cd) if bias is not None else None)  # (N, out)
+    wq2, wq4 = _weight_operands(weight, spec, generator, need_wq4, cache, plan)
+    if fwd_fp4 and bias is not None:
+        # the bias joins the fp32 sums before the one rounding to cd, as in F.linear's epilogue
+        y = (_gemm_fp4(xq1, wq2, torch.float32) + bias.to(cd).float()).to(cd)
+    elif fwd_fp4:
+        y = _gemm_fp4(xq1, wq2, cd)
+    else:
+        y = F.linear(xq1, wq2.to(cd), bias.to(cd) if bias is not None else None)  # (N, out)
     if residual is not None:
         y = y + F.linear(residual, weight.to(cd))  # OCC compensation in the compute dtype
     return y, xq6, wq4
@@ -355,49 +438,61 @@ class _QuantLinearFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, spec: LayerSpec, compute_dtype: torch.dtype,
-                generator: Optional[torch.Generator], save_quantized_weight: bool, cache: Optional[WeightCache]):
+                generator: Optional[torch.Generator], save_quantized_weight: bool, cache: Optional[WeightCache],
+                plan: Plan):
         x2d = x.reshape(-1, x.shape[-1])  # (N, in)
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         cd = compute_dtype
         keep_wq4 = need_dx and save_quantized_weight
         y, xq6, wq4 = _forward(x2d, weight, bias, spec, cd, generator, need_xq6=need_dw, need_wq4=keep_wq4,
-                               cache=cache)
+                               plan=plan, cache=cache)
 
-        ctx.spec, ctx.cd, ctx.generator = spec, cd, generator
+        ctx.spec, ctx.cd, ctx.generator, ctx.plan = spec, cd, generator, plan
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         ctx.w_dtype = weight.dtype
         ctx.b_dtype = bias.dtype if bias is not None else None
         ctx.has_bias = bias is not None
         ctx.wq4_saved = keep_wq4
-        saved_x = xq6.to(cd) if need_dw else None
-        saved_wq4 = wq4.to(cd) if keep_wq4 else None
+        # packed operands (codes + scales) are not inputs: they live on ctx, freed with the graph
+        ctx.packed_x = xq6 if isinstance(xq6, PackedTensor) else None
+        ctx.packed_wq4 = wq4 if isinstance(wq4, PackedTensor) else None
+        saved_x = xq6.to(cd) if need_dw and ctx.packed_x is None else None
+        saved_wq4 = wq4.to(cd) if keep_wq4 and ctx.packed_wq4 is None else None
         ctx.save_for_backward(saved_x, weight, saved_wq4)  # the weight Parameter costs no memory
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out):
         saved_x, weight, saved_wq4 = ctx.saved_tensors
-        spec, cd = ctx.spec, ctx.cd
+        spec, cd, plan = ctx.spec, ctx.cd, ctx.plan
+        _, dgrad_fp4, wgrad_fp4 = plan.fp4
         dy2d = grad_out.reshape(-1, grad_out.shape[-1]).to(cd)  # (N, out)
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
         dyq3, dyq5 = None, None
         if need_dx:
-            dyq3, dyq5 = quantize_pair(dy2d, spec.p3, spec.p5, ctx.generator, need_second=need_dw)
+            dyq3, dyq5 = quantize_pair(dy2d, spec.p3, spec.p5, ctx.generator, need_second=need_dw,
+                                       quantizer=plan.quantizer, packed=(dgrad_fp4, wgrad_fp4))
         elif need_dw:
-            dyq5 = _q(dy2d, spec.p5, 0, ctx.generator)
+            dyq5 = _operand(dy2d, spec.p5, 0, ctx.generator, plan.quantizer, wgrad_fp4)
 
         dx = dw = db = None
         if need_dx:
-            wq4 = saved_wq4 if ctx.wq4_saved else _q(weight, spec.p4, 0, ctx.generator).to(cd)
-            dx = (dyq3 @ wq4).reshape(ctx.x_shape).to(ctx.x_dtype)  # (N, out) @ (out, in)
+            if ctx.wq4_saved:
+                wq4 = ctx.packed_wq4 if dgrad_fp4 else saved_wq4
+            else:
+                wq4 = _dense(_operand(weight, spec.p4, 0, ctx.generator, plan.quantizer, dgrad_fp4), cd)
+            dx = _gemm_fp4(dyq3, wq4, cd) if dgrad_fp4 else dyq3 @ wq4  # (N, out) @ (out, in)
+            dx = dx.reshape(ctx.x_shape).to(ctx.x_dtype)
         if need_dw:
-            dw = dyq5.t() @ saved_x  # (out, N) @ (N, in)
+            # (out, N) @ (N, in); packed: dY and X blocked along tokens stand for dY.T and X.T
+            dw = _gemm_fp4(dyq5, ctx.packed_x, cd) if wgrad_fp4 else dyq5.t() @ saved_x
             if spec.dge:
                 dw = dw * dge_factor(weight, spec.p2, k=spec.dge_k, clamp=spec.dge_clamp).to(dw.dtype)
             dw = dw.to(ctx.w_dtype)
         if need_db and ctx.has_bias:
             db = dy2d.sum(0).to(ctx.b_dtype)
-        return dx, dw, db, None, None, None, None, None
+        ctx.packed_x = ctx.packed_wq4 = None
+        return dx, dw, db, None, None, None, None, None, None
 
 
 def quant_linear(
@@ -413,29 +508,44 @@ def quant_linear(
 ) -> torch.Tensor:
     """``F.linear`` with the operands quantized as ``spec`` says (``None``: plain ``F.linear``).
 
-    Under autocast the compute dtype is the autocast dtype of ``x``'s device type (autocast is
-    then switched off inside: the quantized operands are cast explicitly); otherwise it is
-    ``x.dtype``.
+    ``backend`` is a layer backend of :mod:`lightning_fpq.backends` ("auto" chooses one for
+    ``spec`` and ``x``'s device). Under autocast the compute dtype is the autocast dtype of
+    ``x``'s device type (autocast is then switched off inside: the quantized operands are cast
+    explicitly); otherwise it is ``x.dtype``.
     """
     if spec is None or spec.is_identity:
         return F.linear(x, weight, bias)
+    backend = backends.check_backend(backend)
+    if backend == "auto":
+        backend = backends.choose("auto", spec, x.device)[0]
     weight = _full(weight)
     bias = _full(bias) if bias is not None else None
     device_type = x.device.type
     autocast_on = torch.is_autocast_enabled(device_type)
     compute_dtype = torch.get_autocast_dtype(device_type) if autocast_on else x.dtype
-    if backend == "torchao":
-        return backends.torchao_float8_linear(x, weight, bias, spec, compute_dtype, autocast_on)
+    if backend == "torchao_float8":
+        from .torchao_linear import torchao_float8_linear
+
+        return torchao_float8_linear(x, weight, bias, spec, compute_dtype, autocast_on)
+    if backend == "transformer_engine":
+        from .te_linear import te_linear
+
+        out = te_linear(x, weight, bias, spec, compute_dtype, autocast_on)
+        if out is not None:
+            return out
+        # a shape TE's FP8 GEMMs refuse: the same quantized operands on the fused quantizer
+        backend = "triton" if backends.available("triton", device_type)[0] else "emulated"
+    plan = _plan(backend, spec, x.numel() // max(x.shape[-1], 1), weight.shape[1], weight.shape[0])
     with torch.autocast(device_type, enabled=False) if autocast_on else contextlib.nullcontext():
         if not torch.is_grad_enabled():
             # validation / inference: only the forward GEMM (autograd.Function would still see
             # needs_input_grad=True for the weight and prepare q4(W), q6(X) for nothing)
             x2d = x.reshape(-1, x.shape[-1])  # (N, in)
             y, _, _ = _forward(x2d, weight, bias, spec, compute_dtype, generator, need_xq6=False, need_wq4=False,
-                               cache=weight_cache)
+                               plan=plan, cache=weight_cache)
             return y.reshape(*x.shape[:-1], y.shape[-1])
         return _QuantLinearFn.apply(x, weight, bias, spec, compute_dtype, generator, save_quantized_weight,
-                                    weight_cache)
+                                    weight_cache, plan)
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:

@@ -80,8 +80,12 @@ class FPQuantPrecision(Precision):
             runs on the device type the model actually lives on. ``None``/"fp32" means no
             autocast; "bf16" is what the paper's runs used on GPUs. "fp16" runs without a loss
             scaler (a warning says so): prefer "bf16".
-        backend: "auto" (torchao FP8 GEMMs where the device has them and the recipe allows,
-            emulation elsewhere), "emulated" or "torchao" (see :mod:`lightning_fpq.backends`).
+        backend: "auto" (per layer and recipe stage, the fastest backend that computes the
+            stage exactly on the model's device; the choice is logged once per stage), or one of
+            "emulated", "compiled", "triton", "torchao_float8" ("torchao"),
+            "transformer_engine" ("te") forced (see :mod:`lightning_fpq.backends`). A forced
+            backend this machine cannot run raises ``BackendUnavailableError`` here, one the
+            model's device cannot run raises it at setup.
         seed: base seed of the stochastic-rounding generators (``None``: from
             ``torch.initial_seed()``, so ``seed_everything`` makes runs reproducible).
         save_quantized_weight: keep q4(W) from forward for backward (faster) or quantize W
@@ -115,19 +119,16 @@ class FPQuantPrecision(Precision):
         self._save_quantized_weight = save_quantized_weight
         self._holder = RecipeHolder(
             QuantRecipe.coerce(recipe, fmt=fmt, block_size=block_size),
-            backend=backends.check_backend(backend), seed=seed,
+            backend=backend, seed=seed,
             save_quantized_weight=True if save_quantized_weight is None else save_quantized_weight,
             cache_weights=cache_weights,
         )
-        self._holder.warn_fallbacks = False  # _warn_fallbacks says it once, on rank zero
+        self._holder.warn_fallbacks = False  # _log_backends says it once per stage, on rank zero
         self._device_type: Optional[str] = None
         self._module_ref: Optional[weakref.ReferenceType] = None
         if self.compute_dtype == torch.float16:
             rank_zero_warn("FPQuantPrecision(compute_dtype='fp16') applies no loss scaling: small gradients may underflow; prefer 'bf16'")
-        if self._holder.backend == "torchao":
-            ok, reason = backends.torchao_available()
-            if not ok:
-                rank_zero_warn(f"FPQuantPrecision(backend='torchao'): {reason}; every layer runs emulated with the same recipe")
+        self._logged_stage: Optional[tuple[int, str]] = None
 
     # ------------------------------------------------------------------ recipe API
     @property
@@ -166,6 +167,8 @@ class FPQuantPrecision(Precision):
         if module is not None:
             self._convert(module)
         rank_zero_info(f"FPQuantPrecision: recipe is now {new.short_str()}")
+        if module is not None and self._device_type is not None:
+            self._log_backends(module)
         return new
 
     def describe(self) -> str:
@@ -200,25 +203,37 @@ class FPQuantPrecision(Precision):
             rank_zero_warn(f"FPQuantPrecision: layer {name!r} is an nn.Linear subclass and stays unquantized")
         if not converted:
             rank_zero_warn(f"FPQuantPrecision: no nn.Linear layer matches the recipe's include/exclude patterns ({self.recipe.short_str()})")
-        self._warn_fallbacks(module)
 
-    def _warn_fallbacks(self, module: nn.Module) -> None:
-        if self._holder.backend == "emulated":
-            return
+    def backend_choices(self, module: Optional[nn.Module] = None) -> dict[str, tuple[str, str]]:
+        """``{layer: (backend, reason)}`` for the active recipe on the model's device: what
+        runs each quantized layer now ("unquantized" for layers the recipe leaves alone)."""
+        module = module if module is not None else (self._module_ref() if self._module_ref is not None else None)
+        if module is None:
+            return {}
         device = self._device(module)
-        reasons: dict[str, list[str]] = {}
-        for name, _ in quantized_layers(module):
-            spec = self._holder.layer_spec(name)
-            if spec is None or spec.is_identity:
+        return {name: self._holder.backend_choice(name, device) for name, _ in quantized_layers(module)}
+
+    def _log_backends(self, module: nn.Module) -> None:
+        """Say once per recipe stage which backend runs which layers, and why."""
+        device = self._device(module)
+        stage = (self._holder.version, device.type)
+        if self._logged_stage == stage:
+            return
+        self._logged_stage = stage
+        groups: dict[tuple[str, str], list[str]] = {}
+        for name, choice in self.backend_choices(module).items():
+            groups.setdefault(choice, []).append(name)
+        for (backend, reason), names in groups.items():
+            if backend == "unquantized":
                 continue
-            backend, reason = backends.choose(self._holder.backend, spec, device)
-            if backend != self._holder.backend and self._holder.backend == "torchao":
-                reasons.setdefault(reason, []).append(name)
-        for reason, names in reasons.items():
-            rank_zero_warn(
-                f"FPQuantPrecision(backend='torchao'): {len(names)} layer(s) run emulated with the same recipe "
-                f"({reason}): {', '.join(names[:8])}{' ...' if len(names) > 8 else ''}"
-            )
+            listed = f"{', '.join(names[:6])}{' ...' if len(names) > 6 else ''}"
+            message = (f"FPQuantPrecision: {self.recipe.short_str()} on {device.type}: {len(names)} layer(s) on "
+                       f"backend {backend!r} ({reason}): {listed}")
+            forced = self._holder.backend
+            if forced != "auto" and backend != forced:
+                rank_zero_warn(message)
+            else:
+                rank_zero_info(message)
 
     @staticmethod
     def _device(module: nn.Module) -> torch.device:
@@ -230,6 +245,10 @@ class FPQuantPrecision(Precision):
     def connect(self, model: nn.Module, optimizers: list, lr_schedulers: list) -> tuple:
         # called after the model moved to its device: the autocast device type comes from here
         self._device_type = self._device(model).type
+        backends.require(self._holder.backend, self._device_type)  # a forced backend this device cannot run
+        module = self._module_ref() if self._module_ref is not None else None
+        if module is not None:
+            self._log_backends(module)
         return super().connect(model, optimizers, lr_schedulers)
 
     @override

@@ -1,10 +1,22 @@
-"""Capability checks: (available, reason), cached, and the report a user sees."""
+"""Backends: capability checks, the automatic choice per stage, forced backends, and the
+Transformer Engine glue (against a stand-in module: TE itself needs an NVIDIA GPU)."""
 
 from __future__ import annotations
 
+import sys
+import types
+
+import pytest
 import torch
+import torch.nn as nn
 
 from lightning_fpq import backends
+from lightning_fpq.recipe import LayerSpec, OperandSpec, QuantRecipe
+from lightning_fpq.te_linear import TE_RECIPE_MAPPING, te_format
+
+
+def spec_of(name: str, **kw) -> LayerSpec:
+    return QuantRecipe.from_name(name, **kw).layer_spec("blocks.0.fc")
 
 
 def test_every_check_returns_a_flag_and_a_reason():
@@ -24,14 +36,179 @@ def test_transformer_engine_without_a_gpu_says_how_to_get_it():
 def test_report_has_one_line_per_backend():
     report = backends.describe_backends(torch.device("cpu")).splitlines()
     assert [line.split("  ")[0].strip() for line in report] == [
-        "emulated", "compiled (quantizer)", "triton (quantizer, FP4 GEMM)", "torchao float8", "FP8 GEMM on cpu",
-        "transformer_engine"]
+        "emulated", "compiled", "triton", "torchao_float8", "FP8 GEMM on cpu", "transformer_engine"]
     assert all(" yes " in line or " no " in line for line in report)
 
 
-def test_te_mapping_names_a_recipe_or_the_reason_there_is_none():
-    for te_recipe, (ours, why) in backends.TE_RECIPE_MAPPING.items():
+def test_names_and_aliases():
+    assert backends.check_backend("torchao") == "torchao_float8"
+    assert backends.check_backend(" TE ") == "transformer_engine"
+    assert set(backends.BACKENDS) == {"auto", "emulated", "compiled", "triton", "torchao_float8", "transformer_engine"}
+    with pytest.raises(ValueError, match=r"backend='cuda' is not valid.*'triton'"):
+        backends.check_backend("cuda")
+
+
+def test_auto_on_cpu_takes_the_compiled_quantizer_for_every_recipe():
+    expected = "compiled" if backends.available("compiled", "cpu")[0] else "emulated"
+    for name in ("paper", "full", "fp8", "fp4", "nvfp4", "mxfp4", "mxfp8"):
+        backend, reason = backends.choose("auto", spec_of(name), torch.device("cpu"))
+        assert backend == expected and reason, name
+
+
+@pytest.fixture
+def gpu_machine(monkeypatch):
+    """A CUDA machine on which every backend is installed (``off`` lists those that are not)."""
+    off: set[str] = set()
+
+    def available(backend, device_type):
+        backend = backends.check_backend(backend)
+        if backend in off:
+            return False, f"{backend} is off in this test"
+        return True, f"{backend} here"
+
+    monkeypatch.setattr(backends, "available", available)
+    monkeypatch.setattr(backends, "machine_available", lambda b: available(b, "cuda"))
+    monkeypatch.setattr(backends, "_why_auto", lambda b, d: (True, ""))
+    return off
+
+
+def test_auto_order_on_a_gpu(gpu_machine):
+    cuda = torch.device("cuda")
+
+    def pick(spec):
+        return backends.choose("auto", spec, cuda)[0]
+
+    assert pick(spec_of("fp8")) == "torchao_float8"  # tensorwise fp8: real FP8 GEMMs
+    assert pick(spec_of("fp8", block_size="channel")) == "torchao_float8"  # rowwise
+    assert pick(spec_of("mxfp4")) == "triton"  # packed FP4 GEMMs
+    assert pick(spec_of("mxfp8")) == "triton"  # neither torchao nor TE computes it exactly
+    assert pick(spec_of("paper", fmt="e2m1")) == "triton"
+    gpu_machine.add("torchao_float8")
+    assert pick(spec_of("fp8")) == "transformer_engine"
+    assert pick(spec_of("fp8", block_size="channel")) == "triton"  # TE maps tensorwise only
+    gpu_machine.update({"transformer_engine", "triton"})
+    assert pick(spec_of("fp8")) == "emulated"
+
+
+def test_a_forced_backend_that_cannot_compute_a_stage_leaves_it_to_auto(gpu_machine):
+    backend, reason = backends.choose("torchao", spec_of("mxfp4"), torch.device("cuda"))
+    assert backend == "triton"
+    assert "torchao_float8 cannot compute this spec exactly" in reason and "e2m1" in reason
+    assert backends.choose("torchao", spec_of("fp8"), torch.device("cuda"))[0] == "torchao_float8"
+    gpu_machine.add("triton")
+    with pytest.raises(backends.BackendUnavailableError, match="backend='triton' cannot run on device type 'cuda'"):
+        backends.choose("triton", spec_of("mxfp4"), torch.device("cuda"))
+
+
+def test_which_gemms_run_on_the_fp4_kernel():
+    assert backends.fp4_gemms(spec_of("mxfp4")) == (True, True, True)
+    assert backends.fp4_gemms(spec_of("nvfp4")) == (True, True, True)  # stochastic dY is fine
+    assert backends.fp4_gemms(spec_of("fp4")) == (True, False, False)  # only X and W quantized
+    assert backends.fp4_gemms(spec_of("paper", fmt="e2m1")) == (False, False, False)  # one operand a GEMM
+    assert backends.fp4_gemms(spec_of("mxfp4", block_size=24)) == (False, False, False)  # not a power of two
+    assert backends.fp4_gemms(spec_of("mxfp8")) == (False, False, False)
+    mixed = LayerSpec((OperandSpec("e2m1", 32), OperandSpec("e2m1", 64)) + (None,) * 4)
+    assert backends.fp4_gemms(mixed) == (False, False, False)  # the two operands' blocks differ
+
+
+def test_transformer_engine_mapping():
+    assert te_format(spec_of("fp8"))[0] == "HYBRID"
+    e4m3 = OperandSpec("e4m3", "tensor")
+    assert te_format(LayerSpec((e4m3,) * 6))[0] == "E4M3"
+    assert te_format(spec_of("fp8", block_size="channel"))[0] is None
+    assert te_format(spec_of("mxfp8"))[0] is None
+    assert "forward format" in te_format(spec_of("fp8", fmt="e5m2"))[1]
+    for te_recipe, (ours, why) in TE_RECIPE_MAPPING.items():
         assert why
         if ours is not None:
-            name = ours.split()[0]
-            assert name in ("fp8", "mxfp8", "custom:"), te_recipe
+            assert ours.split()[0] in ("fp8", "custom:"), te_recipe
+
+
+# ------------------------------------------------------- Transformer Engine glue, stand-in TE
+class _StandInLinear(nn.Module):
+    """What lightning-fpq relies on in ``te.Linear`` (TE 2.20, module/linear.py): forward reads
+    ``self.weight``, and inside ``te.autocast`` quantizes with the active recipe's formats."""
+
+    def __init__(self, in_features, out_features, bias=True, params_dtype=None, device=None):
+        super().__init__()
+        assert device == "meta" and bias is False
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=params_dtype, device=device))
+
+    def forward(self, x):
+        from lightning_fpq.linear import quant_linear
+
+        fmt = _STATE["recipe"].fp8_format
+        dy = "e5m2" if fmt == "HYBRID" else "e4m3"
+        ops = [OperandSpec("e4m3", "tensor")] * 6
+        ops[2] = ops[4] = OperandSpec(dy, "tensor")
+        _STATE["calls"] += 1
+        return quant_linear(x, self.weight, None, LayerSpec(tuple(ops)), backend="emulated")
+
+
+_STATE: dict = {}
+
+
+@pytest.fixture
+def stand_in_te(monkeypatch):
+    import contextlib
+
+    from lightning_fpq import te_linear
+
+    te = types.ModuleType("transformer_engine")
+    te_pt = types.ModuleType("transformer_engine.pytorch")
+    common = types.ModuleType("transformer_engine.common")
+    recipe = types.ModuleType("transformer_engine.common.recipe")
+    recipe.Format = types.SimpleNamespace(HYBRID="HYBRID", E4M3="E4M3")
+    recipe.MMParams = lambda use_split_accumulator: ("split", use_split_accumulator)
+    recipe.Float8CurrentScaling = lambda **kw: types.SimpleNamespace(**kw)
+
+    @contextlib.contextmanager
+    def autocast(enabled, recipe):
+        _STATE["recipe"] = recipe
+        yield
+
+    te_pt.Linear, te_pt.autocast = _StandInLinear, autocast
+    te.pytorch, te.common, common.recipe = te_pt, common, recipe
+    for name, mod in (("transformer_engine", te), ("transformer_engine.pytorch", te_pt),
+                      ("transformer_engine.common", common), ("transformer_engine.common.recipe", recipe)):
+        monkeypatch.setitem(sys.modules, name, mod)
+    monkeypatch.setattr(te_linear, "TE_DEVICE_TYPES", ("cuda", "cpu"))
+    te_linear._recipe.cache_clear()
+    _STATE.clear()
+    _STATE["calls"] = 0
+    yield
+    te_linear._recipe.cache_clear()
+
+
+def test_te_backend_shares_the_layers_parameters(stand_in_te):
+    from lightning_fpq.linear import QuantLinear, quant_linear
+
+    torch.manual_seed(0)
+    layer = QuantLinear(32, 16, recipe="fp8")
+    keys = list(layer.state_dict())
+    x = torch.randn(4, 8, 32, requires_grad=True)
+    y = quant_linear(x, layer.weight, layer.bias, layer.spec, backend="transformer_engine")
+    y.sum().backward()
+    assert _STATE["calls"] == 1
+    rec = _STATE["recipe"]
+    assert rec.fp8_format == "HYBRID" and rec.use_power_2_scales is False
+    assert rec.fp8_gemm_fprop == ("split", True)
+    assert layer.weight.grad is not None and layer.bias.grad is not None  # our Parameters, through TE
+    assert list(layer.state_dict()) == keys
+    # the same maths as the emulated backend, bias added outside TE
+    x2 = x.detach().clone().requires_grad_()
+    layer2 = QuantLinear(32, 16, recipe="fp8")
+    layer2.load_state_dict(layer.state_dict())
+    y2 = quant_linear(x2, layer2.weight, layer2.bias, layer2.spec, backend="emulated")
+    y2.sum().backward()
+    assert torch.equal(y, y2) and torch.equal(x.grad, x2.grad) and torch.equal(layer.weight.grad, layer2.weight.grad)
+
+
+def test_te_backend_hands_shapes_it_cannot_take_to_the_fused_path(stand_in_te):
+    from lightning_fpq.linear import QuantLinear, quant_linear
+
+    layer = QuantLinear(24, 16, recipe="fp8")  # in_features % 16 != 0
+    x = torch.randn(8, 24)
+    y = quant_linear(x, layer.weight, layer.bias, layer.spec, backend="transformer_engine")
+    assert _STATE["calls"] == 0
+    assert torch.equal(y, quant_linear(x, layer.weight, layer.bias, layer.spec, backend="emulated"))

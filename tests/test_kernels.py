@@ -469,6 +469,85 @@ def test_gemm_fp4_rejects_what_it_cannot_multiply(device):
         gemm_fp4(_to(f, device), _to(f, device), path="dot_scaled")
 
 
+# ================================================== the "triton" layer backend in a training step
+def _layer_step(recipe, backend, device, *, dtype=torch.float32, autocast=False):
+    """One forward/backward of a QuantLinear on ``backend``: (y, dX, dW, db)."""
+    from lightning_fpq.linear import QuantLinear
+
+    torch.manual_seed(0)
+    layer = QuantLinear(64, 48, recipe=recipe).to(device)
+    layer._fpq_holder.set_backend(backend)
+    layer._fpq_holder.seed = 7  # the same stochastic-rounding stream on both backends
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 16, 64, generator=g).to(device=device, dtype=dtype).requires_grad_()
+    dy = torch.randn(2, 16, 48, generator=g).to(device=device)
+    ctx = torch.autocast(device.type, dtype=torch.bfloat16) if autocast else torch.autocast(device.type, enabled=False)
+    with ctx:
+        y = layer(x)
+    y.backward(dy.to(y.dtype))
+    assert layer._fpq_holder.layer_backend(layer._fpq_name, device) == backend
+    return y, x.grad, layer.weight.grad, layer.bias.grad
+
+
+def _count_fp4_gemms(monkeypatch) -> list:
+    from lightning_fpq import linear
+
+    calls, real = [], linear._gemm_fp4
+    monkeypatch.setattr(linear, "_gemm_fp4", lambda a, b, cd: calls.append(cd) or real(a, b, cd))
+    return calls
+
+
+@pytest.mark.parametrize("recipe,fp4_gemms", [("mxfp4", 3), ("nvfp4", 3), ("fp4", 1), ("paper", 0)])
+def test_triton_layer_backend_matches_emulated(device, monkeypatch, recipe, fp4_gemms):
+    """The triton backend quantizes the six operands exactly as the reference does and runs
+    each GEMM whose operands are both E2M1 on the packed FP4 kernel: with power-of-two scales
+    (mxfp4) that is bit-identical to fake quantization + an fp32 GEMM; with e4m3 or fp32 block
+    scales (nvfp4, fp4) the kernel applies 1/S to each block product instead of to each
+    element, a difference of an fp32 ulp or two (bounded here by 1e-6 relative)."""
+    calls = _count_fp4_gemms(monkeypatch)
+    emulated = _layer_step(recipe, "emulated", device)
+    assert not calls
+    triton = _layer_step(recipe, "triton", device)
+    assert len(calls) == fp4_gemms
+    for name, a, b in zip(("y", "dX", "dW", "db"), emulated, triton):
+        if recipe in ("mxfp4", "paper"):
+            assert_same(b, a)
+        else:
+            torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6 * float(a.detach().abs().max()), msg=name)
+
+
+def test_triton_layer_backend_under_bf16_autocast(device, monkeypatch):
+    # E2M1 values times power-of-two scales are exact in bf16, so the emulated path's bf16
+    # operands lose nothing and both round the fp32 sums to bf16 once.
+    calls = _count_fp4_gemms(monkeypatch)
+    emulated = _layer_step("mxfp4", "emulated", device, autocast=True)
+    triton = _layer_step("mxfp4", "triton", device, autocast=True)
+    assert calls == [torch.float32, torch.bfloat16, torch.bfloat16]  # forward adds the bias in fp32
+    for a, b in zip(emulated, triton):
+        assert_same(b, a)
+
+
+def test_triton_layer_backend_odd_token_count_uses_dense_gemm_for_wgrad(device, monkeypatch):
+    # channel blocks along 15 tokens: two codes a byte need an even length, so the wgrad GEMM
+    # takes the fused quantizer's fake-quantized operands instead (same values, no error).
+    from lightning_fpq.linear import QuantLinear
+    from lightning_fpq.recipe import QuantRecipe
+
+    calls = _count_fp4_gemms(monkeypatch)
+    recipe = QuantRecipe.from_name("mxfp4", block_size="channel")
+    outs = []
+    for backend in ("emulated", "triton"):
+        torch.manual_seed(0)
+        layer = QuantLinear(64, 32, recipe=recipe).to(device)
+        layer._fpq_holder.set_backend(backend)
+        x = torch.randn(15, 64, device=device, requires_grad=True)
+        layer(x).sum().backward()
+        outs.append((x.grad, layer.weight.grad))
+    assert len(calls) == 2  # forward and dgrad
+    for a, b in zip(*outs):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6 * float(a.abs().max()))
+
+
 # ========================================================== arguments and capabilities
 def test_wrappers_validate_arguments_before_launching():
     x = torch.randn(4, 32)

@@ -29,7 +29,7 @@ quiet()
         (dict(recipe="paper", fmt="e9m1"), "e9m1"),
         (dict(recipe="paper", block_size=-1), "-1"),
         (dict(compute_dtype="int8"), "'int8'"),
-        (dict(backend="triton"), "'triton'"),
+        (dict(backend="trition"), "'trition'"),
         (dict(seed="x"), "'x'"),
         (dict(recipe=3), "3"),
         (dict(cache_weights="yes"), "'yes'"),
@@ -208,16 +208,54 @@ def test_torchao_fp8_agrees_with_the_emulated_reference():
             y = layer(x)
             y.backward(torch.randn_like(y))
             outs[backend] = (y, x.grad, layer.weight.grad, layer.bias.grad)
-        assert layer._fpq_holder.layer_backend(layer._fpq_name, x.device) == "torchao"
+        assert layer._fpq_holder.layer_backend(layer._fpq_name, x.device) == "torchao_float8"
         for a, b in zip(outs["emulated"], outs["torchao"]):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
 def test_torchao_backend_falls_back_with_a_warning_never_a_different_recipe():
     plugin = FPQuantPrecision("paper", fmt="e4m3", backend="torchao")
-    with pytest.warns(UserWarning, match="run emulated with the same recipe.*P1 is not quantized"):
-        plugin.convert_module(model())
+    net = model()
+    plugin.convert_module(net)
+    with pytest.warns(UserWarning, match="torchao_float8 cannot compute this spec exactly.*P1 is not quantized"):
+        plugin.connect(net, [], [])
     assert plugin.recipe == QuantRecipe.from_name("paper", fmt="e4m3")
+    choices = plugin.backend_choices()
+    assert {backend for backend, _ in choices.values()} <= {"compiled", "unquantized"}
+
+
+def test_a_forced_backend_this_machine_cannot_run_raises_with_the_reason():
+    from lightning_fpq import backends
+
+    for backend in ("triton", "transformer_engine", "te"):
+        ok, reason = backends.machine_available(backend)
+        if ok:
+            continue
+        with pytest.raises(backends.BackendUnavailableError) as info:
+            FPQuantPrecision("fp8", backend=backend)
+        assert reason in str(info.value) and backends.check_backend(backend) in str(info.value)
+
+
+def test_auto_logs_its_choice_once_per_stage(caplog):
+    import logging
+
+    plugin = FPQuantPrecision("mxfp4")
+    net = model()
+    plugin.convert_module(net)
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch.utilities.rank_zero"):
+        plugin.connect(net, [], [])
+        plugin.connect(net, [], [])  # the same stage: said once
+        plugin.set_recipe("fp8")
+    lines = [r.getMessage() for r in caplog.records if "layer(s) on backend" in r.getMessage()]
+    assert len(lines) == 2, lines
+    expected = "compiled" if backends_compiled() else "emulated"
+    assert f"backend {expected!r}" in lines[0] and "mxfp4" in lines[0] and "fp8" in lines[1]
+
+
+def backends_compiled() -> bool:
+    from lightning_fpq import backends
+
+    return backends.available("compiled", "cpu")[0]
 
 
 # ---------------------------------------------------------------------- LightningCLI

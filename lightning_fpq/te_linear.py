@@ -1,0 +1,150 @@
+"""The ``transformer_engine`` layer backend: FP8 current scaling through Transformer Engine.
+
+lightning-fpq never replaces a Parameter, and Transformer Engine's ``te.Linear`` owns its
+own. So each quantized layer gets a hidden ``te.Linear`` (built on the meta device, outside
+the model: no module, buffer or state_dict entry is added) whose ``weight`` *is* the layer's
+own Parameter object. TE's forward reads ``self.weight`` and passes it to its autograd
+function as an input, so the gradient accumulates into our Parameter's ``.grad`` and
+optimizers, DDP buckets and checkpoints see nothing new. The bias is added outside TE in the
+compute dtype (TE would round an fp32 bias to bf16 on its FP8 path).
+
+Only ``Float8CurrentScaling`` is mapped, because only it quantizes exactly as the reference
+does (read in TE 2.20's sources: ``compute_scale_from_amax`` is ``S = fmax / amax`` by IEEE
+division with epsilon 0 and no power-of-two rounding, ``S = 1`` for a zero amax, the cast is
+``RNE(x * S)`` saturated, and the fp32 master weight is quantized as is):
+
+- ``fp8`` recipe with ``block_size="tensor"`` (E4M3 X and W, E5M2 dY) = ``Format.HYBRID``;
+- all six operands E4M3, tensorwise = ``Format.E4M3``.
+
+The FP8 bytes and scales are then the reference's; the GEMMs are cuBLAS FP8 GEMMs, which
+multiply by ``1/S`` rounded (TE's ``scale_inv``) in the epilogue and accumulate in fp32 (split
+accumulation is asked for in all three GEMMs), so outputs differ from the emulated path only
+by GEMM rounding. Not mapped (see ``TE_RECIPE_MAPPING``): MXFP8 (TE rounds the E8M0 exponent
+up, ``ceil(log2(amax / 448))``, where the OCP rule the reference follows floors it and
+saturates), NVFP4 (2-D weight tiles, Hadamard transforms), delayed and 128x128-block scaling.
+
+Shapes TE's FP8 GEMMs cannot take (tokens % 8, in_features % 16, out_features % 8) and
+non-Parameter weights (tensor-parallel DTensors) return ``None``: the caller runs that call on
+the fused-quantizer path, with the same quantized operands.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import weakref
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from .formats import FPFormat
+from .recipe import LayerSpec
+
+_E4M3 = FPFormat.parse("e4m3")
+_E5M2 = FPFormat.parse("e5m2")
+TE_DEVICE_TYPES = ("cuda",)
+
+# Transformer Engine recipes and the lightning-fpq recipe each one computes, where the two
+# match in formats, scaling, scale rounding and rounding (docs/backends.md).
+TE_RECIPE_MAPPING: dict[str, tuple[Optional[str], str]] = {
+    "Float8CurrentScaling(HYBRID)": ("fp8 (block_size='tensor')", "E4M3 X/W, E5M2 dY, one fp32 scale per tensor from the current amax; runs on backend='transformer_engine'"),
+    "Float8CurrentScaling(E4M3)": ("custom: QuantRecipe(p1..p6=OperandSpec('e4m3', block_size='tensor'))", "E4M3 for gradients too; runs on backend='transformer_engine'"),
+    "MXFP8BlockScaling": (None, "E4M3, 1x32 blocks, E8M0 scales like 'mxfp8', but TE rounds the scale exponent up (ceil(log2(amax/448))) where 'mxfp8' follows the OCP rule floor(log2 amax) - 8 and saturates: about a quarter of blocks differ; and it needs sm_100+"),
+    "DelayedScaling": (None, "scales from an amax history of earlier steps: lightning-fpq scales from the current tensor"),
+    "Float8BlockScaling": (None, "128x128 weight tiles (2-D): lightning-fpq blocks are 1-D; 'paper'/'full' with B=128 are the nearest"),
+    "NVFP4BlockScaling": (None, "16x16 weight tiles, random Hadamard transforms and stochastic rounding by default; 'nvfp4' has 1x16 blocks and no RHT"),
+}
+
+
+@functools.lru_cache(maxsize=256)
+def te_format(spec: LayerSpec) -> tuple[Optional[str], str]:
+    """TE's ``Format`` name ("HYBRID" or "E4M3") that computes ``spec`` exactly, or ``(None, why not)``."""
+    if spec.dge or spec.occ:
+        return None, "Transformer Engine has no DGE/OCC"
+    for i, op in enumerate(spec.operands):
+        if op is None:
+            return None, f"P{i + 1} is not quantized: TE's FP8 GEMMs quantize both operands"
+        if op.block_size != "tensor" or op.scale_format != "fp32" or op.rounding != "nearest":
+            return None, (f"P{i + 1} is {op.short_str()}: only one fp32 scale per tensor with nearest rounding "
+                          "(Float8CurrentScaling) matches TE exactly")
+    p1, p2, p3, p4, p5, p6 = spec.operands
+    if not (p1.fmt == p2.fmt == p4.fmt == p6.fmt == _E4M3):
+        return None, "X and W must be e4m3 in both their GEMMs (TE's forward format)"
+    if p3.fmt != p5.fmt or p3.fmt not in (_E4M3, _E5M2):
+        return None, "dY must be e4m3 or e5m2 in both backward GEMMs"
+    return ("E4M3" if p3.fmt == _E4M3 else "HYBRID"), "Float8CurrentScaling"
+
+
+def te_supports(spec: LayerSpec) -> tuple[bool, str]:
+    fmt, reason = te_format(spec)
+    return (True, f"{reason}(fp8_format={fmt})") if fmt is not None else (False, reason)
+
+
+@functools.lru_cache(maxsize=4)
+def _recipe(fmt_name: str):
+    from transformer_engine.common import recipe as te_recipe
+
+    split = te_recipe.MMParams(use_split_accumulator=True)  # fp32 accumulation in every GEMM
+    return te_recipe.Float8CurrentScaling(
+        fp8_format=getattr(te_recipe.Format, fmt_name), use_power_2_scales=False,
+        fp8_gemm_fprop=split, fp8_gemm_dgrad=split, fp8_gemm_wgrad=split,
+    )
+
+
+def _te_autocast(recipe):
+    import transformer_engine.pytorch as te
+
+    if hasattr(te, "autocast"):  # TE >= 2.9
+        return te.autocast(enabled=True, recipe=recipe)
+    return te.fp8_autocast(enabled=True, fp8_recipe=recipe)
+
+
+# one hidden te.Linear per weight Parameter, dropped with the Parameter
+_MODULES: "weakref.WeakKeyDictionary[nn.Parameter, nn.Module]" = weakref.WeakKeyDictionary()
+
+
+def _module_for(weight: nn.Parameter) -> nn.Module:
+    module = _MODULES.get(weight)
+    if module is None:
+        import transformer_engine.pytorch as te
+
+        out_features, in_features = weight.shape
+        # meta: TE allocates and initialises no weight of its own; ours is swapped in at once
+        module = te.Linear(in_features, out_features, bias=False, params_dtype=weight.dtype, device="meta")
+        _MODULES[weight] = module
+    if module._parameters.get("weight") is not weight:
+        module._parameters["weight"] = weight
+    return module
+
+
+def te_shapes_fit(n_tokens: int, in_features: int, out_features: int) -> bool:
+    """TE's FP8 GEMM shape rule (``assert_dim_for_fp8_exec``)."""
+    return n_tokens > 0 and n_tokens % 8 == 0 and in_features % 16 == 0 and out_features % 8 == 0
+
+
+def te_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    spec: LayerSpec,
+    compute_dtype: torch.dtype,
+    autocast_on: bool,
+) -> Optional[torch.Tensor]:
+    """``F.linear`` with FP8 current scaling in Transformer Engine, or ``None`` where TE cannot
+    take this call (the caller then runs the same quantized operands another way)."""
+    fmt, _ = te_format(spec)
+    n_tokens = x.numel() // max(x.shape[-1], 1)
+    if (fmt is None or not isinstance(weight, nn.Parameter) or x.device.type not in TE_DEVICE_TYPES
+            or not te_shapes_fit(n_tokens, weight.shape[1], weight.shape[0])):
+        return None
+    module = _module_for(weight)
+    # outside torch.autocast TE requires the input in the parameters' dtype
+    x_in = x if autocast_on else x.to(weight.dtype)
+    with _te_autocast(_recipe(fmt)):
+        y = module(x_in)
+    y = y.to(compute_dtype)
+    if bias is not None:
+        with torch.autocast(x.device.type, enabled=False) if autocast_on else contextlib.nullcontext():
+            y = y + bias.to(compute_dtype)
+    return y
