@@ -86,6 +86,7 @@ class RunResult:
     tokens: int
     n_params: int
     law: str
+    backends: list[str] = field(default_factory=list)  # per stage: "backend (n layers)"
 
 
 def _trainer_for(cfg: DemoConfig, name: str, schedule: list[str], law: Any):
@@ -146,6 +147,8 @@ def run_one(cfg: DemoConfig, name: str, schedule: list[str], law: Any) -> RunRes
         history=list(progressive.history) if progressive else [],
         stage_d_crit=stage_d_crit, tokens=monitor._counter.tokens_seen, n_params=monitor.n_params,
         law=f"{type(monitor.law).__name__}, {monitor.law.provenance.short_str()}",
+        backends=[", ".join(f"{b} ({n} layers)" for b, n in h["backends"].items())
+                  for h in trainer.precision_plugin.backend_history],
     )
 
 
@@ -258,13 +261,14 @@ def summary_text(results: list[RunResult], plot_path: Path) -> str:
     first = results[0]
     lines += ["", f"Critical data size per stage (N = {first.n_params:,} non-embedding parameters; law: {first.law}):"]
     far = False
-    for fmt, d_crit in first.stage_d_crit:
+    for i, (fmt, d_crit) in enumerate(first.stage_d_crit):
+        ran_on = f"; ran on {first.backends[i]}" if i < len(first.backends) else ""
         if not math.isfinite(d_crit):
-            lines.append(f"  {fmt:<8} unquantized: no critical data size")
+            lines.append(f"  {fmt:<8} unquantized: no critical data size{ran_on}")
             continue
         fraction = first.tokens / d_crit
         far |= fraction < 0.01
-        lines.append(f"  {fmt:<8} D_crit = {d_crit:.3g} tokens; this run reached {fraction:.2%} of it")
+        lines.append(f"  {fmt:<8} D_crit = {d_crit:.3g} tokens; this run reached {fraction:.2%} of it{ran_on}")
     if far and "paper" in first.law:
         lines.append(
             "  D_crit lies far beyond this run's budget: with these constants the precision does not yet hurt at "

@@ -128,7 +128,9 @@ class FPQuantPrecision(Precision):
         self._module_ref: Optional[weakref.ReferenceType] = None
         if self.compute_dtype == torch.float16:
             rank_zero_warn("FPQuantPrecision(compute_dtype='fp16') applies no loss scaling: small gradients may underflow; prefer 'bf16'")
-        self._logged_stage: Optional[tuple[int, str]] = None
+        self._logged_stage: Optional[tuple[QuantRecipe, str]] = None
+        #: one entry per recipe stage trained: {"recipe", "device", "backends": {backend: n_layers}}
+        self.backend_history: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------ recipe API
     @property
@@ -216,13 +218,17 @@ class FPQuantPrecision(Precision):
     def _log_backends(self, module: nn.Module) -> None:
         """Say once per recipe stage which backend runs which layers, and why."""
         device = self._device(module)
-        stage = (self._holder.version, device.type)
+        stage = (self.recipe, device.type)  # a set_recipe to the recipe already active is no new stage
         if self._logged_stage == stage:
             return
         self._logged_stage = stage
         groups: dict[tuple[str, str], list[str]] = {}
         for name, choice in self.backend_choices(module).items():
             groups.setdefault(choice, []).append(name)
+        counts: dict[str, int] = {}
+        for (backend, _), names in groups.items():
+            counts[backend] = counts.get(backend, 0) + len(names)
+        self.backend_history.append({"recipe": self.recipe.short_str(), "device": device.type, "backends": counts})
         for (backend, reason), names in groups.items():
             if backend == "unquantized":
                 continue

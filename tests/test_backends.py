@@ -212,3 +212,43 @@ def test_te_backend_hands_shapes_it_cannot_take_to_the_fused_path(stand_in_te):
     y = quant_linear(x, layer.weight, layer.bias, layer.spec, backend="transformer_engine")
     assert _STATE["calls"] == 0
     assert torch.equal(y, quant_linear(x, layer.weight, layer.bias, layer.spec, backend="emulated"))
+
+
+# ------------------------------------------------------------------- GPU only (skip here)
+def _step_on(backend: str, recipe: str, *, shape=(4, 256, 512), out_features=384):
+    """Forward + backward of one QuantLinear on CUDA under bf16 autocast: (y, dX, dW, db)."""
+    from lightning_fpq.linear import QuantLinear
+
+    torch.manual_seed(0)
+    layer = QuantLinear(shape[-1], out_features, recipe=recipe).cuda()
+    layer._fpq_holder.set_backend(backend)
+    x = torch.randn(*shape, device="cuda", requires_grad=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = layer(x)
+    y.float().pow(2).mean().backward()
+    assert layer._fpq_holder.layer_backend(layer._fpq_name, x.device) == backend
+    return [t.float() for t in (y, x.grad, layer.weight.grad, layer.bias.grad)]
+
+
+def _close_to_emulated(backend: str, recipe: str, rel: float) -> None:
+    """Same quantized operands, different GEMM rounding: every result within ``rel`` of the
+    emulated backend's, relative to its largest magnitude (bf16 outputs: rel >= 2**-8)."""
+    for name, a, b in zip(("y", "dX", "dW", "db"), _step_on("emulated", recipe), _step_on(backend, recipe)):
+        err = float((a - b).abs().max() / a.abs().max())
+        assert err <= rel, f"{backend} {recipe} {name}: max relative difference {err:.2e} > {rel}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not backends.fp8_gemm_available("cuda")[0], reason=backends.fp8_gemm_available("cuda")[1])
+@pytest.mark.parametrize("recipe", ["fp8", "mxfp4", "nvfp4"])
+def test_gpu_auto_takes_the_fast_path_and_matches_emulated(recipe):
+    backend = backends.choose("auto", QuantRecipe.from_name(recipe).layer_spec("fc"), torch.device("cuda"))[0]
+    assert backend == ("torchao_float8" if recipe == "fp8" else "triton")
+    _close_to_emulated(backend, recipe, rel=2**-7)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not backends.available("transformer_engine", "cuda")[0],
+                    reason=backends.available("transformer_engine", "cuda")[1])
+def test_gpu_transformer_engine_backend_matches_emulated():
+    _close_to_emulated("transformer_engine", "fp8", rel=2**-7)
