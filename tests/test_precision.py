@@ -332,3 +332,37 @@ def test_loss_falls_for_every_recipe_family(name, kwargs):
     first, last = sum(rec.losses[:10]) / 10, sum(rec.losses[-10:]) / 10
     assert len(rec.losses) == 80 and all(map(lambda v: v == v, rec.losses))  # no NaN
     assert last < first - 1.5, (name, first, last)
+
+
+def test_a_recipe_switch_changes_backend_without_rebuilding_anything():
+    """FP4 -> FP8 -> BF16 with torchao forced: the FP4 stage runs on what auto picks (torchao
+    cannot compute it), the FP8 stage on torchao, BF16 unquantized; the same modules and
+    Parameter objects throughout, and each stage trains."""
+    from lightning_fpq import backends
+
+    if not backends.torchao_available()[0]:
+        pytest.skip(backends.torchao_available()[1])
+    plugin = FPQuantPrecision("mxfp4", backend="torchao")
+    net = model()
+    plugin.convert_module(net)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plugin.connect(net, [], [])
+    params = [id(p) for p in net.parameters()]
+    modules = [(id(m), type(m)) for m in net.modules()]
+    idx = torch.randint(0, 256, (2, 16))
+    seen = []
+    for recipe in ("mxfp4", "fp8", "bf16"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            plugin.set_recipe(recipe)
+        net.zero_grad()
+        net(idx).float().pow(2).mean().backward()
+        assert all(p.grad is not None for p in net.parameters() if p.requires_grad)
+        seen.append(sorted({backend for backend, _ in plugin.backend_choices().values()}))
+    fp4_backend = "compiled" if backends.available("compiled", "cpu")[0] else "emulated"
+    assert seen == [[fp4_backend], ["torchao_float8"], ["unquantized"]]
+    assert [id(p) for p in net.parameters()] == params
+    assert [(id(m), type(m)) for m in net.modules()] == modules
+    assert [h["backends"] for h in plugin.backend_history] == [
+        {fp4_backend: 8}, {"torchao_float8": 8}, {"unquantized": 8}]
