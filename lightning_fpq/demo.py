@@ -262,7 +262,7 @@ def summary_text(results: list[RunResult], plot_path: Path) -> str:
     lines += ["", f"Critical data size per stage (N = {first.n_params:,} non-embedding parameters; law: {first.law}):"]
     far = False
     for i, (fmt, d_crit) in enumerate(first.stage_d_crit):
-        ran_on = f"; ran on {first.backends[i]}" if i < len(first.backends) else ""
+        ran_on = f"; ran on {first.backends[i]}" if i < len(first.backends) and "unquantized" not in first.backends[i] else ""
         if not math.isfinite(d_crit):
             lines.append(f"  {fmt:<8} unquantized: no critical data size{ran_on}")
             continue
