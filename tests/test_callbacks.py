@@ -286,3 +286,23 @@ def test_named_laws_and_bad_law_arguments():
         resolve_law(3)
     with pytest.raises(ValueError):
         resolve_law("/no/such/law.yaml")
+
+
+def test_progress_bar_shows_the_format_and_the_dcrit_fraction(tmp_path):
+    law = law_with_dcrit(20 * TOKENS_PER_STEP, N_TINY)
+    monitor = CriticalDataMonitor(law=law, plateau_window=0)
+    trainer = Trainer(
+        accelerator="cpu", max_steps=5, logger=False, enable_progress_bar=True, enable_model_summary=False,
+        enable_checkpointing=False, default_root_dir=tmp_path, callbacks=[monitor],
+        plugins=[FPQuantPrecision(recipe="paper", fmt="e2m1", block_size=16)],
+    )
+    model = TinyLM()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(model, loader(5))
+    items = trainer.progress_bar_callback.get_metrics(trainer, model)
+    assert items["fmt"] == "e2m1"
+    assert items["D/Dcrit"] == f"{5 / 20:.2%}"
+    # a second trainer's bar is not touched by this monitor's wrapping
+    other = Trainer(accelerator="cpu", max_steps=1, logger=False, enable_progress_bar=True)
+    assert "fmt" not in other.progress_bar_callback.get_metrics(other, model)
