@@ -162,6 +162,11 @@ def available(backend: str, device_type: str) -> Capability:
         fp8_ok, fp8_reason = fp8_gemm_available("cuda")
         if not fp8_ok:
             return False, f"Transformer Engine's FP8 recipes need FP8 GEMMs: {fp8_reason}"
+        from .te_linear import te_settings_problem
+
+        problem = te_settings_problem()
+        if problem is not None:
+            return False, problem
     if backend == "triton":
         from .kernels import capability
 

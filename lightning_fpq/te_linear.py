@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import weakref
 from typing import Optional
 
@@ -81,15 +82,34 @@ def te_supports(spec: LayerSpec) -> tuple[bool, str]:
     return (True, f"{reason}(fp8_format={fmt})") if fmt is not None else (False, reason)
 
 
+_POW2_ENV = "NVTE_FP8_CURRENT_SCALING_POWER_2_SCALES"
+
+
+def te_settings_problem() -> Optional[str]:
+    """Why TE's current scaling would not be the reference's here (``None``: it is).
+
+    TE reads this variable when it is imported, into class-level ``QParams`` that the
+    recipe's ``use_power_2_scales`` argument does not change."""
+    if os.environ.get(_POW2_ENV, "0") == "1":
+        return f"{_POW2_ENV}=1 rounds TE's scales down to powers of two, unlike the reference's fmax / amax"
+    return None
+
+
 @functools.lru_cache(maxsize=4)
 def _recipe(fmt_name: str):
     from transformer_engine.common import recipe as te_recipe
 
     split = te_recipe.MMParams(use_split_accumulator=True)  # fp32 accumulation in every GEMM
-    return te_recipe.Float8CurrentScaling(
+    recipe = te_recipe.Float8CurrentScaling(
         fp8_format=getattr(te_recipe.Format, fmt_name), use_power_2_scales=False,
         fp8_gemm_fprop=split, fp8_gemm_dgrad=split, fp8_gemm_wgrad=split,
     )
+    for role in ("fp8_quant_fwd_inp", "fp8_quant_fwd_weight", "fp8_quant_bwd_grad"):
+        qparams = getattr(recipe, role, None)
+        if qparams is not None and (qparams.power_2_scale or qparams.amax_epsilon != 0.0):
+            raise RuntimeError(f"Transformer Engine's {role} is {qparams}: power-of-two scales or an amax epsilon "
+                               f"would not match the reference quantizer (is {_POW2_ENV} set?)")
+    return recipe
 
 
 def _te_autocast(recipe):

@@ -160,7 +160,9 @@ def stand_in_te(monkeypatch):
     recipe = types.ModuleType("transformer_engine.common.recipe")
     recipe.Format = types.SimpleNamespace(HYBRID="HYBRID", E4M3="E4M3")
     recipe.MMParams = lambda use_split_accumulator: ("split", use_split_accumulator)
-    recipe.Float8CurrentScaling = lambda **kw: types.SimpleNamespace(**kw)
+    exact = types.SimpleNamespace(power_2_scale=False, amax_epsilon=0.0)  # TE's QParams without the env variable
+    recipe.Float8CurrentScaling = lambda **kw: types.SimpleNamespace(
+        fp8_quant_fwd_inp=exact, fp8_quant_fwd_weight=exact, fp8_quant_bwd_grad=exact, **kw)
 
     @contextlib.contextmanager
     def autocast(enabled, recipe):
@@ -202,6 +204,15 @@ def test_te_backend_shares_the_layers_parameters(stand_in_te):
     y2 = quant_linear(x2, layer2.weight, layer2.bias, layer2.spec, backend="emulated")
     y2.sum().backward()
     assert torch.equal(y, y2) and torch.equal(x.grad, x2.grad) and torch.equal(layer.weight.grad, layer2.weight.grad)
+
+
+def test_te_power_of_two_scales_are_refused(monkeypatch):
+    from lightning_fpq import te_linear
+
+    monkeypatch.delenv("NVTE_FP8_CURRENT_SCALING_POWER_2_SCALES", raising=False)
+    assert te_linear.te_settings_problem() is None
+    monkeypatch.setenv("NVTE_FP8_CURRENT_SCALING_POWER_2_SCALES", "1")
+    assert "powers of two" in te_linear.te_settings_problem()
 
 
 def test_te_backend_hands_shapes_it_cannot_take_to_the_fused_path(stand_in_te):
