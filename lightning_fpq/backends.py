@@ -249,7 +249,9 @@ def supports(backend: str, spec: LayerSpec) -> Capability:
             names = [n for n, on in zip(("forward", "dgrad", "wgrad"), gemms) if on]
             return True, f"fused quantizer; packed FP4 GEMM for {'/'.join(names)}"
         return True, "fused quantizer; GEMMs in the compute dtype"
-    return True, "fake quantization honours every recipe"
+    if backend == "compiled":
+        return True, "torch.compile'd quantizer (bit-identical to the reference); GEMMs in the compute dtype"
+    return True, "reference quantizer; GEMMs in the compute dtype"
 
 
 def _why_auto(backend: str, device: torch.device) -> Capability:

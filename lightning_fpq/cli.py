@@ -8,6 +8,7 @@
     lightning-fpq sweep sweep.yaml                         a grid of small runs -> runs.csv (resumable)
     lightning-fpq fit runs.csv --out law.yaml --plots DIR  fit the law to your own runs
     lightning-fpq plot --params 1e9 --formats e2m1,e4m3,bf16 --out law.png
+    lightning-fpq backends [--device cuda]                 which backend runs each recipe here, and why
 
 Adding a subcommand: write ``cmd_<name>(args) -> int`` (the work; import anything heavy
 inside it) and ``add_<name>(subparsers)`` (its parser; end with
@@ -606,7 +607,46 @@ def add_demo(sub) -> None:
     p.set_defaults(func=cmd_demo)
 
 
-SUBCOMMANDS: list[Callable[[Any], None]] = [add_formats, add_predict, add_plan, add_fit, add_plot, add_demo, add_sweep]
+# --------------------------------------------------------------------- backends
+
+
+def cmd_backends(args: argparse.Namespace) -> int:
+    import torch
+
+    from lightning_fpq import backends
+    from lightning_fpq.recipe import QuantRecipe
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    requested = backends.check_backend(args.backend)
+    # plain lines, not a table: the reasons are the point and must not be cut
+    print(f"Backends here, for {device.type} tensors:")
+    print(backends.describe_backends(device))
+    print(f"\nbackend={requested!r}: what runs each named recipe's layers on {device.type}:")
+    for name in [r.strip() for r in args.recipes.split(",") if r.strip()]:
+        spec = QuantRecipe.from_name(name).layer_spec("blocks.0.mlp.fc")
+        if spec is None or spec.is_identity:
+            backend, reason = "unquantized", "the recipe quantizes nothing"
+        else:
+            try:
+                backend, reason = backends.choose(requested, spec, device)
+            except backends.BackendUnavailableError as err:
+                backend, reason = "(error)", str(err)
+        print(f"  {name:<6} {backend:<18} {reason}")
+    return 0
+
+
+def add_backends(sub) -> None:
+    p = sub.add_parser("backends", help="which layer backends run here, and which one each recipe gets",
+                       description="The backends available on this machine and the backend that runs each "
+                                   "named recipe (backend='auto' unless --backend forces one).")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="device type to choose for (default: cuda if present)")
+    p.add_argument("--backend", default="auto", help="the FPQuantPrecision backend argument to resolve (default: auto)")
+    p.add_argument("--recipes", default="paper,full,fp8,fp4,nvfp4,mxfp4,mxfp8,bf16",
+                   help="comma-separated named recipes (default: all)")
+    p.set_defaults(func=cmd_backends)
+
+
+SUBCOMMANDS: list[Callable[[Any], None]] = [add_formats, add_predict, add_plan, add_fit, add_plot, add_demo, add_sweep, add_backends]
 """Each entry registers one subcommand on the subparsers object: append yours here."""
 
 

@@ -247,3 +247,23 @@ def test_the_installed_console_script(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "PAST D_crit: tokens beyond 3.93e11 raise the loss in e2m1" in done.stdout
+
+
+def test_backends_lists_what_runs_each_recipe_here(capsys):
+    from lightning_fpq import backends
+
+    code, out, _ = run(capsys, "backends", "--device", "cpu")
+    assert code == 0
+    assert out.count("\n") >= 6 + 8
+    for name in backends.LAYER_BACKENDS:
+        assert name in out
+    fast = "compiled" if backends.available("compiled", "cpu")[0] else "emulated"
+    choices = dict(line.split()[:2] for line in out.split("what runs each named recipe")[1].splitlines()[1:] if line.strip())
+    assert choices == {"paper": fast, "full": fast, "fp8": fast, "fp4": fast, "nvfp4": fast, "mxfp4": fast,
+                       "mxfp8": fast, "bf16": "unquantized"}
+    code, out, _ = run(capsys, "backends", "--device", "cpu", "--backend", "torchao", "--recipes", "fp8,mxfp4")
+    assert "fp8    torchao_float8" in out and "torchao_float8 cannot compute this spec exactly" in out
+
+
+def test_backends_bad_backend_is_one_line(capsys):
+    assert_one_line_error(*run(capsys, "backends", "--backend", "cuda"), "'cuda'", "triton")
