@@ -76,7 +76,7 @@ def main(argv: Optional[list[str]] = None) -> int:
               "--device cpu runs a smoke run")
         return 0
     device = torch.device(args.device or "cuda")
-    warnings.simplefilter("ignore")
+    warnings.filterwarnings("ignore", message=".*Failed to load.*")
 
     batch, seq = SHAPES[args.size]
     batch, seq = args.batch or batch, args.seq or seq
@@ -92,14 +92,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     g = torch.Generator(device="cpu").manual_seed(0)
     data = [torch.randint(0, config.vocab_size, (batch, seq + 1), generator=g).to(device) for _ in range(4)]
 
-    def step(i: int) -> float:
+    def step(i: int) -> torch.Tensor:
         idx = data[i % len(data)]
         with torch.autocast(device.type, dtype=torch.bfloat16):
             loss = lm_loss(forward(idx[:, :-1]), idx[:, 1:])
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return loss
+        return loss.detach()  # no host sync here: read once a round is timed
 
     def sync() -> None:
         if device.type == "cuda":
@@ -113,13 +113,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"\nbackend of {layer} (every block Linear alike) per stage:")
     for stage in args.stages:
         holder.set_recipe(STAGES[stage])
-        chosen, reason = holder.backend_choice(layer, device)
+        chosen, reason = holder.resolve_backends(device)[layer]
         print(f"  {stage:<6} {STAGES[stage]:<6} {chosen:<19} {reason}")
 
     # warm-up: compiles (torch.compile, Triton autotuning, the CPU quantizer) outside the timing
     losses: dict[str, float] = {}
-    for stage in args.stages:
+    def switch(stage: str) -> None:
+        # as the plugin does at a switch: every layer's backend chosen outside compiled code
         holder.set_recipe(STAGES[stage])
+        holder.resolve_backends(device)
+
+    for stage in args.stages:
+        switch(stage)
         for i in range(2):
             losses[stage] = float(step(i))
     sync()
@@ -127,7 +132,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     memory: dict[str, float] = {}
     for _ in range(args.rounds):
         for stage in args.stages:
-            holder.set_recipe(STAGES[stage])
+            switch(stage)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             sync()
@@ -147,6 +152,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         mem = f"{memory[stage]:9.1f}" if stage in memory else f"{'-':>9}"
         print(f"{stage:<7} {t * 1e3:9.1f} {tokens / t:11.0f} {base / t:8.2f} {mem} {losses[stage]:10.3f}   "
               f"({min(times[stage]) * 1e3:.1f}..{max(times[stage]) * 1e3:.1f})")
+    if args.compile:
+        from torch._dynamo.utils import counters
+
+        breaks = sum(counters["graph_break"].values())
+        print(f"\ntorch.compile: {breaks} graph break(s), {counters['stats'].get('unique_graphs', 0)} graph(s) compiled "
+              f"(a stage that falls back to eager would show here)")
     return 0
 
 

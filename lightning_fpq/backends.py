@@ -287,9 +287,9 @@ def _auto(spec: LayerSpec, device: torch.device, exclude: str = "") -> tuple[str
     for backend in AUTO_ORDER.get(device.type, ("emulated",)):
         if backend == exclude:
             continue
-        ok, reason = available(backend, device.type)
+        ok, reason = _why_auto(backend, device)  # first: it needs no import (torchao's prints on CPU)
         if ok:
-            ok, reason = _why_auto(backend, device)
+            ok, reason = available(backend, device.type)
         if ok:
             ok, reason = supports(backend, spec)
         if ok:

@@ -27,6 +27,7 @@ This module knows formats, recipes and backends, and nothing of Lightning.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import warnings
 import zlib
@@ -143,6 +144,19 @@ class RecipeHolder:
         backends_[(name, device.type)] = backend
         self._backends = backends_
         return backend
+
+    @torch.compiler.disable
+    def resolve_backends(self, device: torch.device) -> dict[str, tuple[str, str]]:
+        """Choose, and cache, the backend of every registered layer on ``device`` now:
+        ``{layer: (backend, reason)}``. Called outside compiled code after a recipe switch, so
+        that a ``torch.compile``'d model finds every choice made (no graph break in forward)."""
+        choices = {name: self.backend_choice(name, device) for name in self._names}
+        backends_ = dict(self._backends)
+        for name, (backend, _) in choices.items():
+            if backend != "unquantized":
+                backends_[(name, device.type)] = backend
+        self._backends = backends_
+        return choices
 
     def backend_choice(self, name: str, device: torch.device) -> tuple[str, str]:
         """``(backend, reason)`` for layer ``name`` on ``device`` under the active recipe.
@@ -402,6 +416,20 @@ def _dense(t, cd: torch.dtype):
     return t if isinstance(t, PackedTensor) else t.to(cd)
 
 
+def _split_packed(t, cd: torch.dtype):
+    """A saved operand as (tensor, scales, layout): dense values in ``cd`` with no scales or
+    layout, or a PackedTensor's codes and scales plus the rest of it (shape, format, blocks)."""
+    if t is None:
+        return None, None, None
+    if isinstance(t, PackedTensor):
+        return t.codes, t.scales, dataclasses.replace(t, codes=None, scales=None)
+    return t.to(cd), None, None
+
+
+def _join_packed(values, scales, layout):
+    return values if layout is None else dataclasses.replace(layout, codes=values, scales=scales)
+
+
 # ------------------------------------------------------------------ autograd fn
 def _forward(x2d, weight, bias, spec: LayerSpec, cd: torch.dtype, generator, *, need_xq6: bool, need_wq4: bool,
              plan: Plan = Plan(), cache: Optional[WeightCache] = None):
@@ -453,17 +481,18 @@ class _QuantLinearFn(torch.autograd.Function):
         ctx.b_dtype = bias.dtype if bias is not None else None
         ctx.has_bias = bias is not None
         ctx.wq4_saved = keep_wq4
-        # packed operands (codes + scales) are not inputs: they live on ctx, freed with the graph
-        ctx.packed_x = xq6 if isinstance(xq6, PackedTensor) else None
-        ctx.packed_wq4 = wq4 if isinstance(wq4, PackedTensor) else None
-        saved_x = xq6.to(cd) if need_dw and ctx.packed_x is None else None
-        saved_wq4 = wq4.to(cd) if keep_wq4 and ctx.packed_wq4 is None else None
-        ctx.save_for_backward(saved_x, weight, saved_wq4)  # the weight Parameter costs no memory
+        # packed operands go through save_for_backward as codes + scales (so saved-tensor hooks,
+        # activation checkpointing and retain_graph see them); their layout stays on ctx
+        x_codes, x_scales, ctx.x_layout = _split_packed(xq6 if need_dw else None, cd)
+        w_codes, w_scales, ctx.w_layout = _split_packed(wq4 if keep_wq4 else None, cd)
+        ctx.save_for_backward(x_codes, x_scales, weight, w_codes, w_scales)  # the weight Parameter costs no memory
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out):
-        saved_x, weight, saved_wq4 = ctx.saved_tensors
+        x_codes, x_scales, weight, w_codes, w_scales = ctx.saved_tensors
+        saved_x = _join_packed(x_codes, x_scales, ctx.x_layout)  # q6(X): values in cd, or packed
+        saved_wq4 = _join_packed(w_codes, w_scales, ctx.w_layout)  # q4(W) likewise
         spec, cd, plan = ctx.spec, ctx.cd, ctx.plan
         _, dgrad_fp4, wgrad_fp4 = plan.fp4
         dy2d = grad_out.reshape(-1, grad_out.shape[-1]).to(cd)  # (N, out)
@@ -478,20 +507,19 @@ class _QuantLinearFn(torch.autograd.Function):
         dx = dw = db = None
         if need_dx:
             if ctx.wq4_saved:
-                wq4 = ctx.packed_wq4 if dgrad_fp4 else saved_wq4
+                wq4 = saved_wq4
             else:
                 wq4 = _dense(_operand(weight, spec.p4, 0, ctx.generator, plan.quantizer, dgrad_fp4), cd)
             dx = _gemm_fp4(dyq3, wq4, cd) if dgrad_fp4 else dyq3 @ wq4  # (N, out) @ (out, in)
             dx = dx.reshape(ctx.x_shape).to(ctx.x_dtype)
         if need_dw:
             # (out, N) @ (N, in); packed: dY and X blocked along tokens stand for dY.T and X.T
-            dw = _gemm_fp4(dyq5, ctx.packed_x, cd) if wgrad_fp4 else dyq5.t() @ saved_x
+            dw = _gemm_fp4(dyq5, saved_x, cd) if wgrad_fp4 else dyq5.t() @ saved_x
             if spec.dge:
                 dw = dw * dge_factor(weight, spec.p2, k=spec.dge_k, clamp=spec.dge_clamp).to(dw.dtype)
             dw = dw.to(ctx.w_dtype)
         if need_db and ctx.has_bias:
             db = dy2d.sum(0).to(ctx.b_dtype)
-        ctx.packed_x = ctx.packed_wq4 = None
         return dx, dw, db, None, None, None, None, None, None
 
 
@@ -505,11 +533,13 @@ def quant_linear(
     backend: str = "emulated",
     save_quantized_weight: bool = True,
     weight_cache: Optional[WeightCache] = None,
+    backend_state: Optional[dict] = None,
 ) -> torch.Tensor:
     """``F.linear`` with the operands quantized as ``spec`` says (``None``: plain ``F.linear``).
 
     ``backend`` is a layer backend of :mod:`lightning_fpq.backends` ("auto" chooses one for
-    ``spec`` and ``x``'s device). Under autocast the compute dtype is the autocast dtype of
+    ``spec`` and ``x``'s device). ``backend_state`` is the calling layer's dict for a
+    backend's per-layer objects (Transformer Engine's hidden ``te.Linear``). Under autocast the compute dtype is the autocast dtype of
     ``x``'s device type (autocast is then switched off inside: the quantized operands are cast
     explicitly); otherwise it is ``x.dtype``.
     """
@@ -530,7 +560,7 @@ def quant_linear(
     if backend == "transformer_engine":
         from .te_linear import te_linear
 
-        out = te_linear(x, weight, bias, spec, compute_dtype, autocast_on)
+        out = te_linear(x, weight, bias, spec, compute_dtype, autocast_on, slot=backend_state)
         if out is not None:
             return out
         # a shape TE's FP8 GEMMs refuse: the same quantized operands on the fused quantizer
@@ -592,6 +622,7 @@ class QuantLinear(nn.Linear):
         object.__setattr__(self, "_fpq_holder", holder)
         object.__setattr__(self, "_fpq_name", clean_module_name(name))
         object.__setattr__(self, "_fpq_wcache", WeightCache())
+        object.__setattr__(self, "_fpq_backend_state", {})  # a backend's per-layer objects (TE's hidden te.Linear)
         holder.register(self._fpq_name)
 
     @classmethod
@@ -623,6 +654,7 @@ class QuantLinear(nn.Linear):
             backend=holder.layer_backend(self._fpq_name, input.device),
             save_quantized_weight=holder.save_quantized_weight,
             weight_cache=self._fpq_wcache if holder.cache_weights else None,
+            backend_state=self._fpq_backend_state,
         )
 
     def extra_repr(self) -> str:

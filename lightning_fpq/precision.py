@@ -213,7 +213,8 @@ class FPQuantPrecision(Precision):
         if module is None:
             return {}
         device = self._device(module)
-        return {name: self._holder.backend_choice(name, device) for name, _ in quantized_layers(module)}
+        choices = self._holder.resolve_backends(device)
+        return {name: choices[name] for name, _ in quantized_layers(module) if name in choices}
 
     def _log_backends(self, module: nn.Module) -> None:
         """Say once per recipe stage which backend runs which layers, and why."""

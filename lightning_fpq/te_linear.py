@@ -33,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import weakref
 from typing import Optional
 
 import torch
@@ -83,6 +82,7 @@ def te_supports(spec: LayerSpec) -> tuple[bool, str]:
 
 
 _POW2_ENV = "NVTE_FP8_CURRENT_SCALING_POWER_2_SCALES"
+_BACKWARD_ENV = "NVTE_BACKWARD_OVERRIDE"  # TE's default for the recipe's backward_override
 
 
 def te_settings_problem() -> Optional[str]:
@@ -92,6 +92,8 @@ def te_settings_problem() -> Optional[str]:
     recipe's ``use_power_2_scales`` argument does not change."""
     if os.environ.get(_POW2_ENV, "0") == "1":
         return f"{_POW2_ENV}=1 rounds TE's scales down to powers of two, unlike the reference's fmax / amax"
+    if os.environ.get(_BACKWARD_ENV):
+        return f"{_BACKWARD_ENV}={os.environ[_BACKWARD_ENV]} makes TE's backward GEMMs unquantized, unlike the recipe"
     return None
 
 
@@ -109,6 +111,9 @@ def _recipe(fmt_name: str):
         if qparams is not None and (qparams.power_2_scale or qparams.amax_epsilon != 0.0):
             raise RuntimeError(f"Transformer Engine's {role} is {qparams}: power-of-two scales or an amax epsilon "
                                f"would not match the reference quantizer (is {_POW2_ENV} set?)")
+    if getattr(recipe, "backward_override", None) is not None:
+        raise RuntimeError(f"Transformer Engine's backward_override is {recipe.backward_override!r}: the backward "
+                           f"GEMMs would not be quantized as the recipe says (is {_BACKWARD_ENV} set?)")
     return recipe
 
 
@@ -120,19 +125,19 @@ def _te_autocast(recipe):
     return te.fp8_autocast(enabled=True, fp8_recipe=recipe)
 
 
-# one hidden te.Linear per weight Parameter, dropped with the Parameter
-_MODULES: "weakref.WeakKeyDictionary[nn.Parameter, nn.Module]" = weakref.WeakKeyDictionary()
-
-
-def _module_for(weight: nn.Parameter) -> nn.Module:
-    module = _MODULES.get(weight)
-    if module is None:
+def _module_for(weight: nn.Parameter, slot: Optional[dict]) -> nn.Module:
+    """The hidden ``te.Linear`` whose weight is ``weight``: kept in the calling layer's
+    ``slot`` (a dict the layer owns, so it lives and dies with the layer), or built for this
+    call alone when there is no layer (``quant_linear`` called as a function)."""
+    module = slot.get("te_linear") if slot is not None else None
+    if module is None or tuple(module.weight.shape) != tuple(weight.shape) or module.weight.dtype != weight.dtype:
         import transformer_engine.pytorch as te
 
         out_features, in_features = weight.shape
         # meta: TE allocates and initialises no weight of its own; ours is swapped in at once
         module = te.Linear(in_features, out_features, bias=False, params_dtype=weight.dtype, device="meta")
-        _MODULES[weight] = module
+        if slot is not None:
+            slot["te_linear"] = module
     if module._parameters.get("weight") is not weight:
         module._parameters["weight"] = weight
     return module
@@ -143,6 +148,7 @@ def te_shapes_fit(n_tokens: int, in_features: int, out_features: int) -> bool:
     return n_tokens > 0 and n_tokens % 8 == 0 and in_features % 16 == 0 and out_features % 8 == 0
 
 
+@torch.compiler.disable  # te.Linear.forward is no_torch_dynamo anyway: one clean graph break
 def te_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -150,21 +156,28 @@ def te_linear(
     spec: LayerSpec,
     compute_dtype: torch.dtype,
     autocast_on: bool,
+    slot: Optional[dict] = None,
 ) -> Optional[torch.Tensor]:
     """``F.linear`` with FP8 current scaling in Transformer Engine, or ``None`` where TE cannot
-    take this call (the caller then runs the same quantized operands another way)."""
+    take this call exactly (the caller then runs the same quantized operands another way).
+
+    ``slot``: the calling layer's dict for its hidden ``te.Linear``."""
     fmt, _ = te_format(spec)
     n_tokens = x.numel() // max(x.shape[-1], 1)
     if (fmt is None or not isinstance(weight, nn.Parameter) or x.device.type not in TE_DEVICE_TYPES
             or not te_shapes_fit(n_tokens, weight.shape[1], weight.shape[0])):
         return None
-    module = _module_for(weight)
-    # outside torch.autocast TE requires the input in the parameters' dtype
-    x_in = x if autocast_on else x.to(weight.dtype)
+    if not autocast_on and x.dtype != weight.dtype:
+        # outside torch.autocast TE wants the input in the weight's dtype: casting x first
+        # would quantize a rounded copy of it, which the reference does not
+        return None
+    module = _module_for(weight, slot)
     with _te_autocast(_recipe(fmt)):
-        y = module(x_in)
+        y = module(x)
     y = y.to(compute_dtype)
     if bias is not None:
+        # added to TE's output in the compute dtype (one rounding more than F.linear's
+        # epilogue): TE's own FP8 path would round an fp32 bias to bf16 first
         with torch.autocast(x.device.type, enabled=False) if autocast_on else contextlib.nullcontext():
             y = y + bias.to(compute_dtype)
     return y

@@ -49,8 +49,10 @@ def torchao_float8_linear(
 ) -> torch.Tensor:
     """``F.linear`` through torchao's float8 autograd function (real FP8 GEMMs on SM89+).
 
-    The operands are cast to the compute dtype first (as autocast would), then torchao scales,
-    casts to FP8 and multiplies.
+    X and W reach torchao in their own dtypes, so that it scales and casts the incoming
+    activation and the fp32 master weight themselves, as the reference quantizer does (a
+    bf16 copy would have a different amax, hence other FP8 values); the bias is added in
+    torchao's output dtype and the sum cast to the compute dtype.
     """
     from torchao.float8.float8_linear import matmul_with_hp_or_float8_args
 
@@ -58,7 +60,7 @@ def torchao_float8_linear(
     config, mm_config = _torchao_configs(spec, emulate)
     device_type = x.device.type
     with torch.autocast(device_type, enabled=False) if autocast_on else contextlib.nullcontext():
-        out = matmul_with_hp_or_float8_args.apply(x.to(compute_dtype), weight.to(compute_dtype).t(), mm_config, config)
-        if bias is not None:
+        out = matmul_with_hp_or_float8_args.apply(x, weight.t(), mm_config, config)
+        if bias is not None:  # in torchao's output dtype (x's), before the one rounding to cd
             out = out + bias.to(out.dtype)
-    return out
+    return out.to(compute_dtype)

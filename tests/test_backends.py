@@ -206,11 +206,28 @@ def test_te_backend_shares_the_layers_parameters(stand_in_te):
     assert torch.equal(y, y2) and torch.equal(x.grad, x2.grad) and torch.equal(layer.weight.grad, layer2.weight.grad)
 
 
-def test_te_power_of_two_scales_are_refused(monkeypatch):
+def test_te_backend_keeps_one_hidden_module_per_layer(stand_in_te):
+    from lightning_fpq.linear import QuantLinear
+
+    layer = QuantLinear(32, 16, recipe="fp8")
+    layer._fpq_holder.backend = "transformer_engine"  # as if chosen on a GPU
+    layer._fpq_holder._backends = {(layer._fpq_name, "cpu"): "transformer_engine"}
+    for _ in range(3):  # a second call must find the first call's module
+        layer(torch.randn(8, 32)).sum().backward()
+    assert _STATE["calls"] == 3
+    hidden = layer._fpq_backend_state["te_linear"]
+    assert hidden.weight is layer.weight and "te_linear" not in str(list(layer.state_dict()))
+    assert not any(m is hidden for m in layer.modules())
+
+
+def test_te_settings_that_change_the_maths_are_refused(monkeypatch):
     from lightning_fpq import te_linear
 
     monkeypatch.delenv("NVTE_FP8_CURRENT_SCALING_POWER_2_SCALES", raising=False)
+    monkeypatch.delenv("NVTE_BACKWARD_OVERRIDE", raising=False)
     assert te_linear.te_settings_problem() is None
+    monkeypatch.setenv("NVTE_BACKWARD_OVERRIDE", "high_precision")
+    assert "unquantized" in te_linear.te_settings_problem()
     monkeypatch.setenv("NVTE_FP8_CURRENT_SCALING_POWER_2_SCALES", "1")
     assert "powers of two" in te_linear.te_settings_problem()
 
@@ -233,10 +250,12 @@ def _step_on(backend: str, recipe: str, *, shape=(4, 256, 512), out_features=384
     torch.manual_seed(0)
     layer = QuantLinear(shape[-1], out_features, recipe=recipe).cuda()
     layer._fpq_holder.set_backend(backend)
-    x = torch.randn(*shape, device="cuda", requires_grad=True)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(*shape, generator=g).cuda().requires_grad_()
+    dy = torch.randn(*shape[:-1], out_features, generator=g).cuda()  # fixed: both backends requantize the same dY
     with torch.autocast("cuda", dtype=torch.bfloat16):
         y = layer(x)
-    y.float().pow(2).mean().backward()
+    y.backward(dy.to(y.dtype))
     assert layer._fpq_holder.layer_backend(layer._fpq_name, x.device) == backend
     return [t.float() for t in (y, x.grad, layer.weight.grad, layer.bias.grad)]
 

@@ -230,7 +230,7 @@ def test_number_suffixes():
 
 
 def test_subcommands_are_registered_from_one_list():
-    assert [f.__name__ for f in SUBCOMMANDS] == ["add_formats", "add_predict", "add_plan", "add_fit", "add_plot", "add_demo", "add_sweep"]
+    assert [f.__name__ for f in SUBCOMMANDS] == ["add_formats", "add_predict", "add_plan", "add_fit", "add_plot", "add_demo", "add_sweep", "add_backends"]
 
 
 def test_importing_the_cli_is_light():

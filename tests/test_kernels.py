@@ -548,6 +548,32 @@ def test_triton_layer_backend_odd_token_count_uses_dense_gemm_for_wgrad(device, 
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6 * float(a.abs().max()))
 
 
+def test_triton_layer_backend_saves_packed_operands_for_backward(device, monkeypatch):
+    # codes and scales go through save_for_backward: a second backward (retain_graph) works
+    # and saved-tensor hooks see them (what activation checkpointing and save_on_cpu rely on)
+    from lightning_fpq.linear import QuantLinear
+
+    calls = _count_fp4_gemms(monkeypatch)
+    layer = QuantLinear(64, 32, recipe="mxfp4").to(device)
+    layer._fpq_holder.set_backend("triton")
+    x = torch.randn(16, 64, device=device, requires_grad=True)
+    packed = []
+
+    def pack_hook(t):
+        packed.append(t.dtype)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack_hook, lambda t: t):
+        y = layer(x)
+    assert packed.count(torch.uint8) == 2  # the codes of q6(X) and q4(W)
+    y.sum().backward(retain_graph=True)
+    first = (x.grad.clone(), layer.weight.grad.clone())
+    y.sum().backward()
+    assert_same(x.grad, 2 * first[0])
+    assert_same(layer.weight.grad, 2 * first[1])
+    assert len(calls) == 5  # forward, then dgrad + wgrad twice
+
+
 # ========================================================== arguments and capabilities
 def test_wrappers_validate_arguments_before_launching():
     x = torch.randn(4, 32)

@@ -213,6 +213,34 @@ def test_torchao_fp8_agrees_with_the_emulated_reference():
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
+def test_torchao_under_autocast_quantizes_the_master_weight_and_the_incoming_activation():
+    """Under bf16 autocast torchao must scale the fp32 master weight and the activation as
+    they are (the reference's operands), not bf16 copies of them: the autocast run then gives
+    exactly the fp32 run's output rounded once to bf16, and the same gradients for the same
+    (bf16-representable) dY."""
+    from lightning_fpq import backends
+
+    if not backends.torchao_available()[0]:
+        pytest.skip(backends.torchao_available()[1])
+    torch.manual_seed(0)
+    layer = QuantLinear(64, 48, recipe="fp8")
+    layer._fpq_holder.set_backend("torchao")
+    x0 = torch.randn(32, 64)
+    dy = torch.randn(32, 48).to(torch.bfloat16)
+    runs = []
+    for autocast in (False, True):
+        layer.zero_grad()
+        x = x0.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = layer(x)
+        y.backward(dy.to(y.dtype))
+        runs.append((y, x.grad, layer.weight.grad, layer.bias.grad))
+    (y32, dx32, dw32, db32), (y16, dx16, dw16, db16) = runs
+    assert y16.dtype == torch.bfloat16 and torch.equal(y16, y32.to(torch.bfloat16))
+    assert torch.equal(dx16, dx32) and torch.equal(dw16, dw32)
+    torch.testing.assert_close(db16, db32, rtol=2**-8, atol=0)  # the bias gradient is summed in bf16
+
+
 def test_torchao_backend_falls_back_with_a_warning_never_a_different_recipe():
     plugin = FPQuantPrecision("paper", fmt="e4m3", backend="torchao")
     net = model()
