@@ -49,12 +49,12 @@ def batches(data: torch.Tensor, batch: int, seq: int, seed: int = 0):
         yield idx[:, :-1], idx[:, 1:]  # (B, T), (B, T)
 
 
-def build(config: GPTConfig, recipe, seed: int = 0):
+def build(config: GPTConfig, recipe, seed: int = 0, backend: str = "auto"):
     torch.manual_seed(seed)
     model = GPT(config)
     if recipe is not None:
         name, kwargs = recipe
-        convert_linears(model, RecipeHolder(QuantRecipe.from_name(name, **kwargs)))
+        convert_linears(model, RecipeHolder(QuantRecipe.from_name(name, **kwargs), backend=backend))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
     return model, opt
 
@@ -71,7 +71,11 @@ def timing(args) -> None:
     config = GPTConfig(block_size=args.seq, n_layer=args.layers, n_head=4, n_embd=args.width)
     data = load_corpus(1_000_000)
     variants = [("unquantized", None)] + [v for v in VARIANTS if args.only is None or any(o in v[0] for o in args.only)]
-    runs = {name: build(config, recipe) for name, recipe in variants}
+    runs = {}
+    for name, recipe in variants:
+        for backend in (args.backends if recipe is not None else ["auto"]):
+            label = name if len(args.backends) == 1 or recipe is None else f"{name} [{backend}]"
+            runs[label] = build(config, recipe, backend=backend)
     n_params = sum(p.numel() for p in runs["unquantized"][0].parameters())
     print(f"device: CPU ({platform.processor() or platform.machine()}), threads={torch.get_num_threads()}, "
           f"torch {torch.__version__}, python {platform.python_version()}")
@@ -95,10 +99,11 @@ def timing(args) -> None:
             cpu[name].append((time.process_time() - c) / len(fixed) * 1e3)
     base_wall, base_cpu = statistics.median(wall["unquantized"]), statistics.median(cpu["unquantized"])
     print("wall: elapsed ms per step; cpu: process CPU ms per step (robust on a shared machine when threads=1)")
-    print(f"{'variant':<20} {'wall ms':>9} {'ratio':>6} {'cpu ms':>9} {'ratio':>6}   (wall min..max over rounds)")
+    width = max(20, max(len(name) for name in runs))
+    print(f"{'variant':<{width}} {'wall ms':>9} {'ratio':>6} {'cpu ms':>9} {'ratio':>6}   (wall min..max over rounds)")
     for name in runs:
         w, c = statistics.median(wall[name]), statistics.median(cpu[name])
-        print(f"{name:<20} {w:9.1f} {w / base_wall:6.2f} {c:9.1f} {c / base_cpu:6.2f}   "
+        print(f"{name:<{width}} {w:9.1f} {w / base_wall:6.2f} {c:9.1f} {c / base_cpu:6.2f}   "
               f"({min(wall[name]):.1f}..{max(wall[name]):.1f})")
 
 
@@ -136,6 +141,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--only", nargs="*", default=None, help="substrings of variant names to time")
+    parser.add_argument("--backends", nargs="+", default=["auto"],
+                        help="layer backends to time each recipe on (e.g. emulated compiled), default: auto")
     parser.add_argument("--losses", type=int, default=0, help="also train each recipe this many steps")
     parser.add_argument("--seeds", type=int, default=3, help="initialisation seeds per recipe for --losses")
     parser.add_argument("--no-timing", action="store_true", help="skip the timing table")
