@@ -574,6 +574,46 @@ def test_triton_layer_backend_saves_packed_operands_for_backward(device, monkeyp
     assert len(calls) == 5  # forward, then dgrad + wgrad twice
 
 
+def test_triton_backend_through_the_plugin_in_a_lightning_run(device, monkeypatch):
+    """FPQuantPrecision(backend="triton") in a real Trainer: the FP4 stage's three GEMMs run on
+    the packed kernel, a switch to FP8 keeps the triton backend (fused quantizer, dense GEMMs),
+    and the plugin records each stage's backend."""
+    import lightning as L
+
+    from lightning_fpq import FPQuantPrecision
+
+    calls = _count_fp4_gemms(monkeypatch)
+
+    class Net(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = torch.nn.Linear(64, 64), torch.nn.Linear(64, 8)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return torch.nn.functional.cross_entropy(self.fc2(torch.relu(self.fc1(x))), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    class SwitchToFP8(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx == 2:
+                trainer.precision_plugin.set_recipe("fp8")
+
+    g = torch.Generator().manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(64, 64, generator=g), torch.randint(0, 8, (64,), generator=g))
+    plugin = FPQuantPrecision("mxfp4", backend="triton")
+    trainer = L.Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, max_steps=4, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        plugins=[plugin], callbacks=[SwitchToFP8()])
+    trainer.fit(Net(), torch.utils.data.DataLoader(data, batch_size=16))
+    assert [h["backends"] for h in plugin.backend_history] == [{"triton": 2}, {"triton": 2}]
+    # two mxfp4 steps: fc2 forward, dgrad and wgrad; fc1 forward and wgrad (its input needs no
+    # gradient); none in the fp8 steps
+    assert len(calls) == 2 * (3 + 2)
+
+
 # ========================================================== arguments and capabilities
 def test_wrappers_validate_arguments_before_launching():
     x = torch.randn(4, 32)
