@@ -46,8 +46,10 @@ AUTO_ORDER = {
     "cuda": ("torchao_float8", "transformer_engine", "triton", "emulated"),
     "cpu": ("compiled", "emulated"),
 }
-#: the ``quantize(backend=...)`` each fake-quantizing layer backend uses for its operands
-QUANTIZER = {"emulated": "reference", "compiled": "auto", "triton": "triton"}
+#: the ``quantize(backend=...)`` each fake-quantizing layer backend uses for its dense
+#: operands. "auto" for triton: the fused kernel for CUDA tensors in formats that fit fp32,
+#: the reference for the rest (E8 formats wider than fp32), never an error mid-training.
+QUANTIZER = {"emulated": "reference", "compiled": "auto", "triton": "auto"}
 
 Capability = tuple[bool, str]
 _E2M1 = FPFormat.parse("e2m1")
