@@ -8,7 +8,7 @@ operands exactly as the pure-torch reference quantizer does:
 - ``"compiled"``: the same maths with the ``torch.compile``'d quantizer of ``fastquant.py``
   (CPU tensors; bit-identical, about 50x faster than the reference there).
 - ``"triton"``: the fused Triton quantize kernel (blocks along rows or columns, no transposed
-  copy) and, for every GEMM whose two operands are both E2M1 with a shared block length, the
+  copy; the reference for formats wider than fp32) and, for every GEMM whose two operands are both E2M1 with a shared block length, the
   packed FP4 GEMM kernel (``lightning_fpq.kernels.gemm_fp4``); the other GEMMs run in the
   compute dtype. CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1`` (tests).
 - ``"torchao_float8"`` (alias ``"torchao"``): torchao's float8 training autograd function, real

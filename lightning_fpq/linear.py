@@ -140,10 +140,14 @@ class RecipeHolder:
         backend, reason = self.backend_choice(name, device)
         if self.warn_fallbacks and self.backend != "auto" and backend != self.backend:
             warnings.warn(f"layer {name!r}: {reason}; the recipe is unchanged", stacklevel=3)
-        backends_ = dict(self._backends)
-        backends_[(name, device.type)] = backend
-        self._backends = backends_
+        self._remember_backends({name: backend}, device)
         return backend
+
+    def _remember_backends(self, chosen: dict[str, str], device: torch.device) -> None:
+        # a new dict, not an update in place: compiled graphs guard on the one they saw
+        backends_ = dict(self._backends)
+        backends_.update({(name, device.type): backend for name, backend in chosen.items()})
+        self._backends = backends_
 
     @torch.compiler.disable
     def resolve_backends(self, device: torch.device) -> dict[str, tuple[str, str]]:
@@ -151,11 +155,7 @@ class RecipeHolder:
         ``{layer: (backend, reason)}``. Called outside compiled code after a recipe switch, so
         that a ``torch.compile``'d model finds every choice made (no graph break in forward)."""
         choices = {name: self.backend_choice(name, device) for name in self._names}
-        backends_ = dict(self._backends)
-        for name, (backend, _) in choices.items():
-            if backend != "unquantized":
-                backends_[(name, device.type)] = backend
-        self._backends = backends_
+        self._remember_backends({n: b for n, (b, _) in choices.items() if b != "unquantized"}, device)
         return choices
 
     def backend_choice(self, name: str, device: torch.device) -> tuple[str, str]:
