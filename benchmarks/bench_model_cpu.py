@@ -19,8 +19,8 @@ import time
 
 import torch
 
-from lightning_fpq.data import ByteCorpusDataModule
-from lightning_fpq.model import GPT_CONFIGS, GPTConfig, GPTLightning, lm_loss
+from lightning_fpq.demo.data import ByteCorpusDataModule
+from lightning_fpq.demo.model import GPT_CONFIGS, GPTConfig, GPTLightning, lm_loss
 
 
 def _data(block_size: int, batch_size: int, steps: int, seed: int) -> ByteCorpusDataModule:

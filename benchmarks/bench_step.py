@@ -24,9 +24,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lightning_fpq.data import load_corpus  # noqa: E402
+from lightning_fpq.demo.data import load_corpus  # noqa: E402
 from lightning_fpq.linear import RecipeHolder, convert_linears  # noqa: E402
-from lightning_fpq.model import GPT, GPTConfig, lm_loss  # noqa: E402
+from lightning_fpq.demo.model import GPT, GPTConfig, lm_loss  # noqa: E402
 from lightning_fpq.recipe import QuantRecipe  # noqa: E402
 
 # name, recipe arguments

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lightning_fpq import backends  # noqa: E402
 from lightning_fpq.linear import RecipeHolder, convert_linears  # noqa: E402
-from lightning_fpq.model import GPT, GPTConfig, lm_loss  # noqa: E402
+from lightning_fpq.demo.model import GPT, GPTConfig, lm_loss  # noqa: E402
 
 # stage label -> named recipe (ProgressivePrecision's FP4 -> FP8 -> BF16 schedule)
 STAGES = {"bf16": "bf16", "fp8": "fp8", "fp4": "mxfp4", "nvfp4": "nvfp4"}
@@ -60,7 +60,7 @@ def versions(device: torch.device) -> str:
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", default="100m", choices=sorted(SHAPES), help="GPT size (lightning_fpq.model.GPT_CONFIGS)")
+    parser.add_argument("--size", default="100m", choices=sorted(SHAPES), help="GPT size (lightning_fpq.demo.model.GPT_CONFIGS)")
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--seq", type=int, default=None)
     parser.add_argument("--stages", nargs="+", default=["bf16", "fp8", "fp4"], choices=sorted(STAGES))

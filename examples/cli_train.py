@@ -6,8 +6,8 @@
 
 from lightning.pytorch.cli import LightningCLI
 
-from lightning_fpq.data import ByteCorpusDataModule
-from lightning_fpq.model import GPTLightning
+from lightning_fpq.demo.data import ByteCorpusDataModule
+from lightning_fpq.demo.model import GPTLightning
 
 
 def main() -> None:

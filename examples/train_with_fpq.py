@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch import LightningModule, Trainer, seed_everything
 
 from lightning_fpq import CriticalDataMonitor, FPQuantPrecision, ProgressivePrecision
-from lightning_fpq.data import ByteCorpusDataModule
+from lightning_fpq.demo.data import ByteCorpusDataModule
 
 
 class MyByteLM(LightningModule):

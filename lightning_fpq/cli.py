@@ -139,7 +139,7 @@ def _pct(x: float) -> str:
 
 
 def _law(path: Optional[str]):
-    from lightning_fpq.scaling import CapybaraLaw, load_law
+    from lightning_fpq.scaling.laws import CapybaraLaw, load_law
 
     return CapybaraLaw.paper() if path is None else load_law(path)
 
@@ -166,7 +166,7 @@ def _add_law_options(parser: argparse.ArgumentParser, *, block: bool = True) -> 
 
 def cmd_formats(args: argparse.Namespace) -> int:
     from lightning_fpq.formats import named_formats
-    from lightning_fpq.scaling import CapybaraLaw
+    from lightning_fpq.scaling.laws import CapybaraLaw
 
     law = CapybaraLaw.paper()
     groups: dict = {}
@@ -348,9 +348,9 @@ def _fit_rows(path: str, min_tokens: Optional[float] = None) -> tuple[list, list
     training tokens D are set aside (returned second, for the plots).
     """
 
-    from lightning_fpq.sweep import ok_rows
+    from lightning_fpq.scaling.sweep import ok_rows
 
-    from lightning_fpq.fitting import read_csv_rows
+    from lightning_fpq.scaling.fitting import read_csv_rows
 
     rows = read_csv_rows(path)  # ValueError: one line on stderr, exit 2, like CLIError
     used, counts = ok_rows(rows)
@@ -363,7 +363,7 @@ def _fit_rows(path: str, min_tokens: Optional[float] = None) -> tuple[list, list
         left_out.append(f"{counts['superseded']} superseded by a later row of the same run")
     short: list = []
     if min_tokens is not None:
-        from lightning_fpq.fitting import load_rows
+        from lightning_fpq.scaling.fitting import load_rows
 
         tokens = load_rows(used, kind="chinchilla")["D"]  # checks the N, D, loss cells
         short = [r for r, d in zip(used, tokens) if d < min_tokens]
@@ -380,7 +380,7 @@ def _critical_table(law, data) -> Any:
     """D_crit of every quantized (format, B) in the rows, at their smallest and largest N."""
     import numpy as np
 
-    from lightning_fpq.scaling import capybara_critical_data_size
+    from lightning_fpq.scaling.laws import capybara_critical_data_size
 
     consts = law.constants()
     n_lo, n_hi = float(data["N"].min()), float(data["N"].max())
@@ -399,7 +399,7 @@ def _critical_table(law, data) -> Any:
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    from lightning_fpq.fitting import fit, load_rows
+    from lightning_fpq.scaling.fitting import fit, load_rows
 
     holdout: Any = args.holdout
     if holdout is not None and holdout != "largest_N":
@@ -430,7 +430,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         law.save(args.out)
         console.print(f"wrote {args.out}")
     if args.plots:
-        from lightning_fpq.fit_plots import plot_fit
+        from lightning_fpq.scaling.fit_plots import plot_fit
 
         excluded = load_rows(short, kind=args.kind) if short else None
         for path in plot_fit(result, data, args.plots, excluded=excluded):
@@ -460,7 +460,7 @@ def add_fit(sub) -> None:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from lightning_fpq.sweep import load_config, run_sweep  # omegaconf, torch and Lightning: only here
+    from lightning_fpq.scaling.sweep import load_config, run_sweep  # omegaconf, torch and Lightning: only here
 
     overrides = list(args.overrides)
     if args.out is not None:
@@ -568,7 +568,7 @@ def add_plot(sub) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from lightning_fpq.demo import load_config, run_demo  # imports torch and Lightning: only here
+    from lightning_fpq.demo.run import load_config, run_demo  # imports torch and Lightning: only here
 
     overrides = list(args.overrides)
     for flag, key in (("steps", "steps"), ("model", "model"), ("out", "out"), ("law", "law"), ("unit", "unit")):

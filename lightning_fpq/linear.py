@@ -554,11 +554,11 @@ def quant_linear(
     autocast_on = torch.is_autocast_enabled(device_type)
     compute_dtype = torch.get_autocast_dtype(device_type) if autocast_on else x.dtype
     if backend == "torchao_float8":
-        from .torchao_linear import torchao_float8_linear
+        from .backends.torchao_float8 import torchao_float8_linear
 
         return torchao_float8_linear(x, weight, bias, spec, compute_dtype, autocast_on)
     if backend == "transformer_engine":
-        from .te_linear import te_linear
+        from .backends.transformer_engine import te_linear
 
         out = te_linear(x, weight, bias, spec, compute_dtype, autocast_on, slot=backend_state)
         if out is not None:

@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from lightning_fpq import backends
 from lightning_fpq.recipe import LayerSpec, OperandSpec, QuantRecipe
-from lightning_fpq.te_linear import TE_RECIPE_MAPPING, te_format
+from lightning_fpq.backends.transformer_engine import TE_RECIPE_MAPPING, te_format
 
 
 def spec_of(name: str, **kw) -> LayerSpec:
@@ -152,7 +152,7 @@ _STATE: dict = {}
 def stand_in_te(monkeypatch):
     import contextlib
 
-    from lightning_fpq import te_linear
+    from lightning_fpq.backends import transformer_engine as te_linear
 
     te = types.ModuleType("transformer_engine")
     te_pt = types.ModuleType("transformer_engine.pytorch")
@@ -221,7 +221,7 @@ def test_te_backend_keeps_one_hidden_module_per_layer(stand_in_te):
 
 
 def test_te_settings_that_change_the_maths_are_refused(monkeypatch):
-    from lightning_fpq import te_linear
+    from lightning_fpq.backends import transformer_engine as te_linear
 
     monkeypatch.delenv("NVTE_FP8_CURRENT_SCALING_POWER_2_SCALES", raising=False)
     monkeypatch.delenv("NVTE_BACKWARD_OVERRIDE", raising=False)

@@ -13,11 +13,11 @@ from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_fpq import CapybaraLaw, CriticalDataMonitor, FPQuantPrecision, ProgressivePrecision
-from lightning_fpq.callbacks.critical import critical_tokens, law_point
-from lightning_fpq.callbacks.progressive import auto_switch_tokens
-from lightning_fpq.callbacks.tokens import TokenCounter
+from lightning_fpq.lightning.critical import critical_tokens, law_point
+from lightning_fpq.lightning.progressive import auto_switch_tokens
+from lightning_fpq.lightning.tokens import TokenCounter
 from lightning_fpq.recipe import QuantRecipe
-from lightning_fpq.scaling import count_params
+from lightning_fpq.scaling.laws import count_params
 
 BATCH, SEQ = 4, 8
 TOKENS_PER_STEP = BATCH * SEQ
@@ -279,7 +279,7 @@ def test_ddp_two_processes_switch_at_the_same_step_with_equal_token_counts(tmp_p
 
 
 def test_named_laws_and_bad_law_arguments():
-    from lightning_fpq.callbacks.critical import resolve_law
+    from lightning_fpq.lightning.critical import resolve_law
 
     assert resolve_law("paper") == CapybaraLaw.paper() == resolve_law(None)
     with pytest.raises(ValueError, match="law=3 is not valid: expected None, one of \\('paper', 'demo-calibration'\\)"):

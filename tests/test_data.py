@@ -5,7 +5,7 @@ import time
 import pytest
 import torch
 
-from lightning_fpq.data import (
+from lightning_fpq.demo.data import (
     DEFAULT_MAX_BYTES,
     STDLIB_FILES,
     VOCAB_SIZE,

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from lightning_fpq.cli import main
-from lightning_fpq.demo import load_config, read_metrics
+from lightning_fpq.demo.run import load_config, read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model=tiny", "steps=30", "block_size=32", "batch_size=8", "val_every=10", "val_samples=8", "max_bytes=200000"]
@@ -48,7 +48,7 @@ def test_demo_config_errors_name_the_key(tmp_path):
     cfg = load_config(str(ROOT / "examples" / "configs" / "demo.yaml"), ("steps=7",))
     assert cfg.steps == 7 and cfg.schedule == ["e2m1", "e4m3", "bf16"]
     assert load_config().law == cfg.law == "demo-calibration"  # the shipped calibration by default
-    from lightning_fpq.callbacks.critical import resolve_law
+    from lightning_fpq.lightning.critical import resolve_law
 
     assert resolve_law(cfg.law).provenance.source == "fit"
 

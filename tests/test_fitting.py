@@ -7,8 +7,8 @@ import csv
 import numpy as np
 import pytest
 
-from lightning_fpq.fitting import fit, load_rows
-from lightning_fpq.scaling import ChinchillaLaw, KumarLaw, load_law
+from lightning_fpq.scaling.fitting import fit, load_rows
+from lightning_fpq.scaling.laws import ChinchillaLaw, KumarLaw, load_law
 
 # The truth the synthetic runs come from: not the paper's constants, because fit() starts one
 # of its searches from those, and a test must not begin at the answer.

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_fpq.data import ByteCorpusDataModule
-from lightning_fpq.model import GPT, GPT_CONFIGS, GPTConfig, GPTLightning, cosine_with_warmup, lm_loss
+from lightning_fpq.demo.data import ByteCorpusDataModule
+from lightning_fpq.demo.model import GPT, GPT_CONFIGS, GPTConfig, GPTLightning, cosine_with_warmup, lm_loss
 
 
 def _prefix_logits_change(model: GPT, T: int, t: int) -> tuple[float, float]:

@@ -15,7 +15,7 @@ import lightning as L  # noqa: E402
 from fpq_helpers import LossRecorder, datamodule, model, quiet, trainer  # noqa: E402
 
 from lightning_fpq.linear import QuantLinear  # noqa: E402
-from lightning_fpq.precision import FPQuantPrecision  # noqa: E402
+from lightning_fpq.lightning.precision import FPQuantPrecision  # noqa: E402
 from lightning_fpq.recipe import LayerRule, QuantRecipe  # noqa: E402
 
 quiet()
@@ -146,7 +146,7 @@ def test_checkpoint_restores_the_active_recipe(tmp_path):
     assert saved["FPQuantPrecision"]["recipe"] == new.to_dict()
     resumed = FPQuantPrecision("paper", fmt="e4m3")
     m2 = model(steps=8)
-    from lightning_fpq.model import GPTConfig
+    from lightning_fpq.demo.model import GPTConfig
 
     with torch.serialization.safe_globals([GPTConfig]):  # the hparams hold a GPTConfig
         trainer(8, resumed).fit(m2, datamodule(), ckpt_path=ckpt)
@@ -174,7 +174,7 @@ def test_fsdp1_is_refused_with_a_message_that_says_what_to_use():
 
 
 def test_model_wrapped_in_fsdp1_is_refused():
-    from lightning_fpq.precision import _refuse_fsdp1
+    from lightning_fpq.lightning.precision import _refuse_fsdp1
 
     class FakeFSDP(torch.distributed.fsdp.FullyShardedDataParallel):
         def __init__(self):
@@ -290,8 +290,8 @@ def backends_compiled() -> bool:
 def test_lightning_cli_takes_the_plugin_by_class_path(tmp_path):
     from lightning.pytorch.cli import LightningCLI
 
-    from lightning_fpq.data import ByteCorpusDataModule
-    from lightning_fpq.model import GPTLightning
+    from lightning_fpq.demo.data import ByteCorpusDataModule
+    from lightning_fpq.demo.model import GPTLightning
 
     config = tmp_path / "config.yaml"
     config.write_text(

@@ -1,6 +1,6 @@
 """The scaling laws against published numbers, hand-derived formulas and scipy minimisations.
 
-Every check computes its expectation independently of lightning_fpq.scaling: constants
+Every check computes its expectation independently of lightning_fpq.scaling.laws: constants
 copied from the papers (SCIENCE.md sections 4 and 5), closed forms derived by hand in
 the test, or a numeric minimisation with scipy.
 """
@@ -17,7 +17,7 @@ import torch
 from scipy.optimize import brentq, minimize, minimize_scalar
 
 from lightning_fpq.formats import FPFormat
-from lightning_fpq.scaling import (
+from lightning_fpq.scaling.laws import (
     COMPUTE_FACTOR,
     CapybaraLaw,
     ChinchillaLaw,
@@ -412,8 +412,8 @@ def test_count_params_rejects_non_modules_and_lazy_ones():
 
 def test_scaling_and_fitting_do_not_import_lightning():
     # DESIGN.md: the scaling law knows only formats
-    root = Path(__file__).resolve().parents[1] / "lightning_fpq"
-    for name in ("scaling.py", "fitting.py"):
+    root = Path(__file__).resolve().parents[1] / "lightning_fpq" / "scaling"
+    for name in ("laws.py", "fitting.py"):
         tree = ast.parse((root / name).read_text())
         modules = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
         modules += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]

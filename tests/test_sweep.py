@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from lightning_fpq.cli import main
-from lightning_fpq.model import GPTConfig
-from lightning_fpq.scaling import capybara_loss, load_law
-from lightning_fpq.sweep import COLUMNS, SweepConfig, load_config, ok_rows, plan_runs, read_rows, run_sweep
+from lightning_fpq.demo.model import GPTConfig
+from lightning_fpq.scaling.laws import capybara_loss, load_law
+from lightning_fpq.scaling.sweep import COLUMNS, SweepConfig, load_config, ok_rows, plan_runs, read_rows, run_sweep
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -102,7 +102,7 @@ def test_changed_settings_are_not_mixed_into_one_csv(tmp_path):
 def test_datamodule_and_model_by_import_path(tmp_path):
     base = tiny_config(tmp_path, models={"t": {"args": {"config": {"block_size": 16, "n_layer": 1, "n_head": 1, "n_embd": 16}}}},
                        tokens=[128], formats=["e2m1"], model=f"{__name__}.dict_config_gpt",
-                       datamodule="lightning_fpq.data.ByteCorpusDataModule",
+                       datamodule="lightning_fpq.demo.data.ByteCorpusDataModule",
                        datamodule_args={"block_size": 16, "batch_size": 4, "max_bytes": 50_000, "samples_per_epoch": 64, "val_samples": 4})
     result = run_sweep(load_config(base), echo=lambda _: None)
     assert result.ok == 1, result.failures
@@ -119,7 +119,7 @@ def test_datamodule_and_model_by_import_path(tmp_path):
 
 def dict_config_gpt(config: dict, lr: float, warmup_steps: int, max_steps: int):
     """A user's model factory: takes its GPT config as a dict; the sweep passes lr, warmup and the run's steps."""
-    from lightning_fpq.model import GPTConfig, GPTLightning
+    from lightning_fpq.demo.model import GPTConfig, GPTLightning
 
     return GPTLightning(GPTConfig(**config), lr=lr, warmup_steps=warmup_steps, max_steps=max_steps)
 

@@ -7,7 +7,7 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_fpq.callbacks.tokens import TokenCounter, count_batch_tokens
+from lightning_fpq.lightning.tokens import TokenCounter, count_batch_tokens
 
 
 def test_counting_rule_for_tensors_tuples_and_dicts():

@@ -12,7 +12,7 @@ from lightning.pytorch import LightningModule, Trainer, seed_everything
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_fpq import CriticalDataMonitor, FPQuantPrecision, ProgressivePrecision
-from lightning_fpq.callbacks.tokens import TokenCounter
+from lightning_fpq.lightning.tokens import TokenCounter
 
 BATCH, SEQ = 4, 8
 

@@ -14,8 +14,8 @@ if str(REPO) not in sys.path:
 
 import lightning as L  # noqa: E402
 
-from lightning_fpq.data import ByteCorpusDataModule  # noqa: E402
-from lightning_fpq.model import GPTConfig, GPTLightning  # noqa: E402
+from lightning_fpq.demo.data import ByteCorpusDataModule  # noqa: E402
+from lightning_fpq.demo.model import GPTConfig, GPTLightning  # noqa: E402
 
 # 2 blocks, width 32, 8 x 24 tokens a batch: whole 32-element blocks along features and tokens,
 # and every operand below the quantizer's compile threshold (no compile time in the tests).

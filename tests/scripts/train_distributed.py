@@ -26,8 +26,8 @@ from fpq_helpers import LossRecorder, datamodule, model, quiet, trainer  # noqa:
 
 import lightning as L  # noqa: E402
 from lightning_fpq.linear import QuantLinear  # noqa: E402
-from lightning_fpq.model import GPTLightning  # noqa: E402
-from lightning_fpq.precision import FPQuantPrecision  # noqa: E402
+from lightning_fpq.demo.model import GPTLightning  # noqa: E402
+from lightning_fpq.lightning.precision import FPQuantPrecision  # noqa: E402
 from lightning_fpq.recipe import QuantRecipe  # noqa: E402
 
 STEPS = 6

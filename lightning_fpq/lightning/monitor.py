@@ -23,7 +23,7 @@ class CriticalDataMonitor(Callback):
 
     D_crit (arXiv 2501.02423) is the token count past which more data at the current
     precision makes the model worse. How a recipe maps to the law's (E, M, B) is explained
-    in :mod:`lightning_fpq.callbacks.critical` (the most binding quantized operand).
+    in :mod:`lightning_fpq.lightning.critical` (the most binding quantized operand).
 
     Args:
         law: None or "paper" (the paper's constants), "demo-calibration" (fitted to this

@@ -24,9 +24,9 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from . import backends
-from .linear import RecipeHolder, convert_linears, quantized_layers
-from .recipe import QuantRecipe
+from .. import backends
+from ..linear import RecipeHolder, convert_linears, quantized_layers
+from ..recipe import QuantRecipe
 
 _COMPUTE_DTYPES = {
     "fp32": torch.float32, "float32": torch.float32, "32": torch.float32, "32-true": torch.float32,

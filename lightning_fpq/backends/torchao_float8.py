@@ -15,8 +15,8 @@ from typing import Optional
 
 import torch
 
-from .backends import fp8_gemm_available, torchao_dtype
-from .recipe import LayerSpec, OperandSpec
+from . import fp8_gemm_available, torchao_dtype
+from ..recipe import LayerSpec, OperandSpec
 
 
 @functools.lru_cache(maxsize=64)

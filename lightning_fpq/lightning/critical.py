@@ -22,7 +22,7 @@ from lightning.pytorch import LightningModule, Trainer
 
 from ..formats import FPFormat
 from ..recipe import QuantRecipe
-from ..scaling import CapybaraLaw, count_params, load_law
+from ..scaling.laws import CapybaraLaw, count_params, load_law
 
 LawLike = Union[None, str, os.PathLike, CapybaraLaw]
 
@@ -31,10 +31,10 @@ NAMED_LAWS = ("paper", "demo-calibration")
 
 
 def named_law_path(name: str) -> str:
-    """The YAML shipped in ``lightning_fpq/laws/`` for a named law (``"demo-calibration"``)."""
+    """The YAML shipped in ``lightning_fpq/scaling/calibrations/`` for a named law (``"demo-calibration"``)."""
     from importlib.resources import files
 
-    path = files("lightning_fpq") / "laws" / f"{name.replace('-', '_')}.yaml"
+    path = files("lightning_fpq.scaling") / "calibrations" / f"{name.replace('-', '_')}.yaml"
     if not path.is_file():
         raise ValueError(f"law {name!r} is not shipped with this installation (no {path})")
     return str(path)
@@ -111,7 +111,7 @@ def predicted_loss(point: LawPoint, law: CapybaraLaw, n_params: int, tokens: flo
 
 def find_plugin(trainer: Trainer, *, needed_by: str) -> Any:
     """The trainer's ``FPQuantPrecision``, or a clear error naming what needs it."""
-    from ..precision import FPQuantPrecision  # callbacks and precision are both Lightning glue
+    from .precision import FPQuantPrecision  # callbacks and precision are both Lightning glue
 
     plugin = trainer.precision_plugin
     if not isinstance(plugin, FPQuantPrecision):

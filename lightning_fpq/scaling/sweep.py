@@ -16,8 +16,8 @@ run, and appended to the CSV as soon as it finishes (flushed and fsync'ed), with
 (same run id, same training settings) are skipped; a run that raises is recorded with
 status ``failed`` and its reason, and the sweep goes on (``--retry-failed`` runs those again).
 
-Data and model default to the embedded corpus (:class:`~lightning_fpq.data.ByteCorpusDataModule`)
-and the demo GPT (:class:`~lightning_fpq.model.GPTLightning`); either can be replaced by an
+Data and model default to the embedded corpus (:class:`~lightning_fpq.demo.data.ByteCorpusDataModule`)
+and the demo GPT (:class:`~lightning_fpq.demo.model.GPTLightning`); either can be replaced by an
 import path (``datamodule: mypkg.data.MyDataModule`` with ``datamodule_args: {...}``; ``model:
 mypkg.models.MyModule`` with ``model_args`` and per-size ``args``).
 
@@ -46,7 +46,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 from omegaconf import OmegaConf
 
-from .formats import FPFormat, as_format
+from ..formats import FPFormat, as_format
 
 __all__ = [
     "COLUMNS",
@@ -104,7 +104,7 @@ class ModelSize:
     """One model size of the grid.
 
     For the default GPT: ``n_layer``, ``n_head``, ``n_embd`` (``args`` may add other
-    :class:`~lightning_fpq.model.GPTConfig` fields, e.g. ``dropout``). For a model given by
+    :class:`~lightning_fpq.demo.model.GPTConfig` fields, e.g. ``dropout``). For a model given by
     import path: ``args`` are this size's keyword arguments (merged over ``model_args``), and
     the three GPT fields are ignored unless set.
     """
@@ -161,7 +161,7 @@ class SweepConfig:
     datamodule_args: Dict[str, Any] = field(default_factory=dict)
     tokens_per_step: Optional[int] = None  # custom datamodule: tokens per optimizer step (default: measured from one batch)
     # model
-    model: Optional[str] = None  # import path of a LightningModule (default: lightning_fpq.model.GPTLightning)
+    model: Optional[str] = None  # import path of a LightningModule (default: lightning_fpq.demo.model.GPTLightning)
     model_args: Dict[str, Any] = field(default_factory=dict)
     val_metric: str = "val/loss"  # the logged metric that becomes the row's loss
     train_metric: str = "train/loss"
@@ -172,7 +172,7 @@ class SweepConfig:
 
     def validate(self) -> "SweepConfig":
         """Check every value; raise ``ValueError`` naming the key, the value and what is valid."""
-        from .recipe import QuantRecipe
+        from ..recipe import QuantRecipe
 
         _int_at_least("batch_size", self.batch_size, 1)
         _int_at_least("seq_len", self.seq_len, 1)
@@ -384,7 +384,7 @@ def _estimated_params(cfg: SweepConfig, spec: RunSpec) -> int:
     """N before building the model (default GPT only; 0 when unknown)."""
     if cfg.model is not None:
         return 0
-    from .model import GPTConfig
+    from ..demo.model import GPTConfig
 
     size = cfg.models[spec.model]
     try:
@@ -491,7 +491,7 @@ def _accepts(fn: Callable, name: str) -> bool:
 
 def _build_datamodule(cfg: SweepConfig, spec: RunSpec, steps: Optional[int]):
     if cfg.datamodule is None:
-        from .data import ByteCorpusDataModule
+        from ..demo.data import ByteCorpusDataModule
 
         return ByteCorpusDataModule(
             block_size=cfg.seq_len, batch_size=cfg.batch_size, max_bytes=cfg.max_bytes, seed=spec.seed,
@@ -512,7 +512,7 @@ def _tokens_per_step(cfg: SweepConfig, datamodule: Any) -> int:
     per_batch = getattr(datamodule, "tokens_per_batch", None)
     if isinstance(per_batch, int) and per_batch > 0:
         return per_batch
-    from .callbacks.tokens import count_batch_tokens
+    from ..lightning.tokens import count_batch_tokens
 
     try:
         if hasattr(datamodule, "prepare_data"):
@@ -528,7 +528,7 @@ def _tokens_per_step(cfg: SweepConfig, datamodule: Any) -> int:
 def _build_model(cfg: SweepConfig, spec: RunSpec, steps: int):
     size = cfg.models[spec.model]
     if cfg.model is None:
-        from .model import GPTConfig, GPTLightning
+        from ..demo.model import GPTConfig, GPTLightning
 
         gpt = GPTConfig(block_size=cfg.seq_len, n_layer=size.n_layer, n_head=size.n_head, n_embd=size.n_embd,
                         **_plain(size.args))
@@ -548,7 +548,7 @@ def _build_model(cfg: SweepConfig, spec: RunSpec, steps: int):
 
 
 def _recipe(cfg: SweepConfig, spec: RunSpec):
-    from .recipe import QuantRecipe
+    from ..recipe import QuantRecipe
 
     if not spec.quantized:
         return QuantRecipe.from_name("bf16")
@@ -559,7 +559,7 @@ def _recorder_callback(train_metric: str):
     """A callback that counts training tokens and keeps the per-step training losses."""
     from lightning.pytorch import Callback
 
-    from .callbacks.tokens import count_batch_tokens
+    from ..lightning.tokens import count_batch_tokens
 
     class _Recorder(Callback):
         def __init__(self) -> None:
@@ -586,8 +586,8 @@ def run_one(cfg: SweepConfig, spec: RunSpec) -> dict[str, Any]:
     """Train and validate one run; returns its CSV row (status ``ok``). Raises on failure."""
     from lightning.pytorch import Trainer, seed_everything
 
-    from .precision import FPQuantPrecision
-    from .scaling import count_params
+    from ..lightning.precision import FPQuantPrecision
+    from .laws import count_params
 
     seed_everything(spec.seed, verbose=False)
     if cfg.datamodule is None:

@@ -34,8 +34,8 @@ from typing import Optional
 
 import torch
 
-from .formats import FPFormat
-from .recipe import LayerSpec, OperandSpec
+from ..formats import FPFormat
+from ..recipe import LayerSpec, OperandSpec
 
 LAYER_BACKENDS = ("emulated", "compiled", "triton", "torchao_float8", "transformer_engine")
 ALIASES = {"torchao": "torchao_float8", "te": "transformer_engine"}
@@ -79,14 +79,14 @@ def emulated_available() -> Capability:
 def compiled_available() -> Capability:
     """The torch.compile'd quantizer of ``fastquant.py`` (CPU tensors; cached there, and
     turned off there when a compile fails, so this is not cached again here)."""
-    from . import fastquant
+    from .. import fastquant
 
     return fastquant.compiled_available()
 
 
 def triton_available() -> Capability:
     """The fused Triton kernels of ``lightning_fpq.kernels`` (cached there)."""
-    from .kernels import capability
+    from ..kernels import capability
 
     return capability.triton_available()
 
@@ -164,13 +164,13 @@ def available(backend: str, device_type: str) -> Capability:
         fp8_ok, fp8_reason = fp8_gemm_available("cuda")
         if not fp8_ok:
             return False, f"Transformer Engine's FP8 recipes need FP8 GEMMs: {fp8_reason}"
-        from .te_linear import te_settings_problem
+        from .transformer_engine import te_settings_problem
 
         problem = te_settings_problem()
         if problem is not None:
             return False, problem
     if backend == "triton":
-        from .kernels import capability
+        from ..kernels import capability
 
         device = capability.kernel_device()  # cuda, or cpu under the interpreter
         if device is None or device.type != device_type:
@@ -242,7 +242,7 @@ def supports(backend: str, spec: LayerSpec) -> Capability:
     if backend == "torchao_float8":
         return torchao_supports(spec)
     if backend == "transformer_engine":
-        from .te_linear import te_supports
+        from .transformer_engine import te_supports
 
         return te_supports(spec)
     if backend == "triton":
@@ -262,7 +262,7 @@ def _why_auto(backend: str, device: torch.device) -> Capability:
         # torchao only where it brings real FP8 GEMMs (checked first: no torchao import on CPU)
         return fp8_gemm_available(device.type, device.index if device.type == "cuda" else None)
     if backend == "triton":
-        from .kernels import capability
+        from ..kernels import capability
 
         if capability.interpreting():
             return False, "Triton runs in its interpreter here (tests only, far slower than emulation)"

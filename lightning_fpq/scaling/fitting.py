@@ -28,7 +28,7 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 
 from lightning_fpq.formats import as_format
-from lightning_fpq.scaling import (
+from lightning_fpq.scaling.laws import (
     CHANNEL_LOG2_BLOCK,
     CapybaraLaw,
     ChinchillaLaw,
@@ -500,7 +500,7 @@ def fit(
         **extra,
         provenance=Provenance(
             source="fit",
-            citation="lightning_fpq.fitting.fit",
+            citation="lightning_fpq.scaling.fitting.fit",
             rows=int((~held).sum()),
             rmse=rmse,
             r2=r2,

@@ -38,8 +38,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .formats import FPFormat
-from .recipe import LayerSpec
+from ..formats import FPFormat
+from ..recipe import LayerSpec
 
 _E4M3 = FPFormat.parse("e4m3")
 _E5M2 = FPFormat.parse("e5m2")

@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 from omegaconf import OmegaConf
 
-from .formats import as_format
+from ..formats import as_format
 
 
 @dataclass
@@ -94,12 +94,12 @@ def _trainer_for(cfg: DemoConfig, name: str, schedule: list[str], law: Any):
     from lightning.pytorch import Trainer, seed_everything
     from lightning.pytorch.loggers import CSVLogger
 
-    from .callbacks.monitor import CriticalDataMonitor
-    from .callbacks.progressive import ProgressivePrecision
+    from ..lightning.monitor import CriticalDataMonitor
+    from ..lightning.progressive import ProgressivePrecision
     from .data import ByteCorpusDataModule
     from .model import GPTLightning
-    from .precision import FPQuantPrecision
-    from .recipe import QuantRecipe
+    from ..lightning.precision import FPQuantPrecision
+    from ..recipe import QuantRecipe
 
     seed_everything(cfg.seed, verbose=False)
     model = GPTLightning(cfg.model, lr=cfg.lr, warmup_steps=cfg.warmup_steps, max_steps=cfg.steps)
@@ -129,7 +129,7 @@ def run_one(cfg: DemoConfig, name: str, schedule: list[str], law: Any) -> RunRes
     wall = time.perf_counter() - start
     monitor = callbacks[0]
     progressive = callbacks[1] if len(callbacks) > 1 else None
-    from .callbacks.critical import critical_tokens
+    from ..lightning.critical import critical_tokens
 
     stages = progressive.stages if progressive else [trainer.precision_plugin.recipe]
     stage_d_crit = []

@@ -29,7 +29,7 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
-from .scaling import capybara_critical_data_size, capybara_loss
+from .laws import capybara_critical_data_size, capybara_loss
 
 __all__ = ["format_label", "plot_fit", "plot_fitted_vs_observed", "plot_loss_vs_tokens", "plot_penalty_vs_tokens", "plot_residuals"]
 
@@ -441,8 +441,8 @@ def plot_fit(result: Any, data: dict[str, np.ndarray], out_dir: Union[str, Path]
              excluded: Optional[dict[str, np.ndarray]] = None) -> list[Path]:
     """The pictures of a Capybara fit, written into ``out_dir``; returns their paths.
 
-    ``result`` is :func:`lightning_fpq.fitting.fit`'s result and ``data`` the rows it was given,
-    as :func:`lightning_fpq.fitting.load_rows` returns them (same order). ``excluded``: rows
+    ``result`` is :func:`lightning_fpq.scaling.fitting.fit`'s result and ``data`` the rows it was given,
+    as :func:`lightning_fpq.scaling.fitting.load_rows` returns them (same order). ``excluded``: rows
     left out before fitting (same format), drawn as crosses in the loss and penalty plots.
     """
     if getattr(result.law, "kind", None) != "capybara":

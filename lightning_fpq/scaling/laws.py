@@ -80,7 +80,7 @@ def log2_block_size(block_size: Union[int, str], *, channel_log2: float = CHANNE
     - ``"tensor"``: ``2 * channel_log2``. *Our approximation, not fitted in the paper*: one
       scale per tensor covers about (channel length)^2 elements of a square weight matrix,
       where a channel-wise scale covers one row, so its log2(B) is doubled. Refit with
-      tensor-wise runs (``lightning_fpq.fitting.fit``) before relying on it.
+      tensor-wise runs (``lightning_fpq.scaling.fitting.fit``) before relying on it.
     """
     if block_size is None:
         raise ValueError(
@@ -509,7 +509,7 @@ class CapybaraLaw(_Law):
     exponent and mantissa weights), and ``channel_log2_block``, the log2(B) that channel-wise
     scaling behaves like. :meth:`paper` holds the published values, fitted on LLaMA models
     of 41M-679M parameters trained on 10B-100B Dolma tokens (358 runs): for another model
-    family, tokenizer or data set, refit (:func:`lightning_fpq.fitting.fit`).
+    family, tokenizer or data set, refit (:func:`lightning_fpq.scaling.fitting.fit`).
 
     A format argument is an :class:`FPFormat`, a name ("e2m1", "fp8", ...) or ``None`` (no
     quantization: the penalty term is 0). Only E and M matter to the law, not the

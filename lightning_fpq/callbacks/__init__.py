@@ -1,1 +1,0 @@
-"""Lightning callbacks: token counting, CriticalDataMonitor, ProgressivePrecision."""
