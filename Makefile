@@ -2,7 +2,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test setup bench clean
+.PHONY: demo test lint setup bench clean
 $(VENV)/.installed: pyproject.toml scripts/setup.sh
 	bash scripts/setup.sh
 
@@ -14,10 +14,20 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest -n 2 -q
 
+# Type-checked: the numerics core (formats, quantizer, packing, specs, recipes, state, layers, backends).
+MYPY_PATHS := lightning_fpq/_config.py lightning_fpq/formats.py lightning_fpq/quantize.py lightning_fpq/packing.py \
+	lightning_fpq/spec.py lightning_fpq/named_recipes.py lightning_fpq/recipe.py lightning_fpq/state.py \
+	lightning_fpq/fp4_estimators.py lightning_fpq/linear_function.py lightning_fpq/linear.py lightning_fpq/backends
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy $(MYPY_PATHS)
+
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_quantize.py
 	$(PY) benchmarks/bench_step.py
 	$(PY) benchmarks/bench_kernels.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info lightning_logs .pytest_cache
+	rm -rf $(VENV) build *.egg-info lightning_logs .pytest_cache .ruff_cache .mypy_cache

@@ -107,7 +107,7 @@ def bench_gemm(m: int, sizes: list[int], repeats: int) -> None:
 
     from lightning_fpq.kernels import fp8_tensor_cores_available, gemm_fp4, pack_triton
     from lightning_fpq.kernels.gemm_fp4 import choose_path
-    from lightning_fpq.quantize import unpack
+    from lightning_fpq.packing import unpack
 
     fp8_ok, fp8_reason = fp8_tensor_cores_available()
     print(f"\nFP4 GEMM, M = {m}; FP8 tensor cores: {fp8_reason}")

@@ -25,7 +25,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lightning_fpq.demo.data import load_corpus  # noqa: E402
-from lightning_fpq.linear import RecipeHolder, convert_linears  # noqa: E402
+from lightning_fpq.linear import convert_linears
+from lightning_fpq.state import QuantState  # noqa: E402
 from lightning_fpq.demo.model import GPT, GPTConfig, lm_loss  # noqa: E402
 from lightning_fpq.recipe import QuantRecipe  # noqa: E402
 
@@ -54,7 +55,7 @@ def build(config: GPTConfig, recipe, seed: int = 0, backend: str = "auto"):
     model = GPT(config)
     if recipe is not None:
         name, kwargs = recipe
-        convert_linears(model, RecipeHolder(QuantRecipe.from_name(name, **kwargs), backend=backend))
+        convert_linears(model, QuantState(QuantRecipe.from_name(name, **kwargs), backend=backend))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
     return model, opt
 

@@ -1,7 +1,7 @@
 """Training-step throughput of a GPT per precision stage (BF16, FP8, FP4), as ratios to BF16.
 
 One model and one optimizer; the stages are the recipe switches that ``ProgressivePrecision``
-makes (``RecipeHolder.set_recipe``: no module rebuilt, no Parameter replaced), so every stage
+makes (``QuantState.set_recipe``: no module rebuilt, no Parameter replaced), so every stage
 times the very same weights and data. A step is forward + backward + fused AdamW under bf16
 autocast; stages are interleaved round by round and the median round is reported, in tokens/s
 and as a ratio to the BF16 stage measured in the same run. The backend each stage runs on
@@ -32,7 +32,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lightning_fpq import backends  # noqa: E402
-from lightning_fpq.linear import RecipeHolder, convert_linears  # noqa: E402
+from lightning_fpq.linear import convert_linears
+from lightning_fpq.state import QuantState  # noqa: E402
 from lightning_fpq.demo.model import GPT, GPTConfig, lm_loss  # noqa: E402
 
 # stage label -> named recipe (ProgressivePrecision's FP4 -> FP8 -> BF16 schedule)
@@ -83,8 +84,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     config = dataclasses.replace(GPTConfig.from_name(args.size), block_size=seq)
     torch.manual_seed(0)
     model = GPT(config).to(device)
-    holder = RecipeHolder("bf16", backend=backend)
-    converted, _ = convert_linears(model, holder)  # every block's Linear; lm_head stays unquantized
+    state = QuantState("bf16", backend=backend)
+    converted, _ = convert_linears(model, state)  # every block's Linear; lm_head stays unquantized
     assert converted and "lm_head" not in converted, converted
     fused = device.type == "cuda"
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=fused)
@@ -109,19 +110,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"model: {config.short_str()}, batch {batch} x {seq} tokens, "
           f"bf16 autocast, fused AdamW={fused}, torch.compile={args.compile}; {args.rounds} rounds x {args.steps} steps")
 
-    layer = holder.names[0]
+    layer = state.layer_names[0]
     print(f"\nbackend of {layer} (every block Linear alike) per stage:")
     for stage in args.stages:
-        holder.set_recipe(STAGES[stage])
-        chosen, reason = holder.resolve_backends(device)[layer]
+        state.set_recipe(STAGES[stage])
+        chosen, reason = state.resolve_backends(device)[layer]
         print(f"  {stage:<6} {STAGES[stage]:<6} {chosen:<19} {reason}")
 
     # warm-up: compiles (torch.compile, Triton autotuning, the CPU quantizer) outside the timing
     losses: dict[str, float] = {}
     def switch(stage: str) -> None:
         # as the plugin does at a switch: every layer's backend chosen outside compiled code
-        holder.set_recipe(STAGES[stage])
-        holder.resolve_backends(device)
+        state.set_recipe(STAGES[stage])
+        state.resolve_backends(device)
 
     for stage in args.stages:
         switch(stage)

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Everything issue 6 measures on an NVIDIA GPU, one log per step, into the folder $1
+# Every GPU measurement of the project, one log per step, into the folder $1
 # (default: gpu-results). Run from the repository root with a Python that has torch (CUDA
 # build), triton, torchao, lightning and the test extras; TE is used where installed.
 #
 #     PYTHON=.venv/bin/python bash benchmarks/run_gpu.sh gpu-results
 #
-# The figures go into docs/benchmarks.md by hand, with the device and versions printed here.
+# Record the figures in the docs by hand, with the device and versions printed here.
 set -u
 out=${1:-gpu-results}
 py=${PYTHON:-python3}

@@ -3,7 +3,7 @@
 Nothing here is an op. The helpers avoid two things on purpose:
 
 - hardware/compiler conversions whose rounding we cannot pin down everywhere (Triton's
-  interpreter rounds fp32 -> bf16/fp8 casts by truncation; DESIGN.md "Known traps"): every
+  interpreter rounds fp32 -> bf16/fp8 casts by truncation; docs/architecture.md, "Known traps"): every
   value is first rounded to its destination grid with exact arithmetic, so the final cast
   or bit store is exact;
 - float operations whose result depends on the order or fusion of operations: the scaling

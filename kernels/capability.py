@@ -1,6 +1,6 @@
 """Can the Triton kernels run here, and which tensor-core paths does this GPU have?
 
-Every check returns ``(ok, reason)`` and is cached (STYLE.md item 5): the reason is what a
+Every check returns ``(ok, reason)`` and is cached, so asking again is free; the reason is what a
 backend logs when it falls back, and what a GPU-only test prints when it skips.
 
 Triton's interpreter (``TRITON_INTERPRET=1``) runs the kernels on CPU tensors, slowly, for
@@ -23,7 +23,8 @@ import torch
 Capability = tuple[bool, str]
 
 
-def _interpret_requested() -> bool:
+def interpret_requested() -> bool:
+    """True when ``TRITON_INTERPRET`` asks for Triton's interpreter (whether or not Triton is installed)."""
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
 
 
@@ -31,9 +32,9 @@ def interpreting() -> bool:
     """True when the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``), on CPU tensors.
 
     A backend's automatic choice should never pick an interpreted kernel for training:
-    it is orders of magnitude slower than the emulated path.
+    it is far slower than the emulated path.
     """
-    return _interpret_requested() and triton_available()[0]
+    return interpret_requested() and triton_available()[0]
 
 
 def triton_available() -> Capability:
@@ -42,7 +43,7 @@ def triton_available() -> Capability:
     Needs triton importable and either a CUDA device (compiled kernels, CUDA tensors) or
     ``TRITON_INTERPRET=1`` set before triton was imported (interpreted kernels, CPU tensors).
     """
-    return _triton_available(_interpret_requested())
+    return _triton_available(interpret_requested())
 
 
 @functools.lru_cache(maxsize=None)
@@ -93,7 +94,7 @@ def kernel_launchable(kernel) -> Capability:
         return ok, reason
     from triton.runtime.interpreter import InterpretedFunction
 
-    if isinstance(kernel, InterpretedFunction) != _interpret_requested():
+    if isinstance(kernel, InterpretedFunction) != interpret_requested():
         built = "the interpreter" if isinstance(kernel, InterpretedFunction) else "the GPU"
         return False, (
             f"kernel {getattr(kernel, '__name__', kernel)!s} was built for {built} when its module was "
@@ -106,14 +107,14 @@ def kernel_device() -> Optional[torch.device]:
     """The device the kernels' tensors must live on: cpu when interpreting, cuda otherwise."""
     if not triton_available()[0]:
         return None
-    return torch.device("cpu") if _interpret_requested() else torch.device("cuda")
+    return torch.device("cpu") if interpret_requested() else torch.device("cuda")
 
 
 def _cuda_capability_at_least(major: int, minor: int, what: str) -> Capability:
     ok, reason = triton_available()
     if not ok:
         return False, reason
-    if _interpret_requested():
+    if interpret_requested():
         return False, f"{what} needs a GPU of sm_{major}{minor} or newer; the interpreter has none (its path can still be forced for tests)"
     cap = torch.cuda.get_device_capability()
     name = torch.cuda.get_device_name()
@@ -134,12 +135,12 @@ def _dot_scaled_cached(interpret: bool) -> Capability:
 
 def fp8_tensor_cores_available() -> Capability:
     """FP8 ``tl.dot`` (Ada sm_89, Hopper sm_90 and newer)."""
-    return _fp8_cached(_interpret_requested())
+    return _fp8_cached(interpret_requested())
 
 
 def dot_scaled_available() -> Capability:
     """Native block-scaled ``tl.dot_scaled`` with E2M1 operands and E8M0 scales (sm_100 and newer)."""
-    return _dot_scaled_cached(_interpret_requested())
+    return _dot_scaled_cached(interpret_requested())
 
 
 def require(capability: Capability, what: str) -> None:

@@ -20,7 +20,7 @@ order as long as fp32 holds the partial sums exactly; with arbitrary fp32 scales
 from dequantize-then-matmul by the rounding of the scaling (a few ulps), because the
 scaling happens once per block product instead of once per element.
 
-Under Triton's interpreter ``tl.dot`` multiplies bf16 inputs wrongly (DESIGN.md "Known
+Under Triton's interpreter ``tl.dot`` multiplies bf16 inputs wrongly (docs/architecture.md, "Known
 traps"): the tile is then built as bf16 or fp8 bits exactly as on the GPU and converted to
 fp32 before the dot, so every path's decoding is exercised on the CPU.
 """
@@ -32,7 +32,7 @@ from typing import Optional
 import torch
 
 from lightning_fpq.formats import FPFormat
-from lightning_fpq.quantize import PackedTensor
+from lightning_fpq.packing import PackedTensor
 
 from . import capability
 from ._common import jit, round_to_dtype_grid, store_from_f32, tl, triton
@@ -199,7 +199,7 @@ def _tiles(path: str, block_len: int) -> tuple[int, int, int, int, int]:
     if path == "dot_scaled":
         return 128, 128, 128, 8, 3
     block_k = min(128, 1 << (block_len.bit_length() - 1)) if block_len >= 16 else 16
-    if capability._interpret_requested():
+    if capability.interpret_requested():
         return 32, 32, block_k, 4, 1
     return 128, 128, block_k, 8, 3
 
@@ -225,7 +225,7 @@ if triton is not None:
             a_codes.stride(0), a_codes.stride(1), a_scales.stride(0), a_scales.stride(1),
             b_codes.stride(0), b_codes.stride(1), b_scales.stride(0), b_scales.stride(1),
             out.stride(0), out.stride(1),
-            DOT_MODE=_DOT_MODES[path], DOT_IN_FP32=capability._interpret_requested(), OUT_KIND=out_kind,
+            DOT_MODE=_DOT_MODES[path], DOT_IN_FP32=capability.interpret_requested(), OUT_KIND=out_kind,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,
             num_warps=num_warps, num_stages=num_stages,
         )
@@ -274,7 +274,7 @@ def gemm_fp4(
     for name, t in (("a", a_codes), ("b", b_codes)):
         if t.device.type != device.type:
             raise ValueError(f"gemm_fp4: {name} lives on {t.device}; the kernel runs on {device.type} tensors here")
-    interp = capability._interpret_requested()
+    interp = capability.interpret_requested()
     if path == "auto":
         path = choose_path(block_len, a_scales, b_scales)[0]
     elif path == "dot_scaled":

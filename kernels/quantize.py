@@ -12,7 +12,7 @@ follows the reference quantizer's order of operations bit for bit
 3. ``y = x * S`` in float32, rounded to the grid (nearest-even, or stochastic
    ``floor(|y| / step + u)``), overflow saturated (or inf / NaN when not saturating);
 4. ``q / S`` (IEEE division), clamped to the output dtype's finite range when saturating,
-   rounded to the output dtype; or the codes of ``q`` (``lightning_fpq.quantize.encode``).
+   rounded to the output dtype; or the codes of ``q`` (``lightning_fpq.packing.encode``).
 
 The blocks run along any axis: the kernel reads ``x`` through a (outer, axis, inner) view
 with its own strides, so a transposed operand (the backward pass's ``W`` along
@@ -33,7 +33,9 @@ from typing import Optional
 import torch
 
 from lightning_fpq.formats import FormatLike, FPFormat
-from lightning_fpq.quantize import BlockSize, PackedTensor, check_quantize_args
+from lightning_fpq._config import BlockSize
+from lightning_fpq.packing import PackedTensor
+from lightning_fpq.quantize import check_quantize_args
 
 from . import capability
 from ._common import (
@@ -107,7 +109,7 @@ def _quantize_tile(
     q = round_magnitude(tl.abs(y), u, MBITS, EMIN, FMT_MAX, STOCHASTIC, OVERFLOW)
     ptrs = out_ptr + row[:, None, None] + k[None, :, :]
     if OUT_KIND == 3:
-        # ---- codes (lightning_fpq.quantize.encode): sign | exponent | mantissa
+        # ---- codes (lightning_fpq.packing.encode): sign | exponent | mantissa
         qbits = q.to(tl.int32, bitcast=True)
         is_nan = q != q
         if EBITS > 0:
@@ -265,7 +267,7 @@ def _tiles(block_len: int, n_blocks: int, n_vec: int, vectors_contiguous: bool) 
     NB short blocks side by side, so that a program reads at least 256 consecutive elements
     of each row; blocks along columns (slices contiguous) take at least 64 slices instead.
     Interpreted: as few programs as possible (each costs milliseconds of Python)."""
-    interp = capability._interpret_requested()
+    interp = capability.interpret_requested()
     max_k = 4096 if interp else 1024
     target = 16384 if interp else 4096
     block_k = max(2, min(_next_pow2(block_len), max_k))
@@ -298,7 +300,7 @@ def _view3(t: torch.Tensor, axis: int) -> tuple[torch.Tensor, int, int, int]:
 
 def _tensor_finite_absmax(x3: torch.Tensor, outer: int, length: int, inner: int, in_kind: int) -> torch.Tensor:
     n_vec = outer * inner
-    block_v, block_k = (64, 256) if not capability._interpret_requested() else (256, 1024)
+    block_v, block_k = (64, 256) if not capability.interpret_requested() else (256, 1024)
     grid = (triton.cdiv(n_vec, block_v), triton.cdiv(length, block_k))
     partial = torch.empty(grid[0] * grid[1], dtype=torch.float32, device=x3.device)
     src = x3.view(torch.int16) if in_kind == 1 else x3
@@ -475,7 +477,7 @@ def pack_triton(
     saturate: bool = True,
 ) -> PackedTensor:
     """Quantize ``x`` into codes plus scales with one fused kernel: the ``PackedTensor`` that
-    ``lightning_fpq.quantize.pack`` returns (same codes, same scales, same layout; ``unpack``
+    ``lightning_fpq.packing.pack`` returns (same codes, same scales, same layout; ``unpack``
     reads it). Stochastic rounding is also offered (``pack`` itself rounds to nearest).
 
     Formats of at most 16 bits. For formats of at most 4 bits (two codes a byte) each slice
@@ -484,7 +486,7 @@ def pack_triton(
     """
     fmt, block, axis, round_mode, noise, seed = _prepare(x, fmt, block_size, axis, scale_format, rounding, generator, noise, seed)
     if fmt.bits > 16:
-        raise ValueError(f"pack_triton stores codes of at most 16 bits; {fmt.name} has {fmt.bits}: use lightning_fpq.quantize.pack")
+        raise ValueError(f"pack_triton stores codes of at most 16 bits; {fmt.name} has {fmt.bits}: use lightning_fpq.packing.pack")
     shape = tuple(x.shape) or (1,)
     code_axis = len(shape) - 1 if block == _BLOCK_NONE else axis  # "tensor" codes follow the moved axis, as in pack
     length = shape[code_axis]
@@ -493,7 +495,7 @@ def pack_triton(
     if fmt.bits <= 4 and padded % 2:
         raise ValueError(
             f"pack_triton packs two {fmt.name} codes a byte within each slice: the slice length along "
-            f"axis {code_axis} padded to whole blocks is {padded}, which is odd; use lightning_fpq.quantize.pack"
+            f"axis {code_axis} padded to whole blocks is {padded}, which is odd; use lightning_fpq.packing.pack"
         )
     if x.numel() == 0:
         raise ValueError("pack_triton needs a non-empty tensor")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import os
 import types
 import typing
@@ -32,7 +33,8 @@ def block_size(value: Any, *, what: str = "block_size", allow_none: bool = True)
     """A user's block size in its one Python form: an int >= 1, "channel", "tensor", or ``None``
     for no scaling (written ``None`` or "none"; refused when ``allow_none`` is False).
     Digit strings ("128", from CSV cells and the command line) and whole floats (128.0) are ints."""
-    valid = "an int >= 1, 'channel' or 'tensor'" + (" or 'none' (no scaling)" if allow_none else "")
+    valid = "None, a positive int, 'channel' or 'tensor' ('none': no scaling)" if allow_none else \
+        "an int >= 1, 'channel' or 'tensor'"
     if value is None or (isinstance(value, str) and value.strip().lower() == NO_SCALING):
         if allow_none:
             return None
@@ -41,8 +43,12 @@ def block_size(value: Any, *, what: str = "block_size", allow_none: bool = True)
         text = value.strip().lower()
         if text in BLOCK_WORDS:
             return text
-        if text.isdigit() and int(text) >= 1:
-            return int(text)
+        try:
+            number = float(text)  # "128" and "128.0" (CSV cells, the command line)
+        except ValueError:
+            number = math.nan
+        if number.is_integer() and number >= 1:
+            return int(number)
     elif isinstance(value, float) and value.is_integer() and value >= 1:
         return int(value)
     elif _is_int(value) and value >= 1:
@@ -62,7 +68,8 @@ def block_size_yaml(value: BlockSize) -> Union[int, str]:
 
 # --------------------------------------------------------------------- scalar checks
 def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) or type(value).__name__ in ("int64", "int32")
+    """Python and numpy integers, not bools."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def choice(value: Any, choices: Iterable[str], *, what: str) -> str:
@@ -123,7 +130,8 @@ def check_keys(data: Mapping[str, Any], cls: type, *, what: str) -> None:
     """Refuse keys that are not fields of the dataclass ``cls``, naming the valid ones."""
     unknown = sorted(set(data) - set(field_names(cls)))
     if unknown:
-        raise ValueError(f"{what}: unknown key(s) {unknown}; valid keys are {field_names(cls)}")
+        key = unknown[0]
+        raise ValueError(f"unknown key {f'{what}.{key}'!r}: {key!r} is not one of the valid keys {field_names(cls)}")
 
 
 def _dataclass_in(annotation: Any) -> Optional[type]:

@@ -27,7 +27,10 @@ import argparse
 import math
 import re
 import sys
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, Optional
+
+from lightning_fpq import _config
 
 PROG = "lightning-fpq"
 EXIT_USAGE = 2  # bad input: one line on stderr
@@ -75,10 +78,10 @@ def positive_number(text: str) -> float:
 
 
 def format_name(text: str) -> Any:
-    from lightning_fpq.formats import as_format
+    from lightning_fpq.formats import FPFormat
 
     try:
-        return as_format(text)
+        return FPFormat.parse(text)
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
 
@@ -91,16 +94,11 @@ def format_list(text: str) -> list:
 
 
 def block_size(text: str) -> Any:
-    key = text.strip().lower()
-    if key in ("channel", "tensor"):
-        return key
+    """'128', 'channel' or 'tensor' (the laws know no unscaled blocks)."""
     try:
-        value = int(key)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not valid: expected an int >= 1, 'channel' or 'tensor'")
-    return value
+        return _config.block_size(text, what="B", allow_none=False)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 # ------------------------------------------------------------------ output helpers
@@ -139,7 +137,8 @@ def _pct(x: float) -> str:
 
 
 def _law(path: Optional[str]):
-    from lightning_fpq.scaling.laws import CapybaraLaw, load_law
+    from lightning_fpq.scaling.capybara import CapybaraLaw
+    from lightning_fpq.scaling.law import load_law
 
     return CapybaraLaw.paper() if path is None else load_law(path)
 
@@ -151,7 +150,9 @@ def _law_line(law) -> str:
 
 
 def _block_text(bs: Any) -> str:
-    return f"{bs}-element blocks" if isinstance(bs, int) else f"{bs}-wise scaling"
+    """'128-element blocks', 'channel-wise scaling' or 'tensor-wise scaling'."""
+    text = _config.block_size_text(bs)
+    return f"{text}-element blocks" if isinstance(bs, int) else f"{text}-wise scaling"
 
 
 def _add_law_options(parser: argparse.ArgumentParser, *, block: bool = True) -> None:
@@ -161,12 +162,28 @@ def _add_law_options(parser: argparse.ArgumentParser, *, block: bool = True) -> 
                             help="elements per scale: an int, 'channel' or 'tensor' (default: 128)")
 
 
+def _add_config_options(parser: argparse.ArgumentParser, *, example: str, out: tuple[str, str], progress_bar: str) -> None:
+    """The options of a command run from a config (sweep, demo): KEY=VALUE overrides, --out, --no-progress-bar."""
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=f"config overrides, e.g. {example}")
+    parser.add_argument("--out", metavar=out[0], help=out[1])
+    parser.add_argument("--no-progress-bar", action="store_true", help=progress_bar)
+
+
+def _config_overrides(args: argparse.Namespace, options: Sequence[str]) -> list[str]:
+    """The KEY=VALUE overrides, then ``option=value`` for each of ``options`` given, then --no-progress-bar."""
+    overrides = list(args.overrides)
+    overrides += [f"{key}={getattr(args, key)}" for key in options if getattr(args, key) is not None]
+    if args.no_progress_bar:
+        overrides.append("progress_bar=false")
+    return overrides
+
+
 # ---------------------------------------------------------------------- formats
 
 
 def cmd_formats(args: argparse.Namespace) -> int:
     from lightning_fpq.formats import named_formats
-    from lightning_fpq.scaling.laws import CapybaraLaw
+    from lightning_fpq.scaling.capybara import CapybaraLaw
 
     law = CapybaraLaw.paper()
     groups: dict = {}
@@ -348,9 +365,8 @@ def _fit_rows(path: str, min_tokens: Optional[float] = None) -> tuple[list, list
     training tokens D are set aside (returned second, for the plots).
     """
 
-    from lightning_fpq.scaling.sweep import ok_rows
-
     from lightning_fpq.scaling.fitting import read_csv_rows
+    from lightning_fpq.scaling.sweep_csv import ok_rows
 
     rows = read_csv_rows(path)  # ValueError: one line on stderr, exit 2, like CLIError
     used, counts = ok_rows(rows)
@@ -380,7 +396,7 @@ def _critical_table(law, data) -> Any:
     """D_crit of every quantized (format, B) in the rows, at their smallest and largest N."""
     import numpy as np
 
-    from lightning_fpq.scaling.laws import capybara_critical_data_size
+    from lightning_fpq.scaling.capybara import capybara_critical_data_size
 
     consts = law.constants()
     n_lo, n_hi = float(data["N"].min()), float(data["N"].max())
@@ -430,7 +446,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         law.save(args.out)
         console.print(f"wrote {args.out}")
     if args.plots:
-        from lightning_fpq.scaling.fit_plots import plot_fit
+        from lightning_fpq.scaling.plots import plot_fit
 
         excluded = load_rows(short, kind=args.kind) if short else None
         for path in plot_fit(result, data, args.plots, excluded=excluded):
@@ -460,14 +476,10 @@ def add_fit(sub) -> None:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from lightning_fpq.scaling.sweep import load_config, run_sweep  # omegaconf, torch and Lightning: only here
+    from lightning_fpq.scaling.sweep import run_sweep  # omegaconf, torch and Lightning: only here
+    from lightning_fpq.scaling.sweep_config import load_config
 
-    overrides = list(args.overrides)
-    if args.out is not None:
-        overrides.append(f"out={args.out}")
-    if args.no_progress_bar:
-        overrides.append("progress_bar=false")
-    cfg = load_config(args.config, tuple(overrides))
+    cfg = load_config(args.config, tuple(_config_overrides(args, ("out",))))
     result = run_sweep(cfg, retry_failed=args.retry_failed, dry_run=args.dry_run)
     if args.dry_run:
         return 0
@@ -485,11 +497,10 @@ def add_sweep(sub) -> None:
         "reason and the sweep goes on (exit status 1 if any run failed). Any config key can be set as key=value.",
     )
     p.add_argument("config", metavar="CONFIG.yaml", help="the sweep config (see examples/calibration/sweep.yaml)")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. threads=2 lr=0.002")
-    p.add_argument("--out", metavar="CSV", help="the CSV to append to (default: the config's out)")
+    _add_config_options(p, example="threads=2 lr=0.002", out=("CSV", "the CSV to append to (default: the config's out)"),
+                        progress_bar="no live bar (one line per run is printed anyway)")
     p.add_argument("--dry-run", action="store_true", help="list the runs still to do; train nothing")
     p.add_argument("--retry-failed", action="store_true", help="also run again the runs recorded as failed")
-    p.add_argument("--no-progress-bar", action="store_true", help="no live bar (one line per run is printed anyway)")
     p.set_defaults(func=cmd_sweep)
 
 
@@ -497,8 +508,6 @@ def add_sweep(sub) -> None:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    import numpy as np
-
     law = _law(args.law)
     N, bs = args.params, args.block_size
     crits = [float(law.critical_data_size(N, f, bs)) for f in args.formats]
@@ -507,45 +516,12 @@ def cmd_plot(args: argparse.Namespace) -> int:
     hi = args.max_tokens or (max(finite) * 10 if finite else 1e14)
     if not lo < hi:
         raise CLIError(f"--min-tokens {_g(lo)} must be below --max-tokens {_g(hi)}")
+    from lightning_fpq.scaling.plots import plot_law
 
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display needed
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import FormatStrFormatter
-
-    D = np.logspace(math.log10(lo), math.log10(hi), 400)
-    fig, ax = plt.subplots(figsize=(9, 5.5), dpi=130)
-    colors = plt.get_cmap("tab10").colors
-    for i, (fmt, d_crit) in enumerate(zip(args.formats, crits)):
-        color = colors[i % len(colors)]
-        label = f"{fmt.name} ({fmt.bits} bits)" + (f", D_crit = {_g(d_crit, 2)}" if math.isfinite(d_crit) else "")
-        ax.plot(D, law.loss(N, D, fmt, bs), color=color, lw=2, label=label)
-        if math.isfinite(d_crit) and lo <= d_crit <= hi:
-            ax.axvline(d_crit, color=color, ls=":", lw=1.2)
-            ax.plot([d_crit], [float(law.min_loss(N, fmt, bs))], "o", color=color, ms=7, mec="black", zorder=5)
-    ax.plot(D, law.loss(N, D, None, bs), color="grey", ls="--", lw=1.2, label="no quantization", zorder=4)
-    # y range: from just below the lowest minimum to the unquantized loss at the left edge, so
-    # the minima stay visible; a format far past its D_crit leaves the top of the frame
-    floor = min([float(law.min_loss(N, f, bs)) for f in args.formats] + [float(law.loss(N, hi, None, bs))])
-    top = float(law.loss(N, lo, None, bs))
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_ylim(floor - 0.04 * (top - floor), top + 0.04 * (top - floor))
-    ax.yaxis.set_major_formatter(FormatStrFormatter("%.2f"))
-    ax.yaxis.set_minor_formatter(FormatStrFormatter("%.2f"))
-    ax.tick_params(axis="y", which="minor", labelsize=8)
-    ax.set_xlabel("training tokens D")
-    ax.set_ylabel("predicted loss (nats/token)")
-    ax.set_title(f"{type(law).__name__}: N = {_g(N)} parameters, {_block_text(bs)}\n"
-                 f"dots: critical data size D_crit, the lowest loss each format reaches", fontsize=11)
-    ax.grid(True, which="major", alpha=0.35)
-    ax.grid(True, which="minor", alpha=0.12)
-    ax.legend(loc="upper right", fontsize=9, framealpha=0.9)
-    fig.tight_layout()
-    fig.savefig(args.out)
-    plt.close(fig)
-    print(f"wrote {args.out}")
+    title = (f"{type(law).__name__}: N = {_g(N)} parameters, {_block_text(bs)}\n"
+             f"dots: critical data size D_crit, the lowest loss each format reaches")
+    path = plot_law(law, N, args.formats, bs, args.out, tokens=(lo, hi), title=title)
+    print(f"wrote {path}")
     return 0
 
 
@@ -562,27 +538,19 @@ def add_plot(sub) -> None:
     p.set_defaults(func=cmd_plot)
 
 
-# ------------------------------------------------------------------------- main
-
 # ------------------------------------------------------------------------- demo
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from lightning_fpq.demo.run import load_config, run_demo  # imports torch and Lightning: only here
 
-    overrides = list(args.overrides)
-    for flag, key in (("steps", "steps"), ("model", "model"), ("out", "out"), ("law", "law"), ("unit", "unit")):
-        value = getattr(args, flag)
-        if value is not None:
-            overrides.append(f"{key}={value}")
+    overrides = _config_overrides(args, ("steps", "model", "out", "law", "unit"))
     if args.schedule is not None:
         overrides.append(f"schedule=[{','.join(f.name for f in args.schedule)}]")
     if args.switch_at is not None:
         overrides.append(f"switch_at={args.switch_at if args.switch_at == 'auto' else '[' + args.switch_at + ']'}")
     if args.baseline:
         overrides.append("baseline=true")
-    if args.no_progress_bar:
-        overrides.append("progress_bar=false")
     run_demo(load_config(args.config, tuple(overrides)))
     return 0
 
@@ -593,7 +561,8 @@ def add_demo(sub) -> None:
         description="Train a small GPT on an embedded corpus (the Python standard library's own source, byte-level) "
         "with progressive precision, then write a plot, CSV logs and a summary. Any config key can be set as key=value.",
     )
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. steps=1200 block=16")
+    _add_config_options(p, example="steps=1200 block=16", out=("DIR", "where the plot, logs and summary go (default: runs/demo)"),
+                        progress_bar="no progress bar (for logs and CI)")
     p.add_argument("--config", metavar="YAML", help="a demo config (see examples/configs/demo.yaml)")
     p.add_argument("--steps", type=int, help="optimizer steps per run")
     p.add_argument("--model", help="GPT size: tiny, demo or small")
@@ -602,8 +571,6 @@ def add_demo(sub) -> None:
     p.add_argument("--unit", choices=("budget", "tokens", "dcrit"), help="unit of --switch-at (default: budget fractions)")
     p.add_argument("--law", metavar="LAW.yaml", help="scaling law for D_crit (default: the paper's constants)")
     p.add_argument("--baseline", action="store_true", help="also train a BF16-only run for comparison")
-    p.add_argument("--out", metavar="DIR", help="where the plot, logs and summary go (default: runs/demo)")
-    p.add_argument("--no-progress-bar", action="store_true", help="no progress bar (for logs and CI)")
     p.set_defaults(func=cmd_demo)
 
 
@@ -646,6 +613,9 @@ def add_backends(sub) -> None:
     p.set_defaults(func=cmd_backends)
 
 
+# ------------------------------------------------------------------------- main
+
+
 SUBCOMMANDS: list[Callable[[Any], None]] = [add_formats, add_predict, add_plan, add_fit, add_plot, add_demo, add_sweep, add_backends]
 """Each entry registers one subcommand on the subparsers object: append yours here."""
 
@@ -673,7 +643,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return stop.code if isinstance(stop.code, int) else EXIT_USAGE
     try:
         return int(args.func(args) or 0)
-    except (CLIError, ValueError, OSError) as err:
+    except (CLIError, ValueError, OSError, ImportError) as err:  # ImportError: an optional package (matplotlib) is missing
         message = " ".join(str(err).split()) or type(err).__name__
         print(f"{PROG} {args.command}: error: {message}", file=sys.stderr)
         return EXIT_USAGE

@@ -42,9 +42,8 @@ divide the axis (the reference zero-pads the last block), tensors that require g
 grad is enabled, calls made while ``torch.compile`` is tracing, and non-CPU tensors (CUDA
 takes the Triton kernel; a compiled CUDA graph has not been verified bit-identical here).
 
-Compile cost, measured on this project's 2-core CPU (``benchmarks/bench_quantize.py``, which
-prints it): 0.3-1 s per kernel key with a warm on-disk inductor cache, 2-4 s with a cold one,
-plus 3-10 s once per process for importing and starting inductor (the first key's figure).
+Each kernel key compiles once per process (seconds; the figures and the command that measures
+them are in docs/backends.md).
 """
 
 from __future__ import annotations
@@ -67,10 +66,9 @@ from .formats import FPFormat
 
 logger = logging.getLogger(__name__)
 
-# Below this many elements ``backend="auto"`` stays with the reference. A compiled call costs
-# about 0.1 ms before any work (dynamo guards, wrappers, OpenMP), which the reference (0.2 ms
-# at 1K elements, 0.8 ms at 16K, 2.7 ms at 64K here) already loses to; but the first call of
-# a key compiles for seconds, which only pays off when one call saves a millisecond or more.
+# Below this many elements ``backend="auto"`` stays with the reference: a compiled call has a
+# fixed cost before any work (dynamo guards, wrappers, OpenMP) that small tensors do not repay,
+# and the first call of a key compiles for seconds, which only pays off on large tensors.
 AUTO_MIN_NUMEL = 1 << 15
 MAX_FAST_EBITS = 7  # see the module docstring: E8 formats fall back
 # Recompiles allowed per kernel key. Shapes never recompile (dims of size 0/1 get keys of their

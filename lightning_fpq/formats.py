@@ -36,7 +36,7 @@ _NAMED: dict[str, tuple[int, int, str]] = {
     "e2m1": (2, 1, "finite"),
     "e2m3": (2, 3, "finite"),
     "e3m2": (3, 2, "finite"),
-    "fp6": (3, 2, "finite"),  # the optimal 6-bit layout (SCIENCE.md section 4)
+    "fp6": (3, 2, "finite"),  # the optimal 6-bit layout (docs/science.md section 4)
     "fp8": (4, 3, "fn"),
     "e4m3": (4, 3, "fn"),  # OCP E4M3FN, max 448
     "e5m2": (5, 2, "ieee"),
@@ -237,19 +237,11 @@ class FPFormat:
             positive = torch.cat([-positive[1:], positive])
         return torch.sort(positive).values
 
-    def short_str(self) -> str:
-        return self.name
-
     def __str__(self) -> str:
         return self.name
 
 
 FormatLike = Union[str, FPFormat]
-
-
-def as_format(spec: FormatLike) -> FPFormat:
-    """The one conversion every public function applies to its format argument."""
-    return FPFormat.parse(spec)
 
 
 def named_formats() -> dict[str, FPFormat]:

@@ -1,8 +1,8 @@
 """The reference quantizer: pure torch, readable, the ground truth for every fast path.
 
 ``quantize(x, fmt, ...)`` is *fake* quantization: it returns a tensor of ``x``'s dtype and
-shape whose values are the format's grid points times the block scales (SCIENCE.md 1-2).
-``pack``/``unpack`` keep the same values as real low-precision storage (codes + scales).
+shape whose values are the format's grid points times the block scales (docs/science.md sections 1-2).
+``lightning_fpq.packing`` keeps the same values as real low-precision storage (codes + scales).
 
 Every fast implementation (the compiled CPU path in ``fastquant.py``, the Triton kernels) is
 tested bit-for-bit against the functions in this file, so this file favours clarity: the
@@ -24,14 +24,14 @@ Order of operations (the contract fast paths must follow exactly):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Literal, Optional, Union
+from typing import Optional
 
 import torch
 
-from .formats import FPFormat, FormatLike, as_format
+from . import _config
+from ._config import BlockSize
+from .formats import FPFormat, FormatLike
 
-BlockSize = Union[None, int, Literal["channel", "tensor"]]
 ROUNDING_MODES = ("nearest", "stochastic")
 SCALE_FORMATS = ("fp32", "e8m0", "e4m3")
 BACKENDS = ("auto", "reference", "compiled", "triton")
@@ -39,22 +39,6 @@ _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _FP32_MAX = torch.finfo(torch.float32).max
 E4M3 = FPFormat.parse("e4m3")  # NVFP4's block-scale format
 E8M0_MIN_EXP, E8M0_MAX_EXP = -127, 127  # OCP MX E8M0: 2^-127 .. 2^127 (code 255 is NaN)
-
-
-# --------------------------------------------------------------------------- validation
-def check_block_size(block_size: BlockSize) -> BlockSize:
-    valid = "None, a positive int, 'channel' or 'tensor'"
-    if block_size is None or block_size in ("channel", "tensor"):
-        return block_size
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size={block_size!r} is not valid: expected {valid}")
-    return block_size
-
-
-def check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise ValueError(f"{name}={value!r} is not valid: expected one of {choices}")
-    return value
 
 
 def usable_max(fmt: FPFormat) -> float:
@@ -89,6 +73,7 @@ def round_to_format(
     if rounding == "nearest":
         units = torch.round(a / step)  # torch.round rounds half to even
     else:
+        assert noise is not None, "stochastic rounding draws its noise before rounding"
         units = torch.floor(a / step + noise.to(torch.float64))
     q = units * step
     limit = usable_max(fmt)
@@ -103,7 +88,7 @@ def round_to_format(
 
 
 # ---------------------------------------------------------------------- block scales
-def _blocks_last(x: torch.Tensor, block_size: BlockSize, axis: int) -> tuple[torch.Tensor, int]:
+def to_blocks(x: torch.Tensor, block_size: BlockSize, axis: int) -> tuple[torch.Tensor, int]:
     """View ``x`` as (..., n_blocks, B) blocks along ``axis``; returns it and the pad added.
 
     A block size that does not divide the axis is padded with zeros at the end (the last
@@ -114,13 +99,15 @@ def _blocks_last(x: torch.Tensor, block_size: BlockSize, axis: int) -> tuple[tor
     if block_size == "tensor":
         return x.reshape(1, -1), 0
     size = length if block_size == "channel" else block_size
+    if not isinstance(size, int):
+        raise ValueError(f"block_size={block_size!r} has no blocks to form: expected an int, 'channel' or 'tensor'")
     pad = (-length) % size
     if pad:
         x = torch.nn.functional.pad(x, (0, pad))
     return x.reshape(*x.shape[:-1], -1, size), pad
 
 
-def _unblock(blocks: torch.Tensor, shape: torch.Size, axis: int, pad: int, block_size: BlockSize) -> torch.Tensor:
+def from_blocks(blocks: torch.Tensor, shape: torch.Size, axis: int, pad: int, block_size: BlockSize) -> torch.Tensor:
     moved = list(shape)
     moved.append(moved.pop(axis))
     if block_size == "tensor":
@@ -180,10 +167,10 @@ def check_quantize_args(
     x: torch.Tensor, fmt: FormatLike, block_size: BlockSize, axis: int, scale_format: str, rounding: str, *, who: str,
 ) -> tuple[FPFormat, BlockSize]:
     """The argument checks every implementation of ``quantize`` shares; ``who`` names it in errors."""
-    fmt = as_format(fmt)
-    block_size = check_block_size(block_size)
-    check_choice("rounding", rounding, ROUNDING_MODES)
-    check_choice("scale_format", scale_format, SCALE_FORMATS)
+    fmt = FPFormat.parse(fmt)
+    block_size = _config.block_size(block_size)
+    rounding = _config.choice(rounding, ROUNDING_MODES, what="rounding")
+    scale_format = _config.choice(scale_format, SCALE_FORMATS, what="scale_format")
     if not isinstance(x, torch.Tensor) or x.dtype not in _FLOAT_DTYPES:
         got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"{who} expects a float32, bfloat16 or float16 tensor, got {got}")
@@ -228,7 +215,7 @@ def quantize(
             "compiled" and "triton" force one; a forced one that cannot run raises
             ``ValueError`` with the reason.
     """
-    check_choice("backend", backend, BACKENDS)
+    backend = _config.choice(backend, BACKENDS, what="backend")
     fmt, block_size = check_quantize_args(x, fmt, block_size, axis, scale_format, rounding, who="quantize")
     if backend in ("auto", "triton"):
         out = _quantize_triton(x, fmt, backend, block_size, axis, scale_format, rounding, generator, saturate)
@@ -303,12 +290,12 @@ def quantize_reference(
         out = round_to_format(x32, fmt, rounding=rounding, saturate=saturate, noise=noise)
     else:
         axis = axis % max(x.dim(), 1)
-        blocks, pad = _blocks_last(x32.reshape(x.shape or (1,)), block_size, axis)
+        blocks, pad = to_blocks(x32.reshape(x.shape or (1,)), block_size, axis)
         scale = block_scales(finite_absmax(blocks), fmt, scale_format)
         if noise is not None:
-            noise, _ = _blocks_last(noise.reshape(x.shape or (1,)), block_size, axis)
+            noise, _ = to_blocks(noise.reshape(x.shape or (1,)), block_size, axis)
         q = round_to_format(blocks * scale, fmt, rounding=rounding, saturate=saturate, noise=noise)
-        out = _unblock(q / scale, x.shape or torch.Size([1]), axis, pad, block_size).reshape(x.shape)
+        out = from_blocks(q / scale, x.shape or torch.Size([1]), axis, pad, block_size).reshape(x.shape)
     return _to_output(out, x.dtype, saturate)
 
 
@@ -319,126 +306,3 @@ def _to_output(out32: torch.Tensor, dtype: torch.dtype, saturate: bool) -> torch
         limit = torch.finfo(dtype).max
         out32 = out32.clamp(-limit, limit)  # clamp keeps NaN
     return out32.to(dtype)
-
-
-# -------------------------------------------------------------------------- packing
-def encode(q: torch.Tensor, fmt: FPFormat) -> torch.Tensor:
-    """Grid values (float, already on ``fmt``'s grid) -> int64 bit patterns sign|exp|mantissa.
-
-    NaN becomes the format's NaN code; a ``finite`` format has none, so NaN is stored as
-    -0 (as ml_dtypes does for its sub-byte types). +-inf becomes the inf code (``ieee``).
-    """
-    q = q.to(torch.float64)
-    a = q.abs()
-    sign = torch.signbit(q).to(torch.int64)
-    _, exp = torch.frexp(a)
-    e = torch.clamp(exp - 1, min=fmt.emin)
-    normal = (a >= fmt.min_normal) & (fmt.ebits > 0)
-    stored_exp = torch.where(normal, e + fmt.bias, torch.zeros_like(e)).to(torch.int64)
-    mant_units = torch.where(normal, a / torch.ldexp(torch.ones_like(a), e.to(torch.float64)) - 1.0, a / fmt.min_normal)
-    if fmt.ebits == 0:
-        mant_units = a / fmt.min_subnormal / 2**fmt.mbits
-    mant = torch.round(mant_units * 2**fmt.mbits)
-    top = 2**fmt.ebits - 1
-    is_nan, is_inf = torch.isnan(q), torch.isinf(q)
-    mant = torch.where(is_nan | is_inf, torch.zeros_like(mant), mant).to(torch.int64)
-    codes = (sign << (fmt.ebits + fmt.mbits)) | (stored_exp << fmt.mbits) | mant
-    if fmt.special == "ieee":
-        codes = torch.where(is_inf, (sign << (fmt.ebits + fmt.mbits)) | (top << fmt.mbits), codes)
-        codes = torch.where(is_nan, torch.full_like(codes, (top << fmt.mbits) | (2**fmt.mbits - 1)), codes)
-    elif fmt.special == "fn":
-        codes = torch.where(is_nan, torch.full_like(codes, (top << fmt.mbits) | (2**fmt.mbits - 1)), codes)
-    else:
-        codes = torch.where(is_nan, torch.full_like(codes, 1 << (fmt.ebits + fmt.mbits)), codes)
-    return codes
-
-
-@dataclass(frozen=True)
-class PackedTensor:
-    """Real low-precision storage: element codes plus the per-block scale multipliers.
-
-    ``codes`` is uint8 for formats of at most 8 bits (two codes a byte, low nibble first,
-    for formats of at most 4 bits), int16 up to 16 bits, int32 above. ``scales`` holds the
-    float32 multipliers ``S`` (dequantize = decode(codes) / S), shaped like the blocks;
-    ``None`` when ``block_size`` is None.
-    """
-
-    codes: torch.Tensor
-    scales: Optional[torch.Tensor]
-    shape: torch.Size
-    dtype: torch.dtype
-    fmt: FPFormat
-    block_size: BlockSize
-    axis: int
-    pad: int
-
-    @property
-    def nbytes(self) -> int:
-        scale_bytes = 0 if self.scales is None else self.scales.numel() * self.scales.element_size()
-        return self.codes.numel() * self.codes.element_size() + scale_bytes
-
-
-def _code_dtype(fmt: FPFormat) -> torch.dtype:
-    return torch.uint8 if fmt.bits <= 8 else torch.int16 if fmt.bits <= 16 else torch.int32
-
-
-def pack(
-    x: torch.Tensor,
-    fmt: FormatLike,
-    *,
-    block_size: BlockSize = None,
-    axis: int = -1,
-    scale_format: str = "fp32",
-    saturate: bool = True,
-) -> PackedTensor:
-    """Quantize ``x`` (nearest rounding) into codes plus scales; ``unpack`` gives back exactly
-    ``quantize(x, ...)`` with the same arguments."""
-    fmt = as_format(fmt)
-    block_size = check_block_size(block_size)
-    check_choice("scale_format", scale_format, SCALE_FORMATS)
-    x32 = x.to(torch.float32).reshape(x.shape or (1,))
-    axis = axis % max(x.dim(), 1)
-    if block_size is None:
-        q, scale, pad = round_to_format(x32, fmt, saturate=saturate), None, 0
-    else:
-        blocks, pad = _blocks_last(x32, block_size, axis)
-        scale = block_scales(finite_absmax(blocks), fmt, scale_format)
-        q = round_to_format(blocks * scale, fmt, saturate=saturate)
-    codes = encode(q, fmt).reshape(-1)
-    if fmt.bits <= 4:
-        if codes.numel() % 2:
-            codes = torch.cat([codes, codes.new_zeros(1)])
-        codes = codes[0::2] | (codes[1::2] << 4)
-    codes = codes.to(_code_dtype(fmt))  # values >= 2**15 (int16) or 2**31 (int32) wrap; unpack masks
-    return PackedTensor(codes, scale, x.shape, x.dtype, fmt, block_size, axis, pad)
-
-
-def unpack(packed: PackedTensor) -> torch.Tensor:
-    """Codes plus scales -> the fake-quantized tensor (``packed.dtype``, ``packed.shape``)."""
-    fmt = packed.fmt
-    storage_bits = 8 * packed.codes.element_size()
-    codes = packed.codes.to(torch.int64) & ((1 << storage_bits) - 1)  # undo int16/int32 sign wrap
-    if fmt.bits <= 4:
-        codes = torch.stack([codes & 0xF, codes >> 4], dim=-1).reshape(-1)
-    values = fmt.decode(codes).to(torch.float32)
-    shape = packed.shape or torch.Size([1])
-    if packed.scales is None:
-        out = values[: shape.numel()].reshape(shape)
-    else:
-        blocks_shape = list(packed.scales.shape)
-        blocks_shape[-1] = -1
-        blocks = values[: packed.scales.numel() * _block_len(packed)].reshape(blocks_shape)
-        out = _unblock(blocks / packed.scales, shape, packed.axis, packed.pad, packed.block_size)
-    return out.reshape(packed.shape).to(packed.dtype)
-
-
-def _block_len(packed: PackedTensor) -> int:
-    if packed.block_size == "tensor":
-        return packed.shape.numel() if packed.shape else 1
-    length = (packed.shape or torch.Size([1]))[packed.axis]
-    return length + packed.pad if packed.block_size == "channel" else packed.block_size
-
-
-def dequantize_packed(packed: PackedTensor) -> torch.Tensor:
-    """Alias of ``unpack``, named for readers coming from torchao's ``to_dtype``."""
-    return unpack(packed)

@@ -20,15 +20,14 @@ def spec_of(name: str, **kw) -> LayerSpec:
 
 
 def test_every_check_returns_a_flag_and_a_reason():
-    for check in (backends.emulated_available, backends.compiled_available, backends.triton_available,
-                  backends.torchao_available, backends.transformer_engine_available):
+    for check in (backends.REGISTRY[name].machine_available for name in backends.LAYER_BACKENDS):
         ok, reason = check()
         assert isinstance(ok, bool) and isinstance(reason, str) and reason
-    assert backends.emulated_available()[0]
+    assert backends.machine_available("emulated")[0]
 
 
 def test_transformer_engine_without_a_gpu_says_how_to_get_it():
-    ok, reason = backends.transformer_engine_available()
+    ok, reason = backends.machine_available("transformer_engine")
     if not torch.cuda.is_available():
         assert not ok and ("lightning-fpq[te]" in reason or "NVIDIA" in reason)
 
@@ -60,15 +59,15 @@ def gpu_machine(monkeypatch):
     """A CUDA machine on which every backend is installed (``off`` lists those that are not)."""
     off: set[str] = set()
 
-    def available(backend, device_type):
-        backend = backends.check_backend(backend)
+    def available(backend):
         if backend in off:
             return False, f"{backend} is off in this test"
         return True, f"{backend} here"
 
-    monkeypatch.setattr(backends, "available", available)
-    monkeypatch.setattr(backends, "machine_available", lambda b: available(b, "cuda"))
-    monkeypatch.setattr(backends, "_why_auto", lambda b, d: (True, ""))
+    for name, module in backends.REGISTRY.items():
+        monkeypatch.setattr(module, "device_available", lambda device_type, name=name: available(name))
+        monkeypatch.setattr(module, "machine_available", lambda name=name: available(name))
+        monkeypatch.setattr(module, "worth_auto", lambda device: (True, ""))
     return off
 
 
@@ -101,20 +100,20 @@ def test_a_forced_backend_that_cannot_compute_a_stage_leaves_it_to_auto(gpu_mach
 
 
 def test_which_gemms_run_on_the_fp4_kernel():
-    assert backends.fp4_gemms(spec_of("mxfp4")) == (True, True, True)
-    assert backends.fp4_gemms(spec_of("nvfp4")) == (True, True, True)  # stochastic dY is fine
-    assert backends.fp4_gemms(spec_of("fp4")) == (True, False, False)  # only X and W quantized
-    assert backends.fp4_gemms(spec_of("paper", fmt="e2m1")) == (False, False, False)  # one operand a GEMM
-    assert backends.fp4_gemms(spec_of("mxfp4", block_size=24)) == (False, False, False)  # not a power of two
-    assert backends.fp4_gemms(spec_of("mxfp8")) == (False, False, False)
-    mixed = LayerSpec((OperandSpec("e2m1", 32), OperandSpec("e2m1", 64)) + (None,) * 4)
-    assert backends.fp4_gemms(mixed) == (False, False, False)  # the two operands' blocks differ
+    assert backends.triton.fp4_gemms(spec_of("mxfp4")) == (True, True, True)
+    assert backends.triton.fp4_gemms(spec_of("nvfp4")) == (True, True, True)  # stochastic dY is fine
+    assert backends.triton.fp4_gemms(spec_of("fp4")) == (True, False, False)  # only X and W quantized
+    assert backends.triton.fp4_gemms(spec_of("paper", fmt="e2m1")) == (False, False, False)  # one operand a GEMM
+    assert backends.triton.fp4_gemms(spec_of("mxfp4", block_size=24)) == (False, False, False)  # not a power of two
+    assert backends.triton.fp4_gemms(spec_of("mxfp8")) == (False, False, False)
+    mixed = LayerSpec(OperandSpec("e2m1", 32), OperandSpec("e2m1", 64))
+    assert backends.triton.fp4_gemms(mixed) == (False, False, False)  # the two operands' blocks differ
 
 
 def test_transformer_engine_mapping():
     assert te_format(spec_of("fp8"))[0] == "HYBRID"
     e4m3 = OperandSpec("e4m3", "tensor")
-    assert te_format(LayerSpec((e4m3,) * 6))[0] == "E4M3"
+    assert te_format(LayerSpec(*(e4m3,) * 6))[0] == "E4M3"
     assert te_format(spec_of("fp8", block_size="channel"))[0] is None
     assert te_format(spec_of("mxfp8"))[0] is None
     assert "forward format" in te_format(spec_of("fp8", fmt="e5m2"))[1]
@@ -135,14 +134,14 @@ class _StandInLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=params_dtype, device=device))
 
     def forward(self, x):
-        from lightning_fpq.linear import quant_linear
+        from lightning_fpq.linear_function import quant_linear
 
         fmt = _STATE["recipe"].fp8_format
         dy = "e5m2" if fmt == "HYBRID" else "e4m3"
         ops = [OperandSpec("e4m3", "tensor")] * 6
         ops[2] = ops[4] = OperandSpec(dy, "tensor")
         _STATE["calls"] += 1
-        return quant_linear(x, self.weight, None, LayerSpec(tuple(ops)), backend="emulated")
+        return quant_linear(x, self.weight, None, LayerSpec(*ops), backend="emulated")
 
 
 _STATE: dict = {}
@@ -183,7 +182,8 @@ def stand_in_te(monkeypatch):
 
 
 def test_te_backend_shares_the_layers_parameters(stand_in_te):
-    from lightning_fpq.linear import QuantLinear, quant_linear
+    from lightning_fpq.linear import QuantLinear
+    from lightning_fpq.linear_function import quant_linear
 
     torch.manual_seed(0)
     layer = QuantLinear(32, 16, recipe="fp8")
@@ -206,12 +206,12 @@ def test_te_backend_shares_the_layers_parameters(stand_in_te):
     assert torch.equal(y, y2) and torch.equal(x.grad, x2.grad) and torch.equal(layer.weight.grad, layer2.weight.grad)
 
 
-def test_te_backend_keeps_one_hidden_module_per_layer(stand_in_te):
+def test_te_backend_keeps_one_hidden_module_per_layer(stand_in_te, monkeypatch):
     from lightning_fpq.linear import QuantLinear
 
     layer = QuantLinear(32, 16, recipe="fp8")
-    layer._fpq_holder.backend = "transformer_engine"  # as if chosen on a GPU
-    layer._fpq_holder._backends = {(layer._fpq_name, "cpu"): "transformer_engine"}
+    # as if chosen on a GPU
+    monkeypatch.setattr(layer._fpq_state, "layer_backend", lambda name, device: "transformer_engine")
     for _ in range(3):  # a second call must find the first call's module
         layer(torch.randn(8, 32)).sum().backward()
     assert _STATE["calls"] == 3
@@ -233,7 +233,8 @@ def test_te_settings_that_change_the_maths_are_refused(monkeypatch):
 
 
 def test_te_backend_hands_shapes_it_cannot_take_to_the_fused_path(stand_in_te):
-    from lightning_fpq.linear import QuantLinear, quant_linear
+    from lightning_fpq.linear import QuantLinear
+    from lightning_fpq.linear_function import quant_linear
 
     layer = QuantLinear(24, 16, recipe="fp8")  # in_features % 16 != 0
     x = torch.randn(8, 24)
@@ -249,14 +250,14 @@ def _step_on(backend: str, recipe: str, *, shape=(4, 256, 512), out_features=384
 
     torch.manual_seed(0)
     layer = QuantLinear(shape[-1], out_features, recipe=recipe).cuda()
-    layer._fpq_holder.set_backend(backend)
+    layer._fpq_state.set_backend(backend)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(*shape, generator=g).cuda().requires_grad_()
     dy = torch.randn(*shape[:-1], out_features, generator=g).cuda()  # fixed: both backends requantize the same dY
     with torch.autocast("cuda", dtype=torch.bfloat16):
         y = layer(x)
     y.backward(dy.to(y.dtype))
-    assert layer._fpq_holder.layer_backend(layer._fpq_name, x.device) == backend
+    assert layer._fpq_state.layer_backend(layer._fpq_name, x.device) == backend
     return [t.float() for t in (y, x.grad, layer.weight.grad, layer.bias.grad)]
 
 

@@ -7,44 +7,24 @@ import math
 import warnings
 
 import pytest
-import torch
-from lightning.pytorch import LightningModule, Trainer, seed_everything
+from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import CSVLogger
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
+from helpers import TinyLM, token_loader
 from lightning_fpq import CapybaraLaw, CriticalDataMonitor, FPQuantPrecision, ProgressivePrecision
 from lightning_fpq.lightning.critical import critical_tokens, law_point
 from lightning_fpq.lightning.progressive import auto_switch_tokens
 from lightning_fpq.lightning.tokens import TokenCounter
 from lightning_fpq.recipe import QuantRecipe
-from lightning_fpq.scaling.laws import count_params
+from lightning_fpq.scaling.params import count_params
 
 BATCH, SEQ = 4, 8
 TOKENS_PER_STEP = BATCH * SEQ
 
 
-class TinyLM(LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.emb = torch.nn.Embedding(32, 16)
-        self.hidden = torch.nn.Linear(16, 32)
-        self.lm_head = torch.nn.Linear(32, 32)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        logits = self.lm_head(torch.relu(self.hidden(self.emb(x))))  # (B, T, V)
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
-        self.log("train/loss", loss)
-        return loss
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
-
-
 def loader(n_batches: int) -> DataLoader:
-    g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, 32, (n_batches * BATCH, SEQ), generator=g)
-    return DataLoader(TensorDataset(x, x.roll(1, -1)), batch_size=BATCH)
+    return token_loader(n_batches, BATCH, SEQ, seed=0)
 
 
 def make_trainer(tmp_path, callbacks, *, max_steps, plugin=None, logger=False, **kwargs) -> Trainer:
@@ -59,7 +39,7 @@ def make_trainer(tmp_path, callbacks, *, max_steps, plugin=None, logger=False, *
 def law_with_dcrit(tokens: float, n_params: int, fmt="e2m1", block=16) -> CapybaraLaw:
     """The paper's law with g rescaled so that D_crit(n_params, fmt, block) == tokens.
 
-    D_crit is proportional to g^(1/(2b)) (SCIENCE.md section 4)."""
+    D_crit is proportional to g^(1/(2b)) (docs/science.md section 4)."""
     paper = CapybaraLaw.paper()
     d0 = paper.critical_data_size(n_params, fmt, block)
     return dataclasses.replace(paper, g=paper.g * (tokens / d0) ** (2 * paper.b))
@@ -99,7 +79,7 @@ def test_dcrit_unit_switches_at_a_fraction_of_each_stage_critical_size(tmp_path)
 
 def test_auto_rule_matches_the_closed_form_crossing():
     """-dL/dD / P equal for both stages: D^(2b) = d N^a (1/P1 - 1/P2) / (c1/P1 - c2/P2),
-    c = log2 B / (g (E+.5)^dl (M+.5)^nu), derived by hand from the law (SCIENCE.md section 4)."""
+    c = log2 B / (g (E+.5)^dl (M+.5)^nu), derived by hand from the law (docs/science.md section 4)."""
     law, n = CapybaraLaw.paper(), 1e8
     cur = law_point(QuantRecipe.from_name("paper", fmt="e2m1", block_size=128), law, int(n))
     nxt = law_point(QuantRecipe.from_name("paper", fmt="e4m3", block_size=128), law, int(n))
@@ -254,8 +234,8 @@ def test_one_token_counter_is_shared_by_both_callbacks(tmp_path):
 
 def test_law_point_takes_the_most_binding_operand():
     law = CapybaraLaw.paper()
-    mixed = dataclasses.replace(QuantRecipe.from_name("paper", fmt="e4m3", block_size=128),
-                                p6=QuantRecipe.from_name("paper", fmt="e2m1", block_size=32).p6)
+    mixed = QuantRecipe.from_name("paper", fmt="e4m3", block_size=128).with_spec(
+        p6=QuantRecipe.from_name("paper", fmt="e2m1", block_size=32).p6)
     point = law_point(mixed, law, 10**8)
     assert (point.fmt.name, point.block_size, point.operand) == ("e2m1", 32, "P6")
     assert critical_tokens(QuantRecipe.from_name("bf16"), law, 10**8)[0] == math.inf

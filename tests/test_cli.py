@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 
 from lightning_fpq.cli import SUBCOMMANDS, main, positive_number
-from lightning_fpq.scaling.laws import CapybaraLaw, ChinchillaLaw, Provenance, load_law
+from lightning_fpq.scaling.capybara import CapybaraLaw
+from lightning_fpq.scaling.chinchilla import ChinchillaLaw
+from lightning_fpq.scaling.law import Provenance, load_law
 
 LAW = CapybaraLaw.paper()
 

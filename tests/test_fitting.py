@@ -7,8 +7,10 @@ import csv
 import numpy as np
 import pytest
 
+from lightning_fpq.scaling.chinchilla import ChinchillaLaw
 from lightning_fpq.scaling.fitting import fit, load_rows
-from lightning_fpq.scaling.laws import ChinchillaLaw, KumarLaw, load_law
+from lightning_fpq.scaling.kumar import KumarLaw
+from lightning_fpq.scaling.law import load_law
 
 # The truth the synthetic runs come from: not the paper's constants, because fit() starts one
 # of its searches from those, and a test must not begin at the answer.
@@ -20,7 +22,7 @@ LOG2B = {32: 5.0, 128: 7.0, "channel": 13.1567}
 
 
 def hand_loss(N, D, E, M, log2b, c=TRUTH):
-    """SCIENCE.md section 4, written out independently of the library."""
+    """docs/science.md section 4, written out independently of the library."""
     return (c["n"] / N ** c["a"] + c["d"] / D ** c["b"] + c["eps"]
             + D ** c["b"] / N ** c["a"] * log2b / (c["g"] * (E + 0.5) ** c["dl"] * (M + 0.5) ** c["nu"]))
 

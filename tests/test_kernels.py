@@ -1,4 +1,4 @@
-"""The Triton kernels against the reference quantizer, bit for bit (STYLE.md item 7).
+"""The Triton kernels against the reference quantizer, bit for bit (atol=0, rtol=0).
 
 How this runs without a GPU: Triton's interpreter (``TRITON_INTERPRET=1``) runs the kernels
 on CPU tensors, but only if the variable is set before triton is first imported in the
@@ -32,7 +32,8 @@ import pytest
 import torch
 
 from lightning_fpq.formats import FPFormat
-from lightning_fpq.quantize import PackedTensor, block_scales, finite_absmax, pack, quantize, round_to_format, unpack
+from lightning_fpq.packing import PackedTensor, pack, unpack
+from lightning_fpq.quantize import block_scales, finite_absmax, quantize, round_to_format
 from lightning_fpq.kernels import (
     dot_scaled_available,
     fp8_tensor_cores_available,
@@ -476,8 +477,8 @@ def _layer_step(recipe, backend, device, *, dtype=torch.float32, autocast=False)
 
     torch.manual_seed(0)
     layer = QuantLinear(64, 48, recipe=recipe).to(device)
-    layer._fpq_holder.set_backend(backend)
-    layer._fpq_holder.seed = 7  # the same stochastic-rounding stream on both backends
+    layer._fpq_state.set_backend(backend)
+    layer._fpq_state.seed = 7  # the same stochastic-rounding stream on both backends
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 16, 64, generator=g).to(device=device, dtype=dtype).requires_grad_()
     dy = torch.randn(2, 16, 48, generator=g).to(device=device)
@@ -485,15 +486,15 @@ def _layer_step(recipe, backend, device, *, dtype=torch.float32, autocast=False)
     with ctx:
         y = layer(x)
     y.backward(dy.to(y.dtype))
-    assert layer._fpq_holder.layer_backend(layer._fpq_name, device) == backend
+    assert layer._fpq_state.layer_backend(layer._fpq_name, device) == backend
     return y, x.grad, layer.weight.grad, layer.bias.grad
 
 
 def _count_fp4_gemms(monkeypatch) -> list:
-    from lightning_fpq import linear
+    from lightning_fpq.backends import triton as triton_backend
 
-    calls, real = [], linear._gemm_fp4
-    monkeypatch.setattr(linear, "_gemm_fp4", lambda a, b, cd: calls.append(cd) or real(a, b, cd))
+    calls, real = [], triton_backend.gemm_packed
+    monkeypatch.setattr(triton_backend, "gemm_packed", lambda a, b, cd: calls.append(cd) or real(a, b, cd))
     return calls
 
 
@@ -539,7 +540,7 @@ def test_triton_layer_backend_odd_token_count_uses_dense_gemm_for_wgrad(device, 
     for backend in ("emulated", "triton"):
         torch.manual_seed(0)
         layer = QuantLinear(64, 32, recipe=recipe).to(device)
-        layer._fpq_holder.set_backend(backend)
+        layer._fpq_state.set_backend(backend)
         x = torch.randn(15, 64, device=device, requires_grad=True)
         layer(x).sum().backward()
         outs.append((x.grad, layer.weight.grad))
@@ -555,7 +556,7 @@ def test_triton_layer_backend_saves_packed_operands_for_backward(device, monkeyp
 
     calls = _count_fp4_gemms(monkeypatch)
     layer = QuantLinear(64, 32, recipe="mxfp4").to(device)
-    layer._fpq_holder.set_backend("triton")
+    layer._fpq_state.set_backend("triton")
     x = torch.randn(16, 64, device=device, requires_grad=True)
     packed = []
 

@@ -10,7 +10,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lightning_fpq.formats import FPFormat
-from lightning_fpq.linear import QuantLinear, RecipeHolder, convert_linears, quant_linear
+from lightning_fpq.linear import QuantLinear, convert_linears
+from lightning_fpq.linear_function import quant_linear
+from lightning_fpq.state import QuantState
 from lightning_fpq.quantize import block_scales, quantize
 from lightning_fpq.recipe import LayerRule, OperandSpec, QuantRecipe, RecipeName
 
@@ -67,7 +69,7 @@ def nearest(recipe):
     """The recipe with stochastic rounding replaced by nearest (what the exact test compares)."""
     ops = {f"p{i}": (None if op is None else dataclasses.replace(op, rounding="nearest"))
            for i, op in enumerate((getattr(recipe, f"p{j}") for j in range(1, 7)), start=1)}
-    return dataclasses.replace(recipe, **ops)
+    return recipe.with_spec(**ops)
 
 
 def run_layer(recipe, x, w, b, dy, *, autocast=None):
@@ -132,11 +134,11 @@ def test_bf16_recipe_is_exactly_nn_linear():
 
 
 def test_excluded_layer_is_exactly_nn_linear():
-    holder = RecipeHolder(QuantRecipe.from_name("full", fmt="e2m1"))
+    state = QuantState(QuantRecipe.from_name("full", fmt="e2m1"))
     lin = nn.Linear(96, 80)
     ref = nn.Linear(96, 80)
     ref.load_state_dict(lin.state_dict())
-    QuantLinear.from_linear(lin, holder, "model.lm_head")
+    QuantLinear.from_linear(lin, state, "model.lm_head")
     x = torch.randn(4, 96)
     assert lin.spec is None and torch.equal(lin(x), ref(x))
 
@@ -177,7 +179,7 @@ def test_requantizing_w_in_backward_gives_the_same_gradients():
     recipe = QuantRecipe.from_name("mxfp4")
     x, w, b, dy = data()
     saved = run_layer(recipe, x, w, b, dy)
-    layer = QuantLinear(96, 80, holder=RecipeHolder(recipe, save_quantized_weight=False))
+    layer = QuantLinear(96, 80, state=QuantState(recipe, save_quantized_weight=False))
     with torch.no_grad():
         layer.weight.copy_(w)
         layer.bias.copy_(b)
@@ -199,7 +201,7 @@ def test_input_without_grad_skips_dgrad():
 
 # ------------------------------------------------------------------ DGE and OCC
 def test_dge_factor_shape_of_the_curve():
-    from lightning_fpq.linear import dge_factor
+    from lightning_fpq.fp4_estimators import dge_factor
 
     op = OperandSpec("e2m1", None)  # no scaling: the values are the scaled positions
     w = torch.tensor([[0.0, 1.0, 1.25, 1.0 + 1e-3, 3.5, 6.0, 7.0]])
@@ -213,7 +215,7 @@ def test_dge_factor_shape_of_the_curve():
 def test_dge_factor_closed_form_inside_intervals():
     """y = 2.25 lies in [2, 3] (delta 1): t = 2 * 0.25 - 1 = -0.5; y = 4.5 in [4, 6] (delta 2): t = -0.5;
     y = 0.375 in the subnormal interval [0, 0.5]: t = 0.5."""
-    from lightning_fpq.linear import dge_factor
+    from lightning_fpq.fp4_estimators import dge_factor
 
     f = dge_factor(torch.tensor([[2.25, 4.5, -0.375]]), OperandSpec("e2m1", None), k=5.0, clamp=3.0)
     want = 0.2 * 0.5 ** (0.2 - 1.0)
@@ -221,7 +223,7 @@ def test_dge_factor_closed_form_inside_intervals():
 
 
 def test_occ_threshold_is_the_nearest_rank_quantile():
-    from lightning_fpq.linear import occ_threshold
+    from lightning_fpq.fp4_estimators import occ_threshold
 
     x = torch.arange(1, 101, dtype=torch.float32).neg()
     assert occ_threshold(x, 0.99).item() == 99.0 and occ_threshold(x, 1.0).item() == 100.0
@@ -268,8 +270,8 @@ def test_stochastic_rounding_is_reproducible_from_the_seed_and_unbiased():
     x, w, b, dy = data()
 
     def grads(seed):
-        holder = RecipeHolder(recipe, seed=seed)
-        layer = QuantLinear(96, 80, holder=holder, name="blocks.0.fc")
+        state = QuantState(recipe, seed=seed)
+        layer = QuantLinear(96, 80, state=state, name="blocks.0.fc")
         with torch.no_grad():
             layer.weight.copy_(w)
             layer.bias.copy_(b)
@@ -292,7 +294,7 @@ def test_stochastic_rounding_is_reproducible_from_the_seed_and_unbiased():
 
 def test_stochastic_rounding_matches_the_reference_with_the_same_generator():
     recipe = QuantRecipe.from_name("nvfp4")
-    spec = recipe.layer_spec_default()
+    spec = recipe.default
     x, w, b, dy = data()
     xr = x.clone().requires_grad_()
     wr = w.clone().requires_grad_()
@@ -325,8 +327,8 @@ def test_conversion_keeps_parameters_and_state_dict_keys():
     model = Tiny()
     params = dict(model.named_parameters())
     keys = list(model.state_dict().keys())
-    holder = RecipeHolder("paper")
-    converted, skipped = convert_linears(model, holder)
+    state = QuantState("paper")
+    converted, skipped = convert_linears(model, state)
     assert converted == ["blocks.0.0", "blocks.0.2", "blocks.1.0", "blocks.1.2"] and skipped == []
     assert type(model.lm_head) is nn.Linear  # excluded by default
     assert all(p is params[n] for n, p in model.named_parameters())
@@ -336,7 +338,7 @@ def test_conversion_keeps_parameters_and_state_dict_keys():
     plain.load_state_dict(model.state_dict())
     model.load_state_dict(plain.state_dict())
     # idempotent
-    assert convert_linears(model, holder)[0] == converted
+    assert convert_linears(model, state)[0] == converted
 
 
 def test_subclasses_are_skipped_not_broken():
@@ -345,29 +347,29 @@ def test_subclasses_are_skipped_not_broken():
             return super().forward(x) * 2
 
     model = nn.Sequential(MyLinear(4, 4), nn.Linear(4, 4))
-    converted, skipped = convert_linears(model, RecipeHolder("paper"))
+    converted, skipped = convert_linears(model, QuantState("paper"))
     assert converted == ["1"] and skipped == ["0"] and type(model[0]) is MyLinear
 
 
 def test_recipe_switch_takes_effect_at_the_next_call():
     model = Tiny()
-    holder = RecipeHolder("bf16")
-    convert_linears(model, holder, only_included=True)
+    state = QuantState("bf16")
+    convert_linears(model, state, only_included=True)
     idx = torch.randint(0, 16, (2, 8))
     plain = Tiny()
     plain.load_state_dict(model.state_dict())
     assert torch.equal(model(idx), plain(idx))
-    holder.set_recipe(QuantRecipe.from_name("full", fmt="e2m1", block_size=16))
+    state.set_recipe(QuantRecipe.from_name("full", fmt="e2m1", block_size=16))
     assert not torch.equal(model(idx), plain(idx))
-    holder.set_recipe("bf16")
+    state.set_recipe("bf16")
     assert torch.equal(model(idx), plain(idx))
 
 
 def test_per_layer_rules_apply():
     model = Tiny()
     recipe = QuantRecipe.from_name("full", fmt="e2m1", rules=[LayerRule("blocks.0.*", recipe="bf16")])
-    holder = RecipeHolder(recipe)
-    convert_linears(model, holder)
+    state = QuantState(recipe)
+    convert_linears(model, state)
     assert model.blocks[0][0].spec.is_identity
     assert model.blocks[1][0].spec.p1.fmt == FPFormat.parse("e2m1")
     assert "quant=P1=e2m1/128" in repr(model.blocks[1][0])
@@ -393,7 +395,7 @@ def test_torch_compile_matches_eager():
     torch.testing.assert_close(xr.grad, eager[1], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(layer.weight.grad, eager[2], rtol=1e-5, atol=1e-5)
     # a recipe switch is seen by the compiled module
-    layer._fpq_holder.set_recipe("bf16")
+    layer._fpq_state.set_recipe("bf16")
     torch.testing.assert_close(compiled(x), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
 
 
@@ -409,11 +411,11 @@ def test_no_grad_forward_equals_the_training_forward():
 
 
 def test_weight_cache_quantizes_w_once_per_weight_version(monkeypatch):
-    import lightning_fpq.linear as lin
+    import lightning_fpq.linear_function as lin
 
     recipe = QuantRecipe.from_name("full", fmt="e4m3", block_size=32)
     x, w, b, dy = data()
-    layer = QuantLinear(96, 80, holder=RecipeHolder(recipe, cache_weights=True), name="blocks.0.fc")
+    layer = QuantLinear(96, 80, state=QuantState(recipe, cache_weights=True), name="blocks.0.fc")
     with torch.no_grad():
         layer.weight.copy_(w)
         layer.bias.copy_(b)

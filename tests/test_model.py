@@ -33,7 +33,7 @@ def test_model_is_causal(t):
 
 
 def test_causality_check_catches_a_model_that_sees_its_target(monkeypatch):
-    # The trap DESIGN.md warns about: attention without the causal mask lets position t see
+    # A trap listed in docs/architecture.md ("Known traps"): attention without the causal mask lets position t see
     # token t + 1, the one it predicts. The check above must fail on such a model.
     sdpa = F.scaled_dot_product_attention
 

@@ -48,7 +48,7 @@ def test_recipe_forms(tmp_path):
     assert FPQuantPrecision(r).recipe is r
     r.to_yaml(tmp_path / "r.yaml")
     plugin = FPQuantPrecision(str(tmp_path / "r.yaml"))
-    assert plugin.recipe == r and plugin.active_recipe == r
+    assert plugin.recipe == r
     assert FPQuantPrecision(compute_dtype="bf16").precision == "bf16-mixed"
     assert "paper e4m3 B=128" in repr(FPQuantPrecision())
 
@@ -195,20 +195,20 @@ def test_torchao_fp8_agrees_with_the_emulated_reference():
     """
     from lightning_fpq import backends
 
-    if not backends.torchao_available()[0]:
-        pytest.skip(backends.torchao_available()[1])
+    if not backends.machine_available("torchao")[0]:
+        pytest.skip(backends.machine_available("torchao")[1])
     for block in ("tensor", "channel"):
         recipe = QuantRecipe.from_name("fp8", block_size=block)
         outs = {}
         for backend in ("emulated", "torchao"):
             torch.manual_seed(0)
             layer = QuantLinear(64, 48, recipe=recipe)
-            layer._fpq_holder.set_backend(backend)
+            layer._fpq_state.set_backend(backend)
             x = torch.randn(4, 16, 64, requires_grad=True)
             y = layer(x)
             y.backward(torch.randn_like(y))
             outs[backend] = (y, x.grad, layer.weight.grad, layer.bias.grad)
-        assert layer._fpq_holder.layer_backend(layer._fpq_name, x.device) == "torchao_float8"
+        assert layer._fpq_state.layer_backend(layer._fpq_name, x.device) == "torchao_float8"
         for a, b in zip(outs["emulated"], outs["torchao"]):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
@@ -220,11 +220,11 @@ def test_torchao_under_autocast_quantizes_the_master_weight_and_the_incoming_act
     (bf16-representable) dY."""
     from lightning_fpq import backends
 
-    if not backends.torchao_available()[0]:
-        pytest.skip(backends.torchao_available()[1])
+    if not backends.machine_available("torchao")[0]:
+        pytest.skip(backends.machine_available("torchao")[1])
     torch.manual_seed(0)
     layer = QuantLinear(64, 48, recipe="fp8")
-    layer._fpq_holder.set_backend("torchao")
+    layer._fpq_state.set_backend("torchao")
     x0 = torch.randn(32, 64)
     dy = torch.randn(32, 48).to(torch.bfloat16)
     runs = []
@@ -368,8 +368,8 @@ def test_a_recipe_switch_changes_backend_without_rebuilding_anything():
     Parameter objects throughout, and each stage trains."""
     from lightning_fpq import backends
 
-    if not backends.torchao_available()[0]:
-        pytest.skip(backends.torchao_available()[1])
+    if not backends.machine_available("torchao")[0]:
+        pytest.skip(backends.machine_available("torchao")[1])
     plugin = FPQuantPrecision("mxfp4", backend="torchao")
     net = model()
     plugin.convert_module(net)

@@ -19,7 +19,8 @@ from hypothesis import strategies as st
 
 from conftest import BRUTE_FORCE_FORMATS, ML_DTYPES_FORMATS
 from lightning_fpq import FPFormat
-from lightning_fpq.quantize import pack, quantize, unpack
+from lightning_fpq.packing import pack, unpack
+from lightning_fpq.quantize import quantize
 
 
 def qref(x, fmt, **kwargs):

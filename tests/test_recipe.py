@@ -1,6 +1,8 @@
 """QuantRecipe: named recipes, per-layer rules, YAML round trips, errors that name the bad value."""
 
 import dataclasses
+import json
+from pathlib import Path
 
 import pytest
 import torch.nn as nn
@@ -63,7 +65,7 @@ def test_nvfp4_mx_and_bf16():
         r = QuantRecipe.from_name(name)
         assert all(op.fmt == fmt and op.block_size == 32 and op.scale_format == "e8m0" for op in ops(r))
     bf = QuantRecipe.from_name("bf16")
-    assert ops(bf) == [None] * 6 and bf.layer_spec_default().is_identity
+    assert ops(bf) == [None] * 6 and bf.default.is_identity
 
 
 def test_from_name_accepts_enum_and_any_case():
@@ -116,7 +118,7 @@ def test_recipes_are_frozen_and_hashable():
     r = QuantRecipe.from_name("paper")
     with pytest.raises(dataclasses.FrozenInstanceError):
         r.p1 = None  # type: ignore[misc]
-    assert hash(r.layer_spec_default()) == hash(QuantRecipe.from_name("paper").layer_spec_default())
+    assert hash(r.default) == hash(QuantRecipe.from_name("paper").default)
 
 
 # ------------------------------------------------------------------------- rules
@@ -288,3 +290,71 @@ def test_quantizes_anything():
     assert not QuantRecipe.from_name("bf16").quantizes_anything
     assert QuantRecipe.from_name("bf16", rules=[LayerRule("blocks.0.*", recipe="fp8")]).quantizes_anything
     assert not QuantRecipe.from_name("bf16", rules=[LayerRule("blocks.0.*", recipe="bf16")]).quantizes_anything
+
+
+# ------------------------------------------------------- one model, pinned before the rewrite
+PINS = json.loads((Path(__file__).parent / "data" / "recipe_pins.json").read_text())
+# recipes whose old form was a contradiction: a name that does not admit the format it held
+RENAMED = {("fp8", "e2m1"): "custom", ("mxfp4", "e4m3"): "mxfp8"}
+
+
+def _pinned(case):
+    if "with_format" in case:
+        name, fmt = case["with_format"]
+        return QuantRecipe.from_name(name).with_format(fmt), RENAMED.get((name, fmt))
+    return QuantRecipe.from_name(case["name"], fmt=case["fmt"], block_size=case["block_size"]), None
+
+
+@pytest.mark.parametrize("case", PINS, ids=lambda c: "-".join(str(v) for v in c.get("with_format") or
+                                                               (c["name"], c["fmt"], c["block_size"])))
+def test_named_recipes_keep_their_pinned_specs_and_yaml(case):
+    recipe, renamed = _pinned(case)
+    # the operands and options are what the recipe gave before the one-model rewrite
+    assert recipe.short_str().split(" | ", 1)[1] == case["short_str"].split(" | ", 1)[1]
+    expected = dict(case["dict"], name=renamed or case["dict"]["name"])
+    assert recipe.to_dict() == expected
+    assert QuantRecipe.from_dict(expected) == recipe
+    assert QuantRecipe.from_yaml(recipe.to_yaml()) == recipe
+
+
+@pytest.mark.parametrize(
+    "call, needle",
+    [
+        (lambda: QuantRecipe(p2="e2m1", fmt="e4m3"), "derived"),
+        (lambda: QuantRecipe.from_name("fp8", fmt="e2m1"), "8-bit formats"),
+        (lambda: QuantRecipe.from_name("mxfp4", fmt="e4m3"), "'mxfp4'"),
+        (lambda: QuantRecipe("paper", QuantRecipe.from_name("full").default), "contradicts"),
+        (lambda: QuantRecipe(p2="e2m1", weight="e4m3"), "twice"),
+        (lambda: QuantRecipe.from_yaml("name: custom\nfmt: e4m3\noperands:\n  p2: e2m1\n"), "contradicts"),
+        (lambda: QuantRecipe.from_yaml("name: nvfp4\nfmt: e4m3\n"), "e2m1"),
+    ],
+)
+def test_contradictions_are_errors(call, needle):
+    with pytest.raises(ValueError) as info:
+        call()
+    assert needle in str(info.value)
+
+
+def test_operands_by_role_or_p_number_and_derived_format():
+    by_role = QuantRecipe(weight=OperandSpec("e2m1", 32), input_for_grad_weight="e4m3")
+    by_number = QuantRecipe(p2=OperandSpec("e2m1", 32), p6="e4m3")
+    assert by_role == by_number and by_role.weight is by_role.p2
+    assert (by_role.fmt, by_role.block_size) == (E2M1, 32)  # the weight's, derived
+    assert "P2=e2m1/32" in by_role.short_str() and "P6=e4m3/128" in by_role.short_str()
+    yaml_roles = QuantRecipe.from_yaml("name: custom\noperands:\n  weight: {fmt: e2m1, block_size: 32}\n"
+                                       "  input_for_grad_weight: e4m3\n")
+    assert yaml_roles == by_role
+
+
+def test_overriding_a_named_recipe_makes_it_custom():
+    r = QuantRecipe.from_yaml("name: paper\noperands:\n  p1: e4m3\n")
+    assert r.name == "custom" and r.p1 == OperandSpec("e4m3")
+    same = QuantRecipe.from_yaml("name: paper\noperands:\n  p2: {fmt: e4m3, block_size: 128}\n")
+    assert same == QuantRecipe.from_name("paper")
+
+
+def test_format_switches_stay_in_the_named_family():
+    assert QuantRecipe.from_name("mxfp4").with_format("e4m3") == QuantRecipe.from_name("mxfp8")
+    assert QuantRecipe.from_name("mxfp8").with_format("e2m1") == QuantRecipe.from_name("mxfp4")
+    nv8 = QuantRecipe.from_name("nvfp4").with_format("e4m3")
+    assert nv8.name == "custom" and all(op.fmt == E4M3 for op in nv8.default.operands)

@@ -1,7 +1,7 @@
 """The scaling laws against published numbers, hand-derived formulas and scipy minimisations.
 
-Every check computes its expectation independently of lightning_fpq.scaling.laws: constants
-copied from the papers (SCIENCE.md sections 4 and 5), closed forms derived by hand in
+Every check computes its expectation independently of the laws in lightning_fpq.scaling: constants
+copied from the papers (docs/science.md sections 4 and 5), closed forms derived by hand in
 the test, or a numeric minimisation with scipy.
 """
 
@@ -17,19 +17,13 @@ import torch
 from scipy.optimize import brentq, minimize, minimize_scalar
 
 from lightning_fpq.formats import FPFormat
-from lightning_fpq.scaling.laws import (
-    COMPUTE_FACTOR,
-    CapybaraLaw,
-    ChinchillaLaw,
-    KumarLaw,
-    LawFileError,
-    Provenance,
-    count_params,
-    load_law,
-    log2_block_size,
-)
+from lightning_fpq.scaling.capybara import CapybaraLaw
+from lightning_fpq.scaling.chinchilla import ChinchillaLaw
+from lightning_fpq.scaling.kumar import KumarLaw
+from lightning_fpq.scaling.law import COMPUTE_FACTOR, LawFileError, Provenance, load_law, log2_block_size
+from lightning_fpq.scaling.params import count_params
 
-# SCIENCE.md section 4 (arXiv 2501.02423), copied by hand
+# docs/science.md section 4 (arXiv 2501.02423), copied by hand
 PAPER = dict(n=69.2343, a=0.2368, d=68973.0621, b=0.5162, eps=1.9061, g=11334.5197, dl=3.1926, nu=2.9543)
 K = 6 / 16
 
@@ -40,13 +34,13 @@ def law() -> CapybaraLaw:
 
 
 def hand_loss(N, D, E, M, log2b, c=PAPER):
-    """The law as written in SCIENCE.md section 4."""
+    """The law as written in docs/science.md section 4."""
     return (c["n"] / N ** c["a"] + c["d"] / D ** c["b"] + c["eps"]
             + (D ** c["b"] / N ** c["a"]) * log2b / (c["g"] * (E + 0.5) ** c["dl"] * (M + 0.5) ** c["nu"]))
 
 
 def relaxed_q(P, c=PAPER):
-    """(E_opt + 0.5)^dl (M_opt + 0.5)^nu with the real-valued split of SCIENCE.md section 4."""
+    """(E_opt + 0.5)^dl (M_opt + 0.5)^nu with the real-valued split of docs/science.md section 4."""
     s = c["dl"] + c["nu"]
     return (c["dl"] * P / s) ** c["dl"] * (c["nu"] * P / s) ** c["nu"]
 
@@ -88,7 +82,7 @@ def test_vectorised_over_numpy_arrays(law):
 
 
 def test_critical_data_size_by_hand(law):
-    # D_crit = [d g N^a (E+.5)^dl (M+.5)^nu / log2 B]^(1/(2b)), SCIENCE.md section 4
+    # D_crit = [d g N^a (E+.5)^dl (M+.5)^nu / log2 B]^(1/(2b)), docs/science.md section 4
     c = PAPER
     expected = (c["d"] * c["g"] * 1e9 ** c["a"] * 2.5 ** c["dl"] * 1.5 ** c["nu"] / 7.0) ** (1 / (2 * c["b"]))
     assert law.critical_data_size(1e9, "e2m1", 128) == pytest.approx(expected, rel=1e-12)
@@ -146,7 +140,7 @@ def test_optimal_format_for_every_width(law, bits):
     pairs = [(e, bits - 1 - e) for e in range(bits)]
     brute = min(pairs, key=lambda em: 1.0 / ((em[0] + 0.5) ** PAPER["dl"] * (em[1] + 0.5) ** PAPER["nu"]))
     assert brute == BEST[bits]
-    # and it rounds the real optimum E_opt = dl P/(dl+nu) - 0.5 (SCIENCE.md section 4)
+    # and it rounds the real optimum E_opt = dl P/(dl+nu) - 0.5 (docs/science.md section 4)
     e_opt = PAPER["dl"] * bits / (PAPER["dl"] + PAPER["nu"]) - 0.5
     m_opt = PAPER["nu"] * bits / (PAPER["dl"] + PAPER["nu"]) - 0.5
     assert law.optimal_split(bits) == pytest.approx((e_opt, m_opt), rel=1e-12)
@@ -273,7 +267,7 @@ def test_precision_parameter_tradeoff_by_root_finding(law):
 
     for p_from, p_to in ((16, 8), (8, 4), (6, 5)):
         assert law.precision_parameter_tradeoff(p_from, p_to) == pytest.approx(n_at_dcrit(p_to) / n_at_dcrit(p_from), rel=1e-8)
-    # the SCIENCE.md exponent: P^(dl+nu+2b) N^(a+2b) = const
+    # the exponent of docs/science.md section 4: P^(dl+nu+2b) N^(a+2b) = const
     expo = (c["dl"] + c["nu"] + 2 * c["b"]) / (c["a"] + 2 * c["b"])
     assert law.precision_parameter_tradeoff(16, 8) == pytest.approx(2**expo, rel=1e-12)
 
@@ -411,9 +405,9 @@ def test_count_params_rejects_non_modules_and_lazy_ones():
 
 
 def test_scaling_and_fitting_do_not_import_lightning():
-    # DESIGN.md: the scaling law knows only formats
+    # docs/architecture.md ("Layout"): the scaling package knows only formats
     root = Path(__file__).resolve().parents[1] / "lightning_fpq" / "scaling"
-    for name in ("laws.py", "fitting.py"):
+    for name in ("law.py", "inputs.py", "optimise.py", "planning.py", "capybara.py", "kumar.py", "chinchilla.py", "params.py", "fitting.py"):
         tree = ast.parse((root / name).read_text())
         modules = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
         modules += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]

@@ -11,8 +11,12 @@ import pytest
 
 from lightning_fpq.cli import main
 from lightning_fpq.demo.model import GPTConfig
-from lightning_fpq.scaling.laws import capybara_loss, load_law
-from lightning_fpq.scaling.sweep import COLUMNS, SweepConfig, load_config, ok_rows, plan_runs, read_rows, run_sweep
+from lightning_fpq.scaling.capybara import capybara_loss
+from lightning_fpq.scaling.law import load_law
+from lightning_fpq.scaling.sweep import run_sweep
+from lightning_fpq.scaling.sweep_config import SweepConfig, load_config
+from lightning_fpq.scaling.sweep_csv import COLUMNS, ok_rows, read_rows
+from lightning_fpq.scaling.sweep_plan import plan_runs
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

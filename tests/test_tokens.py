@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lightning.pytorch import LightningModule, Trainer
-from torch.utils.data import DataLoader, TensorDataset
+from lightning.pytorch import Trainer
+from torch.utils.data import DataLoader
 
+from helpers import TinyLM, token_loader
 from lightning_fpq.lightning.tokens import TokenCounter, count_batch_tokens
 
 
@@ -28,24 +29,13 @@ def test_counting_rule_errors_say_what_to_do():
         TokenCounter(count_tokens=3)  # type: ignore[arg-type]
 
 
-class TinyLM(LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.emb = torch.nn.Embedding(32, 8)
-        self.out = torch.nn.Linear(8, 32)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        logits = self.out(self.emb(x))  # (B, T, V)
-        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
+def tiny_lm() -> TinyLM:
+    """Embedding(32, 8) straight into the head; no logging."""
+    return TinyLM(d_model=8, hidden=None, log_loss=False)
 
 
 def loader(n_batches: int, batch: int = 4, seq: int = 6) -> DataLoader:
-    x = torch.randint(0, 32, (n_batches * batch, seq))
-    return DataLoader(TensorDataset(x, x.roll(1, -1)), batch_size=batch)
+    return token_loader(n_batches, batch, seq)
 
 
 def trainer(tmp_path, **kwargs) -> Trainer:
@@ -58,20 +48,20 @@ def trainer(tmp_path, **kwargs) -> Trainer:
 def test_counts_every_batch_once_and_resumes_exactly(tmp_path):
     counter = TokenCounter()
     t = trainer(tmp_path, max_steps=7, callbacks=[counter], enable_checkpointing=False)
-    t.fit(TinyLM(), loader(10))
+    t.fit(tiny_lm(), loader(10))
     assert counter.tokens_seen == 7 * 4 * 6
     t.save_checkpoint(tmp_path / "mid.ckpt")
 
     resumed = TokenCounter()
     t2 = trainer(tmp_path, max_steps=10, callbacks=[resumed], enable_checkpointing=False)
-    t2.fit(TinyLM(), loader(10), ckpt_path=tmp_path / "mid.ckpt")
+    t2.fit(tiny_lm(), loader(10), ckpt_path=tmp_path / "mid.ckpt")
     assert resumed.tokens_seen == 10 * 4 * 6
 
 
 def test_custom_count_function_and_attach_reuses_the_existing_counter(tmp_path):
     counter = TokenCounter(count_tokens=lambda batch: batch[0].shape[0])  # count sequences
     t = trainer(tmp_path, max_steps=3, callbacks=[counter], enable_checkpointing=False)
-    t.fit(TinyLM(), loader(5))
+    t.fit(tiny_lm(), loader(5))
     assert counter.tokens_seen == 3 * 4
     assert TokenCounter.attach(t) is counter
     assert sum(isinstance(c, TokenCounter) for c in t.callbacks) == 1

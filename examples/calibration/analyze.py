@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
+from lightning_fpq.scaling.capybara import CapybaraLaw, capybara_critical_data_size
 from lightning_fpq.scaling.fitting import fit, load_rows
-from lightning_fpq.scaling.laws import CapybaraLaw, capybara_critical_data_size
-from lightning_fpq.scaling.sweep import ok_rows, read_rows
+from lightning_fpq.scaling.sweep_csv import ok_rows, read_rows
 
 
 def main(path: str, min_tokens: float) -> None:

@@ -1,10 +1,9 @@
-"""The ``torchao_float8`` layer backend: ``F.linear`` through torchao's float8 training.
-
-torchao's autograd function (the one ``torchao.float8.convert_to_float8_training`` installs)
-scales, casts to FP8 and multiplies with ``torch._scaled_mm``: real FP8 GEMMs on CUDA SM89+,
-torchao's own fp32 emulation elsewhere. ``backends.torchao_supports`` decides which layer
-specs it computes exactly; this module only runs them. torchao is imported lazily (on CPU it
-prints two "Failed to load ... .so" lines).
+"""The ``torchao_float8`` layer backend (alias ``torchao``): ``F.linear`` through torchao's
+float8 training autograd function (the one ``torchao.float8.convert_to_float8_training``
+installs), which scales, casts to FP8 and multiplies with ``torch._scaled_mm``: real FP8 GEMMs
+on CUDA SM89+, torchao's own fp32 emulation elsewhere. Only FP8 specs it expresses exactly
+(:func:`supports`). torchao is imported lazily (on CPU it prints two "Failed to load ... .so"
+lines).
 """
 
 from __future__ import annotations
@@ -15,8 +14,69 @@ from typing import Optional
 
 import torch
 
-from . import fp8_gemm_available, torchao_dtype
-from ..recipe import LayerSpec, OperandSpec
+from ..formats import FPFormat
+from ..spec import ROLES, LayerSpec, OperandSpec
+from .hardware import Capability, device_index, fp8_gemm_available
+
+QUANTIZER = "torchao's float8 casts"
+GEMM = "torch._scaled_mm (FP8) on SM89+, torchao's fp32 emulation elsewhere"
+_DTYPES = {FPFormat.parse("e4m3"): torch.float8_e4m3fn, FPFormat.parse("e5m2"): torch.float8_e5m2}
+
+
+@functools.lru_cache(maxsize=None)
+def machine_available() -> Capability:
+    """Whether torchao's float8 training path can be imported."""
+    try:
+        from torchao.float8.config import Float8LinearConfig  # noqa: F401
+        from torchao.float8.float8_linear import matmul_with_hp_or_float8_args  # noqa: F401
+        from torchao.float8.float8_training_tensor import LinearMMConfig, ScaledMMConfig  # noqa: F401
+    except Exception as err:  # ImportError, or a torchao that moved these names
+        return False, f"torchao float8 training is not importable: {type(err).__name__}: {err}"
+    import torchao
+
+    return True, f"torchao {torchao.__version__} float8 training"
+
+
+def device_available(device_type: str) -> Capability:
+    return machine_available()  # real FP8 GEMMs on SM89+, its emulation elsewhere
+
+
+def torchao_dtype(fmt: FPFormat) -> Optional[torch.dtype]:
+    return _DTYPES.get(fmt)
+
+
+@functools.lru_cache(maxsize=256)
+def _supports_spec(spec: LayerSpec) -> Capability:
+    if spec.fp4.active:
+        return False, "torchao float8 has no DGE/OCC"
+    for op, label in zip(spec.operands, ("P1", "P2", "P3", "P4", "P5", "P6")):
+        if op is None:
+            return False, f"{label} is not quantized: torchao quantizes both operands of every GEMM"
+        if torchao_dtype(op.fmt) is None:
+            return False, f"{label} format {op.fmt.name} is not e4m3 or e5m2"
+        if op.block_size not in ("tensor", "channel"):
+            return False, f"{label} block size {op.block_size!r}: torchao scales tensorwise or rowwise only"
+        if op.scale_format != "fp32":
+            return False, f"{label} {op.scale_format} scales: torchao float8 uses fp32 scales"
+        if op.rounding != "nearest":
+            return False, f"{label} rounding {op.rounding!r}: torchao rounds to nearest"
+    for a, b, what in (("input", "input_for_grad_weight", "X (P1, P6)"), ("weight", "weight_for_grad_input", "W (P2, P4)"),
+                       ("grad_output", "grad_output_for_grad_weight", "dY (P3, P5)")):
+        first, second = getattr(spec, a), getattr(spec, b)
+        if first != second:
+            return False, (f"{what} differ ({first.short_str()} vs {second.short_str()}): torchao casts a tensor "
+                           "alike for both GEMMs")
+    return True, "expressible as a torchao Float8LinearConfig"
+
+
+def supports(spec: LayerSpec, shape: Optional[tuple[int, int, int]] = None) -> Capability:
+    """Whether torchao's float8 linear computes exactly this layer spec."""
+    return _supports_spec(spec)
+
+
+def worth_auto(device: torch.device) -> Capability:
+    """Only where it brings real FP8 GEMMs (checked first: no torchao import on CPU)."""
+    return fp8_gemm_available(device.type, device_index(device))
 
 
 @functools.lru_cache(maxsize=64)
@@ -28,11 +88,9 @@ def _torchao_configs(spec: LayerSpec, emulate: bool):
         granularity = ScalingGranularity.TENSORWISE if op.block_size == "tensor" else ScalingGranularity.AXISWISE
         return CastConfig(scaling_granularity=granularity, target_dtype=torchao_dtype(op.fmt))
 
-    p1, p2, p3, p4, p5, p6 = spec.operands
+    # our operand roles are torchao's cast-config names
     config = Float8LinearConfig(
-        cast_config_input=cast(p1), cast_config_input_for_grad_weight=cast(p6),
-        cast_config_weight=cast(p2), cast_config_weight_for_grad_input=cast(p4),
-        cast_config_grad_output=cast(p3), cast_config_grad_output_for_grad_weight=cast(p5),
+        **{f"cast_config_{role}": cast(getattr(spec, role)) for role in ROLES},
         emulate=emulate, round_scales_to_power_of_2=False,  # our fp32 scales, not rounded
     )
     mm = ScaledMMConfig(emulate, False, False, False)  # no fast accumulation: fp32 accumulate
@@ -56,7 +114,7 @@ def torchao_float8_linear(
     """
     from torchao.float8.float8_linear import matmul_with_hp_or_float8_args
 
-    emulate = not fp8_gemm_available(x.device.type, x.device.index if x.device.type == "cuda" else None)[0]
+    emulate = not fp8_gemm_available(x.device.type, device_index(x.device))[0]
     config, mm_config = _torchao_configs(spec, emulate)
     device_type = x.device.type
     with torch.autocast(device_type, enabled=False) if autocast_on else contextlib.nullcontext():

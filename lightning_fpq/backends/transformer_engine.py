@@ -39,7 +39,8 @@ import torch
 import torch.nn as nn
 
 from ..formats import FPFormat
-from ..recipe import LayerSpec
+from ..spec import LayerSpec
+from .hardware import Capability, fp8_gemm_available
 
 _E4M3 = FPFormat.parse("e4m3")
 _E5M2 = FPFormat.parse("e5m2")
@@ -60,7 +61,7 @@ TE_RECIPE_MAPPING: dict[str, tuple[Optional[str], str]] = {
 @functools.lru_cache(maxsize=256)
 def te_format(spec: LayerSpec) -> tuple[Optional[str], str]:
     """TE's ``Format`` name ("HYBRID" or "E4M3") that computes ``spec`` exactly, or ``(None, why not)``."""
-    if spec.dge or spec.occ:
+    if spec.fp4.active:
         return None, "Transformer Engine has no DGE/OCC"
     for i, op in enumerate(spec.operands):
         if op is None:
@@ -68,17 +69,61 @@ def te_format(spec: LayerSpec) -> tuple[Optional[str], str]:
         if op.block_size != "tensor" or op.scale_format != "fp32" or op.rounding != "nearest":
             return None, (f"P{i + 1} is {op.short_str()}: only one fp32 scale per tensor with nearest rounding "
                           "(Float8CurrentScaling) matches TE exactly")
-    p1, p2, p3, p4, p5, p6 = spec.operands
-    if not (p1.fmt == p2.fmt == p4.fmt == p6.fmt == _E4M3):
+    p1, p2, p3, p4, p5, p6 = (op.fmt for op in spec.operands if op is not None)  # all six, checked above
+    if not (p1 == p2 == p4 == p6 == _E4M3):
         return None, "X and W must be e4m3 in both their GEMMs (TE's forward format)"
-    if p3.fmt != p5.fmt or p3.fmt not in (_E4M3, _E5M2):
+    if p3 != p5 or p3 not in (_E4M3, _E5M2):
         return None, "dY must be e4m3 or e5m2 in both backward GEMMs"
-    return ("E4M3" if p3.fmt == _E4M3 else "HYBRID"), "Float8CurrentScaling"
+    return ("E4M3" if p3 == _E4M3 else "HYBRID"), "Float8CurrentScaling"
 
 
-def te_supports(spec: LayerSpec) -> tuple[bool, str]:
+QUANTIZER = "Transformer Engine's FP8 current-scaling casts"
+GEMM = "cuBLAS FP8 GEMMs through a hidden te.Linear"
+
+
+@functools.lru_cache(maxsize=None)
+def machine_available() -> Capability:
+    """Transformer Engine (``pip install lightning-fpq[te]``, NVIDIA GPUs only), imported lazily."""
+    import importlib.util
+
+    if importlib.util.find_spec("transformer_engine") is None:
+        return False, "transformer_engine is not installed (pip install 'lightning-fpq[te]'; it needs an NVIDIA GPU and CUDA toolkit)"
+    if not torch.cuda.is_available():
+        return False, "Transformer Engine runs on NVIDIA GPUs only: CUDA is not available"
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception as err:  # a broken install: say what broke
+        return False, f"transformer_engine.pytorch does not import: {type(err).__name__}: {err}"
+    import transformer_engine
+
+    return True, f"Transformer Engine {getattr(transformer_engine, '__version__', '?')}"
+
+
+def device_available(device_type: str) -> Capability:
+    ok, reason = machine_available()
+    if not ok:
+        return ok, reason
+    if device_type not in TE_DEVICE_TYPES:
+        return False, f"Transformer Engine runs on CUDA tensors only, not {device_type!r}"
+    fp8_ok, fp8_reason = fp8_gemm_available("cuda")
+    if not fp8_ok:
+        return False, f"Transformer Engine's FP8 recipes need FP8 GEMMs: {fp8_reason}"
+    problem = te_settings_problem()
+    return (False, problem) if problem is not None else (ok, reason)
+
+
+def supports(spec: LayerSpec, shape: Optional[tuple[int, int, int]] = None) -> Capability:
+    """Whether TE computes ``spec`` exactly (and, given ``(tokens, in, out)``, takes that shape)."""
     fmt, reason = te_format(spec)
-    return (True, f"{reason}(fp8_format={fmt})") if fmt is not None else (False, reason)
+    if fmt is None:
+        return False, reason
+    if shape is not None and not te_shapes_fit(*shape):
+        return False, f"shape (tokens, in, out) = {shape}: TE's FP8 GEMMs need tokens % 8, in % 16, out % 8 == 0"
+    return True, f"{reason}(fp8_format={fmt})"
+
+
+def worth_auto(device: torch.device) -> Capability:
+    return True, ""
 
 
 _POW2_ENV = "NVTE_FP8_CURRENT_SCALING_POWER_2_SCALES"

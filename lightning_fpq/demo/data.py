@@ -28,6 +28,8 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from .. import _config
+
 VOCAB_SIZE = 256
 # Large modules that exist as single files in CPython 3.8 to 3.14 (not packages, not
 # removed by PEP 594), in a fixed order: the order is part of the corpus.
@@ -98,8 +100,12 @@ class CorpusInfo:
 
 
 def _check_max_bytes(max_bytes: int | None) -> None:
-    if max_bytes is not None and (not isinstance(max_bytes, int) or max_bytes < 2):
-        raise ValueError(f"max_bytes must be None (all listed files) or an int >= 2, got {max_bytes!r}")
+    """None (all listed files) or an int >= 2."""
+    _config.integer(max_bytes, what="max_bytes", low=2, optional=True)
+
+
+def _check_val_fraction(val_fraction: float) -> None:
+    _config.number(val_fraction, what="val_fraction", low=0.0, high=1.0, low_open=True, high_open=True)
 
 
 @functools.lru_cache(maxsize=8)
@@ -157,8 +163,7 @@ def split_corpus(
     Splitting each file (rather than taking the corpus's last files) keeps the two splits
     alike in content: every module contributes to both, and no byte is in both.
     """
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
+    _check_val_fraction(val_fraction)
     corpus = load_corpus(max_bytes)
     train, val = [], []
     start = 0
@@ -201,15 +206,13 @@ class ByteWindowDataset(Dataset):
     ) -> None:
         if data.dim() != 1:
             raise ValueError(f"data must be a 1-D tensor of token ids, got shape {tuple(data.shape)}")
-        if not isinstance(block_size, int) or block_size < 1:
-            raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
+        _config.integer(block_size, what="block_size", low=1)
         if data.numel() < block_size + 1:
             raise ValueError(
                 f"data has {data.numel()} tokens, fewer than block_size + 1 = {block_size + 1}; "
                 "use a smaller block_size or more data (max_bytes)"
             )
-        if num_samples is not None and (not isinstance(num_samples, int) or num_samples < 1):
-            raise ValueError(f"num_samples must be None or an int >= 1, got {num_samples!r}")
+        _config.integer(num_samples, what="num_samples", low=1, optional=True)
         if random and num_samples is None:
             raise ValueError("random windows need num_samples (the number of samples per epoch)")
         self.data = data
@@ -291,15 +294,11 @@ class ByteCorpusDataModule(LightningDataModule):
         super().__init__()
         for name, value in (("block_size", block_size), ("batch_size", batch_size),
                             ("samples_per_epoch", samples_per_epoch)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        if val_samples is not None and (not isinstance(val_samples, int) or val_samples < 1):
-            raise ValueError(f"val_samples must be None (all windows) or an int >= 1, got {val_samples!r}")
-        if not isinstance(num_workers, int) or num_workers < 0:
-            raise ValueError(f"num_workers must be an int >= 0, got {num_workers!r}")
+            _config.integer(value, what=name, low=1)
+        _config.integer(val_samples, what="val_samples", low=1, optional=True)  # None: all windows
+        _config.integer(num_workers, what="num_workers", low=0)
         _check_max_bytes(max_bytes)
-        if not 0.0 < val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
+        _check_val_fraction(val_fraction)
         self.save_hyperparameters()
         self.block_size = block_size
         self.batch_size = batch_size

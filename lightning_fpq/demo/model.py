@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from torch import nn
 
+from .. import _config
+
 
 @dataclass(frozen=True)
 class GPTConfig:
@@ -38,13 +40,11 @@ class GPTConfig:
         for f in fields(self):
             value = getattr(self, f.name)
             if f.name == "dropout":
-                if not 0.0 <= value < 1.0:
-                    raise ValueError(f"dropout must be in [0, 1), got {value!r}")
+                _config.number(value, what="dropout", low=0.0, high=1.0, high_open=True)
             elif f.name == "bias":
-                if not isinstance(value, bool):
-                    raise ValueError(f"bias must be True or False, got {value!r}")
-            elif not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{f.name} must be an int >= 1, got {value!r}")
+                _config.flag(value, what="bias")
+            else:
+                _config.integer(value, what=f.name, low=1)
         if self.n_embd % self.n_head:
             raise ValueError(
                 f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); "
@@ -52,7 +52,7 @@ class GPTConfig:
             )
 
     @classmethod
-    def from_name(cls, name: Union[str, "GPTConfig"]) -> "GPTConfig":
+    def from_name(cls, name: Union[str, GPTConfig]) -> GPTConfig:
         """A named size (case-insensitive), or ``name`` itself if it is already a config."""
         if isinstance(name, GPTConfig):
             return name
@@ -207,8 +207,7 @@ class GPT(nn.Module):
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """Append ``max_new_tokens`` sampled tokens to ``idx`` ``(B, T)``; returns ``(B, T + max_new_tokens)``."""
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature!r}")
+        _config.number(temperature, what="temperature", low=0.0, low_open=True)
         for _ in range(max_new_tokens):
             context = idx[:, -self.config.block_size :]  # (B, <=block_size)
             logits = self(context)[:, -1, :] / temperature  # (B, V)
@@ -267,16 +266,11 @@ class GPTLightning(LightningModule):
         min_lr_ratio: float = 0.1,
     ) -> None:
         super().__init__()
-        if lr <= 0:
-            raise ValueError(f"lr must be > 0, got {lr!r}")
-        if weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
-        if not isinstance(warmup_steps, int) or warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
-        if max_steps is not None and (not isinstance(max_steps, int) or max_steps < 1):
-            raise ValueError(f"max_steps must be None or an int >= 1, got {max_steps!r}")
-        if not 0.0 <= min_lr_ratio <= 1.0:
-            raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio!r}")
+        _config.number(lr, what="lr", low=0.0, low_open=True)
+        _config.number(weight_decay, what="weight_decay", low=0.0)
+        _config.integer(warmup_steps, what="warmup_steps", low=0)
+        _config.integer(max_steps, what="max_steps", low=1, optional=True)
+        _config.number(min_lr_ratio, what="min_lr_ratio", low=0.0, high=1.0)
         self.save_hyperparameters()
         self.config = GPTConfig.from_name(config)
         self.model = GPT(self.config)

@@ -16,9 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import OmegaConf
-
-from ..formats import as_format
+from .. import _config
+from ..formats import FPFormat
 
 
 @dataclass
@@ -47,31 +46,22 @@ class DemoConfig:
     out: str = "runs/demo"
     progress_bar: bool = True
 
-    def validate(self) -> "DemoConfig":
-        if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 0:
-            raise ValueError(f"demo threads={self.threads!r} is not valid: expected 0 (torch's default) or a positive int")
-        for name in ("steps", "batch_size", "block_size", "val_every", "val_samples"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"demo {name}={value!r} is not valid: expected an int >= 1")
+    def validate(self) -> DemoConfig:
+        """Check every value; raise ``ValueError`` naming the key, the value and what is valid."""
+        for name, low in (("steps", 1), ("batch_size", 1), ("block_size", 1), ("val_every", 1), ("val_samples", 1),
+                          ("warmup_steps", 0), ("max_bytes", 2), ("seed", 0), ("threads", 0)):
+            _config.integer(getattr(self, name), what=f"demo {name}", low=low)
+        _config.number(self.lr, what="demo lr", low=0.0, low_open=True)
+        if self.block is not None:  # None: the recipe's own block size
+            self.block = _config.block_size_yaml(_config.block_size(self.block, what="demo block"))
         for entry in self.schedule:
-            as_format(entry)
+            FPFormat.parse(entry)
         return self
 
 
 def load_config(path: Optional[str] = None, overrides: tuple[str, ...] = ()) -> DemoConfig:
     """Defaults, then the YAML file, then ``key=value`` overrides; unknown keys are errors."""
-    schema = OmegaConf.structured(DemoConfig)
-    merged = schema
-    try:
-        if path is not None:
-            merged = OmegaConf.merge(merged, OmegaConf.load(path))
-        if overrides:
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
-    except Exception as err:  # OmegaConf's ConfigKeyError / ValidationError: say which key
-        raise ValueError(f"demo config: {err}".splitlines()[0] + f" (valid keys: {sorted(DemoConfig.__dataclass_fields__)})") from None
-    cfg: DemoConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
-    return cfg.validate()
+    return _config.load_structured(DemoConfig, path, overrides, what="demo config").validate()
 
 
 @dataclass
@@ -95,11 +85,11 @@ def _trainer_for(cfg: DemoConfig, name: str, schedule: list[str], law: Any):
     from lightning.pytorch.loggers import CSVLogger
 
     from ..lightning.monitor import CriticalDataMonitor
+    from ..lightning.precision import FPQuantPrecision
     from ..lightning.progressive import ProgressivePrecision
+    from ..recipe import QuantRecipe
     from .data import ByteCorpusDataModule
     from .model import GPTLightning
-    from ..lightning.precision import FPQuantPrecision
-    from ..recipe import QuantRecipe
 
     seed_everything(cfg.seed, verbose=False)
     model = GPTLightning(cfg.model, lr=cfg.lr, warmup_steps=cfg.warmup_steps, max_steps=cfg.steps)
@@ -145,7 +135,7 @@ def run_one(cfg: DemoConfig, name: str, schedule: list[str], law: Any) -> RunRes
         final_train_loss=sum(train[-10:]) / max(len(train[-10:]), 1) if train else math.nan,
         final_val_loss=val[-1] if val else math.nan,
         history=list(progressive.history) if progressive else [],
-        stage_d_crit=stage_d_crit, tokens=monitor._counter.tokens_seen, n_params=monitor.n_params,
+        stage_d_crit=stage_d_crit, tokens=monitor.tokens_seen, n_params=monitor.n_params,
         law=f"{type(monitor.law).__name__}, {monitor.law.provenance.short_str()}",
         backends=[", ".join(f"{b} ({n} layers)" for b, n in h["backends"].items())
                   for h in trainer.precision_plugin.backend_history],
@@ -167,7 +157,7 @@ def run_demo(cfg: DemoConfig) -> list[RunResult]:
         import torch
 
         torch.set_num_threads(cfg.threads)
-    runs = [("progressive", [as_format(f).name for f in cfg.schedule])]
+    runs = [("progressive", [FPFormat.parse(f).name for f in cfg.schedule])]
     if cfg.baseline:
         runs.append(("baseline-bf16", ["bf16"]))
     results = [run_one(cfg, name, schedule, cfg.law) for name, schedule in runs]
@@ -180,11 +170,9 @@ def run_demo(cfg: DemoConfig) -> list[RunResult]:
 # ------------------------------------------------------------------------- outputs
 def plot_runs(results: list[RunResult], path: Path) -> Path:
     """Loss against tokens per run; stages of the first run shaded; D_crit marked or noted."""
-    import matplotlib
+    from ..scaling.plots import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(9, 5.2), dpi=110)
     colors = ["tab:blue", "tab:gray", "tab:green"]
     max_tokens = 1.0
@@ -228,10 +216,7 @@ def plot_runs(results: list[RunResult], path: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(loc="upper right", bbox_to_anchor=(0.995, 0.93), fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _smooth(values, fraction: float = 0.04) -> list[float]:

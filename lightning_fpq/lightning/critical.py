@@ -22,7 +22,9 @@ from lightning.pytorch import LightningModule, Trainer
 
 from ..formats import FPFormat
 from ..recipe import QuantRecipe
-from ..scaling.laws import CapybaraLaw, count_params, load_law
+from ..scaling.capybara import CapybaraLaw
+from ..scaling.law import load_law
+from ..scaling.params import count_params
 
 LawLike = Union[None, str, os.PathLike, CapybaraLaw]
 
@@ -86,7 +88,7 @@ class LawPoint:
 def law_point(recipe: QuantRecipe, law: CapybaraLaw, n_params: int) -> LawPoint:
     """The operand of ``recipe`` with the smallest D_crit (see the module docstring)."""
     best, best_d = LawPoint(None, "tensor", "-"), math.inf
-    for index, spec in enumerate(recipe.layer_spec_default().operands):
+    for index, spec in enumerate(recipe.default.operands):
         if spec is None:
             continue
         block = "tensor" if spec.block_size is None else spec.block_size

@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Any, Optional, Union
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
+from .. import _config
 from .critical import (
-    LawLike, LawPoint, check_n_params, critical_tokens, find_plugin, predicted_loss, resolve_law, resolve_n_params,
+    LawLike,
+    LawPoint,
+    check_n_params,
+    critical_tokens,
+    find_plugin,
+    predicted_loss,
+    resolve_law,
+    resolve_n_params,
 )
 from .progressive import ProgressivePrecision
 from .tokens import TokenCounter, TokenCountFn
@@ -62,12 +71,9 @@ class CriticalDataMonitor(Callback):
         if not values or any(isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0 for t in values):
             raise ValueError(f"thresholds={thresholds!r} is not valid: expected positive fractions of D_crit, e.g. (0.5, 0.8, 1.0)")
         self.thresholds = tuple(sorted(float(t) for t in values))
-        if action not in ACTIONS:
-            raise ValueError(f"action={action!r} is not valid: expected one of {ACTIONS}")
-        self.action = action
-        if isinstance(plateau_window, bool) or not isinstance(plateau_window, int) or plateau_window < 0:
-            raise ValueError(f"plateau_window={plateau_window!r} is not valid: expected an int >= 0 (0 disables the check)")
-        self.plateau_window, self.plateau_tolerance = plateau_window, float(plateau_tolerance)
+        self.action = _config.choice(action, ACTIONS, what="action")
+        self.plateau_window = _config.integer(plateau_window, what="plateau_window", low=0)  # 0 disables the check
+        self.plateau_tolerance = _config.number(plateau_tolerance, what="plateau_tolerance", low=0.0, high=1.0, high_open=True)
         self._count_tokens = count_tokens
         self.n_params: Optional[int] = None
         self.d_crit = math.inf
@@ -111,9 +117,13 @@ class CriticalDataMonitor(Callback):
             self._recipe_key = key
 
     @property
+    def tokens_seen(self) -> int:
+        """Training tokens counted so far by the trainer's shared TokenCounter (0 before setup)."""
+        return self._counter.tokens_seen if self._counter else 0
+
+    @property
     def fraction(self) -> float:
-        tokens = self._counter.tokens_seen if self._counter else 0
-        return 0.0 if not math.isfinite(self.d_crit) else tokens / self.d_crit
+        return 0.0 if not math.isfinite(self.d_crit) else self.tokens_seen / self.d_crit
 
     # ---------------------------------------------------------------------- hooks
     @override

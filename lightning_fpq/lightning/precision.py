@@ -1,10 +1,12 @@
 """``FPQuantPrecision``: the Lightning precision plugin (glue only).
 
 It converts the model's selected ``nn.Linear`` layers to ``QuantLinear`` in place (same
-Parameters, same state_dict keys), owns the :class:`~lightning_fpq.linear.RecipeHolder` that
+Parameters, same state_dict keys), creates the :class:`~lightning_fpq.state.QuantState` that
 every converted layer reads its operand specs from, wraps each step in an autocast for the
-operations that are not quantized, saves the active recipe in checkpoints, and lets callbacks
-switch the recipe at a batch boundary (:meth:`FPQuantPrecision.set_recipe`).
+operations that are not quantized, saves that state in checkpoints, and lets callbacks switch
+the recipe at a batch boundary (:meth:`FPQuantPrecision.set_recipe`). It listens to the state's
+switch event: after every switch it converts layers the new recipe includes and logs which
+backend runs which layers, once per stage.
 
 Strategies: single device, DDP and ``ModelParallelStrategy`` (FSDP2 ``fully_shard`` in
 ``configure_model``). ``FSDPStrategy`` (FSDP1) accepts only its own ``FSDPPrecision`` plugin and
@@ -25,8 +27,9 @@ from torch import nn
 from typing_extensions import override
 
 from .. import backends
-from ..linear import RecipeHolder, convert_linears, quantized_layers
+from ..linear import convert_linears, quantized_layers
 from ..recipe import QuantRecipe
+from ..state import QuantState
 
 _COMPUTE_DTYPES = {
     "fp32": torch.float32, "float32": torch.float32, "32": torch.float32, "32-true": torch.float32,
@@ -117,39 +120,38 @@ class FPQuantPrecision(Precision):
         self.compute_dtype = _compute_dtype(compute_dtype)
         self.precision = _PRECISION_STR[self.compute_dtype]  # type: ignore[assignment]
         self._save_quantized_weight = save_quantized_weight
-        self._holder = RecipeHolder(
+        self._state = QuantState(
             QuantRecipe.coerce(recipe, fmt=fmt, block_size=block_size),
             backend=backend, seed=seed,
             save_quantized_weight=True if save_quantized_weight is None else save_quantized_weight,
             cache_weights=cache_weights,
         )
-        self._holder.warn_fallbacks = False  # _log_backends says it once per stage, on rank zero
+        self._state.subscribe(self._on_switch)
         self._device_type: Optional[str] = None
         self._module_ref: Optional[weakref.ReferenceType] = None
         if self.compute_dtype == torch.float16:
             rank_zero_warn("FPQuantPrecision(compute_dtype='fp16') applies no loss scaling: small gradients may underflow; prefer 'bf16'")
-        self._logged_stage: Optional[tuple[QuantRecipe, str]] = None
-        #: one entry per recipe stage trained: {"recipe", "device", "backends": {backend: n_layers}}
-        self.backend_history: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------ recipe API
     @property
     def recipe(self) -> QuantRecipe:
         """The active recipe (what callbacks read; replace it with :meth:`set_recipe`)."""
-        return self._holder.recipe
+        return self._state.recipe
 
     @property
-    def active_recipe(self) -> QuantRecipe:
-        return self._holder.recipe
-
-    @property
-    def holder(self) -> RecipeHolder:
-        """The object every converted layer reads its spec from."""
-        return self._holder
+    def state(self) -> QuantState:
+        """The one owner of the quantization state; every converted layer reads its spec from it
+        (callbacks may ``state.subscribe`` to the switch event)."""
+        return self._state
 
     @property
     def backend(self) -> str:
-        return self._holder.backend
+        return self._state.backend
+
+    @property
+    def backend_history(self) -> list[dict[str, Any]]:
+        """One entry per recipe stage trained: ``{"recipe", "device", "backends": {backend: n_layers}}``."""
+        return self._state.history
 
     def set_recipe(
         self,
@@ -162,20 +164,24 @@ class FPQuantPrecision(Precision):
 
         Call it at a batch boundary (a callback's ``on_train_batch_start``/``end``) on every
         rank. No module is rebuilt and no Parameter replaced; layers the new recipe includes
-        that were not converted yet are converted in place.
+        that were not converted yet are converted in place. The recipe already active is a no-op.
         """
-        new = self._holder.set_recipe(QuantRecipe.coerce(recipe, fmt=fmt, block_size=block_size))
-        module = self._module_ref() if self._module_ref is not None else None
+        return self._state.set_recipe(QuantRecipe.coerce(recipe, fmt=fmt, block_size=block_size))
+
+    def _on_switch(self, old: QuantRecipe, new: QuantRecipe) -> None:
+        module = self._module()
         if module is not None:
             self._convert(module)
         rank_zero_info(f"FPQuantPrecision: recipe is now {new.short_str()}")
         if module is not None and self._device_type is not None:
             self._log_backends(module)
-        return new
+
+    def _module(self) -> Optional[nn.Module]:
+        return self._module_ref() if self._module_ref is not None else None
 
     def describe(self) -> str:
         """The active recipe's table for the converted model (layer, shape, each operand)."""
-        module = self._module_ref() if self._module_ref is not None else None
+        module = self._module()
         if module is None:
             return self.recipe.short_str()
         return self.recipe.describe(module)
@@ -187,20 +193,20 @@ class FPQuantPrecision(Precision):
         ``Strategy.setup``, after ``configure_model`` and after weights are restored)."""
         _refuse_fsdp1(module)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            self._holder.rank = torch.distributed.get_rank()
+            self._state.rank = torch.distributed.get_rank()
         # FSDP2 shards parameters as DTensors: a saved or cached q(W) would be a full unsharded copy
         sharded = any(type(p).__name__ == "DTensor" for p in module.parameters())
         if self._save_quantized_weight is None:
-            self._holder.save_quantized_weight = not sharded
-        if sharded and self._holder.cache_weights:
+            self._state.save_quantized_weight = not sharded
+        if sharded and self._state.cache_weights:
             rank_zero_warn("FPQuantPrecision(cache_weights=True) is ignored under FSDP2 sharding (full copies of sharded weights)")
-            self._holder.cache_weights = False
+            self._state.cache_weights = False
         self._module_ref = weakref.ref(module)
         self._convert(module)
         return module
 
     def _convert(self, module: nn.Module) -> None:
-        converted, skipped = convert_linears(module, self._holder)
+        converted, skipped = convert_linears(module, self._state)
         for name in skipped:
             rank_zero_warn(f"FPQuantPrecision: layer {name!r} is an nn.Linear subclass and stays unquantized")
         if not converted:
@@ -209,34 +215,30 @@ class FPQuantPrecision(Precision):
     def backend_choices(self, module: Optional[nn.Module] = None) -> dict[str, tuple[str, str]]:
         """``{layer: (backend, reason)}`` for the active recipe on the model's device: what
         runs each quantized layer now ("unquantized" for layers the recipe leaves alone)."""
-        module = module if module is not None else (self._module_ref() if self._module_ref is not None else None)
+        module = module if module is not None else self._module()
         if module is None:
             return {}
         device = self._device(module)
-        choices = self._holder.resolve_backends(device)
+        choices = self._state.resolve_backends(device)
         return {name: choices[name] for name, _ in quantized_layers(module) if name in choices}
 
     def _log_backends(self, module: nn.Module) -> None:
         """Say once per recipe stage which backend runs which layers, and why."""
         device = self._device(module)
-        stage = (self.recipe, device.type)  # a set_recipe to the recipe already active is no new stage
-        if self._logged_stage == stage:
-            return
-        self._logged_stage = stage
+        stages = len(self._state.history)
+        choices = self.backend_choices(module)
+        if len(self._state.history) == stages:
+            return  # this stage was resolved (and said) before
         groups: dict[tuple[str, str], list[str]] = {}
-        for name, choice in self.backend_choices(module).items():
+        for name, choice in choices.items():
             groups.setdefault(choice, []).append(name)
-        counts: dict[str, int] = {}
-        for (backend, _), names in groups.items():
-            counts[backend] = counts.get(backend, 0) + len(names)
-        self.backend_history.append({"recipe": self.recipe.short_str(), "device": device.type, "backends": counts})
         for (backend, reason), names in groups.items():
             if backend == "unquantized":
                 continue
             listed = f"{', '.join(names[:6])}{' ...' if len(names) > 6 else ''}"
             message = (f"FPQuantPrecision: {self.recipe.short_str()} on {device.type}: {len(names)} layer(s) on "
                        f"backend {backend!r} ({reason}): {listed}")
-            forced = self._holder.backend
+            forced = self._state.backend
             if forced != "auto" and backend != forced:
                 rank_zero_warn(message)
             else:
@@ -252,8 +254,8 @@ class FPQuantPrecision(Precision):
     def connect(self, model: nn.Module, optimizers: list, lr_schedulers: list) -> tuple:
         # called after the model moved to its device: the autocast device type comes from here
         self._device_type = self._device(model).type
-        backends.require(self._holder.backend, self._device_type)  # a forced backend this device cannot run
-        module = self._module_ref() if self._module_ref is not None else None
+        backends.require(self._state.backend, self._device_type)  # a forced backend this device cannot run
+        module = self._module()
         if module is not None:
             self._log_backends(module)
         return super().connect(model, optimizers, lr_schedulers)
@@ -265,20 +267,14 @@ class FPQuantPrecision(Precision):
         if self.compute_dtype != torch.float32:
             device_type = self._device_type
             if device_type is None:
-                module = self._module_ref() if self._module_ref is not None else None
+                module = self._module()
                 device_type = self._device(module).type if module is not None else "cpu"
             stack.enter_context(torch.autocast(device_type=device_type, dtype=self.compute_dtype))
         return stack
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "recipe": self.recipe.to_dict(),
-            "version": self._holder.version,
-            "backend": self._holder.backend,
-            "seed": self._holder.seed,
-            "rng": self._holder.rng_state(),
-        }
+        return self._state.state_dict()
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -286,18 +282,12 @@ class FPQuantPrecision(Precision):
         if "recipe" not in state_dict:
             rank_zero_warn("FPQuantPrecision: the checkpoint holds no recipe; keeping the plugin's own")
             return
-        recipe = QuantRecipe.from_dict(state_dict["recipe"])
-        if recipe != self.recipe:
-            self.set_recipe(recipe)
-        self._holder.version = int(state_dict.get("version", self._holder.version))
-        if state_dict.get("seed") is not None:
-            self._holder.seed = state_dict["seed"]
-        self._holder.load_rng_state(state_dict.get("rng", {}))
+        self._state.load_state_dict(state_dict)
 
     # ----------------------------------------------------------------------- text
     def __repr__(self) -> str:
         return (f"FPQuantPrecision(recipe={self.recipe.short_str()!r}, compute_dtype={str(self.compute_dtype).replace('torch.', '')}, "
-                f"backend={self._holder.backend!r})")
+                f"backend={self._state.backend!r})")
 
     def __str__(self) -> str:
         # Lightning's FSDPStrategy (FSDP1) refuses this plugin with

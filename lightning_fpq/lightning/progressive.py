@@ -15,7 +15,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from ..formats import FPFormat, as_format
+from ..formats import FPFormat
 from ..recipe import QuantRecipe
 from .critical import LawLike, LawPoint, check_n_params, critical_tokens, find_plugin, resolve_law, resolve_n_params
 from .tokens import TokenCounter, TokenCountFn
@@ -130,7 +130,7 @@ class ProgressivePrecision(Callback):
         if isinstance(entry, os.PathLike) or (isinstance(entry, str) and entry.strip().lower().endswith((".yaml", ".yml"))):
             return QuantRecipe.from_yaml(entry)
         try:
-            return as_format(entry)
+            return FPFormat.parse(entry)
         except ValueError as err:
             raise ValueError(f"schedule entry {entry!r} is not valid: expected a format, a QuantRecipe or a recipe YAML path ({err})") from None
 
@@ -206,7 +206,8 @@ class ProgressivePrecision(Callback):
     # --------------------------------------------------------------------- hooks
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        # After any checkpoint restore: make the plugin run this callback's stage.
+        # After any checkpoint restore: make the plugin run this callback's stage (a no-op when the
+        # restored recipe is that stage's already)
         self._plugin.set_recipe(self.stages[self.stage])
 
     @override
@@ -242,10 +243,6 @@ class ProgressivePrecision(Callback):
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         if trainer.loggers:
             pl_module.log("fpq/stage", float(self.stage), on_step=True, on_epoch=False, logger=True, batch_size=1)
-
-    @property
-    def active_recipe(self) -> Optional[QuantRecipe]:
-        return self.stages[self.stage] if self.stages else None
 
     # ----------------------------------------------------------------- checkpoint
     @override

@@ -1,4 +1,4 @@
-"""Fit a scaling law to your own runs (SCIENCE.md section 8).
+"""Fit a scaling law to your own runs (docs/science.md section 8).
 
 The published constants belong to the paper's setup (model family, tokenizer, data). On a
 grid of small runs of your own, each row (N, D, E, M, B, final loss), :func:`fit` finds the
@@ -27,16 +27,12 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
-from lightning_fpq.formats import as_format
-from lightning_fpq.scaling.laws import (
-    CHANNEL_LOG2_BLOCK,
-    CapybaraLaw,
-    ChinchillaLaw,
-    KumarLaw,
-    Provenance,
-    capybara_loss,
-    log2_block_size,
-)
+from lightning_fpq import _config
+from lightning_fpq.formats import FPFormat
+from lightning_fpq.scaling.capybara import CapybaraLaw, capybara_loss
+from lightning_fpq.scaling.chinchilla import ChinchillaLaw
+from lightning_fpq.scaling.kumar import KumarLaw
+from lightning_fpq.scaling.law import CHANNEL_LOG2_BLOCK, Provenance, log2_block_size
 
 __all__ = ["FitResult", "fit", "load_rows", "MIN_ROWS_PER_CONSTANT", "HUBER_DELTA"]
 
@@ -150,15 +146,6 @@ def _is_float(v: Any) -> bool:
         return False
 
 
-def _block_value(v: Any) -> Union[int, str]:
-    """A block-size cell: 'channel', 'tensor' or an integer (also '128' or 128.0 from CSV files)."""
-    if isinstance(v, str) and v.strip().lower() in ("channel", "tensor"):
-        return v.strip().lower()
-    if _is_float(v) and float(v) == round(float(v)) and float(v) >= 1:
-        return int(round(float(v)))
-    return v  # log2_block_size rejects it with the valid choices
-
-
 def load_rows(rows: Any, *, kind: str = "capybara", channel_log2_block: float = CHANNEL_LOG2_BLOCK) -> dict[str, np.ndarray]:
     """Rows -> arrays ``N``, ``D``, ``loss`` and, as the law needs them, ``E``, ``M``, ``B``
     (as given), ``log2b`` and ``bits``. ValueError names any missing column or bad cell."""
@@ -187,7 +174,7 @@ def load_rows(rows: Any, *, kind: str = "capybara", channel_log2_block: float = 
         out["M"] = _numbers("M", cols["M"], where, integer=True, positive=False)
     elif "format" in cols:
         try:
-            fmts = [as_format(str(f)) for f in cols["format"]]
+            fmts = [FPFormat.parse(str(f)) for f in cols["format"]]
         except ValueError as err:
             raise ValueError(f"{where}: column format: {err}") from None
         out["E"] = np.array([f.ebits for f in fmts], dtype=float)
@@ -195,8 +182,8 @@ def load_rows(rows: Any, *, kind: str = "capybara", channel_log2_block: float = 
     if kind == "kumar":
         out["bits"] = _numbers("bits", cols["bits"], where) if "bits" in cols else 1.0 + out["E"] + out["M"]
         return out
-    blocks = [_block_value(v) for v in cols["B"]]
-    try:
+    try:  # a cell is an int ('128' or 128.0 from CSV files and data frames), 'channel' or 'tensor'
+        blocks = [_config.block_size(v, allow_none=False) for v in cols["B"]]
         out["log2b"] = np.array([log2_block_size(b, channel_log2=channel_log2_block) for b in blocks], dtype=float)
     except ValueError as err:
         raise ValueError(f"{where}: column B: {err}") from None
@@ -396,10 +383,8 @@ def fit(
         raise ImportError("fit needs scipy: pip install 'lightning-fpq[dev]' or pip install scipy") from None
     if kind not in _LAWS:
         raise ValueError(f"kind={kind!r} is not one of {sorted(_LAWS)}")
-    if isinstance(starts, bool) or not isinstance(starts, int) or starts < 1:
-        raise ValueError(f"starts={starts!r} is not valid: expected an int >= 1")
-    if not (isinstance(huber_delta, (int, float)) and huber_delta > 0):
-        raise ValueError(f"huber_delta={huber_delta!r} is not valid: expected a number > 0")
+    _config.integer(starts, what="starts", low=1)
+    _config.number(huber_delta, what="huber_delta", low=0.0, low_open=True)
     law_cls = _LAWS[kind]
     names = law_cls.FITTED
     fixed = dict(fixed or {})

@@ -7,36 +7,21 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-from lightning.pytorch import LightningModule, Trainer, seed_everything
-from torch.utils.data import DataLoader, TensorDataset
+from lightning.pytorch import Trainer, seed_everything
 
 from lightning_fpq import CriticalDataMonitor, FPQuantPrecision, ProgressivePrecision
 from lightning_fpq.lightning.tokens import TokenCounter
 
+# tests/ holds the shared test model; every DDP rank re-runs this file, so each adds it.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from helpers import TinyLM, token_loader  # noqa: E402
+
 BATCH, SEQ = 4, 8
-
-
-class TinyLM(LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.emb = torch.nn.Embedding(32, 16)
-        self.hidden = torch.nn.Linear(16, 32)
-        self.lm_head = torch.nn.Linear(32, 32)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        logits = self.lm_head(torch.relu(self.hidden(self.emb(x))))
-        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
 def main(out_dir: Path) -> None:
     seed_everything(0)
-    x = torch.randint(0, 32, (2 * 12 * BATCH, SEQ))
-    data = DataLoader(TensorDataset(x, x.roll(1, -1)), batch_size=BATCH)
+    data = token_loader(2 * 12, BATCH, SEQ)
     # global tokens per step = 2 ranks x 32 = 64; switch after 5 and 9 steps
     progressive = ProgressivePrecision(["e2m1", "e4m3", "bf16"], [5 * 64, 9 * 64])
     trainer = Trainer(
@@ -45,7 +30,7 @@ def main(out_dir: Path) -> None:
         plugins=[FPQuantPrecision(recipe="paper", fmt="e2m1", block_size=16)],
         callbacks=[CriticalDataMonitor(plateau_window=0), progressive],
     )
-    trainer.fit(TinyLM(), data)
+    trainer.fit(TinyLM(log_loss=False), data)
     counter = next(c for c in trainer.callbacks if isinstance(c, TokenCounter))
     report = {
         "rank": trainer.global_rank,

@@ -59,7 +59,7 @@ class Probe(L.Callback):
         self.param_ids = {n: id(p) for n, p in pl_module.named_parameters()}
         self.found["converted"] = sorted(n for n, m in pl_module.named_modules() if isinstance(m, QuantLinear))
         self.found["weight_type"] = type(layer.weight).__name__
-        self.found["save_quantized_weight"] = trainer.precision_plugin.holder.save_quantized_weight
+        self.found["save_quantized_weight"] = trainer.precision_plugin.state.save_quantized_weight
 
         def hook(mod, inp):
             w = mod.weight

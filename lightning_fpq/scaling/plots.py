@@ -1,6 +1,14 @@
-"""Pictures of a fitted Capybara law against the runs it was fitted on (``lightning-fpq fit --plots``).
+"""Every picture the package draws, and the one matplotlib set-up they share.
 
-Up to four PNG files, each answering one question about the fit:
+:func:`pyplot` selects the Agg backend (files only, no display) and turns a missing
+matplotlib into one line; :func:`save_figure` writes a figure and closes it. The demo's
+training curves (:func:`lightning_fpq.demo.run.plot_runs`) use the same two.
+
+:func:`plot_law` (``lightning-fpq plot``): a law's predicted loss against tokens per format,
+with each format's critical data size marked.
+
+:func:`plot_fit` (``lightning-fpq fit --plots``): a fitted Capybara law against the runs it
+was fitted on, up to four PNG files, each answering one question about the fit:
 
 - ``loss_vs_tokens.png``: per model size and block size (one panel each), the observed final
   loss of every run against its token budget D, one colour per format, with the fitted law's
@@ -17,8 +25,8 @@ Up to four PNG files, each answering one question about the fit:
   are fitted on; at this scale it is small next to the data term, and this is the picture
   where one can see whether it is there at all, and whether it grows with D.
 
-Held-out rows (kept out of the fit) are drawn as open markers. Matplotlib runs with the Agg
-backend (files only, no display). Only the Capybara law is drawn here (the one with formats).
+Held-out rows (kept out of the fit) are drawn as open markers. Only the Capybara law is drawn
+in the fit plots (the one with formats).
 """
 
 from __future__ import annotations
@@ -29,12 +37,96 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
-from .laws import capybara_critical_data_size, capybara_loss
+from lightning_fpq import _config
+from lightning_fpq.formats import FPFormat
 
-__all__ = ["format_label", "plot_fit", "plot_fitted_vs_observed", "plot_loss_vs_tokens", "plot_penalty_vs_tokens", "plot_residuals"]
+from .capybara import capybara_critical_data_size, capybara_loss
+
+__all__ = [
+    "format_label", "plot_fit", "plot_fitted_vs_observed", "plot_law", "plot_loss_vs_tokens", "plot_penalty_vs_tokens",
+    "plot_residuals", "pyplot", "save_figure",
+]
 
 _UNQUANTIZED_COLOR = "black"
 _MARKERS = ("o", "s", "^", "D", "v", "P", "X")
+
+
+# ------------------------------------------------------------------ matplotlib set-up
+
+
+def pyplot():
+    """``matplotlib.pyplot`` on the Agg backend (files only: no display needed).
+
+    ImportError, one line, when matplotlib is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise ImportError("drawing plots needs matplotlib, which is not installed: pip install matplotlib") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: Union[str, Path]) -> Path:
+    """Write ``fig`` to ``path`` (its folder created), close it, and return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    pyplot().close(fig)
+    return path
+
+
+def _g(x: float, digits: int = 3) -> str:
+    """Compact number for labels: 2.73e+13 -> '2.73e13'."""
+    text = f"{x:.{digits}g}"
+    return text.replace("e+0", "e").replace("e+", "e").replace("e-0", "e-")
+
+
+# ------------------------------------------------------------------ a law's curves
+
+
+def plot_law(law: Any, N: float, formats: list[FPFormat], block_size: Any, path: Union[str, Path], *,
+             tokens: tuple[float, float], title: str) -> Path:
+    """Predicted loss against training tokens D in ``tokens`` (lo, hi), one curve per format and one
+    unquantized (dashed), each format's critical data size marked where it falls in the range."""
+    plt = pyplot()
+    from matplotlib.ticker import FormatStrFormatter
+
+    lo, hi = tokens
+    D = np.logspace(math.log10(lo), math.log10(hi), 400)
+    fig, ax = plt.subplots(figsize=(9, 5.5), dpi=130)
+    colors = plt.get_cmap("tab10").colors
+    for i, fmt in enumerate(formats):
+        d_crit = float(law.critical_data_size(N, fmt, block_size))
+        color = colors[i % len(colors)]
+        label = f"{fmt.name} ({fmt.bits} bits)" + (f", D_crit = {_g(d_crit, 2)}" if math.isfinite(d_crit) else "")
+        ax.plot(D, law.loss(N, D, fmt, block_size), color=color, lw=2, label=label)
+        if math.isfinite(d_crit) and lo <= d_crit <= hi:
+            ax.axvline(d_crit, color=color, ls=":", lw=1.2)
+            ax.plot([d_crit], [float(law.min_loss(N, fmt, block_size))], "o", color=color, ms=7, mec="black", zorder=5)
+    ax.plot(D, law.loss(N, D, None, block_size), color="grey", ls="--", lw=1.2, label="no quantization", zorder=4)
+    # y range: from just below the lowest minimum to the unquantized loss at the left edge, so
+    # the minima stay visible; a format far past its D_crit leaves the top of the frame
+    floor = min([float(law.min_loss(N, f, block_size)) for f in formats] + [float(law.loss(N, hi, None, block_size))])
+    top = float(law.loss(N, lo, None, block_size))
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_ylim(floor - 0.04 * (top - floor), top + 0.04 * (top - floor))
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%.2f"))
+    ax.yaxis.set_minor_formatter(FormatStrFormatter("%.2f"))
+    ax.tick_params(axis="y", which="minor", labelsize=8)
+    ax.set_xlabel("training tokens D")
+    ax.set_ylabel("predicted loss (nats/token)")
+    ax.set_title(title, fontsize=11)
+    ax.grid(True, which="major", alpha=0.35)
+    ax.grid(True, which="minor", alpha=0.12)
+    ax.legend(loc="upper right", fontsize=9, framealpha=0.9)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+# ------------------------------------------------------------------ a fit against its runs
 
 
 def format_label(E: float, M: float, log2b: float) -> str:
@@ -46,7 +138,9 @@ def format_label(E: float, M: float, log2b: float) -> str:
 
 
 def _block_label(b: Any) -> str:
-    return f"B = {b}" if not isinstance(b, str) else f"{b}-wise"
+    """'B = 128', 'channel-wise' or 'tensor-wise'."""
+    text = _config.block_size_text(b)
+    return f"{text}-wise" if isinstance(b, str) else f"B = {text}"
 
 
 def _formats(data: dict[str, np.ndarray]) -> list[tuple[float, float, bool]]:
@@ -77,27 +171,8 @@ def _blocks(data: dict[str, np.ndarray]) -> list[tuple[float, Any]]:
     return sorted(seen.items())
 
 
-def _g(x: float) -> str:
-    text = f"{x:.3g}"
-    return text.replace("e+0", "e").replace("e+", "e").replace("e-0", "e-")
 
 
-def _setup():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display needed
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    return path
 
 
 def _merged(data: dict[str, np.ndarray], excluded: Optional[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -195,7 +270,7 @@ def plot_loss_vs_tokens(result: Any, data: dict[str, np.ndarray], path: Union[st
     the unquantized runs in every panel of their size.
 
     ``excluded``: rows left out of the fit (e.g. by ``fit --min-tokens``), drawn as crosses."""
-    plt = _setup()
+    plt = pyplot()
     consts = result.law.constants()
     every = _merged(data, excluded)
     formats = _formats(every)
@@ -249,7 +324,7 @@ def plot_loss_vs_tokens(result: Any, data: dict[str, np.ndarray], path: Union[st
     ]
     _finish_panels(fig, axes, ncols, nrows, handles, title or "Final loss against training tokens: observed runs and the fitted law",
                    "final val loss (nats)", (d_lo, d_hi), (y_all.min() - pad, y_all.max() + pad), Ds=every["D"])
-    return _save(fig, Path(path))
+    return save_figure(fig, path)
 
 
 def _paired_baseline(data: dict[str, np.ndarray], pool: Optional[dict[str, np.ndarray]] = None) -> np.ndarray:
@@ -271,7 +346,7 @@ def plot_penalty_vs_tokens(result: Any, data: dict[str, np.ndarray], path: Union
     the same N and D (observed, paired: same seed, same batches), and the fitted law's penalty term
     (D^b/N^a) log2 B / (g (E+0.5)^dl (M+0.5)^nu). Without unquantized runs the fitted unquantized
     loss is subtracted instead."""
-    plt = _setup()
+    plt = pyplot()
     consts = result.law.constants()
     every = _merged(data, excluded)
     if not _blocks(every):
@@ -330,7 +405,7 @@ def plot_penalty_vs_tokens(result: Any, data: dict[str, np.ndarray], path: Union
     _finish_panels(fig, axes, ncols, nrows, handles,
                    title or "Quantization penalty against training tokens: observed excess loss and the fitted term",
                    "loss - unquantized loss (nats)", (d_lo, d_hi), (lo - pad, hi + pad), per_row=5, Ds=every["D"])
-    return _save(fig, Path(path))
+    return save_figure(fig, path)
 
 
 def _style(data: dict[str, np.ndarray]):
@@ -367,7 +442,7 @@ def _group_legend(ax_or_fig, formats, colors, blocks, marker_of, *, held_any: bo
 
 def plot_fitted_vs_observed(result: Any, data: dict[str, np.ndarray], path: Union[str, Path], *, title: str = "") -> Path:
     """Predicted against observed loss, y = x for reference, with the fit's quality."""
-    plt = _setup()
+    plt = pyplot()
     formats, colors, blocks, marker_of = _style(data)
     held = np.asarray(result.heldout, dtype=bool)
     obs, pred = np.asarray(result.observed), np.asarray(result.predicted)
@@ -391,12 +466,12 @@ def plot_fitted_vs_observed(result: Any, data: dict[str, np.ndarray], path: Unio
                   framealpha=0.9)
     ax.set_title(title or "Fitted against observed loss (dashed: y = x)", fontsize=11)
     fig.tight_layout()
-    return _save(fig, Path(path))
+    return save_figure(fig, path)
 
 
 def plot_residuals(result: Any, data: dict[str, np.ndarray], path: Union[str, Path], *, title: str = "") -> Path:
     """Residuals (observed - predicted) against D, against N, and per format."""
-    plt = _setup()
+    plt = pyplot()
     formats, colors, blocks, marker_of = _style(data)
     held = np.asarray(result.heldout, dtype=bool)
     res = np.asarray(result.residuals)
@@ -434,7 +509,7 @@ def plot_residuals(result: Any, data: dict[str, np.ndarray], path: Union[str, Pa
                   ncol=len(formats) + len(blocks) + int(held.any()), fontsize=8, frameon=False)
     fig.suptitle(title or f"Residuals of the fitted law (band: ±RMSE = {rmse:.4f} nats)", fontsize=11)
     fig.tight_layout(rect=(0, 0.07, 1, 0.96))
-    return _save(fig, Path(path))
+    return save_figure(fig, path)
 
 
 def plot_fit(result: Any, data: dict[str, np.ndarray], out_dir: Union[str, Path], *, title: Optional[str] = None,

@@ -1,0 +1,108 @@
+"""The ``triton`` layer backend: the fused Triton quantize kernel for every operand (blocks
+along rows or columns, no transposed copy; the reference for formats wider than fp32) and, for
+every GEMM whose two operands are both E2M1 with one block length, the packed FP4 GEMM kernel
+(``lightning_fpq.kernels.gemm_fp4``); the other GEMMs run in the compute dtype. CUDA tensors,
+or CPU tensors under ``TRITON_INTERPRET=1`` (tests)."""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+
+from ..formats import FPFormat
+from ..packing import PackedTensor
+from ..spec import LayerSpec, OperandSpec
+from .hardware import Capability
+
+QUANTIZER = "auto"  # the fused kernel for CUDA tensors in formats that fit fp32, else the reference
+GEMM = "packed FP4 where both operands are E2M1, else the compute dtype"
+_E2M1 = FPFormat.parse("e2m1")
+GEMM_NAMES = ("forward", "dgrad", "wgrad")
+
+
+def machine_available() -> Capability:
+    """The fused Triton kernels of ``lightning_fpq.kernels`` (cached there)."""
+    from ..kernels import capability
+
+    return capability.triton_available()
+
+
+def device_available(device_type: str) -> Capability:
+    ok, reason = machine_available()
+    if not ok:
+        return ok, reason
+    from ..kernels import capability
+
+    device = capability.kernel_device()  # cuda, or cpu under the interpreter
+    if device is None or device.type != device_type:
+        where = "no device" if device is None else f"{device.type!r} tensors"
+        return False, f"the Triton kernels run on {where} here, not {device_type!r} ({reason})"
+    return ok, reason
+
+
+def _fp4_pair(a: Optional[OperandSpec], b: Optional[OperandSpec]) -> bool:
+    """Whether a GEMM with operand specs ``a`` and ``b`` can run on the packed FP4 kernel:
+    both E2M1, one block length (a power of two from 16, "channel" or "tensor"). Scale
+    formats and rounding may differ: the kernel reads each operand's own scales."""
+    if a is None or b is None or a.fmt != _E2M1 or b.fmt != _E2M1 or a.block_size != b.block_size:
+        return False
+    block = a.block_size
+    return block in ("channel", "tensor") or (isinstance(block, int) and block >= 16 and block & (block - 1) == 0)
+
+
+@functools.lru_cache(maxsize=256)
+def fp4_gemms(spec: LayerSpec) -> tuple[bool, bool, bool]:
+    """Which of (forward, dgrad, wgrad) run on the packed FP4 GEMM, for any shape."""
+    return (_fp4_pair(spec.input, spec.weight), _fp4_pair(spec.grad_output, spec.weight_for_grad_input),
+            _fp4_pair(spec.grad_output_for_grad_weight, spec.input_for_grad_weight))
+
+
+def fp4_plan(spec: LayerSpec, shape: tuple[int, int, int]) -> tuple[bool, bool, bool]:
+    """:func:`fp4_gemms` for one call of shape ``(tokens, in_features, out_features)``: a GEMM
+    takes packed operands when its reduction length packs two codes a byte."""
+    n_tokens, d_in, d_out = shape
+    if min(shape) == 0:
+        return False, False, False
+
+    def fits(op: Optional[OperandSpec], length: int) -> bool:
+        return op is not None and (isinstance(op.block_size, int) or length % 2 == 0)
+
+    fwd, dgrad, wgrad = fp4_gemms(spec)
+    return (fwd and fits(spec.input, d_in), dgrad and fits(spec.grad_output, d_out),
+            wgrad and fits(spec.grad_output_for_grad_weight, n_tokens))
+
+
+def supports(spec: LayerSpec, shape: Optional[tuple[int, int, int]] = None) -> Capability:
+    gemms = fp4_gemms(spec) if shape is None else fp4_plan(spec, shape)
+    if any(gemms):
+        names = [n for n, on in zip(GEMM_NAMES, gemms) if on]
+        return True, f"fused quantizer; packed FP4 GEMM for {'/'.join(names)}"
+    return True, "fused quantizer; GEMMs in the compute dtype"
+
+
+def worth_auto(device: torch.device) -> Capability:
+    from ..kernels import capability
+
+    if capability.interpreting():
+        return False, "Triton runs in its interpreter here (tests only, far slower than emulation)"
+    return True, ""
+
+
+@torch.compiler.disable
+def pack_operand(x: torch.Tensor, spec: OperandSpec, axis: int, generator: Optional[torch.Generator]) -> PackedTensor:
+    """E2M1 codes and block scales of ``x`` along ``axis`` (the Triton kernel; its values are
+    the reference's, and stochastic rounding draws the reference's noise from ``generator``)."""
+    from ..kernels import pack_triton
+
+    return pack_triton(x, spec.fmt, block_size=spec.block_size, axis=axis, scale_format=spec.scale_format,
+                       rounding=spec.rounding, generator=generator if spec.rounding == "stochastic" else None)
+
+
+@torch.compiler.disable
+def gemm_packed(a: PackedTensor, b: PackedTensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """``unpack(a) @ unpack(b).T`` on the packed FP4 kernel, fp32 accumulation."""
+    from ..kernels import gemm_fp4
+
+    return gemm_fp4(a, b, out_dtype=out_dtype)
