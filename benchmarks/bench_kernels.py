@@ -25,7 +25,8 @@ import os
 import platform
 import statistics
 import sys
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 
 def _cannot_run() -> Optional[str]:
@@ -79,16 +80,26 @@ def bench_quantize(rows: int, cols: int, repeats: int) -> None:
         "clone (bf16)": (lambda: x.clone(), 2 * n * elem),
         "fake e2m1 B=32 fp32 scales, rows": (lambda: quantize_triton(x, "e2m1", block_size=32), 2 * n * elem),
         "fake e2m1 B=32 fp32 scales, columns": (
-            lambda: quantize_triton(x, "e2m1", block_size=32, axis=0), 2 * n * elem),
+            lambda: quantize_triton(x, "e2m1", block_size=32, axis=0),
+            2 * n * elem,
+        ),
         "fake e2m1 B=16 e4m3 scales (NVFP4)": (
-            lambda: quantize_triton(x, "e2m1", block_size=16, scale_format="e4m3"), 3 * n * elem),  # + amax pass
+            lambda: quantize_triton(x, "e2m1", block_size=16, scale_format="e4m3"),
+            3 * n * elem,
+        ),  # + amax pass
         "fake e4m3 B=128 fp32 scales": (lambda: quantize_triton(x, "e4m3", block_size=128), 2 * n * elem),
         "fake e2m1 B=32 stochastic (seed)": (
-            lambda: quantize_triton(x, "e2m1", block_size=32, rounding="stochastic", seed=1), 2 * n * elem),
+            lambda: quantize_triton(x, "e2m1", block_size=32, rounding="stochastic", seed=1),
+            2 * n * elem,
+        ),
         "pack e2m1 B=32 e8m0 scales": (
-            lambda: pack_triton(x, "e2m1", block_size=32, scale_format="e8m0"), n * elem + n / 2 + 4 * n / 32),
+            lambda: pack_triton(x, "e2m1", block_size=32, scale_format="e8m0"),
+            n * elem + n / 2 + 4 * n / 32,
+        ),
         "pack e2m1 B=32 e8m0 scales, columns": (
-            lambda: pack_triton(x, "e2m1", block_size=32, axis=0, scale_format="e8m0"), n * elem + n / 2 + 4 * n / 32),
+            lambda: pack_triton(x, "e2m1", block_size=32, axis=0, scale_format="e8m0"),
+            n * elem + n / 2 + 4 * n / 32,
+        ),
     }
     # Correctness before speed: the kernel against the reference on the same data.
     ref = quantize(x, "e2m1", block_size=32, backend="reference")
@@ -117,11 +128,13 @@ def bench_gemm(m: int, sizes: list[int], repeats: int) -> None:
         k = n = kn
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
-        fns: dict[str, Callable[[], object]] = {"torch.matmul bf16": lambda: x @ w.T}
+        fns: dict[str, Callable[[], object]] = {"torch.matmul bf16": lambda x=x, w=w: x @ w.T}
         if fp8_ok:
             x8, w8 = x.to(torch.float8_e4m3fn), w.to(torch.float8_e4m3fn)
             one = torch.ones((), device="cuda")
-            fns["torch._scaled_mm fp8 e4m3"] = lambda: torch._scaled_mm(x8, w8.T, one, one, out_dtype=torch.bfloat16)
+            fns["torch._scaled_mm fp8 e4m3"] = lambda x8=x8, w8=w8, one=one: torch._scaled_mm(
+                x8, w8.T, one, one, out_dtype=torch.bfloat16
+            )
         for block, sf in ((32, "e8m0"), (128, "fp32"), (16, "e4m3")):
             # Packed from fp32 copies so that unpack() dequantizes in fp32 for the check
             # (the codes and scales are the same as from the bf16 tensors).
@@ -134,10 +147,11 @@ def bench_gemm(m: int, sizes: list[int], repeats: int) -> None:
             del exp
             if rel > 1e-4:
                 print(f"!! gemm_fp4 B={block} ({path}) differs from dequantize-then-matmul by {rel:.2e} (relative)")
-            fns[f"gemm_fp4 B={block} {sf} ({path})"] = (lambda a=a, b=b: gemm_fp4(a, b, out_dtype=torch.bfloat16))
+            fns[f"gemm_fp4 B={block} {sf} ({path})"] = lambda a=a, b=b: gemm_fp4(a, b, out_dtype=torch.bfloat16)
             if path != "bf16":
-                fns[f"gemm_fp4 B={block} {sf} (bf16)"] = (
-                    lambda a=a, b=b: gemm_fp4(a, b, out_dtype=torch.bfloat16, path="bf16"))
+                fns[f"gemm_fp4 B={block} {sf} (bf16)"] = lambda a=a, b=b: gemm_fp4(
+                    a, b, out_dtype=torch.bfloat16, path="bf16"
+                )
         ms = _bench(fns, repeats)
         flops = 2 * m * n * k
         bf16 = ms["torch.matmul bf16"]

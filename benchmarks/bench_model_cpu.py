@@ -25,8 +25,11 @@ from lightning_fpq.demo.model import GPT_CONFIGS, GPTConfig, GPTLightning, lm_lo
 
 def _data(block_size: int, batch_size: int, steps: int, seed: int) -> ByteCorpusDataModule:
     dm = ByteCorpusDataModule(
-        block_size=block_size, batch_size=batch_size, samples_per_epoch=steps * batch_size,
-        val_samples=8 * batch_size, seed=seed,
+        block_size=block_size,
+        batch_size=batch_size,
+        samples_per_epoch=steps * batch_size,
+        val_samples=8 * batch_size,
+        seed=seed,
     )
     dm.setup("fit")
     return dm
@@ -59,8 +62,10 @@ def bench_loop(cfg: GPTConfig, args: argparse.Namespace) -> None:
         window.append(loss.item())
         if step in report:
             dt = time.perf_counter() - t_window
-            print(f"  step {step:5d}  loss {sum(window) / len(window):.3f} (mean of last {len(window)})"
-                  f"  {len(window) / dt:6.2f} steps/s")
+            print(
+                f"  step {step:5d}  loss {sum(window) / len(window):.3f} (mean of last {len(window)})"
+                f"  {len(window) / dt:6.2f} steps/s"
+            )
             window, t_window = [], time.perf_counter()
     elapsed = time.perf_counter() - t_start
     cpu = time.process_time() - cpu_start
@@ -68,13 +73,17 @@ def bench_loop(cfg: GPTConfig, args: argparse.Namespace) -> None:
     # The median step is robust to other processes sharing the CPU; the mean is the wall clock.
     median = sorted(step_times)[len(step_times) // 2]
     tpb = args.batch_size * cfg.block_size
-    print(f"  => mean {timed / elapsed:.2f} steps/s, {tokens / elapsed:,.0f} tokens/s; "
-          f"median step {median * 1e3:.1f} ms = {1 / median:.2f} steps/s, {tpb / median:,.0f} tokens/s "
-          f"({args.batch_size} x {cfg.block_size} tokens a step, steps {args.skip + 1}..{args.steps})")
+    print(
+        f"  => mean {timed / elapsed:.2f} steps/s, {tokens / elapsed:,.0f} tokens/s; "
+        f"median step {median * 1e3:.1f} ms = {1 / median:.2f} steps/s, {tpb / median:,.0f} tokens/s "
+        f"({args.batch_size} x {cfg.block_size} tokens a step, steps {args.skip + 1}..{args.steps})"
+    )
     # CPU seconds per step: with one thread, the wall time the step would take on an idle
     # core, whatever else runs on the machine (with more threads it sums them).
-    print(f"  => CPU time {cpu / timed * 1e3:.1f} ms a step over {torch.get_num_threads()} thread(s)"
-          + (f" = {timed / cpu:.2f} steps/s on an idle core" if torch.get_num_threads() == 1 else ""))
+    print(
+        f"  => CPU time {cpu / timed * 1e3:.1f} ms a step over {torch.get_num_threads()} thread(s)"
+        + (f" = {timed / cpu:.2f} steps/s on an idle core" if torch.get_num_threads() == 1 else "")
+    )
     model.eval()
     with torch.no_grad():
         val = [lm_loss(model(x), y).item() for x, y in dm.val_dataloader()]
@@ -103,17 +112,25 @@ def bench_trainer(cfg: GPTConfig, args: argparse.Namespace) -> None:
     module = GPTLightning(cfg, lr=args.lr, warmup_steps=args.warmup, max_steps=args.steps)
     timer = _Timer()
     trainer = Trainer(
-        accelerator="cpu", devices=1, max_steps=args.steps, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        limit_val_batches=0, callbacks=[timer],
+        accelerator="cpu",
+        devices=1,
+        max_steps=args.steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=[timer],
     )
     t = time.perf_counter()
     trainer.fit(module, datamodule=_data(cfg.block_size, args.batch_size, args.steps, args.seed))
     total = time.perf_counter() - t
     timed = args.steps - args.skip
     rate = timed / (timer.t1 - timer.t0)
-    print(f"  => {rate:.2f} steps/s, {rate * args.batch_size * cfg.block_size:,.0f} tokens/s in the loop; "
-          f"fit() took {total:.1f} s in all")
+    print(
+        f"  => {rate:.2f} steps/s, {rate * args.batch_size * cfg.block_size:,.0f} tokens/s in the loop; "
+        f"fit() took {total:.1f} s in all"
+    )
     cpu = (timer.cpu1 - timer.cpu0) / timed
     print(f"  => CPU time {cpu * 1e3:.1f} ms a step over {torch.get_num_threads()} thread(s)")
 

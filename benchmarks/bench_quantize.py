@@ -29,7 +29,8 @@ import statistics
 import sys
 import tempfile
 import time
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 if __name__ == "__main__" and "--cold-cache" in sys.argv:
     # Must precede importing torch: inductor reads its cache directory once.
@@ -55,8 +56,12 @@ def _cpu_name() -> str:
 
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     nan = torch.isnan(a)
-    return (a.dtype == b.dtype and torch.equal(nan, torch.isnan(b)) and torch.equal(a[~nan], b[~nan])
-            and torch.equal(torch.signbit(a), torch.signbit(b)))
+    return (
+        a.dtype == b.dtype
+        and torch.equal(nan, torch.isnan(b))
+        and torch.equal(a[~nan], b[~nan])
+        and torch.equal(torch.signbit(a), torch.signbit(b))
+    )
 
 
 def _timed(fn: Callable[[], object]) -> float:
@@ -126,8 +131,10 @@ def main() -> None:
         print(f"inductor cache: {cache} ({state})")
     except Exception as exc:  # inductor absent or moved the helper
         print(f"inductor cache: unknown ({exc!r})")
-    print(f"input: {n:,} fp32 elements ({n * 4 / 2**20:.0f} MiB), median of {args.repeats} "
-          f"(reference: {args.ref_repeats}) after {args.warmup} warm-up calls")
+    print(
+        f"input: {n:,} fp32 elements ({n * 4 / 2**20:.0f} MiB), median of {args.repeats} "
+        f"(reference: {args.ref_repeats}) after {args.warmup} warm-up calls"
+    )
 
     cases = [  # (label, fmt, block_size, scale_format)
         ("E2M1 B=32 e8m0", "e2m1", 32, "e8m0"),
@@ -150,23 +157,37 @@ def main() -> None:
 
     rows = [Row("x.clone() (memory-traffic limit)", lambda: x.clone(), args.repeats)]
     for label, fmt, bs, sf in cases:
-        rows.append(Row(f"quantize {label}", (lambda f=fmt, b=bs, s=sf: quantize(x, f, block_size=b, scale_format=s)),
-                        args.repeats, "compiled" if ok else "reference (compiled path unavailable)"))
-    for label, fmt, bs, sf in ([] if args.quick else cases[:3]):
-        rows.append(Row(f"reference {label}", (lambda f=fmt, b=bs, s=sf: quantize(x, f, block_size=b, scale_format=s, backend="reference")),
-                        args.ref_repeats, "quantize_reference"))
+        rows.append(
+            Row(
+                f"quantize {label}",
+                (lambda f=fmt, b=bs, s=sf: quantize(x, f, block_size=b, scale_format=s)),
+                args.repeats,
+                "compiled" if ok else "reference (compiled path unavailable)",
+            )
+        )
+    for label, fmt, bs, sf in [] if args.quick else cases[:3]:
+        rows.append(
+            Row(
+                f"reference {label}",
+                (lambda f=fmt, b=bs, s=sf: quantize(x, f, block_size=b, scale_format=s, backend="reference")),
+                args.ref_repeats,
+                "quantize_reference",
+            )
+        )
     mx, mx_note = (None, "skipped (--quick)") if args.quick else _torchao_mx(x)
     if mx is not None:
         same = _same_bits(mx(), refs["E2M1 B=32 e8m0"])
-        rows.append(Row("torchao MXTensor E2M1 B=32 e8m0", mx, args.ref_repeats,
-                        f"{mx_note}; equals ours bit for bit: {same}"))
+        rows.append(
+            Row("torchao MXTensor E2M1 B=32 e8m0", mx, args.ref_repeats, f"{mx_note}; equals ours bit for bit: {same}")
+        )
     peers = () if args.quick else (("E2M1 plain cast", "float4_e2m1fn"), ("E4M3 plain cast", "float8_e4m3fn"))
     for label, np_name in peers:
         cast, note = _ml_dtypes_cast(x, np_name)
         if cast is not None:
             same = _same_bits(cast(), refs[label])
-            rows.append(Row(f"ml_dtypes {np_name} (plain cast)", cast, args.repeats,
-                            f"{note}, no scaling; equals ours: {same}"))
+            rows.append(
+                Row(f"ml_dtypes {np_name} (plain cast)", cast, args.repeats, f"{note}, no scaling; equals ours: {same}")
+            )
         else:
             print(f"  (ml_dtypes {np_name}: {note})")
     if mx is None:
@@ -202,8 +223,10 @@ def main() -> None:
     # same faults every method that returns a new tensor pays): show how much.
     out = torch.empty_like(x)
     copy = statistics.median([_timed(lambda: out.copy_(x)) for _ in range(args.repeats)])
-    print(f"\n(for scale: copying into an existing tensor, no page faults: {copy * 1e3:.2f} ms, "
-          f"{clone_t / copy:.1f}x faster than clone)")
+    print(
+        f"\n(for scale: copying into an existing tensor, no page faults: {copy * 1e3:.2f} ms, "
+        f"{clone_t / copy:.1f}x faster than clone)"
+    )
 
 
 if __name__ == "__main__":

@@ -25,10 +25,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lightning_fpq.demo.data import load_corpus  # noqa: E402
-from lightning_fpq.linear import convert_linears
-from lightning_fpq.state import QuantState  # noqa: E402
 from lightning_fpq.demo.model import GPT, GPTConfig, lm_loss  # noqa: E402
+from lightning_fpq.linear import convert_linears
 from lightning_fpq.recipe import QuantRecipe  # noqa: E402
+from lightning_fpq.state import QuantState  # noqa: E402
 
 # name, recipe arguments
 VARIANTS = [
@@ -74,18 +74,22 @@ def timing(args) -> None:
     variants = [("unquantized", None)] + [v for v in VARIANTS if args.only is None or any(o in v[0] for o in args.only)]
     runs = {}
     for name, recipe in variants:
-        for backend in (args.backends if recipe is not None else ["auto"]):
+        for backend in args.backends if recipe is not None else ["auto"]:
             label = name if len(args.backends) == 1 or recipe is None else f"{name} [{backend}]"
             runs[label] = build(config, recipe, backend=backend)
     n_params = sum(p.numel() for p in runs["unquantized"][0].parameters())
-    print(f"device: CPU ({platform.processor() or platform.machine()}), threads={torch.get_num_threads()}, "
-          f"torch {torch.__version__}, python {platform.python_version()}")
-    print(f"model: GPT {config.n_layer}x{config.n_embd}, {n_params / 1e6:.2f}M parameters, "
-          f"batch {args.batch}x{args.seq} tokens; {args.rounds} rounds x {args.steps} steps, median")
+    print(
+        f"device: CPU ({platform.processor() or platform.machine()}), threads={torch.get_num_threads()}, "
+        f"torch {torch.__version__}, python {platform.python_version()}"
+    )
+    print(
+        f"model: GPT {config.n_layer}x{config.n_embd}, {n_params / 1e6:.2f}M parameters, "
+        f"batch {args.batch}x{args.seq} tokens; {args.rounds} rounds x {args.steps} steps, median"
+    )
     stream = batches(data, args.batch, args.seq)
     fixed = [next(stream) for _ in range(args.steps)]
     t0 = time.perf_counter()
-    for name, (model, opt) in runs.items():  # warm-up: compiles the quantizer's kernels
+    for model, opt in runs.values():  # warm-up: compiles the quantizer's kernels
         for x, y in fixed[:2]:
             step(model, opt, x, y)
     print(f"warm-up (includes compiling the quantizer): {time.perf_counter() - t0:.1f} s")
@@ -104,8 +108,10 @@ def timing(args) -> None:
     print(f"{'variant':<{width}} {'wall ms':>9} {'ratio':>6} {'cpu ms':>9} {'ratio':>6}   (wall min..max over rounds)")
     for name in runs:
         w, c = statistics.median(wall[name]), statistics.median(cpu[name])
-        print(f"{name:<{width}} {w:9.1f} {w / base_wall:6.2f} {c:9.1f} {c / base_cpu:6.2f}   "
-              f"({min(wall[name]):.1f}..{max(wall[name]):.1f})")
+        print(
+            f"{name:<{width}} {w:9.1f} {w / base_wall:6.2f} {c:9.1f} {c / base_cpu:6.2f}   "
+            f"({min(wall[name]):.1f}..{max(wall[name]):.1f})"
+        )
 
 
 def losses(args) -> None:
@@ -115,8 +121,10 @@ def losses(args) -> None:
     train, held_out = data[:1_000_000], data[1_000_000:]
     evals = [next(batches(held_out, 64, 64, seed=s)) for s in range(4)]  # 4 x 64 x 64 tokens
     seeds = list(range(args.seeds))
-    print(f"\nheld-out loss (nats/byte) after {args.losses} steps: tiny GPT {config.n_layer}x{config.n_embd}, "
-          f"batch 16x64, AdamW lr 3e-3, init seeds {seeds}; evaluated with the recipe's forward quantization")
+    print(
+        f"\nheld-out loss (nats/byte) after {args.losses} steps: tiny GPT {config.n_layer}x{config.n_embd}, "
+        f"batch 16x64, AdamW lr 3e-3, init seeds {seeds}; evaluated with the recipe's forward quantization"
+    )
     for name, recipe in [("unquantized", None)] + VARIANTS:
         held = []
         for seed in seeds:
@@ -142,8 +150,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--only", nargs="*", default=None, help="substrings of variant names to time")
-    parser.add_argument("--backends", nargs="+", default=["auto"],
-                        help="layer backends to time each recipe on (e.g. emulated compiled), default: auto")
+    parser.add_argument(
+        "--backends",
+        nargs="+",
+        default=["auto"],
+        help="layer backends to time each recipe on (e.g. emulated compiled), default: auto",
+    )
     parser.add_argument("--losses", type=int, default=0, help="also train each recipe this many steps")
     parser.add_argument("--seeds", type=int, default=3, help="initialisation seeds per recipe for --losses")
     parser.add_argument("--no-timing", action="store_true", help="skip the timing table")

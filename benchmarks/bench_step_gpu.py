@@ -32,9 +32,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lightning_fpq import backends  # noqa: E402
+from lightning_fpq.demo.model import GPT, GPTConfig, lm_loss  # noqa: E402
 from lightning_fpq.linear import convert_linears
 from lightning_fpq.state import QuantState  # noqa: E402
-from lightning_fpq.demo.model import GPT, GPTConfig, lm_loss  # noqa: E402
 
 # stage label -> named recipe (ProgressivePrecision's FP4 -> FP8 -> BF16 schedule)
 STAGES = {"bf16": "bf16", "fp8": "fp8", "fp4": "mxfp4", "nvfp4": "nvfp4"}
@@ -47,9 +47,14 @@ def versions(device: torch.device) -> str:
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         cap = torch.cuda.get_device_capability(device)
-        lines.insert(0, f"device: {props.name} (sm_{cap[0]}{cap[1]}, {props.total_memory / 2**30:.0f} GiB), CUDA {torch.version.cuda}")
+        lines.insert(
+            0,
+            f"device: {props.name} (sm_{cap[0]}{cap[1]}, {props.total_memory / 2**30:.0f} GiB), CUDA {torch.version.cuda}",
+        )
     else:
-        lines.insert(0, f"device: CPU ({platform.processor() or platform.machine()}), threads={torch.get_num_threads()}")
+        lines.insert(
+            0, f"device: CPU ({platform.processor() or platform.machine()}), threads={torch.get_num_threads()}"
+        )
     for name in ("triton", "torchao", "transformer_engine"):
         try:
             module = __import__(name)
@@ -61,7 +66,9 @@ def versions(device: torch.device) -> str:
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", default="100m", choices=sorted(SHAPES), help="GPT size (lightning_fpq.demo.model.GPT_CONFIGS)")
+    parser.add_argument(
+        "--size", default="100m", choices=sorted(SHAPES), help="GPT size (lightning_fpq.demo.model.GPT_CONFIGS)"
+    )
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--seq", type=int, default=None)
     parser.add_argument("--stages", nargs="+", default=["bf16", "fp8", "fp4"], choices=sorted(STAGES))
@@ -73,8 +80,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     backend = backends.check_backend(args.backend)
     if args.device is None and not torch.cuda.is_available():
-        print("bench_step_gpu: cannot run here: no CUDA device (torch.cuda.is_available() is False); "
-              "--device cpu runs a smoke run")
+        print(
+            "bench_step_gpu: cannot run here: no CUDA device (torch.cuda.is_available() is False); "
+            "--device cpu runs a smoke run"
+        )
         return 0
     device = torch.device(args.device or "cuda")
     warnings.filterwarnings("ignore", message=".*Failed to load.*")
@@ -107,8 +116,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             torch.cuda.synchronize(device)
 
     print(versions(device))
-    print(f"model: {config.short_str()}, batch {batch} x {seq} tokens, "
-          f"bf16 autocast, fused AdamW={fused}, torch.compile={args.compile}; {args.rounds} rounds x {args.steps} steps")
+    print(
+        f"model: {config.short_str()}, batch {batch} x {seq} tokens, "
+        f"bf16 autocast, fused AdamW={fused}, torch.compile={args.compile}; {args.rounds} rounds x {args.steps} steps"
+    )
 
     layer = state.layer_names[0]
     print(f"\nbackend of {layer} (every block Linear alike) per stage:")
@@ -119,6 +130,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     # warm-up: compiles (torch.compile, Triton autotuning, the CPU quantizer) outside the timing
     losses: dict[str, float] = {}
+
     def switch(stage: str) -> None:
         # as the plugin does at a switch: every layer's backend chosen outside compiled code
         state.set_recipe(STAGES[stage])
@@ -147,18 +159,24 @@ def main(argv: Optional[list[str]] = None) -> int:
                 memory[stage] = torch.cuda.max_memory_allocated(device) / 2**30
     tokens = batch * seq
     base = statistics.median(times[args.stages[0]])
-    print(f"\n{'stage':<7} {'ms/step':>9} {'tokens/s':>11} {'vs ' + args.stages[0]:>8} {'peak GiB':>9} {'last loss':>10}   (ms min..max)")
+    print(
+        f"\n{'stage':<7} {'ms/step':>9} {'tokens/s':>11} {'vs ' + args.stages[0]:>8} {'peak GiB':>9} {'last loss':>10}   (ms min..max)"
+    )
     for stage in args.stages:
         t = statistics.median(times[stage])
         mem = f"{memory[stage]:9.1f}" if stage in memory else f"{'-':>9}"
-        print(f"{stage:<7} {t * 1e3:9.1f} {tokens / t:11.0f} {base / t:8.2f} {mem} {losses[stage]:10.3f}   "
-              f"({min(times[stage]) * 1e3:.1f}..{max(times[stage]) * 1e3:.1f})")
+        print(
+            f"{stage:<7} {t * 1e3:9.1f} {tokens / t:11.0f} {base / t:8.2f} {mem} {losses[stage]:10.3f}   "
+            f"({min(times[stage]) * 1e3:.1f}..{max(times[stage]) * 1e3:.1f})"
+        )
     if args.compile:
         from torch._dynamo.utils import counters
 
         breaks = sum(counters["graph_break"].values())
-        print(f"\ntorch.compile: {breaks} graph break(s), {counters['stats'].get('unique_graphs', 0)} graph(s) compiled "
-              f"(a stage that falls back to eager would show here)")
+        print(
+            f"\ntorch.compile: {breaks} graph break(s), {counters['stats'].get('unique_graphs', 0)} graph(s) compiled "
+            f"(a stage that falls back to eager would show here)"
+        )
     return 0
 
 

@@ -1,7 +1,7 @@
 """Train the GPT with LightningCLI, everything (plugin, callbacks, data) from YAML.
 
-    python examples/cli_train.py fit --config examples/configs/cli_fpq.yaml
-    python examples/cli_train.py fit --config examples/configs/cli_fpq.yaml --trainer.max_steps=50
+python examples/cli_train.py fit --config examples/configs/cli_fpq.yaml
+python examples/cli_train.py fit --config examples/configs/cli_fpq.yaml --trainer.max_steps=50
 """
 
 from lightning.pytorch.cli import LightningCLI

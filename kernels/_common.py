@@ -57,8 +57,15 @@ def exp2i(j):
 
 
 @jit
-def round_magnitude(a, u, MBITS: tl.constexpr, EMIN: tl.constexpr, FMT_MAX: tl.constexpr,
-                    STOCHASTIC: tl.constexpr, OVERFLOW: tl.constexpr):
+def round_magnitude(
+    a,
+    u,
+    MBITS: tl.constexpr,
+    EMIN: tl.constexpr,
+    FMT_MAX: tl.constexpr,
+    STOCHASTIC: tl.constexpr,
+    OVERFLOW: tl.constexpr,
+):
     """Round ``a = |y|`` (float32 >= 0, inf or NaN) to the format's grid; returns a magnitude.
 
     The step at ``a`` is ``2**k`` with ``k = max(exponent(a), EMIN) - MBITS``. ``t = a / 2**k``

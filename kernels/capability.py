@@ -46,7 +46,7 @@ def triton_available() -> Capability:
     return _triton_available(interpret_requested())
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _triton_available(interpret: bool) -> Capability:
     if importlib.util.find_spec("triton") is None:
         return False, "triton is not installed (pip install 'triton>=3.9' on Linux with an NVIDIA GPU)"
@@ -115,7 +115,10 @@ def _cuda_capability_at_least(major: int, minor: int, what: str) -> Capability:
     if not ok:
         return False, reason
     if interpret_requested():
-        return False, f"{what} needs a GPU of sm_{major}{minor} or newer; the interpreter has none (its path can still be forced for tests)"
+        return (
+            False,
+            f"{what} needs a GPU of sm_{major}{minor} or newer; the interpreter has none (its path can still be forced for tests)",
+        )
     cap = torch.cuda.get_device_capability()
     name = torch.cuda.get_device_name()
     if cap < (major, minor):
@@ -123,12 +126,12 @@ def _cuda_capability_at_least(major: int, minor: int, what: str) -> Capability:
     return True, f"{what} on {name} (sm_{cap[0]}{cap[1]})"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _fp8_cached(interpret: bool) -> Capability:
     return _cuda_capability_at_least(8, 9, "FP8 tensor cores (tl.dot on float8e4nv)")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _dot_scaled_cached(interpret: bool) -> Capability:
     return _cuda_capability_at_least(10, 0, "block-scaled FP4 tensor cores (tl.dot_scaled)")
 

@@ -27,8 +27,6 @@ fp32 before the dot, so every path's decoding is exercised on the CPU.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from lightning_fpq.formats import FPFormat
@@ -69,11 +67,34 @@ def _e2m1_tile(packed, DOT_MODE: tl.constexpr, DOT_IN_FP32: tl.constexpr):
 
 @jit
 def _gemm_fp4_kernel(
-    a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr,
-    M, N, K, n_scale_blocks, scale_block, tiles_per_scale,
-    sam, sak, sasm, sask, sbn, sbk, sbsn, sbsk, scm, scn,
-    DOT_MODE: tl.constexpr, DOT_IN_FP32: tl.constexpr, OUT_KIND: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    a_ptr,
+    as_ptr,
+    b_ptr,
+    bs_ptr,
+    c_ptr,
+    M,
+    N,
+    K,
+    n_scale_blocks,
+    scale_block,
+    tiles_per_scale,
+    sam,
+    sak,
+    sasm,
+    sask,
+    sbn,
+    sbk,
+    sbsn,
+    sbsk,
+    scm,
+    scn,
+    DOT_MODE: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr,
+    OUT_KIND: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
     """C[M, N] = (A / Sa) @ (B / Sb)^T over K; A: [M, K/2] bytes, B: [N, K/2] bytes,
     Sa: [M, n_scale_blocks], Sb: [N, n_scale_blocks] (float32 multipliers, or e8m0 bytes for
@@ -105,8 +126,12 @@ def _gemm_fp4_kernel(
             b = tl.load(b_ptr + rn[:, None] * sbn + kb[None, :] * sbk, mask=n_mask[:, None] & kb_mask[None, :], other=0)
             ks = t * (BLOCK_K // 32) + rks
             ks_mask = ks < n_scale_blocks
-            sa = tl.load(as_ptr + rm[:, None] * sasm + ks[None, :] * sask, mask=m_mask[:, None] & ks_mask[None, :], other=127)
-            sb = tl.load(bs_ptr + rn[:, None] * sbsn + ks[None, :] * sbsk, mask=n_mask[:, None] & ks_mask[None, :], other=127)
+            sa = tl.load(
+                as_ptr + rm[:, None] * sasm + ks[None, :] * sask, mask=m_mask[:, None] & ks_mask[None, :], other=127
+            )
+            sb = tl.load(
+                bs_ptr + rn[:, None] * sbsn + ks[None, :] * sbsk, mask=n_mask[:, None] & ks_mask[None, :], other=127
+            )
             acc = tl.dot_scaled(a, sa, "e2m1", tl.trans(b), sb, "e2m1", acc)
     else:
         for sblk in range(0, n_scale_blocks):
@@ -116,8 +141,12 @@ def _gemm_fp4_kernel(
                 k0 = sblk * scale_block + t * BLOCK_K
                 kb = k0 // 2 + rkb
                 kb_mask = kb * 2 < k_end
-                a = tl.load(a_ptr + rm[:, None] * sam + kb[None, :] * sak, mask=m_mask[:, None] & kb_mask[None, :], other=0)
-                b = tl.load(b_ptr + rn[:, None] * sbn + kb[None, :] * sbk, mask=n_mask[:, None] & kb_mask[None, :], other=0)
+                a = tl.load(
+                    a_ptr + rm[:, None] * sam + kb[None, :] * sak, mask=m_mask[:, None] & kb_mask[None, :], other=0
+                )
+                b = tl.load(
+                    b_ptr + rn[:, None] * sbn + kb[None, :] * sbk, mask=n_mask[:, None] & kb_mask[None, :], other=0
+                )
                 a_vals = _e2m1_tile(a, DOT_MODE, DOT_IN_FP32)
                 b_vals = _e2m1_tile(b, DOT_MODE, DOT_IN_FP32)
                 if DOT_MODE == 0 or DOT_IN_FP32:
@@ -208,8 +237,14 @@ if triton is not None:
 
     @torch.library.triton_op("lightning_fpq::gemm_fp4", mutates_args=())
     def _gemm_fp4_op(
-        a_codes: torch.Tensor, a_scales: torch.Tensor, b_codes: torch.Tensor, b_scales: torch.Tensor,
-        k: int, scale_block: int, path: str, out_dtype: torch.dtype,
+        a_codes: torch.Tensor,
+        a_scales: torch.Tensor,
+        b_codes: torch.Tensor,
+        b_scales: torch.Tensor,
+        k: int,
+        scale_block: int,
+        path: str,
+        out_dtype: torch.dtype,
     ) -> torch.Tensor:
         m, n = a_codes.shape[0], b_codes.shape[0]
         out = torch.empty((m, n), dtype=out_dtype, device=a_codes.device)
@@ -220,14 +255,36 @@ if triton is not None:
         out_kind = _OUT_KINDS[out_dtype]
         out_arg = out.view(torch.int16) if out_kind == 1 else out
         torch.library.wrap_triton(_gemm_fp4_kernel)[grid](
-            a_codes, a_scales, b_codes, b_scales, out_arg,
-            m, n, k, n_scale_blocks, scale_block, tiles_per_scale,
-            a_codes.stride(0), a_codes.stride(1), a_scales.stride(0), a_scales.stride(1),
-            b_codes.stride(0), b_codes.stride(1), b_scales.stride(0), b_scales.stride(1),
-            out.stride(0), out.stride(1),
-            DOT_MODE=_DOT_MODES[path], DOT_IN_FP32=capability.interpret_requested(), OUT_KIND=out_kind,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,
-            num_warps=num_warps, num_stages=num_stages,
+            a_codes,
+            a_scales,
+            b_codes,
+            b_scales,
+            out_arg,
+            m,
+            n,
+            k,
+            n_scale_blocks,
+            scale_block,
+            tiles_per_scale,
+            a_codes.stride(0),
+            a_codes.stride(1),
+            a_scales.stride(0),
+            a_scales.stride(1),
+            b_codes.stride(0),
+            b_codes.stride(1),
+            b_scales.stride(0),
+            b_scales.stride(1),
+            out.stride(0),
+            out.stride(1),
+            DOT_MODE=_DOT_MODES[path],
+            DOT_IN_FP32=capability.interpret_requested(),
+            OUT_KIND=out_kind,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            BLOCK_K=block_k,
+            GROUP_M=8,
+            num_warps=num_warps,
+            num_stages=num_stages,
         )
         return out
 
@@ -268,7 +325,9 @@ def gemm_fp4(
         raise ValueError(f"gemm_fp4: a and b must share the block size, got {a.block_size!r} and {b.block_size!r}")
     block_len = _block_len(a, ka)
     if a.block_size not in ("channel", "tensor") and (block_len < 16 or block_len & (block_len - 1)):
-        raise ValueError(f"gemm_fp4: block_size={block_len} is not supported: use a power of two >= 16, 'channel' or 'tensor'")
+        raise ValueError(
+            f"gemm_fp4: block_size={block_len} is not supported: use a power of two >= 16, 'channel' or 'tensor'"
+        )
     capability.require(capability.kernel_launchable(_gemm_fp4_kernel), "the Triton FP4 GEMM")
     device = capability.kernel_device()
     for name, t in (("a", a_codes), ("b", b_codes)):

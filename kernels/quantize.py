@@ -32,8 +32,8 @@ from typing import Optional
 
 import torch
 
-from lightning_fpq.formats import FormatLike, FPFormat
 from lightning_fpq._config import BlockSize
+from lightning_fpq.formats import FormatLike, FPFormat
 from lightning_fpq.packing import PackedTensor
 from lightning_fpq.quantize import check_quantize_args
 
@@ -91,12 +91,32 @@ def _block_scale(amax, tamax, FMT_MAX: tl.constexpr, EMAX: tl.constexpr, SCALE_M
 
 @jit
 def _quantize_tile(
-    x, s, u, out_ptr, row, k, mask,
-    MBITS: tl.constexpr, EBITS: tl.constexpr, EMIN: tl.constexpr, BIAS: tl.constexpr,
-    FMT_MAX: tl.constexpr, MIN_NORMAL: tl.constexpr, SUB1: tl.constexpr, SUB2: tl.constexpr,
-    SPECIAL: tl.constexpr, OVERFLOW: tl.constexpr, HAS_SCALE: tl.constexpr, STOCHASTIC: tl.constexpr,
-    SATURATE: tl.constexpr, OUT_LIMIT: tl.constexpr, OUT_KIND: tl.constexpr, CODE_BITS: tl.constexpr,
-    BLOCK_V: tl.constexpr, NB: tl.constexpr, BLOCK_K: tl.constexpr,
+    x,
+    s,
+    u,
+    out_ptr,
+    row,
+    k,
+    mask,
+    MBITS: tl.constexpr,
+    EBITS: tl.constexpr,
+    EMIN: tl.constexpr,
+    BIAS: tl.constexpr,
+    FMT_MAX: tl.constexpr,
+    MIN_NORMAL: tl.constexpr,
+    SUB1: tl.constexpr,
+    SUB2: tl.constexpr,
+    SPECIAL: tl.constexpr,
+    OVERFLOW: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    STOCHASTIC: tl.constexpr,
+    SATURATE: tl.constexpr,
+    OUT_LIMIT: tl.constexpr,
+    OUT_KIND: tl.constexpr,
+    CODE_BITS: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    NB: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """Quantize a [BLOCK_V, NB, BLOCK_K] tile (NB blocks of BLOCK_V slices) of float32 ``x``
     with the blocks' multipliers ``s`` [BLOCK_V, NB]; store at ``row + k`` (k: [NB, BLOCK_K],
@@ -153,15 +173,48 @@ def _quantize_tile(
 
 @jit
 def _block_quantize_kernel(
-    x_ptr, noise_ptr, tamax_ptr, out_ptr, scale_ptr,
-    n_vec, inner, length, n_blocks, block_len, seed,
-    sxo, sxl, sxi, sno, snl, sni, soo, sol, soi,
-    MBITS: tl.constexpr, EBITS: tl.constexpr, EMIN: tl.constexpr, EMAX: tl.constexpr,
-    BIAS: tl.constexpr, FMT_MAX: tl.constexpr, MIN_NORMAL: tl.constexpr,
-    SUB1: tl.constexpr, SUB2: tl.constexpr, SPECIAL: tl.constexpr, OVERFLOW: tl.constexpr,
-    SCALE_MODE: tl.constexpr, TENSOR_BLOCK: tl.constexpr, ROUND_MODE: tl.constexpr,
-    SATURATE: tl.constexpr, OUT_LIMIT: tl.constexpr, IN_KIND: tl.constexpr, OUT_KIND: tl.constexpr,
-    CODE_BITS: tl.constexpr, BLOCK_V: tl.constexpr, NB: tl.constexpr, BLOCK_K: tl.constexpr,
+    x_ptr,
+    noise_ptr,
+    tamax_ptr,
+    out_ptr,
+    scale_ptr,
+    n_vec,
+    inner,
+    length,
+    n_blocks,
+    block_len,
+    seed,
+    sxo,
+    sxl,
+    sxi,
+    sno,
+    snl,
+    sni,
+    soo,
+    sol,
+    soi,
+    MBITS: tl.constexpr,
+    EBITS: tl.constexpr,
+    EMIN: tl.constexpr,
+    EMAX: tl.constexpr,
+    BIAS: tl.constexpr,
+    FMT_MAX: tl.constexpr,
+    MIN_NORMAL: tl.constexpr,
+    SUB1: tl.constexpr,
+    SUB2: tl.constexpr,
+    SPECIAL: tl.constexpr,
+    OVERFLOW: tl.constexpr,
+    SCALE_MODE: tl.constexpr,
+    TENSOR_BLOCK: tl.constexpr,
+    ROUND_MODE: tl.constexpr,
+    SATURATE: tl.constexpr,
+    OUT_LIMIT: tl.constexpr,
+    IN_KIND: tl.constexpr,
+    OUT_KIND: tl.constexpr,
+    CODE_BITS: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    NB: tl.constexpr,
+    BLOCK_K: tl.constexpr,
     N_CHUNKS: tl.constexpr,
 ):
     """One program: BLOCK_V slices along the block axis x NB consecutive blocks of
@@ -233,15 +286,49 @@ def _block_quantize_kernel(
             store_mask = mask
             k_out = k * sol
         _quantize_tile(
-            x, s, u, out_ptr, out_row, k_out, store_mask,
-            MBITS, EBITS, EMIN, BIAS, FMT_MAX, MIN_NORMAL, SUB1, SUB2, SPECIAL, OVERFLOW, HAS_SCALE,
-            STOCHASTIC, SATURATE, OUT_LIMIT, OUT_KIND, CODE_BITS, BLOCK_V, NB, BLOCK_K,
+            x,
+            s,
+            u,
+            out_ptr,
+            out_row,
+            k_out,
+            store_mask,
+            MBITS,
+            EBITS,
+            EMIN,
+            BIAS,
+            FMT_MAX,
+            MIN_NORMAL,
+            SUB1,
+            SUB2,
+            SPECIAL,
+            OVERFLOW,
+            HAS_SCALE,
+            STOCHASTIC,
+            SATURATE,
+            OUT_LIMIT,
+            OUT_KIND,
+            CODE_BITS,
+            BLOCK_V,
+            NB,
+            BLOCK_K,
         )
 
 
 @jit
-def _finite_absmax_kernel(x_ptr, partial_ptr, n_vec, inner, length, sxo, sxl, sxi,
-                          IN_KIND: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+def _finite_absmax_kernel(
+    x_ptr,
+    partial_ptr,
+    n_vec,
+    inner,
+    length,
+    sxo,
+    sxl,
+    sxi,
+    IN_KIND: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """Per-program max of |x| over finite values; the host takes the max of the partials."""
     pid_v = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -290,7 +377,7 @@ def _view3(t: torch.Tensor, axis: int) -> tuple[torch.Tensor, int, int, int]:
     shape = tuple(t.shape) or (1,)
     outer = math.prod(shape[:axis])
     length = shape[axis]
-    inner = math.prod(shape[axis + 1:])
+    inner = math.prod(shape[axis + 1 :])
     t = t.reshape(shape) if t.dim() == 0 else t
     try:
         return t.view(outer, length, inner), outer, length, inner
@@ -305,8 +392,17 @@ def _tensor_finite_absmax(x3: torch.Tensor, outer: int, length: int, inner: int,
     partial = torch.empty(grid[0] * grid[1], dtype=torch.float32, device=x3.device)
     src = x3.view(torch.int16) if in_kind == 1 else x3
     torch.library.wrap_triton(_finite_absmax_kernel)[grid](
-        src, partial, n_vec, inner, length, x3.stride(0), x3.stride(1), x3.stride(2),
-        IN_KIND=in_kind, BLOCK_V=block_v, BLOCK_K=block_k,
+        src,
+        partial,
+        n_vec,
+        inner,
+        length,
+        x3.stride(0),
+        x3.stride(1),
+        x3.stride(2),
+        IN_KIND=in_kind,
+        BLOCK_V=block_v,
+        BLOCK_K=block_k,
     )
     return partial.amax()
 
@@ -322,8 +418,18 @@ def _check_launchable(x: torch.Tensor) -> None:
 
 
 def _run(
-    x: torch.Tensor, noise: Optional[torch.Tensor], ebits: int, mbits: int, special: str, block: int,
-    axis: int, scale_format: str, round_mode: int, seed: int, saturate: bool, packed: bool,
+    x: torch.Tensor,
+    noise: Optional[torch.Tensor],
+    ebits: int,
+    mbits: int,
+    special: str,
+    block: int,
+    axis: int,
+    scale_format: str,
+    round_mode: int,
+    seed: int,
+    saturate: bool,
+    packed: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The launch behind both ops (arguments validated). Returns (values or codes, scales)."""
     fmt = FPFormat(ebits=ebits, mbits=mbits, special=special)
@@ -369,16 +475,49 @@ def _run(
     block_v, nb, block_k, n_chunks = _tiles(block_len, n_blocks, n_vec, inner > 1 and x3.stride(2) == 1)
     grid = (triton.cdiv(n_vec, block_v) * triton.cdiv(n_blocks, nb),)
     torch.library.wrap_triton(_block_quantize_kernel)[grid](
-        x3.view(torch.int16) if in_kind == 1 else x3, n3, tamax if tamax is not None else scales,
-        out_arg, scales,
-        n_vec, inner, length, n_blocks, block_len, seed,
-        x3.stride(0), x3.stride(1), x3.stride(2), sn[0], sn[1], sn[2], so[0], so[1], so[2],
-        MBITS=fmt.mbits, EBITS=fmt.ebits, EMIN=fmt.emin, EMAX=fmt.emax, BIAS=fmt.bias,
-        FMT_MAX=fmt.max, MIN_NORMAL=fmt.min_normal, SUB1=2.0**p1, SUB2=2.0 ** (p - p1),
-        SPECIAL=SPECIAL_CODES[fmt.special], OVERFLOW=overflow_mode(fmt.special, saturate),
-        SCALE_MODE=scale_mode, TENSOR_BLOCK=block == _BLOCK_TENSOR, ROUND_MODE=round_mode, SATURATE=saturate,
-        OUT_LIMIT=_OUT_LIMITS[x.dtype], IN_KIND=in_kind, OUT_KIND=out_kind,
-        CODE_BITS=fmt.bits, BLOCK_V=block_v, NB=nb, BLOCK_K=block_k, N_CHUNKS=n_chunks,
+        x3.view(torch.int16) if in_kind == 1 else x3,
+        n3,
+        tamax if tamax is not None else scales,
+        out_arg,
+        scales,
+        n_vec,
+        inner,
+        length,
+        n_blocks,
+        block_len,
+        seed,
+        x3.stride(0),
+        x3.stride(1),
+        x3.stride(2),
+        sn[0],
+        sn[1],
+        sn[2],
+        so[0],
+        so[1],
+        so[2],
+        MBITS=fmt.mbits,
+        EBITS=fmt.ebits,
+        EMIN=fmt.emin,
+        EMAX=fmt.emax,
+        BIAS=fmt.bias,
+        FMT_MAX=fmt.max,
+        MIN_NORMAL=fmt.min_normal,
+        SUB1=2.0**p1,
+        SUB2=2.0 ** (p - p1),
+        SPECIAL=SPECIAL_CODES[fmt.special],
+        OVERFLOW=overflow_mode(fmt.special, saturate),
+        SCALE_MODE=scale_mode,
+        TENSOR_BLOCK=block == _BLOCK_TENSOR,
+        ROUND_MODE=round_mode,
+        SATURATE=saturate,
+        OUT_LIMIT=_OUT_LIMITS[x.dtype],
+        IN_KIND=in_kind,
+        OUT_KIND=out_kind,
+        CODE_BITS=fmt.bits,
+        BLOCK_V=block_v,
+        NB=nb,
+        BLOCK_K=block_k,
+        N_CHUNKS=n_chunks,
     )
     return out, scales
 
@@ -388,25 +527,52 @@ if triton is not None:
 
     @torch.library.triton_op("lightning_fpq::block_quantize", **_OP_ARGS)
     def _block_quantize_op(
-        x: torch.Tensor, noise: Optional[torch.Tensor], ebits: int, mbits: int, special: str, block: int,
-        axis: int, scale_format: str, round_mode: int, seed: int, saturate: bool,
+        x: torch.Tensor,
+        noise: Optional[torch.Tensor],
+        ebits: int,
+        mbits: int,
+        special: str,
+        block: int,
+        axis: int,
+        scale_format: str,
+        round_mode: int,
+        seed: int,
+        saturate: bool,
     ) -> torch.Tensor:
         return _run(x, noise, ebits, mbits, special, block, axis, scale_format, round_mode, seed, saturate, False)[0]
 
     @torch.library.triton_op("lightning_fpq::block_pack", **_OP_ARGS)
     def _block_pack_op(
-        x: torch.Tensor, noise: Optional[torch.Tensor], ebits: int, mbits: int, special: str, block: int,
-        axis: int, scale_format: str, round_mode: int, seed: int, saturate: bool,
+        x: torch.Tensor,
+        noise: Optional[torch.Tensor],
+        ebits: int,
+        mbits: int,
+        special: str,
+        block: int,
+        axis: int,
+        scale_format: str,
+        round_mode: int,
+        seed: int,
+        saturate: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return _run(x, noise, ebits, mbits, special, block, axis, scale_format, round_mode, seed, saturate, True)
 
 
 def _prepare(
-    x: torch.Tensor, fmt: FormatLike, block_size: BlockSize, axis: int, scale_format: str, rounding: str,
-    generator: Optional[torch.Generator], noise: Optional[torch.Tensor], seed: Optional[int],
+    x: torch.Tensor,
+    fmt: FormatLike,
+    block_size: BlockSize,
+    axis: int,
+    scale_format: str,
+    rounding: str,
+    generator: Optional[torch.Generator],
+    noise: Optional[torch.Tensor],
+    seed: Optional[int],
 ) -> tuple[FPFormat, int, int, int, Optional[torch.Tensor], int]:
     """Validate the public arguments; returns (fmt, block, axis, round_mode, noise, seed)."""
-    fmt, block_size = check_quantize_args(x, fmt, block_size, axis, scale_format, rounding, who="the Triton quantize kernel")
+    fmt, block_size = check_quantize_args(
+        x, fmt, block_size, axis, scale_format, rounding, who="the Triton quantize kernel"
+    )
     axis = axis % max(x.dim(), 1)
     block = {None: _BLOCK_NONE, "channel": _BLOCK_CHANNEL, "tensor": _BLOCK_TENSOR}.get(block_size, block_size)
     sources = sum(s is not None for s in (generator, noise, seed))
@@ -454,7 +620,9 @@ def quantize_triton(
     Raises RuntimeError with the capability's reason where the kernel cannot run (no
     triton, no GPU and no interpreter), ValueError for invalid arguments.
     """
-    fmt, block, axis, round_mode, noise, seed = _prepare(x, fmt, block_size, axis, scale_format, rounding, generator, noise, seed)
+    fmt, block, axis, round_mode, noise, seed = _prepare(
+        x, fmt, block_size, axis, scale_format, rounding, generator, noise, seed
+    )
     _check_launchable(x)
     if x.numel() == 0:
         return x.clone()
@@ -484,9 +652,13 @@ def pack_triton(
     along ``axis``, padded to whole blocks, must have an even length, so that no byte holds
     codes of two slices; ``pack`` handles the other cases.
     """
-    fmt, block, axis, round_mode, noise, seed = _prepare(x, fmt, block_size, axis, scale_format, rounding, generator, noise, seed)
+    fmt, block, axis, round_mode, noise, seed = _prepare(
+        x, fmt, block_size, axis, scale_format, rounding, generator, noise, seed
+    )
     if fmt.bits > 16:
-        raise ValueError(f"pack_triton stores codes of at most 16 bits; {fmt.name} has {fmt.bits}: use lightning_fpq.packing.pack")
+        raise ValueError(
+            f"pack_triton stores codes of at most 16 bits; {fmt.name} has {fmt.bits}: use lightning_fpq.packing.pack"
+        )
     shape = tuple(x.shape) or (1,)
     code_axis = len(shape) - 1 if block == _BLOCK_NONE else axis  # "tensor" codes follow the moved axis, as in pack
     length = shape[code_axis]
@@ -508,7 +680,7 @@ def pack_triton(
     elif block == _BLOCK_TENSOR:
         scales_out = scales.reshape(-1)[:1].reshape(1, 1)  # every slice holds the one tensor scale
     else:
-        moved = shape[:axis] + shape[axis + 1:]
+        moved = shape[:axis] + shape[axis + 1 :]
         scales_out = scales.reshape(*moved, -1, 1)
     block_size = {_BLOCK_NONE: None, _BLOCK_CHANNEL: "channel", _BLOCK_TENSOR: "tensor"}.get(block, block)
     return PackedTensor(codes, scales_out, x.shape, x.dtype, fmt, block_size, axis, padded - length if block > 0 else 0)

@@ -33,8 +33,11 @@ def block_size(value: Any, *, what: str = "block_size", allow_none: bool = True)
     """A user's block size in its one Python form: an int >= 1, "channel", "tensor", or ``None``
     for no scaling (written ``None`` or "none"; refused when ``allow_none`` is False).
     Digit strings ("128", from CSV cells and the command line) and whole floats (128.0) are ints."""
-    valid = "None, a positive int, 'channel' or 'tensor' ('none': no scaling)" if allow_none else \
-        "an int >= 1, 'channel' or 'tensor'"
+    valid = (
+        "None, a positive int, 'channel' or 'tensor' ('none': no scaling)"
+        if allow_none
+        else "an int >= 1, 'channel' or 'tensor'"
+    )
     if value is None or (isinstance(value, str) and value.strip().lower() == NO_SCALING):
         if allow_none:
             return None
@@ -86,8 +89,15 @@ def flag(value: Any, *, what: str) -> bool:
     return value
 
 
-def number(value: Any, *, what: str, low: float = -math.inf, high: float = math.inf,
-           low_open: bool = False, high_open: bool = False) -> float:
+def number(
+    value: Any,
+    *,
+    what: str,
+    low: float = -math.inf,
+    high: float = math.inf,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> float:
     """A finite real number in the interval (``low_open``/``high_open`` exclude the ends)."""
     interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open or high == math.inf else ']'}"
     ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
@@ -187,7 +197,8 @@ def omegaconf_message(err: Exception) -> str:
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     head = lines[0] if lines else type(err).__name__
     key = str(getattr(err, "full_key", None) or "") or next(
-        (line.split(":", 1)[1].strip() for line in lines if line.startswith("full_key:")), "")
+        (line.split(":", 1)[1].strip() for line in lines if line.startswith("full_key:")), ""
+    )
     if key and key not in head:
         head = f"{head} (key: {key})"
     return head
@@ -219,4 +230,6 @@ def load_structured(schema: type[T], source: Any = None, overrides: Iterable[str
     except ValueError:
         raise
     except Exception as err:  # OmegaConf's ConfigKeyError / ValidationError: it names the key
-        raise ValueError(f"{what}: {omegaconf_message(err)} (valid top-level keys: {sorted(field_names(schema))})") from None
+        raise ValueError(
+            f"{what}: {omegaconf_message(err)} (valid top-level keys: {sorted(field_names(schema))})"
+        ) from None

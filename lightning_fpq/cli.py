@@ -156,13 +156,22 @@ def _block_text(bs: Any) -> str:
 
 
 def _add_law_options(parser: argparse.ArgumentParser, *, block: bool = True) -> None:
-    parser.add_argument("--law", metavar="LAW.yaml", help="a law saved by `fit` or law.save() (default: the paper's Capybara law)")
+    parser.add_argument(
+        "--law", metavar="LAW.yaml", help="a law saved by `fit` or law.save() (default: the paper's Capybara law)"
+    )
     if block:
-        parser.add_argument("--block-size", type=block_size, default=128, metavar="B",
-                            help="elements per scale: an int, 'channel' or 'tensor' (default: 128)")
+        parser.add_argument(
+            "--block-size",
+            type=block_size,
+            default=128,
+            metavar="B",
+            help="elements per scale: an int, 'channel' or 'tensor' (default: 128)",
+        )
 
 
-def _add_config_options(parser: argparse.ArgumentParser, *, example: str, out: tuple[str, str], progress_bar: str) -> None:
+def _add_config_options(
+    parser: argparse.ArgumentParser, *, example: str, out: tuple[str, str], progress_bar: str
+) -> None:
     """The options of a command run from a config (sweep, demo): KEY=VALUE overrides, --out, --no-progress-bar."""
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=f"config overrides, e.g. {example}")
     parser.add_argument("--out", metavar=out[0], help=out[1])
@@ -196,26 +205,52 @@ def cmd_formats(args: argparse.Namespace) -> int:
         aliases = ", ".join(a for a in groups[fmt] if a != fmt.name)
         best = law.optimal_format(fmt.bits) if fmt.bits >= 2 else None
         law_best = "yes" if best is not None and (best.ebits, best.mbits) == (fmt.ebits, fmt.mbits) else ""
-        rows.append([fmt.name, aliases, str(fmt.bits), str(fmt.ebits), str(fmt.mbits), str(fmt.bias),
-                     _g(fmt.max, 6), _g(fmt.min_subnormal, 4), fmt.special, law_best])
+        rows.append(
+            [
+                fmt.name,
+                aliases,
+                str(fmt.bits),
+                str(fmt.ebits),
+                str(fmt.mbits),
+                str(fmt.bias),
+                _g(fmt.max, 6),
+                _g(fmt.min_subnormal, 4),
+                fmt.special,
+                law_best,
+            ]
+        )
     console = _console()
-    console.print(_table("Named formats: 1 sign + E exponent + M mantissa bits",
-                         ["name", "aliases", "bits", "E", "M", "bias", "max", "min subnormal", "special", "law's best E/M"],
-                         rows, right=[False, False, True, True, True, True, True, True, False, False]))
+    console.print(
+        _table(
+            "Named formats: 1 sign + E exponent + M mantissa bits",
+            ["name", "aliases", "bits", "E", "M", "bias", "max", "min subnormal", "special", "law's best E/M"],
+            rows,
+            right=[False, False, True, True, True, True, True, True, False, False],
+        )
+    )
     if args.optimal:
         rows = []
         for p in range(2, 17):
             e_opt, m_opt = law.optimal_split(p)
             best = law.optimal_format(p)
             rows.append([str(p), best.name, f"{e_opt:.2f}", f"{m_opt:.2f}"])
-        console.print(_table("Best split per bit width (Capybara law, arXiv 2501.02423): integer pair minimising 1/((E+0.5)^dl (M+0.5)^nu)",
-                             ["bits", "best format", "E_opt", "M_opt"], rows, right=[True, False, True, True]))
+        console.print(
+            _table(
+                "Best split per bit width (Capybara law, arXiv 2501.02423): integer pair minimising 1/((E+0.5)^dl (M+0.5)^nu)",
+                ["bits", "best format", "E_opt", "M_opt"],
+                rows,
+                right=[True, False, True, True],
+            )
+        )
     return 0
 
 
 def add_formats(sub) -> None:
-    p = sub.add_parser("formats", help="table of the named formats (bits, E, M, bias, range, special values)",
-                       description="List the named floating-point formats.")
+    p = sub.add_parser(
+        "formats",
+        help="table of the named formats (bits, E, M, bias, range, special values)",
+        description="List the named floating-point formats.",
+    )
     p.add_argument("--bits", type=int, help="only formats of this many bits")
     p.add_argument("--optimal", action="store_true", help="also list the law's best E/M split for every width 2..16")
     p.set_defaults(func=cmd_formats)
@@ -228,18 +263,30 @@ def verdict(law, N: float, D: float, fmt, bs) -> str:
     """One line on whether D tokens in ``fmt`` still pay, from D_crit and the token value."""
     d_crit = float(law.critical_data_size(N, fmt, bs))
     if math.isinf(d_crit):
-        why = "no quantization penalty at this block size" if law.kind == "capybara" else "this law has no data-dependent quantization penalty"
+        why = (
+            "no quantization penalty at this block size"
+            if law.kind == "capybara"
+            else "this law has no data-dependent quantization penalty"
+        )
         return f"{fmt.name}: no critical data size ({why}): more tokens always lower the loss."
     ratio = D / d_crit
     worth = float(law.token_value(N, D, fmt, bs))
     if ratio <= 0.5:
-        return (f"OK: {_g(D)} tokens is {_pct(ratio)} of D_crit ({_g(d_crit)}) for {fmt.name}; "
-                f"a further token is still worth {_pct(worth)} of an unquantized one.")
+        return (
+            f"OK: {_g(D)} tokens is {_pct(ratio)} of D_crit ({_g(d_crit)}) for {fmt.name}; "
+            f"a further token is still worth {_pct(worth)} of an unquantized one."
+        )
     if ratio <= 1.0:
-        return (f"NEAR D_crit: {_g(D)} tokens is {_pct(ratio)} of D_crit ({_g(d_crit)}) for {fmt.name}; "
-                f"a further token is worth only {_pct(worth)} of an unquantized one: widen the format before {_g(d_crit)} tokens.")
+        return (
+            f"NEAR D_crit: {_g(D)} tokens is {_pct(ratio)} of D_crit ({_g(d_crit)}) for {fmt.name}; "
+            f"a further token is worth only {_pct(worth)} of an unquantized one: widen the format before {_g(d_crit)} tokens."
+        )
     wider = _first_wider(law, N, D, fmt, bs)
-    advice = f"switch to {wider[0].name} ({wider[0].bits} bits, D_crit {_g(wider[1])}) by {_g(d_crit)} tokens" if wider else "no format up to 32 bits reaches this D"
+    advice = (
+        f"switch to {wider[0].name} ({wider[0].bits} bits, D_crit {_g(wider[1])}) by {_g(d_crit)} tokens"
+        if wider
+        else "no format up to 32 bits reaches this D"
+    )
     return f"PAST D_crit: tokens beyond {_g(d_crit)} raise the loss in {fmt.name}; {advice}."
 
 
@@ -269,10 +316,25 @@ def cmd_predict(args: argparse.Namespace) -> int:
     for fmt in args.format:
         loss = float(law.loss(N, D, fmt, bs))
         d_crit = float(law.critical_data_size(N, fmt, bs))
-        rows.append([fmt.name, str(fmt.bits), f"{loss:.4f}", f"{loss - baseline:+.4f}", _g(d_crit),
-                     "0" if math.isinf(d_crit) else f"{D / d_crit:.3g}", f"{float(law.min_loss(N, fmt, bs)):.4f}"])
-    console.print(_table(None, ["format", "bits", "loss", "vs unquantized", "D_crit (tokens)", "D / D_crit", "loss at D_crit"],
-                         rows, right=[False, True, True, True, True, True, True]))
+        rows.append(
+            [
+                fmt.name,
+                str(fmt.bits),
+                f"{loss:.4f}",
+                f"{loss - baseline:+.4f}",
+                _g(d_crit),
+                "0" if math.isinf(d_crit) else f"{D / d_crit:.3g}",
+                f"{float(law.min_loss(N, fmt, bs)):.4f}",
+            ]
+        )
+    console.print(
+        _table(
+            None,
+            ["format", "bits", "loss", "vs unquantized", "D_crit (tokens)", "D / D_crit", "loss at D_crit"],
+            rows,
+            right=[False, True, True, True, True, True, True],
+        )
+    )
     for fmt in args.format:
         console.print(verdict(law, N, D, fmt, bs))
     if len(args.format) > 1:
@@ -282,11 +344,20 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def add_predict(sub) -> None:
-    p = sub.add_parser("predict", help="predicted loss, critical data size and a verdict for one run",
-                       description="Predict a quantized run's loss and how far it is from the critical data size.")
+    p = sub.add_parser(
+        "predict",
+        help="predicted loss, critical data size and a verdict for one run",
+        description="Predict a quantized run's loss and how far it is from the critical data size.",
+    )
     p.add_argument("--params", type=positive_number, required=True, metavar="N", help="parameters (e.g. 1e9, 1.3B)")
     p.add_argument("--tokens", type=positive_number, required=True, metavar="D", help="training tokens (e.g. 2e12, 2T)")
-    p.add_argument("--format", type=format_list, required=True, metavar="FMT[,FMT...]", help="format name(s): e2m1, e4m3, bf16, eXmY ...")
+    p.add_argument(
+        "--format",
+        type=format_list,
+        required=True,
+        metavar="FMT[,FMT...]",
+        help="format name(s): e2m1, e4m3, bf16, eXmY ...",
+    )
     _add_law_options(p)
     p.set_defaults(func=cmd_predict)
 
@@ -301,13 +372,21 @@ def cmd_plan(args: argparse.Namespace) -> int:
     C, bs = args.compute, args.block_size
     plan = law.optimal_precision(C, N=args.params, D=args.tokens, block_size=bs)
     console = _console()
-    regime = {"joint": "N, D and precision free", "fixed_N": f"N fixed at {_g(plan.params)}", "fixed_D": f"D fixed at {_g(plan.tokens)}"}
+    regime = {
+        "joint": "N, D and precision free",
+        "fixed_N": f"N fixed at {_g(plan.params)}",
+        "fixed_D": f"D fixed at {_g(plan.tokens)}",
+    }
     console.print(_law_line(law))
     console.print(f"compute {_g(C)} FLOPs (C = 6/16 * P * N * D), {_block_text(bs)}; {regime[plan.regime]}")
-    console.print(f"optimal precision: {plan.bits:.2f} bits (real-valued E/M split): "
-                  f"N = {_g(plan.params)}, D = {_g(plan.tokens)}, loss {plan.loss:.4f}")
-    console.print(f"best format: {plan.format.name} ({plan.format.bits} bits): "
-                  f"N = {_g(plan.format_params)}, D = {_g(plan.format_tokens)}, loss {plan.format_loss:.4f}")
+    console.print(
+        f"optimal precision: {plan.bits:.2f} bits (real-valued E/M split): "
+        f"N = {_g(plan.params)}, D = {_g(plan.tokens)}, loss {plan.loss:.4f}"
+    )
+    console.print(
+        f"best format: {plan.format.name} ({plan.format.bits} bits): "
+        f"N = {_g(plan.format_params)}, D = {_g(plan.format_tokens)}, loss {plan.format_loss:.4f}"
+    )
     rows, losses = [], {}
     for fmt in args.formats:
         try:
@@ -317,24 +396,55 @@ def cmd_plan(args: argparse.Namespace) -> int:
             continue
         losses[fmt.name] = loss
         d_crit = float(law.critical_data_size(n_, fmt, bs))
-        rows.append([fmt.name, str(fmt.bits), _g(n_), _g(d_), f"{loss:.4f}", "0" if math.isinf(d_crit) else f"{d_ / d_crit:.3g}"])
-    how = {"joint": "N and D re-optimised per format", "fixed_N": "D = C / (6/16 * P * N)", "fixed_D": "N = C / (6/16 * P * D)"}
-    console.print(_table(f"the same budget in each listed format ({how[plan.regime]})",
-                         ["format", "bits", "N", "D", "loss", "D / D_crit"], rows, right=[False, True, True, True, True, True]))
+        rows.append(
+            [
+                fmt.name,
+                str(fmt.bits),
+                _g(n_),
+                _g(d_),
+                f"{loss:.4f}",
+                "0" if math.isinf(d_crit) else f"{d_ / d_crit:.3g}",
+            ]
+        )
+    how = {
+        "joint": "N and D re-optimised per format",
+        "fixed_N": "D = C / (6/16 * P * N)",
+        "fixed_D": "N = C / (6/16 * P * D)",
+    }
+    console.print(
+        _table(
+            f"the same budget in each listed format ({how[plan.regime]})",
+            ["format", "bits", "N", "D", "loss", "D / D_crit"],
+            rows,
+            right=[False, True, True, True, True, True],
+        )
+    )
     if losses:
         console.print(f"best of the listed formats: {min(losses, key=losses.get)}")
     return 0
 
 
 def add_plan(sub) -> None:
-    p = sub.add_parser("plan", help="compute-optimal precision and format for a FLOP budget",
-                       description="Minimise the law's loss at fixed compute C = (6/16) P N D.")
-    p.add_argument("--compute", type=positive_number, required=True, metavar="FLOPS", help="training compute in FLOPs (e.g. 1e23)")
+    p = sub.add_parser(
+        "plan",
+        help="compute-optimal precision and format for a FLOP budget",
+        description="Minimise the law's loss at fixed compute C = (6/16) P N D.",
+    )
+    p.add_argument(
+        "--compute", type=positive_number, required=True, metavar="FLOPS", help="training compute in FLOPs (e.g. 1e23)"
+    )
     fixed = p.add_mutually_exclusive_group()
-    fixed.add_argument("--params", type=positive_number, metavar="N", help="fix the model size (precision and D are planned)")
+    fixed.add_argument(
+        "--params", type=positive_number, metavar="N", help="fix the model size (precision and D are planned)"
+    )
     fixed.add_argument("--tokens", type=positive_number, metavar="D", help="fix the data (precision and N are planned)")
-    p.add_argument("--formats", type=format_list, default="e2m1,e3m2,e4m3,bf16", metavar="FMT[,FMT...]",
-                   help="formats to compare at this budget (default: e2m1,e3m2,e4m3,bf16)")
+    p.add_argument(
+        "--formats",
+        type=format_list,
+        default="e2m1,e3m2,e4m3,bf16",
+        metavar="FMT[,FMT...]",
+        help="formats to compare at this budget (default: e2m1,e3m2,e4m3,bf16)",
+    )
     _add_law_options(p)
     p.set_defaults(func=cmd_plan)
 
@@ -371,7 +481,9 @@ def _fit_rows(path: str, min_tokens: Optional[float] = None) -> tuple[list, list
     rows = read_csv_rows(path)  # ValueError: one line on stderr, exit 2, like CLIError
     used, counts = ok_rows(rows)
     if not used:
-        raise CLIError(f"CSV {path!r}: none of its {counts['total']} rows has status ok ({counts['failed']} failed): nothing to fit")
+        raise CLIError(
+            f"CSV {path!r}: none of its {counts['total']} rows has status ok ({counts['failed']} failed): nothing to fit"
+        )
     left_out = []
     if counts["failed"]:
         left_out.append(f"{counts['failed']} failed")
@@ -400,8 +512,14 @@ def _critical_table(law, data) -> Any:
 
     consts = law.constants()
     n_lo, n_hi = float(data["N"].min()), float(data["N"].max())
-    keys = sorted({(int(e), int(m), float(lb), str(b)) for e, m, lb, b in zip(data["E"], data["M"], data["log2b"], data["B"]) if lb > 0},
-                  key=lambda k: (k[2], k[0] + k[1], k[0]))
+    keys = sorted(
+        {
+            (int(e), int(m), float(lb), str(b))
+            for e, m, lb, b in zip(data["E"], data["M"], data["log2b"], data["B"])
+            if lb > 0
+        },
+        key=lambda k: (k[2], k[0] + k[1], k[0]),
+    )
     rows = []
     for e, m, lb, b in keys:
         sel = (data["E"] == e) & (data["M"] == m) & np.isclose(data["log2b"], lb)
@@ -409,9 +527,12 @@ def _critical_table(law, data) -> Any:
         crit_lo = float(capybara_critical_data_size(n_lo, e, m, lb, **consts))
         crit_hi = float(capybara_critical_data_size(n_hi, e, m, lb, **consts))
         rows.append([f"e{e}m{m}", b, _g(crit_lo), _g(crit_hi), _g(d_max), f"{d_max / crit_lo:.3g}"])
-    return _table(f"critical data size of the fitted law (tokens), at the rows' smallest N = {_g(n_lo)} and largest N = {_g(n_hi)}",
-                  ["format", "B", "D_crit (small N)", "D_crit (large N)", "largest D run", "that D / D_crit (small N)"],
-                  rows, right=[False, True, True, True, True, True])
+    return _table(
+        f"critical data size of the fitted law (tokens), at the rows' smallest N = {_g(n_lo)} and largest N = {_g(n_hi)}",
+        ["format", "B", "D_crit (small N)", "D_crit (large N)", "largest D run", "that D / D_crit (small N)"],
+        rows,
+        right=[False, True, True, True, True, True],
+    )
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
@@ -426,19 +547,39 @@ def cmd_fit(args: argparse.Namespace) -> int:
     if args.plots and args.kind != "capybara":
         raise CLIError(f"--plots draws capybara fits only (formats and block sizes), not a {args.kind} fit")
     rows, short, note = _fit_rows(args.csv, args.min_tokens)
-    result = fit(rows, kind=args.kind, fixed=_fixed_constants(args.fix), holdout=holdout, starts=args.starts, seed=args.seed)
+    result = fit(
+        rows, kind=args.kind, fixed=_fixed_constants(args.fix), holdout=holdout, starts=args.starts, seed=args.seed
+    )
     law = result.law
     paper = type(law).paper().constants()
     console = _console()
-    rows_table = [[name, f"{value:.6g}", f"{paper[name]:.6g}", "fixed" if name in result.fixed else ("at bound" if name in result.at_bounds else "")]
-                  for name, value in law.constants().items() if name in paper and name in type(law).FITTED]
-    console.print(_table(f"{type(law).__name__} fitted to {args.csv}", ["constant", "fitted", "paper", "note"], rows_table,
-                         right=[False, True, True, False]))
+    rows_table = [
+        [
+            name,
+            f"{value:.6g}",
+            f"{paper[name]:.6g}",
+            "fixed" if name in result.fixed else ("at bound" if name in result.at_bounds else ""),
+        ]
+        for name, value in law.constants().items()
+        if name in paper and name in type(law).FITTED
+    ]
+    console.print(
+        _table(
+            f"{type(law).__name__} fitted to {args.csv}",
+            ["constant", "fitted", "paper", "note"],
+            rows_table,
+            right=[False, True, True, False],
+        )
+    )
     console.print(f"{note}; {result.summary()}")
     worst = int(abs(result.residuals).argmax())
-    console.print(f"largest residual: row {worst + 1} of the rows used, observed {result.observed[worst]:.4f}, predicted {result.predicted[worst]:.4f}")
+    console.print(
+        f"largest residual: row {worst + 1} of the rows used, observed {result.observed[worst]:.4f}, predicted {result.predicted[worst]:.4f}"
+    )
     if result.at_bounds:
-        console.print(f"note: {', '.join(result.at_bounds)} ended on a bound: the rows may not determine them; consider --fix")
+        console.print(
+            f"note: {', '.join(result.at_bounds)} ended on a bound: the rows may not determine them; consider --fix"
+        )
     data = load_rows(rows, kind=args.kind) if (args.plots or law.kind == "capybara") else None
     if law.kind == "capybara" and (data["log2b"] > 0).any():
         console.print(_critical_table(law, data))
@@ -455,20 +596,40 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 
 def add_fit(sub) -> None:
-    p = sub.add_parser("fit", help="fit the law's constants to your runs (CSV: N, D, E, M, B, loss)",
-                       description="Fit a scaling law to a CSV of runs: columns N, D, E, M (or format), B, loss. "
-                       "A sweep CSV's failed rows are left out.")
+    p = sub.add_parser(
+        "fit",
+        help="fit the law's constants to your runs (CSV: N, D, E, M, B, loss)",
+        description="Fit a scaling law to a CSV of runs: columns N, D, E, M (or format), B, loss. "
+        "A sweep CSV's failed rows are left out.",
+    )
     p.add_argument("csv", help="CSV file, one run per row (e.g. written by `lightning-fpq sweep`)")
     p.add_argument("--out", metavar="LAW.yaml", help="write the fitted law here")
-    p.add_argument("--plots", metavar="DIR", help="write loss_vs_tokens.png, fitted_vs_observed.png and residuals.png here")
-    p.add_argument("--kind", choices=("capybara", "kumar", "chinchilla"), default="capybara", help="which law to fit (default: capybara)")
-    p.add_argument("--holdout", metavar="FRACTION|largest_N", help="rows kept out of the fit and scored: a fraction, or the largest model")
-    p.add_argument("--min-tokens", type=positive_number, metavar="D",
-                   help="leave out runs with fewer training tokens (early-training runs the law does not describe); "
-                   "the plots still show them")
+    p.add_argument(
+        "--plots", metavar="DIR", help="write loss_vs_tokens.png, fitted_vs_observed.png and residuals.png here"
+    )
+    p.add_argument(
+        "--kind",
+        choices=("capybara", "kumar", "chinchilla"),
+        default="capybara",
+        help="which law to fit (default: capybara)",
+    )
+    p.add_argument(
+        "--holdout",
+        metavar="FRACTION|largest_N",
+        help="rows kept out of the fit and scored: a fraction, or the largest model",
+    )
+    p.add_argument(
+        "--min-tokens",
+        type=positive_number,
+        metavar="D",
+        help="leave out runs with fewer training tokens (early-training runs the law does not describe); "
+        "the plots still show them",
+    )
     p.add_argument("--fix", metavar="NAME=VALUE,...", help="hold constants fixed, e.g. dl=3.1926,nu=2.9543")
     p.add_argument("--starts", type=int, default=16, help="starting points of the optimiser (default: 16)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random starts and of a random hold-out (default: 0)")
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the random starts and of a random hold-out (default: 0)"
+    )
     p.set_defaults(func=cmd_fit)
 
 
@@ -491,14 +652,19 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def add_sweep(sub) -> None:
     p = sub.add_parser(
-        "sweep", help="a grid of small training runs -> a CSV to fit the law to (resumable)",
+        "sweep",
+        help="a grid of small training runs -> a CSV to fit the law to (resumable)",
         description="Train every run of a grid (model sizes x token budgets x formats x block sizes x seeds) and append "
         "one row per run to a CSV as it finishes; run it again to resume. A run that fails is recorded with its "
         "reason and the sweep goes on (exit status 1 if any run failed). Any config key can be set as key=value.",
     )
     p.add_argument("config", metavar="CONFIG.yaml", help="the sweep config (see examples/calibration/sweep.yaml)")
-    _add_config_options(p, example="threads=2 lr=0.002", out=("CSV", "the CSV to append to (default: the config's out)"),
-                        progress_bar="no live bar (one line per run is printed anyway)")
+    _add_config_options(
+        p,
+        example="threads=2 lr=0.002",
+        out=("CSV", "the CSV to append to (default: the config's out)"),
+        progress_bar="no live bar (one line per run is printed anyway)",
+    )
     p.add_argument("--dry-run", action="store_true", help="list the runs still to do; train nothing")
     p.add_argument("--retry-failed", action="store_true", help="also run again the runs recorded as failed")
     p.set_defaults(func=cmd_sweep)
@@ -518,19 +684,29 @@ def cmd_plot(args: argparse.Namespace) -> int:
         raise CLIError(f"--min-tokens {_g(lo)} must be below --max-tokens {_g(hi)}")
     from lightning_fpq.scaling.plots import plot_law
 
-    title = (f"{type(law).__name__}: N = {_g(N)} parameters, {_block_text(bs)}\n"
-             f"dots: critical data size D_crit, the lowest loss each format reaches")
+    title = (
+        f"{type(law).__name__}: N = {_g(N)} parameters, {_block_text(bs)}\n"
+        f"dots: critical data size D_crit, the lowest loss each format reaches"
+    )
     path = plot_law(law, N, args.formats, bs, args.out, tokens=(lo, hi), title=title)
     print(f"wrote {path}")
     return 0
 
 
 def add_plot(sub) -> None:
-    p = sub.add_parser("plot", help="loss against tokens per format, D_crit marked (PNG)",
-                       description="Plot the law's predicted loss against training tokens for several formats.")
+    p = sub.add_parser(
+        "plot",
+        help="loss against tokens per format, D_crit marked (PNG)",
+        description="Plot the law's predicted loss against training tokens for several formats.",
+    )
     p.add_argument("--params", type=positive_number, required=True, metavar="N", help="parameters (e.g. 1e9)")
-    p.add_argument("--formats", type=format_list, default="e2m1,e4m3,bf16", metavar="FMT[,FMT...]",
-                   help="formats to draw (default: e2m1,e4m3,bf16)")
+    p.add_argument(
+        "--formats",
+        type=format_list,
+        default="e2m1,e4m3,bf16",
+        metavar="FMT[,FMT...]",
+        help="formats to draw (default: e2m1,e4m3,bf16)",
+    )
     p.add_argument("--out", required=True, metavar="FILE.png", help="output image")
     p.add_argument("--min-tokens", type=positive_number, metavar="D", help="left end of the token axis")
     p.add_argument("--max-tokens", type=positive_number, metavar="D", help="right end of the token axis")
@@ -557,18 +733,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def add_demo(sub) -> None:
     p = sub.add_parser(
-        "demo", help="train a small GPT with FP4 -> FP8 -> BF16 on the Python stdlib's source (CPU, minutes)",
+        "demo",
+        help="train a small GPT with FP4 -> FP8 -> BF16 on the Python stdlib's source (CPU, minutes)",
         description="Train a small GPT on an embedded corpus (the Python standard library's own source, byte-level) "
         "with progressive precision, then write a plot, CSV logs and a summary. Any config key can be set as key=value.",
     )
-    _add_config_options(p, example="steps=1200 block=16", out=("DIR", "where the plot, logs and summary go (default: runs/demo)"),
-                        progress_bar="no progress bar (for logs and CI)")
+    _add_config_options(
+        p,
+        example="steps=1200 block=16",
+        out=("DIR", "where the plot, logs and summary go (default: runs/demo)"),
+        progress_bar="no progress bar (for logs and CI)",
+    )
     p.add_argument("--config", metavar="YAML", help="a demo config (see examples/configs/demo.yaml)")
     p.add_argument("--steps", type=int, help="optimizer steps per run")
     p.add_argument("--model", help="GPT size: tiny, demo or small")
     p.add_argument("--schedule", type=format_list, help="formats, lowest precision first (default: e2m1,e4m3,bf16)")
     p.add_argument("--switch-at", help="switch points, comma-separated, in --unit; or 'auto' (from the law)")
-    p.add_argument("--unit", choices=("budget", "tokens", "dcrit"), help="unit of --switch-at (default: budget fractions)")
+    p.add_argument(
+        "--unit", choices=("budget", "tokens", "dcrit"), help="unit of --switch-at (default: budget fractions)"
+    )
     p.add_argument("--law", metavar="LAW.yaml", help="scaling law for D_crit (default: the paper's constants)")
     p.add_argument("--baseline", action="store_true", help="also train a BF16-only run for comparison")
     p.set_defaults(func=cmd_demo)
@@ -603,25 +786,42 @@ def cmd_backends(args: argparse.Namespace) -> int:
 
 
 def add_backends(sub) -> None:
-    p = sub.add_parser("backends", help="which layer backends run here, and which one each recipe gets",
-                       description="The backends available on this machine and the backend that runs each "
-                                   "named recipe (backend='auto' unless --backend forces one).")
+    p = sub.add_parser(
+        "backends",
+        help="which layer backends run here, and which one each recipe gets",
+        description="The backends available on this machine and the backend that runs each "
+        "named recipe (backend='auto' unless --backend forces one).",
+    )
     p.add_argument("--device", choices=("cpu", "cuda"), help="device type to choose for (default: cuda if present)")
     p.add_argument("--backend", default="auto", help="the FPQuantPrecision backend argument to resolve (default: auto)")
-    p.add_argument("--recipes", default="paper,full,fp8,fp4,nvfp4,mxfp4,mxfp8,bf16",
-                   help="comma-separated named recipes (default: all)")
+    p.add_argument(
+        "--recipes",
+        default="paper,full,fp8,fp4,nvfp4,mxfp4,mxfp8,bf16",
+        help="comma-separated named recipes (default: all)",
+    )
     p.set_defaults(func=cmd_backends)
 
 
 # ------------------------------------------------------------------------- main
 
 
-SUBCOMMANDS: list[Callable[[Any], None]] = [add_formats, add_predict, add_plan, add_fit, add_plot, add_demo, add_sweep, add_backends]
+SUBCOMMANDS: list[Callable[[Any], None]] = [
+    add_formats,
+    add_predict,
+    add_plan,
+    add_fit,
+    add_plot,
+    add_demo,
+    add_sweep,
+    add_backends,
+]
 """Each entry registers one subcommand on the subparsers object: append yours here."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description="Floating-point quantized training: formats, the Capybara scaling law, plans.")
+    parser = _Parser(
+        prog=PROG, description="Floating-point quantized training: formats, the Capybara scaling law, plans."
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for register in SUBCOMMANDS:
         register(sub)
@@ -635,7 +835,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args, extra = parser.parse_known_args(argv)
         # KEY=VALUE overrides after an option ("sweep cfg.yaml --dry-run lr=0.01"): argparse
         # fills a positional nargs="*" only once, so later ones come back as extras
-        if extra and isinstance(getattr(args, "overrides", None), list) and all("=" in a and not a.startswith("-") for a in extra):
+        if (
+            extra
+            and isinstance(getattr(args, "overrides", None), list)
+            and all("=" in a and not a.startswith("-") for a in extra)
+        ):
             args.overrides.extend(extra)
         elif extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -643,7 +847,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return stop.code if isinstance(stop.code, int) else EXIT_USAGE
     try:
         return int(args.func(args) or 0)
-    except (CLIError, ValueError, OSError, ImportError) as err:  # ImportError: an optional package (matplotlib) is missing
+    except (
+        CLIError,
+        ValueError,
+        OSError,
+        ImportError,
+    ) as err:  # ImportError: an optional package (matplotlib) is missing
         message = " ".join(str(err).split()) or type(err).__name__
         print(f"{PROG} {args.command}: error: {message}", file=sys.stderr)
         return EXIT_USAGE

@@ -57,8 +57,9 @@ import os
 import shutil
 import threading
 import types
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
@@ -93,7 +94,7 @@ _compile_failure: Optional[str] = None  # set once a compile fails before any su
 _any_compiled = False
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _static_availability() -> tuple[bool, str]:
     if not hasattr(torch, "compile"):
         return False, f"torch.compile is unavailable: torch {torch.__version__} has no torch.compile"
@@ -197,8 +198,9 @@ def _e4m3_scale(amax, fmax, fmax_x448):
     return torch.where(decode > 0, torch.ones_like(decode) / decode, 1.0).clamp(max=_FP32_MAX)
 
 
-def _make_graph(fmt: FPFormat, layout: str, scale_format: str, stochastic: bool, saturate: bool,
-                out_dtype: torch.dtype) -> Callable:
+def _make_graph(
+    fmt: FPFormat, layout: str, scale_format: str, stochastic: bool, saturate: bool, out_dtype: torch.dtype
+) -> Callable:
     """The function torch.compile traces for one kernel key (a fresh closure per key).
 
     Everything but the data is a compile-time constant folded into the C++ loop (runtime
@@ -337,11 +339,15 @@ def _why_not(x: torch.Tensor, fmt: FPFormat, backend: str) -> Optional[str]:
     """Why the compiled path cannot take this call (None: it can). The cheap checks come
     first, so that a call the fast path would decline never imports inductor."""
     if x.device.type != "cpu":
-        return (f"the compiled quantizer runs on CPU tensors only (got {x.device.type}); on other "
-                "devices it has not been verified bit-identical to the reference")
+        return (
+            f"the compiled quantizer runs on CPU tensors only (got {x.device.type}); on other "
+            "devices it has not been verified bit-identical to the reference"
+        )
     if fmt.ebits > MAX_FAST_EBITS:
-        return (f"format {fmt.name} has {fmt.ebits} exponent bits: the fp32 fast path is exact only "
-                f"up to {MAX_FAST_EBITS} (E8 steps can be fp32 subnormals)")
+        return (
+            f"format {fmt.name} has {fmt.ebits} exponent bits: the fp32 fast path is exact only "
+            f"up to {MAX_FAST_EBITS} (E8 steps can be fp32 subnormals)"
+        )
     if fmt.max < 1:
         return f"format {fmt.name} has max {fmt.max} < 1 (a degenerate grid the e8m0 bit tricks do not cover)"
     if x.numel() == 0:
@@ -388,8 +394,10 @@ def quantize_fast(
 
     def refuse(reason: str) -> None:
         if forced:
-            raise ValueError(f"backend='compiled' cannot quantize this call: {reason}; "
-                             "use backend='auto' (falls back to the reference) or 'reference'")
+            raise ValueError(
+                f"backend='compiled' cannot quantize this call: {reason}; "
+                "use backend='auto' (falls back to the reference) or 'reference'"
+            )
         return None
 
     reason = _why_not(x, fmt, backend)
@@ -404,8 +412,10 @@ def quantize_fast(
     xc = xc if xc.is_contiguous() else xc.contiguous()  # a copy, never a write to x
     plan = _plan(xc, block_size, axis)
     if plan is None:
-        return refuse(f"block_size={block_size} does not divide axis {axis} of shape {tuple(x.shape)} "
-                      "(the reference zero-pads the last block)")
+        return refuse(
+            f"block_size={block_size} does not divide axis {axis} of shape {tuple(x.shape)} "
+            "(the reference zero-pads the last block)"
+        )
     layout, shape, fixed = plan
     static = tuple(s if (f or s < 2) else None for s, f in zip(shape, fixed))
     key = _KernelKey(fmt, layout, static, scale_format, rounding == "stochastic", saturate, x.dtype)

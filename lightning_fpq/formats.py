@@ -89,7 +89,9 @@ class FPFormat:
         if self.special not in SPECIAL_MODES:
             raise ValueError(f"FPFormat special={self.special!r} is not one of {SPECIAL_MODES}")
         if self.ebits == 0 and self.special != "finite":
-            raise ValueError(f"an E0M{self.mbits} format has no exponent to reserve: special must be 'finite', got {self.special!r}")
+            raise ValueError(
+                f"an E0M{self.mbits} format has no exponent to reserve: special must be 'finite', got {self.special!r}"
+            )
         if self.mbits == 0 and (self.ebits == 0 or (self.ebits == 1 and self.special != "finite")):
             raise ValueError(
                 f"E{self.ebits}M0 with special={self.special!r} has no finite non-zero value; "
@@ -106,7 +108,7 @@ class FPFormat:
 
     # ------------------------------------------------------------------ parsing
     @classmethod
-    def parse(cls, spec: Union[str, "FPFormat"]) -> "FPFormat":
+    def parse(cls, spec: Union[str, FPFormat]) -> FPFormat:
         """Accept an ``FPFormat`` or a case-insensitive name: 'e2m1', 'fp8', 'e4m3:ieee', ..."""
         if isinstance(spec, FPFormat):
             return spec

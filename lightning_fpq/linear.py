@@ -14,7 +14,8 @@ This module knows formats, recipes and the state, and nothing of Lightning.
 
 from __future__ import annotations
 
-from typing import Iterable, Optional, Union
+from collections.abc import Iterable
+from typing import Optional, Union
 
 import torch
 import torch.nn as nn
@@ -70,7 +71,7 @@ class QuantLinear(nn.Linear):
         state.register(self._fpq_name)
 
     @classmethod
-    def from_linear(cls, module: nn.Linear, state: QuantState, name: str = "") -> "QuantLinear":
+    def from_linear(cls, module: nn.Linear, state: QuantState, name: str = "") -> QuantLinear:
         """Convert ``module`` in place (its class changes, its Parameters stay) and return it."""
         new_cls = _quant_class_for(type(module))
         if new_cls is None:
@@ -95,7 +96,11 @@ class QuantLinear(nn.Linear):
             return F.linear(input, self.weight, self.bias)
         generator = state.generator(self._fpq_name, input.device) if spec.needs_generator else None
         return quant_linear(
-            input, self.weight, self.bias, spec, generator=generator,
+            input,
+            self.weight,
+            self.bias,
+            spec,
+            generator=generator,
             backend=state.layer_backend(self._fpq_name, input.device),
             save_quantized_weight=state.save_quantized_weight,
             weight_cache=self._fpq_wcache if state.cache_weights else None,

@@ -38,8 +38,13 @@ from .spec import LayerSpec, OperandSpec
 __all__ = ["quant_linear", "quantize_pair", "WeightCache", "Plan"]
 
 
-def _q(x: torch.Tensor, spec: Optional[OperandSpec], axis: int, generator: Optional[torch.Generator],
-       quantizer: str = "auto") -> torch.Tensor:
+def _q(
+    x: torch.Tensor,
+    spec: Optional[OperandSpec],
+    axis: int,
+    generator: Optional[torch.Generator],
+    quantizer: str = "auto",
+) -> torch.Tensor:
     """Fake-quantize one operand along ``axis`` (``x`` itself when the spec is None) with the
     ``quantize`` backend ``quantizer`` (every one is bit-identical to the reference)."""
     if spec is None:
@@ -51,7 +56,9 @@ def _q(x: torch.Tensor, spec: Optional[OperandSpec], axis: int, generator: Optio
 
 
 @torch.library.custom_op("lightning_fpq::fake_quantize", mutates_args=())
-def _fake_quantize(x: torch.Tensor, fmt: str, block_size: str, axis: int, scale_format: str, backend: str) -> torch.Tensor:
+def _fake_quantize(
+    x: torch.Tensor, fmt: str, block_size: str, axis: int, scale_format: str, backend: str
+) -> torch.Tensor:
     """``quantize`` (nearest rounding) as an opaque op: ``torch.compile`` puts it in the graph
     as one node and runs the quantizer's own fast path, instead of tracing its float64 code."""
     block = None if block_size == "none" else int(block_size) if block_size.isdigit() else block_size
@@ -64,11 +71,20 @@ def _(x, fmt, block_size, axis, scale_format, backend):
 
 
 @torch.compiler.disable
-def _quantize_stochastic(x: torch.Tensor, spec: OperandSpec, axis: int, generator: Optional[torch.Generator],
-                         quantizer: str) -> torch.Tensor:
+def _quantize_stochastic(
+    x: torch.Tensor, spec: OperandSpec, axis: int, generator: Optional[torch.Generator], quantizer: str
+) -> torch.Tensor:
     # eager (a graph break under torch.compile): the draws come from the layer's own generator
-    return quantize(x, spec.fmt, block_size=spec.block_size, axis=axis, scale_format=spec.scale_format,
-                    rounding="stochastic", generator=generator, backend=quantizer)
+    return quantize(
+        x,
+        spec.fmt,
+        block_size=spec.block_size,
+        axis=axis,
+        scale_format=spec.scale_format,
+        rounding="stochastic",
+        generator=generator,
+        backend=quantizer,
+    )
 
 
 def _same_on_any_axis(a: Optional[OperandSpec], b: Optional[OperandSpec]) -> bool:
@@ -86,6 +102,9 @@ class Plan(NamedTuple):
     fp4: tuple[bool, bool, bool] = (False, False, False)
 
 
+EMULATED_PLAN = Plan()  # the reference quantizer, no packed GEMM
+
+
 def _plan(backend: str, spec: LayerSpec, shape: tuple[int, int, int]) -> Plan:
     """The quantizer of ``backend``'s dense operands and, on ``triton``, which GEMMs of this call
     (``shape`` = tokens, in, out) take packed FP4 operands."""
@@ -95,8 +114,14 @@ def _plan(backend: str, spec: LayerSpec, shape: tuple[int, int, int]) -> Plan:
     return Plan(quantizer, triton_backend.fp4_plan(spec, shape))
 
 
-def _operand(x: torch.Tensor, spec: Optional[OperandSpec], axis: int, generator: Optional[torch.Generator],
-             quantizer: str, packed: bool) -> Union[torch.Tensor, PackedTensor]:
+def _operand(
+    x: torch.Tensor,
+    spec: Optional[OperandSpec],
+    axis: int,
+    generator: Optional[torch.Generator],
+    quantizer: str,
+    packed: bool,
+) -> Union[torch.Tensor, PackedTensor]:
     return triton_backend.pack_operand(x, spec, axis, generator) if packed else _q(x, spec, axis, generator, quantizer)
 
 
@@ -141,16 +166,39 @@ class WeightCache:
 def _weight_operands(weight, spec: LayerSpec, generator, need_wq4: bool, cache: Optional[WeightCache], plan: Plan):
     """(q2(W), q4(W) or None), from the cache when W has not changed since it was filled."""
     packed = plan.fp4[:2]  # q2 feeds the forward GEMM, q4 the dgrad GEMM
-    usable = (not torch.compiler.is_compiling()
-              and all(op is None or op.rounding == "nearest" for op in (spec.weight, spec.weight_for_grad_input)))
+    usable = not torch.compiler.is_compiling() and all(
+        op is None or op.rounding == "nearest" for op in (spec.weight, spec.weight_for_grad_input)
+    )
     if cache is None or not usable:
-        return quantize_pair(weight, spec.weight, spec.weight_for_grad_input, generator, need_second=need_wq4, quantizer=plan.quantizer,
-                             packed=packed)
-    key = (weight._version, weight.data_ptr(), tuple(weight.shape), weight.dtype, spec.weight, spec.weight_for_grad_input, packed)
+        return quantize_pair(
+            weight,
+            spec.weight,
+            spec.weight_for_grad_input,
+            generator,
+            need_second=need_wq4,
+            quantizer=plan.quantizer,
+            packed=packed,
+        )
+    key = (
+        weight._version,
+        weight.data_ptr(),
+        tuple(weight.shape),
+        weight.dtype,
+        spec.weight,
+        spec.weight_for_grad_input,
+        packed,
+    )
     if cache.key == key and (not need_wq4 or cache.wq4 is not None):
         return cache.wq2, cache.wq4
-    wq2, wq4 = quantize_pair(weight, spec.weight, spec.weight_for_grad_input, generator, need_second=need_wq4, quantizer=plan.quantizer,
-                             packed=packed)
+    wq2, wq4 = quantize_pair(
+        weight,
+        spec.weight,
+        spec.weight_for_grad_input,
+        generator,
+        need_second=need_wq4,
+        quantizer=plan.quantizer,
+        packed=packed,
+    )
     cache.key, cache.wq2, cache.wq4 = key, wq2, wq4
     return wq2, wq4
 
@@ -174,8 +222,19 @@ def _join_packed(values, scales, layout):
 
 
 # ------------------------------------------------------------------ autograd fn
-def _forward(x2d, weight, bias, spec: LayerSpec, cd: torch.dtype, generator, *, need_xq6: bool, need_wq4: bool,
-             plan: Plan = Plan(), cache: Optional[WeightCache] = None):
+def _forward(
+    x2d,
+    weight,
+    bias,
+    spec: LayerSpec,
+    cd: torch.dtype,
+    generator,
+    *,
+    need_xq6: bool,
+    need_wq4: bool,
+    plan: Plan = EMULATED_PLAN,
+    cache: Optional[WeightCache] = None,
+):
     """The forward GEMM ``q1(X) @ q2(W).T + b`` (plus OCC's compensation), and, from the same
     reads of X and W, the operands the backward GEMMs will need: q6(X) and q4(W)."""
     fwd_fp4, _, wgrad_fp4 = plan.fp4
@@ -186,8 +245,15 @@ def _forward(x2d, weight, bias, spec: LayerSpec, cd: torch.dtype, generator, *, 
         xq6 = _operand(x2d, spec.input_for_grad_weight, 0, generator, plan.quantizer, wgrad_fp4) if need_xq6 else None
         residual = (x2d - x_clamped).to(cd)  # sparse: the outliers beyond the quantile
     else:
-        xq1, xq6 = quantize_pair(x2d, spec.input, spec.input_for_grad_weight, generator, need_second=need_xq6, quantizer=plan.quantizer,
-                                 packed=(fwd_fp4, wgrad_fp4))
+        xq1, xq6 = quantize_pair(
+            x2d,
+            spec.input,
+            spec.input_for_grad_weight,
+            generator,
+            need_second=need_xq6,
+            quantizer=plan.quantizer,
+            packed=(fwd_fp4, wgrad_fp4),
+        )
         xq1 = _dense(xq1, cd)
         residual = None
     # W does not change between forward and backward: q4(W) comes from this same read of W
@@ -208,15 +274,25 @@ class _QuantLinearFn(torch.autograd.Function):
     """Y = q1(X) @ q2(W).T + b, with q3..q6 in the backward GEMMs (see the module docstring)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, spec: LayerSpec, compute_dtype: torch.dtype,
-                generator: Optional[torch.Generator], save_quantized_weight: bool, cache: Optional[WeightCache],
-                plan: Plan):
+    def forward(
+        ctx,
+        x,
+        weight,
+        bias,
+        spec: LayerSpec,
+        compute_dtype: torch.dtype,
+        generator: Optional[torch.Generator],
+        save_quantized_weight: bool,
+        cache: Optional[WeightCache],
+        plan: Plan,
+    ):
         x2d = x.reshape(-1, x.shape[-1])  # (N, in)
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         cd = compute_dtype
         keep_wq4 = need_dx and save_quantized_weight
-        y, xq6, wq4 = _forward(x2d, weight, bias, spec, cd, generator, need_xq6=need_dw, need_wq4=keep_wq4,
-                               plan=plan, cache=cache)
+        y, xq6, wq4 = _forward(
+            x2d, weight, bias, spec, cd, generator, need_xq6=need_dw, need_wq4=keep_wq4, plan=plan, cache=cache
+        )
 
         ctx.spec, ctx.cd, ctx.generator, ctx.plan = spec, cd, generator, plan
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
@@ -242,8 +318,15 @@ class _QuantLinearFn(torch.autograd.Function):
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
         dyq3, dyq5 = None, None
         if need_dx:
-            dyq3, dyq5 = quantize_pair(dy2d, spec.grad_output, spec.grad_output_for_grad_weight, ctx.generator, need_second=need_dw,
-                                       quantizer=plan.quantizer, packed=(dgrad_fp4, wgrad_fp4))
+            dyq3, dyq5 = quantize_pair(
+                dy2d,
+                spec.grad_output,
+                spec.grad_output_for_grad_weight,
+                ctx.generator,
+                need_second=need_dw,
+                quantizer=plan.quantizer,
+                packed=(dgrad_fp4, wgrad_fp4),
+            )
         elif need_dw:
             dyq5 = _operand(dy2d, spec.grad_output_for_grad_weight, 0, ctx.generator, plan.quantizer, wgrad_fp4)
 
@@ -252,7 +335,9 @@ class _QuantLinearFn(torch.autograd.Function):
             if ctx.wq4_saved:
                 wq4 = saved_wq4
             else:
-                wq4 = _dense(_operand(weight, spec.weight_for_grad_input, 0, ctx.generator, plan.quantizer, dgrad_fp4), cd)
+                wq4 = _dense(
+                    _operand(weight, spec.weight_for_grad_input, 0, ctx.generator, plan.quantizer, dgrad_fp4), cd
+                )
             dx = triton_backend.gemm_packed(dyq3, wq4, cd) if dgrad_fp4 else dyq3 @ wq4  # (N, out) @ (out, in)
             dx = dx.reshape(ctx.x_shape).to(ctx.x_dtype)
         if need_dw:
@@ -299,8 +384,9 @@ def quant_linear(
     if backend == "torchao_float8":
         return backends.torchao_float8.torchao_float8_linear(x, weight, bias, spec, compute_dtype, autocast_on)
     if backend == "transformer_engine":
-        out = backends.transformer_engine.te_linear(x, weight, bias, spec, compute_dtype, autocast_on,
-                                                    slot=backend_state)
+        out = backends.transformer_engine.te_linear(
+            x, weight, bias, spec, compute_dtype, autocast_on, slot=backend_state
+        )
         if out is not None:
             return out
         # a shape TE's FP8 GEMMs refuse: the same quantized operands on the fused quantizer
@@ -311,11 +397,22 @@ def quant_linear(
             # validation / inference: only the forward GEMM (autograd.Function would still see
             # needs_input_grad=True for the weight and prepare q4(W), q6(X) for nothing)
             x2d = x.reshape(-1, x.shape[-1])  # (N, in)
-            y, _, _ = _forward(x2d, weight, bias, spec, compute_dtype, generator, need_xq6=False, need_wq4=False,
-                               plan=plan, cache=weight_cache)
+            y, _, _ = _forward(
+                x2d,
+                weight,
+                bias,
+                spec,
+                compute_dtype,
+                generator,
+                need_xq6=False,
+                need_wq4=False,
+                plan=plan,
+                cache=weight_cache,
+            )
             return y.reshape(*x.shape[:-1], y.shape[-1])
-        return _QuantLinearFn.apply(x, weight, bias, spec, compute_dtype, generator, save_quantized_weight,
-                                    weight_cache, plan)
+        return _QuantLinearFn.apply(
+            x, weight, bias, spec, compute_dtype, generator, save_quantized_weight, weight_cache, plan
+        )
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:

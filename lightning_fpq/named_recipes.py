@@ -8,8 +8,9 @@ Notation in the comments: ``q[fmt, B, axis]`` fake-quantizes with blocks of B al
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional, Union
+from typing import Optional, Union
 
 from ._config import BlockSize
 from .formats import FPFormat
@@ -57,7 +58,7 @@ class RecipeName(str, enum.Enum):
     BF16 = "bf16"
 
     @classmethod
-    def from_name(cls, name: Union[str, "RecipeName"]) -> "RecipeName":
+    def from_name(cls, name: Union[str, RecipeName]) -> RecipeName:
         if isinstance(name, RecipeName):
             return name
         valid = [m.value for m in cls]
@@ -141,9 +142,11 @@ def named_spec(name: RecipeName, fmt: FPFormat, block: BlockSize) -> LayerSpec:
 def check_admits(name: RecipeName, fmt: FPFormat) -> None:
     scheme = SCHEMES[name]
     if not scheme.admits(fmt):
-        raise ValueError(f"recipe {name.value!r} with fmt={fmt.name!r} is a contradiction: the name admits "
-                         f"{scheme.admits_text} only (for another format use a recipe that admits it, e.g. "
-                         f"'paper' or 'full', or a custom recipe)")
+        raise ValueError(
+            f"recipe {name.value!r} with fmt={fmt.name!r} is a contradiction: the name admits "
+            f"{scheme.admits_text} only (for another format use a recipe that admits it, e.g. "
+            f"'paper' or 'full', or a custom recipe)"
+        )
 
 
 def sibling_for(name: RecipeName, fmt: FPFormat) -> Optional[RecipeName]:

@@ -14,8 +14,9 @@ import torch
 
 from . import _config
 from ._config import BlockSize
-from .formats import FPFormat, FormatLike
+from .formats import FormatLike, FPFormat
 from .quantize import SCALE_FORMATS, block_scales, finite_absmax, from_blocks, round_to_format, to_blocks
+
 
 def encode(q: torch.Tensor, fmt: FPFormat) -> torch.Tensor:
     """Grid values (float, already on ``fmt``'s grid) -> int64 bit patterns sign|exp|mantissa.

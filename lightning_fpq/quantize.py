@@ -30,7 +30,7 @@ import torch
 
 from . import _config
 from ._config import BlockSize
-from .formats import FPFormat, FormatLike
+from .formats import FormatLike, FPFormat
 
 ROUNDING_MODES = ("nearest", "stochastic")
 SCALE_FORMATS = ("fp32", "e8m0", "e4m3")
@@ -164,7 +164,14 @@ def block_scales(
 
 # -------------------------------------------------------------------------- quantize
 def check_quantize_args(
-    x: torch.Tensor, fmt: FormatLike, block_size: BlockSize, axis: int, scale_format: str, rounding: str, *, who: str,
+    x: torch.Tensor,
+    fmt: FormatLike,
+    block_size: BlockSize,
+    axis: int,
+    scale_format: str,
+    rounding: str,
+    *,
+    who: str,
 ) -> tuple[FPFormat, BlockSize]:
     """The argument checks every implementation of ``quantize`` shares; ``who`` names it in errors."""
     fmt = FPFormat.parse(fmt)
@@ -225,20 +232,40 @@ def quantize(
         from . import fastquant  # local import: fastquant imports this module
 
         out = fastquant.quantize_fast(
-            x, fmt, block_size=block_size, axis=axis, scale_format=scale_format,
-            rounding=rounding, generator=generator, saturate=saturate, backend=backend,
+            x,
+            fmt,
+            block_size=block_size,
+            axis=axis,
+            scale_format=scale_format,
+            rounding=rounding,
+            generator=generator,
+            saturate=saturate,
+            backend=backend,
         )
         if out is not None:
             return out
     return quantize_reference(
-        x, fmt, block_size=block_size, axis=axis, scale_format=scale_format,
-        rounding=rounding, generator=generator, saturate=saturate,
+        x,
+        fmt,
+        block_size=block_size,
+        axis=axis,
+        scale_format=scale_format,
+        rounding=rounding,
+        generator=generator,
+        saturate=saturate,
     )
 
 
 def _quantize_triton(
-    x: torch.Tensor, fmt: FPFormat, backend: str, block_size: BlockSize, axis: int, scale_format: str,
-    rounding: str, generator: Optional[torch.Generator], saturate: bool,
+    x: torch.Tensor,
+    fmt: FPFormat,
+    backend: str,
+    block_size: BlockSize,
+    axis: int,
+    scale_format: str,
+    rounding: str,
+    generator: Optional[torch.Generator],
+    saturate: bool,
 ) -> Optional[torch.Tensor]:
     """The Triton kernel's result, or None when "auto" should use another path.
 
@@ -256,8 +283,14 @@ def _quantize_triton(
 
     try:
         return quantize_triton(
-            x, fmt, block_size=block_size, axis=axis, scale_format=scale_format, rounding=rounding,
-            generator=generator if rounding == "stochastic" else None, saturate=saturate,
+            x,
+            fmt,
+            block_size=block_size,
+            axis=axis,
+            scale_format=scale_format,
+            rounding=rounding,
+            generator=generator if rounding == "stochastic" else None,
+            saturate=saturate,
         )
     except RuntimeError as err:  # the wrapper's launch check: wrong device for this process
         raise ValueError(f"backend='triton' cannot run here: {err}") from None

@@ -17,19 +17,28 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Optional, Union
+from typing import Any, Optional, Union
 
 from . import _config
 from ._config import BlockSize
-from .formats import FPFormat, FormatLike
-from .named_recipes import RecipeName, SCHEMES, check_admits, named_spec, sibling_for
-from .spec import FP4_OPTION_NAMES, P_NUMBERS, FP4Options, ROLE_OF, ROLES, LayerSpec, OperandSpec
+from .formats import FormatLike, FPFormat
+from .named_recipes import SCHEMES, RecipeName, check_admits, named_spec, sibling_for
+from .spec import FP4_OPTION_NAMES, P_NUMBERS, ROLE_OF, ROLES, FP4Options, LayerSpec, OperandSpec
 
-__all__ = ["QuantRecipe", "LayerRule", "RecipeName", "OperandSpec", "LayerSpec", "DEFAULT_EXCLUDE",
-           "DEFAULT_INCLUDE", "clean_module_name", "named_recipes"]
+__all__ = [
+    "QuantRecipe",
+    "LayerRule",
+    "RecipeName",
+    "OperandSpec",
+    "LayerSpec",
+    "DEFAULT_EXCLUDE",
+    "DEFAULT_INCLUDE",
+    "clean_module_name",
+    "named_recipes",
+]
 
 #: Layers left unquantized unless a recipe says otherwise (the paper quantizes the linear layers
 #: of the transformer blocks only: not the embeddings, which are not ``nn.Linear`` anyway, and not
@@ -38,11 +47,15 @@ __all__ = ["QuantRecipe", "LayerRule", "RecipeName", "OperandSpec", "LayerSpec",
 #: head is listed bare and under a parent. Heads are matched by their last name component only,
 #: so a block's inner ``attention.output.dense`` (BERT) is *not* excluded.
 DEFAULT_EXCLUDE: tuple[str, ...] = (
-    "lm_head", "*.lm_head",      # GPT-style language-model heads
-    "*classifier*",              # HF / torchvision classifiers
-    "head", "*.head",            # timm ViT heads
-    "output", "*.output",        # "output" projections used as the model's last layer
-    "score", "*.score",          # HF sequence-classification heads
+    "lm_head",
+    "*.lm_head",  # GPT-style language-model heads
+    "*classifier*",  # HF / torchvision classifiers
+    "head",
+    "*.head",  # timm ViT heads
+    "output",
+    "*.output",  # "output" projections used as the model's last layer
+    "score",
+    "*.score",  # HF sequence-classification heads
 )
 DEFAULT_INCLUDE: tuple[str, ...] = ("*",)
 CUSTOM = "custom"
@@ -92,17 +105,22 @@ class LayerRule:
         return f"{self.pattern}->{','.join(bits)}"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"pattern": self.pattern, "recipe": self.recipe, "fmt": self.fmt.name if self.fmt else None,
-                "block_size": self.block_size}
+        return {
+            "pattern": self.pattern,
+            "recipe": self.recipe,
+            "fmt": self.fmt.name if self.fmt else None,
+            "block_size": self.block_size,
+        }
 
     @classmethod
-    def coerce(cls, value: Any, *, what: str = "rule") -> "LayerRule":
+    def coerce(cls, value: Any, *, what: str = "rule") -> LayerRule:
         if isinstance(value, LayerRule):
             return value
         if isinstance(value, Mapping):
             return _config.from_mapping(cls, value, what=what)
-        raise ValueError(f"{what}={value!r} is not valid: expected a LayerRule or a mapping with keys "
-                         f"{_config.field_names(cls)}")
+        raise ValueError(
+            f"{what}={value!r} is not valid: expected a LayerRule or a mapping with keys {_config.field_names(cls)}"
+        )
 
 
 # ---------------------------------------------------------------------------- recipe
@@ -162,8 +180,13 @@ class QuantRecipe:
         if default is not None and layer:
             raise ValueError(f"QuantRecipe: give default= or operand/option keywords {sorted(layer)}, not both")
         if default is None:
-            base = None if name == CUSTOM else named_spec(RecipeName(name), SCHEMES[RecipeName(name)].default_fmt,
-                                                          SCHEMES[RecipeName(name)].default_block)
+            base = (
+                None
+                if name == CUSTOM
+                else named_spec(
+                    RecipeName(name), SCHEMES[RecipeName(name)].default_fmt, SCHEMES[RecipeName(name)].default_block
+                )
+            )
             default = LayerSpec.build(base, what="QuantRecipe", **layer)
         elif not isinstance(default, LayerSpec):
             raise ValueError(f"QuantRecipe default={default!r} is not valid: expected a LayerSpec")
@@ -229,7 +252,7 @@ class QuantRecipe:
         include: Optional[Iterable[str]] = None,
         exclude: Optional[Iterable[str]] = None,
         rules: Iterable[Union[LayerRule, Mapping]] = (),
-    ) -> "QuantRecipe":
+    ) -> QuantRecipe:
         """A named recipe (see :class:`RecipeName`) at a format and block size.
 
         ``fmt``/``block_size`` default to the recipe's own (``None``); ``block_size="none"``
@@ -247,28 +270,41 @@ class QuantRecipe:
             block = scheme.default_block
         else:
             block = _config.block_size(block_size, what=f"recipe {member.value!r} block_size")
-        return cls(member, named_spec(member, fmt_, block),
-                   include=DEFAULT_INCLUDE if include is None else include,
-                   exclude=DEFAULT_EXCLUDE if exclude is None else exclude, rules=rules)
+        return cls(
+            member,
+            named_spec(member, fmt_, block),
+            include=DEFAULT_INCLUDE if include is None else include,
+            exclude=DEFAULT_EXCLUDE if exclude is None else exclude,
+            rules=rules,
+        )
 
     @classmethod
-    def coerce(cls, recipe: Union[str, os.PathLike, "QuantRecipe"], *, fmt: Optional[FormatLike] = None,
-               block_size: Union[BlockSize, str] = None) -> "QuantRecipe":
+    def coerce(
+        cls,
+        recipe: Union[str, os.PathLike, QuantRecipe],
+        *,
+        fmt: Optional[FormatLike] = None,
+        block_size: Union[BlockSize, str] = None,
+    ) -> QuantRecipe:
         """A ``QuantRecipe``, a recipe name or a YAML path -> ``QuantRecipe``; ``fmt``/``block_size``
         re-parameterise it (:meth:`with_format`)."""
         if isinstance(recipe, QuantRecipe):
             out = recipe
-        elif isinstance(recipe, os.PathLike) or (isinstance(recipe, str) and recipe.strip().lower().endswith((".yaml", ".yml"))):
+        elif isinstance(recipe, os.PathLike) or (
+            isinstance(recipe, str) and recipe.strip().lower().endswith((".yaml", ".yml"))
+        ):
             out = cls.from_yaml(recipe)
         elif isinstance(recipe, str):
             return cls.from_name(recipe, fmt=fmt, block_size=block_size)
         else:
-            raise ValueError(f"recipe={recipe!r} is not valid: expected a QuantRecipe, a YAML path or one of {[m.value for m in RecipeName]}")
+            raise ValueError(
+                f"recipe={recipe!r} is not valid: expected a QuantRecipe, a YAML path or one of {[m.value for m in RecipeName]}"
+            )
         if fmt is not None or block_size is not None:
             out = out.with_format(fmt if fmt is not None else out.fmt, block_size=block_size)
         return out
 
-    def with_format(self, fmt: FormatLike, *, block_size: Union[BlockSize, str] = None) -> "QuantRecipe":
+    def with_format(self, fmt: FormatLike, *, block_size: Union[BlockSize, str] = None) -> QuantRecipe:
         """The same recipe at another format (and block size): what a precision switch asks for.
 
         A named recipe is rebuilt by name when its name admits ``fmt`` (so ``full`` gets its E5M2
@@ -299,7 +335,7 @@ class QuantRecipe:
         spec = LayerSpec.build(self.default, **swapped)
         return QuantRecipe(CUSTOM, spec, **keep)
 
-    def with_spec(self, **changes: Any) -> "QuantRecipe":
+    def with_spec(self, **changes: Any) -> QuantRecipe:
         """This recipe with its default spec changed (operands by P number or role, FP4 options by
         name; see :meth:`LayerSpec.build`): a "custom" recipe unless nothing changed."""
         spec = LayerSpec.build(self.default, what="recipe", **changes)
@@ -325,7 +361,7 @@ class QuantRecipe:
         rule = self.matching_rule(name)
         return self.default if rule is None else self._rule_recipe(rule).default
 
-    def _rule_recipe(self, rule: LayerRule) -> "QuantRecipe":
+    def _rule_recipe(self, rule: LayerRule) -> QuantRecipe:
         """The recipe the layers matching ``rule`` use."""
         if rule.recipe is not None:
             return QuantRecipe.from_name(rule.recipe, fmt=rule.fmt, block_size=rule.block_size)
@@ -370,8 +406,11 @@ class QuantRecipe:
             rule = self.matching_rule(name)
             if rule is not None:
                 opts.append(f"rule {rule.pattern!r}: {self._rule_recipe(rule).name}")
-            rows.append([clean_module_name(name), shape] + ["-" if op is None else op.short_str() for op in spec.operands]
-                        + [" ".join(opts)])
+            rows.append(
+                [clean_module_name(name), shape]
+                + ["-" if op is None else op.short_str() for op in spec.operands]
+                + [" ".join(opts)]
+            )
         widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
         lines = [self.short_str()]
         for i, row in enumerate(rows):
@@ -397,7 +436,7 @@ class QuantRecipe:
         }
 
     @classmethod
-    def from_dict(cls, data: Any) -> "QuantRecipe":
+    def from_dict(cls, data: Any) -> QuantRecipe:
         """Build a recipe from its dict/YAML form (keys :data:`DOCUMENT_KEYS`, all optional).
 
         ``name`` (default "paper") with ``fmt``/``block_size`` gives a named recipe; ``operands``
@@ -423,8 +462,10 @@ class QuantRecipe:
             out = cls(CUSTOM, LayerSpec.build(**changes), rules=rules, **selection)
             for key in ("fmt", "block_size"):
                 if data.get(key) is not None and cls._document_value(key, data[key]) != getattr(out, key):
-                    raise ValueError(f"recipe key {key!r}={data[key]!r} contradicts the operands, whose {key} is "
-                                     f"{getattr(out, key)!r}: leave it out (it is derived) or correct it")
+                    raise ValueError(
+                        f"recipe key {key!r}={data[key]!r} contradicts the operands, whose {key} is "
+                        f"{getattr(out, key)!r}: leave it out (it is derived) or correct it"
+                    )
             return out
         try:
             base = cls.from_name(name, fmt=data.get("fmt"), block_size=data.get("block_size"), rules=rules, **selection)
@@ -442,13 +483,17 @@ class QuantRecipe:
         """The default-spec changes a recipe document asks for: operands and FP4 options."""
         operands = data.get("operands") or {}
         if not isinstance(operands, Mapping):
-            raise ValueError(f"recipe key 'operands' has a bad value {operands!r}: expected a mapping of "
-                             f"{list(P_NUMBERS)} (or roles) to operand specs or null")
+            raise ValueError(
+                f"recipe key 'operands' has a bad value {operands!r}: expected a mapping of "
+                f"{list(P_NUMBERS)} (or roles) to operand specs or null"
+            )
         changes: dict[str, Any] = {}
         for key, value in operands.items():
             if key not in ROLE_OF:
-                raise ValueError(f"unknown recipe key {f'operands.{key}'!r}: valid operand keys are "
-                                 f"{list(P_NUMBERS)} or the roles {list(ROLES)}")
+                raise ValueError(
+                    f"unknown recipe key {f'operands.{key}'!r}: valid operand keys are "
+                    f"{list(P_NUMBERS)} or the roles {list(ROLES)}"
+                )
             changes[key] = OperandSpec.coerce(value, what=f"operands.{key}")
         for key in FP4_OPTION_NAMES:
             if data.get(key) is not None:
@@ -469,7 +514,7 @@ class QuantRecipe:
         return text
 
     @classmethod
-    def from_yaml(cls, source: Union[str, os.PathLike]) -> "QuantRecipe":
+    def from_yaml(cls, source: Union[str, os.PathLike]) -> QuantRecipe:
         """Read a recipe from a YAML file path (or YAML text containing a newline)."""
         data = _config.read_yaml(source, what="recipe YAML")
         if not isinstance(data, Mapping):

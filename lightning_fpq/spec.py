@@ -27,16 +27,23 @@ This module knows formats and nothing of recipes, layers or Lightning.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional
+from typing import Any, Optional
 
 from . import _config
 from ._config import BlockSize
 from .formats import FPFormat
 from .quantize import ROUNDING_MODES, SCALE_FORMATS
 
-ROLES = ("input", "weight", "grad_output", "weight_for_grad_input", "grad_output_for_grad_weight",
-         "input_for_grad_weight")
+ROLES = (
+    "input",
+    "weight",
+    "grad_output",
+    "weight_for_grad_input",
+    "grad_output_for_grad_weight",
+    "input_for_grad_weight",
+)
 """The six operands in paper order: ``ROLES[i]`` is P(i+1)."""
 P_NUMBERS = tuple(f"p{i + 1}" for i in range(len(ROLES)))
 ROLE_OF = {**dict(zip(P_NUMBERS, ROLES)), **{role: role for role in ROLES}}
@@ -76,8 +83,9 @@ class OperandSpec:
             raise ValueError(f"OperandSpec fmt: {err}") from None
         object.__setattr__(self, "fmt", fmt)
         object.__setattr__(self, "block_size", _config.block_size(self.block_size, what="OperandSpec block_size"))
-        object.__setattr__(self, "scale_format",
-                           _config.choice(self.scale_format, SCALE_FORMATS, what="OperandSpec scale_format"))
+        object.__setattr__(
+            self, "scale_format", _config.choice(self.scale_format, SCALE_FORMATS, what="OperandSpec scale_format")
+        )
         object.__setattr__(self, "rounding", _config.choice(self.rounding, ROUNDING_MODES, what="OperandSpec rounding"))
 
     def short_str(self) -> str:
@@ -90,11 +98,15 @@ class OperandSpec:
         return "/".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"fmt": self.fmt.name, "block_size": _config.block_size_yaml(self.block_size),
-                "scale_format": self.scale_format, "rounding": self.rounding}
+        return {
+            "fmt": self.fmt.name,
+            "block_size": _config.block_size_yaml(self.block_size),
+            "scale_format": self.scale_format,
+            "rounding": self.rounding,
+        }
 
     @classmethod
-    def coerce(cls, value: Any, *, what: str = "operand") -> Optional["OperandSpec"]:
+    def coerce(cls, value: Any, *, what: str = "operand") -> Optional[OperandSpec]:
         """``None`` (not quantized), an ``OperandSpec``, a format name, or a mapping of its fields."""
         if value is None or isinstance(value, OperandSpec):
             return value
@@ -105,11 +117,14 @@ class OperandSpec:
                 raise ValueError(f"{what}: {err}") from None
         if isinstance(value, Mapping):
             if value.get("fmt") is None and not set(value) - set(_config.field_names(cls)):
-                raise ValueError(f"{what}: a mapping needs 'fmt' (write null instead of the mapping to leave "
-                                 "the operand unquantized)")
+                raise ValueError(
+                    f"{what}: a mapping needs 'fmt' (write null instead of the mapping to leave "
+                    "the operand unquantized)"
+                )
             return _config.from_mapping(cls, value, what=what)
-        raise ValueError(f"{what}={value!r} is not valid: expected None, a format name, an OperandSpec or a "
-                         "mapping of its fields")
+        raise ValueError(
+            f"{what}={value!r} is not valid: expected None, a format name, an OperandSpec or a mapping of its fields"
+        )
 
 
 # ---------------------------------------------------------------------- FP4 options
@@ -139,8 +154,11 @@ class FP4Options:
         _config.flag(self.occ, what="occ")
         object.__setattr__(self, "dge_k", _config.number(self.dge_k, what="dge_k", low=0.0, low_open=True))
         object.__setattr__(self, "dge_clamp", _config.number(self.dge_clamp, what="dge_clamp", low=0.0, low_open=True))
-        object.__setattr__(self, "occ_quantile",
-                           _config.number(self.occ_quantile, what="occ_quantile", low=0.0, high=1.0, low_open=True))
+        object.__setattr__(
+            self,
+            "occ_quantile",
+            _config.number(self.occ_quantile, what="occ_quantile", low=0.0, high=1.0, low_open=True),
+        )
 
     @property
     def active(self) -> bool:
@@ -183,14 +201,16 @@ class LayerSpec:
         if isinstance(self.fp4, Mapping):
             object.__setattr__(self, "fp4", _config.from_mapping(FP4Options, self.fp4, what="fp4"))
         elif not isinstance(self.fp4, FP4Options):
-            raise ValueError(f"fp4={self.fp4!r} is not valid: expected FP4Options or a mapping of {list(FP4_OPTION_NAMES)}")
+            raise ValueError(
+                f"fp4={self.fp4!r} is not valid: expected FP4Options or a mapping of {list(FP4_OPTION_NAMES)}"
+            )
         if self.fp4.dge and self.weight is None:
             raise ValueError("dge=True needs a quantized weight (p2): DGE differentiates the weight's quantizer")
         if self.fp4.occ and self.input is None:
             raise ValueError("occ=True needs a quantized input (p1): OCC clamps the input before quantizing it")
 
     @classmethod
-    def build(cls, base: Optional["LayerSpec"] = None, *, what: str = "LayerSpec", **changes: Any) -> "LayerSpec":
+    def build(cls, base: Optional[LayerSpec] = None, *, what: str = "LayerSpec", **changes: Any) -> LayerSpec:
         """``base`` (default: nothing quantized) with ``changes``: operands by P number or role,
         FP4 options by name (``dge=True``) or all at once (``fp4=FP4Options(...)``)."""
         base = base if base is not None else cls()
@@ -206,8 +226,10 @@ class LayerSpec:
             elif key == "fp4":
                 options.update(value.to_dict() if isinstance(value, FP4Options) else dict(value))
             else:
-                raise ValueError(f"{what}: unknown key {key!r}; valid keys are the operands {list(P_NUMBERS)} "
-                                 f"(or their roles {list(ROLES)}), the FP4 options {list(FP4_OPTION_NAMES)} or 'fp4'")
+                raise ValueError(
+                    f"{what}: unknown key {key!r}; valid keys are the operands {list(P_NUMBERS)} "
+                    f"(or their roles {list(ROLES)}), the FP4 options {list(FP4_OPTION_NAMES)} or 'fp4'"
+                )
         fp4 = dataclasses.replace(base.fp4, **options) if options else base.fp4
         return dataclasses.replace(base, **operands, fp4=fp4)
 
@@ -230,8 +252,14 @@ class LayerSpec:
     def nominal(self) -> Optional[OperandSpec]:
         """The operand that names the spec's format and block size (what the scaling law is asked
         about): the first quantized one, weights first (P2, P1, P4, P6, P3, P5)."""
-        order = (self.weight, self.input, self.weight_for_grad_input, self.input_for_grad_weight, self.grad_output,
-                 self.grad_output_for_grad_weight)
+        order = (
+            self.weight,
+            self.input,
+            self.weight_for_grad_input,
+            self.input_for_grad_weight,
+            self.grad_output,
+            self.grad_output_for_grad_weight,
+        )
         return next((op for op in order if op is not None), None)
 
     @property
@@ -250,5 +278,7 @@ class LayerSpec:
 
     def to_dict(self) -> dict[str, Any]:
         """Operands by P number (``None``: not quantized) and the FP4 options."""
-        return {"operands": {p: None if op is None else op.to_dict() for p, op in zip(P_NUMBERS, self.operands)},
-                "fp4": self.fp4.to_dict()}
+        return {
+            "operands": {p: None if op is None else op.to_dict() for p, op in zip(P_NUMBERS, self.operands)},
+            "fp4": self.fp4.to_dict(),
+        }

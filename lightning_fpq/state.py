@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import warnings
 import zlib
-from typing import Any, Callable, Optional, Union
+from collections.abc import Callable
+from typing import Any, Optional, Union
 
 import torch
 

@@ -23,7 +23,9 @@ BRUTE_FORCE_FORMATS = ["e1m1", "e1m2", "e0m3", "e6m1", "e2m5", "e3m4:finite", "e
 
 def requires_cuda(reason_prefix: str = "needs a CUDA device") -> pytest.MarkDecorator:
     """The one skip helper for hardware (Lightning's RunIf in spirit)."""
-    return pytest.mark.skipif(not torch.cuda.is_available(), reason=f"{reason_prefix}: torch.cuda.is_available() is False")
+    return pytest.mark.skipif(
+        not torch.cuda.is_available(), reason=f"{reason_prefix}: torch.cuda.is_available() is False"
+    )
 
 
 @pytest.fixture(autouse=True)

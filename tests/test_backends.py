@@ -11,8 +11,8 @@ import torch
 import torch.nn as nn
 
 from lightning_fpq import backends
-from lightning_fpq.recipe import LayerSpec, OperandSpec, QuantRecipe
 from lightning_fpq.backends.transformer_engine import TE_RECIPE_MAPPING, te_format
+from lightning_fpq.recipe import LayerSpec, OperandSpec, QuantRecipe
 
 
 def spec_of(name: str, **kw) -> LayerSpec:
@@ -35,7 +35,13 @@ def test_transformer_engine_without_a_gpu_says_how_to_get_it():
 def test_report_has_one_line_per_backend():
     report = backends.describe_backends(torch.device("cpu")).splitlines()
     assert [line.split("  ")[0].strip() for line in report] == [
-        "emulated", "compiled", "triton", "torchao_float8", "FP8 GEMM on cpu", "transformer_engine"]
+        "emulated",
+        "compiled",
+        "triton",
+        "torchao_float8",
+        "FP8 GEMM on cpu",
+        "transformer_engine",
+    ]
     assert all(" yes " in line or " no " in line for line in report)
 
 
@@ -161,7 +167,8 @@ def stand_in_te(monkeypatch):
     recipe.MMParams = lambda use_split_accumulator: ("split", use_split_accumulator)
     exact = types.SimpleNamespace(power_2_scale=False, amax_epsilon=0.0)  # TE's QParams without the env variable
     recipe.Float8CurrentScaling = lambda **kw: types.SimpleNamespace(
-        fp8_quant_fwd_inp=exact, fp8_quant_fwd_weight=exact, fp8_quant_bwd_grad=exact, **kw)
+        fp8_quant_fwd_inp=exact, fp8_quant_fwd_weight=exact, fp8_quant_bwd_grad=exact, **kw
+    )
 
     @contextlib.contextmanager
     def autocast(enabled, recipe):
@@ -170,8 +177,12 @@ def stand_in_te(monkeypatch):
 
     te_pt.Linear, te_pt.autocast = _StandInLinear, autocast
     te.pytorch, te.common, common.recipe = te_pt, common, recipe
-    for name, mod in (("transformer_engine", te), ("transformer_engine.pytorch", te_pt),
-                      ("transformer_engine.common", common), ("transformer_engine.common.recipe", recipe)):
+    for name, mod in (
+        ("transformer_engine", te),
+        ("transformer_engine.pytorch", te_pt),
+        ("transformer_engine.common", common),
+        ("transformer_engine.common.recipe", recipe),
+    ):
         monkeypatch.setitem(sys.modules, name, mod)
     monkeypatch.setattr(te_linear, "TE_DEVICE_TYPES", ("cuda", "cpu"))
     te_linear._recipe.cache_clear()
@@ -279,7 +290,8 @@ def test_gpu_auto_takes_the_fast_path_and_matches_emulated(recipe):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not backends.available("transformer_engine", "cuda")[0],
-                    reason=backends.available("transformer_engine", "cuda")[1])
+@pytest.mark.skipif(
+    not backends.available("transformer_engine", "cuda")[0], reason=backends.available("transformer_engine", "cuda")[1]
+)
 def test_gpu_transformer_engine_backend_matches_emulated():
     _close_to_emulated("transformer_engine", "fp8", rel=2**-7)

@@ -23,7 +23,7 @@ def test_step_benchmark_smoke_run_on_cpu(capsys):
     bench = load("bench_step_gpu")
     assert bench.main(["--device", "cpu", "--size", "tiny", "--steps", "1", "--rounds", "1"]) == 0
     out = capsys.readouterr().out
-    table = out[out.index("ms/step"):].splitlines()[1:]
+    table = out[out.index("ms/step") :].splitlines()[1:]
     assert [row.split()[0] for row in table] == ["bf16", "fp8", "fp4"]
     assert all(float(row.split()[3]) > 0 for row in table)  # a ratio to bf16 per stage
     assert "unquantized" in out and ("compiled" in out or "emulated" in out)

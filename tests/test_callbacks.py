@@ -29,10 +29,16 @@ def loader(n_batches: int) -> DataLoader:
 
 def make_trainer(tmp_path, callbacks, *, max_steps, plugin=None, logger=False, **kwargs) -> Trainer:
     return Trainer(
-        accelerator="cpu", max_steps=max_steps, logger=logger, enable_progress_bar=False,
-        enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
+        accelerator="cpu",
+        max_steps=max_steps,
+        logger=logger,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
         plugins=[plugin if plugin is not None else FPQuantPrecision(recipe="paper", fmt="e2m1", block_size=16)],
-        callbacks=callbacks, **kwargs,
+        callbacks=callbacks,
+        **kwargs,
     )
 
 
@@ -140,14 +146,21 @@ def test_progressive_errors_are_clear(tmp_path):
         ProgressivePrecision(["e2m1", "bf16"], [10], unit="hours")
     with pytest.raises(ValueError, match="must increase"):
         ProgressivePrecision(["e2m1", "e4m3", "bf16"], [20, 10])
-    trainer = Trainer(accelerator="cpu", max_steps=2, logger=False, enable_progress_bar=False,
-                      callbacks=[ProgressivePrecision(["e2m1", "bf16"], [10])])
+    trainer = Trainer(
+        accelerator="cpu",
+        max_steps=2,
+        logger=False,
+        enable_progress_bar=False,
+        callbacks=[ProgressivePrecision(["e2m1", "bf16"], [10])],
+    )
     with pytest.raises(ValueError, match="needs the FPQuantPrecision plugin"):
         trainer.fit(TinyLM(), loader(2))
 
 
 def test_budget_unit_without_max_steps_says_how_to_fix(tmp_path):
-    trainer = make_trainer(tmp_path, [ProgressivePrecision(["e2m1", "bf16"], [0.5], unit="budget")], max_steps=-1, max_epochs=1)
+    trainer = make_trainer(
+        tmp_path, [ProgressivePrecision(["e2m1", "bf16"], [0.5], unit="budget")], max_steps=-1, max_epochs=1
+    )
     with pytest.raises(ValueError, match="token_budget=<tokens> or set Trainer\\(max_steps=...\\)"):
         trainer.fit(TinyLM(), loader(2))
 
@@ -235,7 +248,8 @@ def test_one_token_counter_is_shared_by_both_callbacks(tmp_path):
 def test_law_point_takes_the_most_binding_operand():
     law = CapybaraLaw.paper()
     mixed = QuantRecipe.from_name("paper", fmt="e4m3", block_size=128).with_spec(
-        p6=QuantRecipe.from_name("paper", fmt="e2m1", block_size=32).p6)
+        p6=QuantRecipe.from_name("paper", fmt="e2m1", block_size=32).p6
+    )
     point = law_point(mixed, law, 10**8)
     assert (point.fmt.name, point.block_size, point.operand) == ("e2m1", 32, "P6")
     assert critical_tokens(QuantRecipe.from_name("bf16"), law, 10**8)[0] == math.inf
@@ -272,8 +286,14 @@ def test_progress_bar_shows_the_format_and_the_dcrit_fraction(tmp_path):
     law = law_with_dcrit(20 * TOKENS_PER_STEP, N_TINY)
     monitor = CriticalDataMonitor(law=law, plateau_window=0)
     trainer = Trainer(
-        accelerator="cpu", max_steps=5, logger=False, enable_progress_bar=True, enable_model_summary=False,
-        enable_checkpointing=False, default_root_dir=tmp_path, callbacks=[monitor],
+        accelerator="cpu",
+        max_steps=5,
+        logger=False,
+        enable_progress_bar=True,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+        callbacks=[monitor],
         plugins=[FPQuantPrecision(recipe="paper", fmt="e2m1", block_size=16)],
     )
     model = TinyLM()

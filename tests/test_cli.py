@@ -68,7 +68,9 @@ def test_formats_optimal_lists_every_width(capsys):
     assert code == 0
     assert "e2m1" not in out.split("Best split")[0]  # --bits filters the first table
     for bits, name in ((4, "e2m1"), (6, "e3m2"), (8, "e4m3"), (16, "bf16")):
-        cells = next(line.split() for line in out.split("Best split")[1].splitlines() if line.split()[:1] == [str(bits)])
+        cells = next(
+            line.split() for line in out.split("Best split")[1].splitlines() if line.split()[:1] == [str(bits)]
+        )
         e_opt, m_opt = LAW.optimal_split(bits)
         assert cells == [str(bits), name, f"{e_opt:.2f}", f"{m_opt:.2f}"]
 
@@ -77,13 +79,21 @@ def test_formats_optimal_lists_every_width(capsys):
 
 
 def test_predict_numbers_come_from_the_law(capsys):
-    code, out, err = run(capsys, "predict", "--params", "1e9", "--tokens", "2e12", "--format", "e4m3", "--block-size", "128")
+    code, out, err = run(
+        capsys, "predict", "--params", "1e9", "--tokens", "2e12", "--format", "e4m3", "--block-size", "128"
+    )
     assert code == 0 and err == ""
     loss = LAW.loss(1e9, 2e12, "e4m3", 128)
     d_crit = LAW.critical_data_size(1e9, "e4m3", 128)
     cells = row_of(out, "e4m3")
-    assert cells[1:] == ["8", f"{loss:.4f}", f"{loss - LAW.loss(1e9, 2e12, None):+.4f}", g(d_crit),
-                         f"{2e12 / d_crit:.3g}", f"{LAW.min_loss(1e9, 'e4m3', 128):.4f}"]
+    assert cells[1:] == [
+        "8",
+        f"{loss:.4f}",
+        f"{loss - LAW.loss(1e9, 2e12, None):+.4f}",
+        g(d_crit),
+        f"{2e12 / d_crit:.3g}",
+        f"{LAW.min_loss(1e9, 'e4m3', 128):.4f}",
+    ]
     assert "OK: 2e12 tokens is 7.3% of D_crit (2.73e13) for e4m3" in out
     assert f"{LAW.token_value(1e9, 2e12, 'e4m3', 128):.0%} of an unquantized one" in out
 
@@ -101,11 +111,33 @@ def test_predict_verdicts_near_and_past_dcrit(capsys):
 def test_predict_with_a_law_file(tmp_path, capsys):
     custom = CapybaraLaw(**{**LAW.constants(), "g": 2 * LAW.g}, provenance=Provenance(source="user", note="test"))
     custom.save(tmp_path / "law.yaml")
-    _, out, _ = run(capsys, "predict", "--params", "1e9", "--tokens", "1e12", "--format", "e2m1", "--law", str(tmp_path / "law.yaml"))
+    _, out, _ = run(
+        capsys,
+        "predict",
+        "--params",
+        "1e9",
+        "--tokens",
+        "1e12",
+        "--format",
+        "e2m1",
+        "--law",
+        str(tmp_path / "law.yaml"),
+    )
     assert row_of(out, "e2m1")[4] == g(custom.critical_data_size(1e9, "e2m1", 128))
     assert g(custom.critical_data_size(1e9, "e2m1", 128)) != g(LAW.critical_data_size(1e9, "e2m1", 128))
     ChinchillaLaw.paper().save(tmp_path / "chin.yaml")
-    code, out, _ = run(capsys, "predict", "--params", "1e9", "--tokens", "1e12", "--format", "e2m1", "--law", str(tmp_path / "chin.yaml"))
+    code, out, _ = run(
+        capsys,
+        "predict",
+        "--params",
+        "1e9",
+        "--tokens",
+        "1e12",
+        "--format",
+        "e2m1",
+        "--law",
+        str(tmp_path / "chin.yaml"),
+    )
     assert code == 0 and "no critical data size (this law has no data-dependent quantization penalty)" in out
 
 
@@ -130,7 +162,9 @@ def test_plan_fixed_params_and_tokens(capsys):
     _, out, _ = run(capsys, "plan", "--compute", "1e23", "--params", "1e9")
     assert "N fixed at 1e9" in out
     assert f"{LAW.optimal_precision(1e23, N=1e9).bits:.2f} bits" in out
-    _, out, _ = run(capsys, "plan", "--compute", "1e23", "--tokens", "1e12", "--formats", "e4m3,bf16", "--block-size", "channel")
+    _, out, _ = run(
+        capsys, "plan", "--compute", "1e23", "--tokens", "1e12", "--formats", "e4m3,bf16", "--block-size", "channel"
+    )
     assert "D fixed at 1e12" in out and "channel-wise scaling" in out
     assert f"{LAW.optimal_precision(1e23, D=1e12, block_size='channel').bits:.2f} bits" in out
     code, out, err = run(capsys, "plan", "--compute", "1e23", "--params", "1e9", "--tokens", "1e12")
@@ -155,7 +189,17 @@ def write_runs(path: Path, columns=("N", "D", "E", "M", "B", "loss")) -> None:
 
 def test_fit_writes_a_law(tmp_path, capsys):
     write_runs(tmp_path / "runs.csv")
-    code, out, err = run(capsys, "fit", str(tmp_path / "runs.csv"), "--out", str(tmp_path / "law.yaml"), "--holdout", "largest_N", "--starts", "4")
+    code, out, err = run(
+        capsys,
+        "fit",
+        str(tmp_path / "runs.csv"),
+        "--out",
+        str(tmp_path / "law.yaml"),
+        "--holdout",
+        "largest_N",
+        "--starts",
+        "4",
+    )
     assert code == 0 and err == ""
     law = load_law(tmp_path / "law.yaml")
     assert law.provenance.source == "fit" and law.provenance.rows == 45
@@ -188,10 +232,19 @@ def test_plot_writes_a_png(tmp_path, capsys):
 @pytest.mark.parametrize(
     "argv, fragments",
     [
-        (["predict", "--params", "-1e9", "--tokens", "1e12", "--format", "e4m3"], ["argument --params", "must be a finite number > 0"]),
-        (["predict", "--params", "1e9", "--tokens", "lots", "--format", "e4m3"], ["argument --tokens", "'lots' is not a number"]),
+        (
+            ["predict", "--params", "-1e9", "--tokens", "1e12", "--format", "e4m3"],
+            ["argument --params", "must be a finite number > 0"],
+        ),
+        (
+            ["predict", "--params", "1e9", "--tokens", "lots", "--format", "e4m3"],
+            ["argument --tokens", "'lots' is not a number"],
+        ),
         (["predict", "--params", "1e9", "--tokens", "1e12", "--format", "e9m9x"], ["unknown format 'e9m9x'"]),
-        (["predict", "--params", "1e9", "--tokens", "1e12", "--format", "e4m3", "--block-size", "0"], ["--block-size", "'channel' or 'tensor'"]),
+        (
+            ["predict", "--params", "1e9", "--tokens", "1e12", "--format", "e4m3", "--block-size", "0"],
+            ["--block-size", "'channel' or 'tensor'"],
+        ),
         (["predict", "--params", "1e9", "--tokens", "1e12"], ["required", "--format"]),
         (["plan", "--compute", "1e8", "--params", "1e9"], ["less than one token"]),
         (["fit", "/nonexistent/runs.csv"], ["cannot read CSV"]),
@@ -205,7 +258,11 @@ def test_bad_input_is_one_line_and_exit_2(capsys, argv, fragments):
 
 def test_missing_csv_columns(tmp_path, capsys):
     write_runs(tmp_path / "runs.csv", columns=("N", "D", "E", "M", "loss"))
-    assert_one_line_error(*run(capsys, "fit", str(tmp_path / "runs.csv")), "missing column(s) B", "expects N, D, E, M (or format), B, loss")
+    assert_one_line_error(
+        *run(capsys, "fit", str(tmp_path / "runs.csv")),
+        "missing column(s) B",
+        "expects N, D, E, M (or format), B, loss",
+    )
 
 
 def test_unreadable_law_files(tmp_path, capsys):
@@ -213,10 +270,14 @@ def test_unreadable_law_files(tmp_path, capsys):
     assert_one_line_error(*run(capsys, *base, str(tmp_path / "missing.yaml")), "cannot read law file")
     (tmp_path / "bad.yaml").write_text("kind: capybara\nconstants: {n: [1\n")
     assert_one_line_error(*run(capsys, *base, str(tmp_path / "bad.yaml")), "cannot read law file")
-    (tmp_path / "neg.yaml").write_text("kind: capybara\nconstants: {n: -1, a: 1, d: 1, b: 1, eps: 1, g: 1, dl: 1, nu: 1, channel_log2_block: 13}\n")
+    (tmp_path / "neg.yaml").write_text(
+        "kind: capybara\nconstants: {n: -1, a: 1, d: 1, b: 1, eps: 1, g: 1, dl: 1, nu: 1, channel_log2_block: 13}\n"
+    )
     assert_one_line_error(*run(capsys, *base, str(tmp_path / "neg.yaml")), "constant n=-1.0")
     ChinchillaLaw.paper().save(tmp_path / "chin.yaml")
-    assert_one_line_error(*run(capsys, "plan", "--compute", "1e23", "--law", str(tmp_path / "chin.yaml")), "no precision term")
+    assert_one_line_error(
+        *run(capsys, "plan", "--compute", "1e23", "--law", str(tmp_path / "chin.yaml")), "no precision term"
+    )
 
 
 def test_help_exits_0(capsys):
@@ -232,7 +293,16 @@ def test_number_suffixes():
 
 
 def test_subcommands_are_registered_from_one_list():
-    assert [f.__name__ for f in SUBCOMMANDS] == ["add_formats", "add_predict", "add_plan", "add_fit", "add_plot", "add_demo", "add_sweep", "add_backends"]
+    assert [f.__name__ for f in SUBCOMMANDS] == [
+        "add_formats",
+        "add_predict",
+        "add_plan",
+        "add_fit",
+        "add_plot",
+        "add_demo",
+        "add_sweep",
+        "add_backends",
+    ]
 
 
 def test_importing_the_cli_is_light():
@@ -245,8 +315,12 @@ def test_the_installed_console_script(tmp_path):
     script = Path(sys.executable).with_name("lightning-fpq")
     if not script.exists():
         pytest.skip(f"console script not installed next to {sys.executable}")
-    done = subprocess.run([str(script), "predict", "--params", "1e9", "--tokens", "2e12", "--format", "e2m1", "--block-size", "128"],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [str(script), "predict", "--params", "1e9", "--tokens", "2e12", "--format", "e2m1", "--block-size", "128"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     assert "PAST D_crit: tokens beyond 3.93e11 raise the loss in e2m1" in done.stdout
 
@@ -260,9 +334,19 @@ def test_backends_lists_what_runs_each_recipe_here(capsys):
     for name in backends.LAYER_BACKENDS:
         assert name in out
     fast = "compiled" if backends.available("compiled", "cpu")[0] else "emulated"
-    choices = dict(line.split()[:2] for line in out.split("what runs each named recipe")[1].splitlines()[1:] if line.strip())
-    assert choices == {"paper": fast, "full": fast, "fp8": fast, "fp4": fast, "nvfp4": fast, "mxfp4": fast,
-                       "mxfp8": fast, "bf16": "unquantized"}
+    choices = dict(
+        line.split()[:2] for line in out.split("what runs each named recipe")[1].splitlines()[1:] if line.strip()
+    )
+    assert choices == {
+        "paper": fast,
+        "full": fast,
+        "fp8": fast,
+        "fp4": fast,
+        "nvfp4": fast,
+        "mxfp4": fast,
+        "mxfp8": fast,
+        "bf16": "unquantized",
+    }
     code, out, _ = run(capsys, "backends", "--device", "cpu", "--backend", "torchao", "--recipes", "fp8,mxfp4")
     assert "fp8    torchao_float8" in out and "torchao_float8 cannot compute this spec exactly" in out
 

@@ -55,7 +55,7 @@ def test_split_is_per_file_disjoint_and_complete():
     assert train.numel() + val.numel() == 100_000
     assert 0.24 < val.numel() / 100_000 < 0.26
     # Each file's head goes to train and its tail to val: interleaving them back gives the corpus.
-    corpus, pieces, start, tr, va = load_corpus(100_000), [], 0, 0, 0
+    corpus, pieces, tr, va = load_corpus(100_000), [], 0, 0
     for _, n in corpus_info(100_000).files:
         cut = n - int(n * 0.25)
         pieces += [train[tr : tr + cut], val[va : va + n - cut]]

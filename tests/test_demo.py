@@ -61,17 +61,28 @@ def test_demo_bad_input_is_one_line_and_exit_2(capsys):
 
 @pytest.mark.slow
 def test_example_script_runs():
-    result = subprocess.run([sys.executable, str(ROOT / "examples" / "train_with_fpq.py"), "--steps", "40"],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "train_with_fpq.py"), "--steps", "40"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "e2m1" in result.stdout and "-> bf16" in result.stdout and "final train loss" in result.stdout
 
 
 @pytest.mark.slow
 def test_lightning_cli_example_runs_from_yaml(tmp_path):
-    cmd = [sys.executable, str(ROOT / "examples" / "cli_train.py"), "fit", "--config",
-           str(ROOT / "examples" / "configs" / "cli_fpq.yaml"), "--trainer.max_steps=20",
-           "--trainer.val_check_interval=10", f"--trainer.default_root_dir={tmp_path}"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "examples" / "cli_train.py"),
+        "fit",
+        "--config",
+        str(ROOT / "examples" / "configs" / "cli_fpq.yaml"),
+        "--trainer.max_steps=20",
+        "--trainer.val_check_interval=10",
+        f"--trainer.default_root_dir={tmp_path}",
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "precision e2m1 -> e4m3" in result.stderr + result.stdout

@@ -20,8 +20,19 @@ SCANNED_SUFFIXES = (".py", ".md", ".toml", ".yaml", ".yml", ".sh", ".cfg", ".ini
 SCANNED_NAMES = ("Makefile",)
 SCRIPT_DIRS = ("scripts", ".ci")  # every file in these is a script, whatever its name
 SKIPPED_DIRS = {
-    ".git", ".venv", "venv", "build", "dist", "__pycache__", ".pytest_cache", ".ruff_cache",
-    ".mypy_cache", ".hypothesis", "lightning_logs", "runs", "node_modules",
+    ".git",
+    ".venv",
+    "venv",
+    "build",
+    "dist",
+    "__pycache__",
+    ".pytest_cache",
+    ".ruff_cache",
+    ".mypy_cache",
+    ".hypothesis",
+    "lightning_logs",
+    "runs",
+    "node_modules",
 }
 
 # Notes that never shipped with the project. Built from pieces so that this file does not
@@ -36,9 +47,7 @@ FORBIDDEN = [
 # preceded by a character that would make it the tail of something longer (a URL, an
 # absolute or relative path elsewhere, a variable, a placeholder).
 PATH_ROOTS = ("docs", "examples", "benchmarks", "lightning_fpq", "kernels", "scripts", "tests", ".ci")
-PATH_RE = re.compile(
-    r"(?<![\w.\-/~$<{@:%])((?:" + "|".join(re.escape(r) for r in PATH_ROOTS) + r")/[\w.\-/]*)"
-)
+PATH_RE = re.compile(r"(?<![\w.\-/~$<{@:%])((?:" + "|".join(re.escape(r) for r in PATH_ROOTS) + r")/[\w.\-/]*)")
 GLOB_OR_PLACEHOLDER = set("*?[<{$")  # the path continues as a pattern: only its folder is checked
 # Files that record history: exempt from the path check only (not from the citation check).
 HISTORY = ("CHANGELOG.md",)
@@ -49,7 +58,10 @@ def repo_files() -> list[str]:
     try:
         out = subprocess.run(
             ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-            cwd=ROOT, capture_output=True, check=True, timeout=120,
+            cwd=ROOT,
+            capture_output=True,
+            check=True,
+            timeout=120,
         ).stdout.decode("utf-8", "surrogateescape")
         files = sorted({f for f in out.split("\0") if f and (ROOT / f).is_file()})
         if files:
@@ -67,7 +79,9 @@ def repo_files() -> list[str]:
 def scanned(files: list[str]) -> list[str]:
     def wanted(path: str) -> bool:
         p = Path(path)
-        return p.suffix in SCANNED_SUFFIXES or p.name in SCANNED_NAMES or (len(p.parts) > 1 and p.parts[0] in SCRIPT_DIRS)
+        return (
+            p.suffix in SCANNED_SUFFIXES or p.name in SCANNED_NAMES or (len(p.parts) > 1 and p.parts[0] in SCRIPT_DIRS)
+        )
 
     return [f for f in files if wanted(f)]
 
@@ -95,7 +109,7 @@ def mentioned_paths(text: str) -> list[tuple[int, str]]:
     found = []
     for match in PATH_RE.finditer(text):
         path = match.group(1)
-        nxt = text[match.end():match.end() + 1]
+        nxt = text[match.end() : match.end() + 1]
         if nxt and nxt in GLOB_OR_PLACEHOLDER:
             path = path.rsplit("/", 1)[0] if not path.endswith("/") else path
         path = path.rstrip(".-/")
@@ -135,7 +149,9 @@ def module_names(path: str) -> set[str]:
             targets = node.targets if isinstance(node, ast.Assign) else [node.target]
             names.update(t.id for t in targets if isinstance(t, ast.Name))
             if isinstance(node.value, ast.Dict):
-                names.update(k.value for k in node.value.keys if isinstance(k, ast.Constant) and isinstance(k.value, str))
+                names.update(
+                    k.value for k in node.value.keys if isinstance(k, ast.Constant) and isinstance(k.value, str)
+                )
     return names
 
 
@@ -210,14 +226,16 @@ def test_every_mentioned_module_exists():
 def test_the_path_check_catches_a_bogus_reference_and_skips_what_is_not_a_path():
     known = known_paths(["docs/backends.md", "examples/configs/demo.yaml", "lightning_fpq/quantize.py"])
     bogus_bench, bogus_module = _p("benchmarks", "bench_nothing.py"), _p("lightning_fpq", "gone.py")
-    text = "\n".join([
-        "See docs/backends.md, and lightning_fpq/quantize.py.",                  # exist
-        f"Run {bogus_bench} first.",                                             # bogus
-        "https://github.com/org/repo/blob/main/" + _p("docs", "missing.md"),     # a URL: skipped
-        "every examples/configs/*.yaml, examples/<dir>/x.py, docs/{a,b}",        # globs, placeholders
-        "/abs/" + _p("tests", "nothing.py") + " and out_dir/" + _p("docs", "x.md"),  # tails of other paths
-        f"`{bogus_module}`",                                                     # bogus
-    ])
+    text = "\n".join(
+        [
+            "See docs/backends.md, and lightning_fpq/quantize.py.",  # exist
+            f"Run {bogus_bench} first.",  # bogus
+            "https://github.com/org/repo/blob/main/" + _p("docs", "missing.md"),  # a URL: skipped
+            "every examples/configs/*.yaml, examples/<dir>/x.py, docs/{a,b}",  # globs, placeholders
+            "/abs/" + _p("tests", "nothing.py") + " and out_dir/" + _p("docs", "x.md"),  # tails of other paths
+            f"`{bogus_module}`",  # bogus
+        ]
+    )
     assert missing_paths(text, known) == [(2, bogus_bench), (6, bogus_module)]
     assert mentioned_paths("docs/backends.md.")[0][1] == "docs/backends.md"
     assert mentioned_paths(_p("tests", "test_x.py") + "::test_y")[0][1] == _p("tests", "test_x.py")

@@ -33,10 +33,14 @@ def assert_same_bits(got: torch.Tensor, expected: torch.Tensor) -> None:
     """Same dtype and shape, same NaN positions, equal values, equal sign bits (NaN too)."""
     assert got.dtype == expected.dtype and got.shape == expected.shape
     nan = torch.isnan(got)
-    assert torch.equal(nan, torch.isnan(expected)), f"NaN positions differ at {(nan != torch.isnan(expected)).nonzero()[:4].tolist()}"
+    assert torch.equal(nan, torch.isnan(expected)), (
+        f"NaN positions differ at {(nan != torch.isnan(expected)).nonzero()[:4].tolist()}"
+    )
     bad = got[~nan] != expected[~nan]
-    assert not bad.any(), (f"{int(bad.sum())} values differ, e.g. got {got[~nan][bad][:4].tolist()} "
-                           f"expected {expected[~nan][bad][:4].tolist()}")
+    assert not bad.any(), (
+        f"{int(bad.sum())} values differ, e.g. got {got[~nan][bad][:4].tolist()} "
+        f"expected {expected[~nan][bad][:4].tolist()}"
+    )
     sign = torch.signbit(got) != torch.signbit(expected)
     assert not sign.any(), f"{int(sign.sum())} sign bits differ (zeros or NaNs) at {sign.nonzero()[:4].tolist()}"
 
@@ -58,7 +62,9 @@ def probe(fmt: FPFormat, rows: int = 48, seed: int = 0) -> torch.Tensor:
     grid = fmt.values() if fmt.bits <= 12 else torch.linspace(-fmt.max, fmt.max, 257, dtype=torch.float64)
     mids = (grid[1:] + grid[:-1]) / 2
     edges = torch.cat([grid, mids]).float()
-    edges = torch.cat([edges, torch.nextafter(edges, torch.tensor(math.inf)), torch.nextafter(edges, torch.tensor(-math.inf))])
+    edges = torch.cat(
+        [edges, torch.nextafter(edges, torch.tensor(math.inf)), torch.nextafter(edges, torch.tensor(-math.inf))]
+    )
     for r in range(8, 16):  # the grid, ties and their neighbours, at row scales 2**-8 .. 2**6
         take = edges[torch.randint(0, edges.numel(), (WIDTH,), generator=gen)]
         x[r] = take * 2.0 ** (2 * (r - 12))
@@ -68,8 +74,24 @@ def probe(fmt: FPFormat, rows: int = 48, seed: int = 0) -> torch.Tensor:
     x[18] = torch.randn(WIDTH, generator=gen) * 1e-39  # absmax an fp32 subnormal
     x[19] = torch.randn(WIDTH, generator=gen).clamp(-1, 1) * 3.4e38  # absmax near fp32 max
     x[19, 0] = torch.finfo(torch.float32).max
-    specials = torch.tensor([math.nan, -math.nan, math.inf, -math.inf, 0.0, -0.0, 1e-45, -1e-40,
-                             3.0e38, -3.4e38, fmt.max, -fmt.max, fmt.max * 1.01, fmt.min_subnormal / 2])
+    specials = torch.tensor(
+        [
+            math.nan,
+            -math.nan,
+            math.inf,
+            -math.inf,
+            0.0,
+            -0.0,
+            1e-45,
+            -1e-40,
+            3.0e38,
+            -3.4e38,
+            fmt.max,
+            -fmt.max,
+            fmt.max * 1.01,
+            fmt.min_subnormal / 2,
+        ]
+    )
     where = torch.randint(0, n, (specials.numel(),), generator=gen)
     rows_hit = where // WIDTH
     keep = (rows_hit < 8) | (rows_hit >= 20)  # leave the structured rows as built
@@ -124,21 +146,27 @@ def test_bit_identical_to_reference(case):
     got = compiled(x, fmt, generator=gen_fast, **kwargs)
     expected = reference(x, fmt, generator=gen_ref, **kwargs)
     assert_same_bits(got, expected)
-    assert torch.equal(x.view(torch.int16 if dtype != torch.float32 else torch.int32),
-                       before.view(torch.int16 if dtype != torch.float32 else torch.int32)), "x was modified"
+    assert torch.equal(
+        x.view(torch.int16 if dtype != torch.float32 else torch.int32),
+        before.view(torch.int16 if dtype != torch.float32 else torch.int32),
+    ), "x was modified"
     if rnd == "stochastic":  # the same draws consumed: both generators are at the same state
         assert torch.equal(torch.rand(4, generator=gen_fast), torch.rand(4, generator=gen_ref))
     # A second shape through the same key: no recompile, still exact.
     frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     y = x[: x.shape[0] // 2]  # halves the blocks, or the channel length for axis 0
-    assert_same_bits(compiled(y, fmt, generator=torch.Generator().manual_seed(1), **kwargs),
-                     reference(y, fmt, generator=torch.Generator().manual_seed(1), **kwargs))
+    assert_same_bits(
+        compiled(y, fmt, generator=torch.Generator().manual_seed(1), **kwargs),
+        reference(y, fmt, generator=torch.Generator().manual_seed(1), **kwargs),
+    )
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == frames, "a new shape recompiled the kernel"
 
 
 @needs_compile
-@pytest.mark.parametrize("name,np_name,saturate,dtype", [("e4m3", "float8_e4m3fn", False, torch.float32),
-                                                         ("e2m3", "float6_e2m3fn", True, torch.bfloat16)])
+@pytest.mark.parametrize(
+    "name,np_name,saturate,dtype",
+    [("e4m3", "float8_e4m3fn", False, torch.float32), ("e2m3", "float6_e2m3fn", True, torch.bfloat16)],
+)
 def test_plain_cast_matches_ml_dtypes(name, np_name, saturate, dtype):
     # Independent of the reference: ml_dtypes' casts (the keys of CASES[4] and CASES[8]).
     # ml_dtypes does not saturate (E4M3FN overflow is NaN, as saturate=False); its FP6 types
@@ -175,16 +203,39 @@ def test_non_contiguous_input_and_auto_threshold():
     x = probe(FPFormat.parse("e2m1")).t().bfloat16()  # (256, 48): blocks along the strided axis
     before = x.clone()
     kwargs = dict(block_size=16, axis=-1, scale_format="e4m3", rounding="stochastic")
-    assert_same_bits(compiled(x, "e2m1", generator=torch.Generator().manual_seed(5), **kwargs),
-                     reference(x, "e2m1", generator=torch.Generator().manual_seed(5), **kwargs))
+    assert_same_bits(
+        compiled(x, "e2m1", generator=torch.Generator().manual_seed(5), **kwargs),
+        reference(x, "e2m1", generator=torch.Generator().manual_seed(5), **kwargs),
+    )
     assert torch.equal(x.view(torch.int16), before.view(torch.int16))
     # "auto" leaves tiny tensors to the reference (no compile); large ones take the fast path.
     small = torch.randn(4, 64)
-    assert fastquant.quantize_fast(small, FPFormat.parse("e2m1"), block_size=32, axis=-1, scale_format="fp32",
-                                   rounding="nearest", generator=None, saturate=True, backend="auto") is None
+    assert (
+        fastquant.quantize_fast(
+            small,
+            FPFormat.parse("e2m1"),
+            block_size=32,
+            axis=-1,
+            scale_format="fp32",
+            rounding="nearest",
+            generator=None,
+            saturate=True,
+            backend="auto",
+        )
+        is None
+    )
     big = torch.randn(fastquant.AUTO_MIN_NUMEL // WIDTH + 1, WIDTH)
-    out = fastquant.quantize_fast(big, FPFormat.parse("e2m1"), block_size=32, axis=-1, scale_format="fp32",
-                                  rounding="nearest", generator=None, saturate=True, backend="auto")
+    out = fastquant.quantize_fast(
+        big,
+        FPFormat.parse("e2m1"),
+        block_size=32,
+        axis=-1,
+        scale_format="fp32",
+        rounding="nearest",
+        generator=None,
+        saturate=True,
+        backend="auto",
+    )
     assert out is not None
     assert_same_bits(out, reference(big, "e2m1", block_size=32))
 
@@ -204,8 +255,20 @@ def test_forced_compiled_explains_what_it_cannot_do(fmt, kwargs, x, match):
     with pytest.raises(ValueError, match=match):
         compiled(x, fmt, **kwargs)
     # "auto" quietly uses the reference for the same call.
-    assert fastquant.quantize_fast(x, FPFormat.parse(fmt), axis=-1, scale_format="fp32", rounding="nearest",
-                                   generator=None, saturate=True, backend="auto", **kwargs) is None
+    assert (
+        fastquant.quantize_fast(
+            x,
+            FPFormat.parse(fmt),
+            axis=-1,
+            scale_format="fp32",
+            rounding="nearest",
+            generator=None,
+            saturate=True,
+            backend="auto",
+            **kwargs,
+        )
+        is None
+    )
 
 
 def test_compile_failure_falls_back_and_is_reported(monkeypatch):
@@ -215,6 +278,7 @@ def test_compile_failure_falls_back_and_is_reported(monkeypatch):
     def broken_compile(*args, **kwargs):
         def run(*a, **k):
             raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found")
+
         return run
 
     monkeypatch.setattr(fastquant.torch, "compile", broken_compile)

@@ -23,15 +23,21 @@ LOG2B = {32: 5.0, 128: 7.0, "channel": 13.1567}
 
 def hand_loss(N, D, E, M, log2b, c=TRUTH):
     """docs/science.md section 4, written out independently of the library."""
-    return (c["n"] / N ** c["a"] + c["d"] / D ** c["b"] + c["eps"]
-            + D ** c["b"] / N ** c["a"] * log2b / (c["g"] * (E + 0.5) ** c["dl"] * (M + 0.5) ** c["nu"]))
+    return (
+        c["n"] / N ** c["a"]
+        + c["d"] / D ** c["b"]
+        + c["eps"]
+        + D ** c["b"] / N ** c["a"] * log2b / (c["g"] * (E + 0.5) ** c["dl"] * (M + 0.5) ** c["nu"])
+    )
 
 
 def hand_dcrit(N, E, M, log2b, c=TRUTH):
     return (c["d"] * c["g"] * N ** c["a"] * (E + 0.5) ** c["dl"] * (M + 0.5) ** c["nu"] / log2b) ** (1 / (2 * c["b"]))
 
 
-def synthetic_rows(noise: float = 0.0, seed: int = 0, formats=GRID_FORMATS, blocks=(32, 128, "channel"), Ns=GRID_N, Ds=GRID_D, c=TRUTH):
+def synthetic_rows(
+    noise: float = 0.0, seed: int = 0, formats=GRID_FORMATS, blocks=(32, 128, "channel"), Ns=GRID_N, Ds=GRID_D, c=TRUTH
+):
     """Runs on a grid, loss from the law with constants ``c`` times exp(noise * standard normal)."""
     rng = np.random.default_rng(seed)
     rows = []
@@ -110,15 +116,25 @@ def test_one_format_fits_when_the_precision_constants_are_fixed():
 
 
 def test_every_row_source_gives_the_same_fit(tmp_path):
-    rows = synthetic_rows(noise=0.002, seed=3, formats=GRID_FORMATS[:5], blocks=(128, "channel"), Ns=GRID_N[:3], Ds=GRID_D[:3])
+    rows = synthetic_rows(
+        noise=0.002, seed=3, formats=GRID_FORMATS[:5], blocks=(128, "channel"), Ns=GRID_N[:3], Ds=GRID_D[:3]
+    )
     reference = fit(rows, starts=2).law
     path = tmp_path / "runs.csv"
     with open(path, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=["run", "params", "tokens", "format", "block_size", "loss"])
         writer.writeheader()
         for i, r in enumerate(rows):
-            writer.writerow({"run": i, "params": f"{r['N']:g}", "tokens": f"{r['D']:g}", "format": f"e{r['E']}m{r['M']}",
-                             "block_size": r["B"], "loss": repr(r["loss"])})
+            writer.writerow(
+                {
+                    "run": i,
+                    "params": f"{r['N']:g}",
+                    "tokens": f"{r['D']:g}",
+                    "format": f"e{r['E']}m{r['M']}",
+                    "block_size": r["B"],
+                    "loss": repr(r["loss"]),
+                }
+            )
     columns = {k: [r[k] for r in rows] for k in rows[0]}
 
     class FrameLike:  # the part of a pandas/polars DataFrame that fit() uses
@@ -133,7 +149,9 @@ def test_every_row_source_gives_the_same_fit(tmp_path):
 
 
 def test_missing_columns_are_named():
-    with pytest.raises(ValueError, match=r"missing column\(s\) B, loss; a capybara fit expects N, D, E, M \(or format\), B, loss"):
+    with pytest.raises(
+        ValueError, match=r"missing column\(s\) B, loss; a capybara fit expects N, D, E, M \(or format\), B, loss"
+    ):
         load_rows([{"N": 1e8, "D": 1e10, "E": 4, "M": 3}])
     with pytest.raises(ValueError, match=r"missing column\(s\) E and M \(or format\)"):
         load_rows([{"N": 1e8, "D": 1e10, "B": 32, "loss": 3.0}])
@@ -190,8 +208,12 @@ def test_chinchilla_fit_recovers_its_constants():
 
 def test_kumar_fit_recovers_a_law_other_than_the_start():
     truth = KumarLaw(A=2000.0, alpha=0.42, B=9000.0, beta=0.45, E=2.2, g_w=3.0, g_a=2.0, g_kv=1.2)
-    rows = [{"N": N, "D": D, "bits": P, "loss": truth.loss(N, D, f"e0m{P - 1}")}
-            for N in (3e7, 1e8, 3e8, 1e9) for D in (1e9, 5e9, 2e10) for P in (3, 4, 5, 6, 8, 16)]
+    rows = [
+        {"N": N, "D": D, "bits": P, "loss": truth.loss(N, D, f"e0m{P - 1}")}
+        for N in (3e7, 1e8, 3e8, 1e9)
+        for D in (1e9, 5e9, 2e10)
+        for P in (3, 4, 5, 6, 8, 16)
+    ]
     result = fit(rows, kind="kumar", starts=2, seed=0)
     for name, value in truth.constants().items():
         assert getattr(result.law, name) == pytest.approx(value, rel=1e-4), name

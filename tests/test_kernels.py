@@ -32,8 +32,6 @@ import pytest
 import torch
 
 from lightning_fpq.formats import FPFormat
-from lightning_fpq.packing import PackedTensor, pack, unpack
-from lightning_fpq.quantize import block_scales, finite_absmax, quantize, round_to_format
 from lightning_fpq.kernels import (
     dot_scaled_available,
     fp8_tensor_cores_available,
@@ -44,6 +42,8 @@ from lightning_fpq.kernels import (
     quantize_triton,
     triton_available,
 )
+from lightning_fpq.packing import PackedTensor, pack, unpack
+from lightning_fpq.quantize import block_scales, finite_absmax, quantize, round_to_format
 
 ROOT = Path(__file__).resolve().parents[1]
 _CHILD_ENV = "LIGHTNING_FPQ_KERNEL_TESTS_CHILD"
@@ -52,9 +52,7 @@ OK, REASON = triton_available()
 INTERPRETING = interpreting()
 # On a CPU with triton installed but not importable as the interpreter in this process:
 # run this file again in a fresh process where TRITON_INTERPRET=1 precedes triton's import.
-RERUN_IN_FRESH_PROCESS = (
-    not OK and not IN_CHILD and not torch.cuda.is_available() and "not installed" not in REASON
-)
+RERUN_IN_FRESH_PROCESS = not OK and not IN_CHILD and not torch.cuda.is_available() and "not installed" not in REASON
 _RERUN_REASON = "runs in a fresh TRITON_INTERPRET=1 process (test_kernel_suite_in_fresh_interpreter_process)"
 
 pytestmark = pytest.mark.filterwarnings(
@@ -207,8 +205,10 @@ def test_quantize_ties_round_to_even(device):
     # The same ties behind a power-of-two (E8M0) block scale: the block's absmax 0.875 gives
     # S = 2**-(floor(log2 0.875) - emax) = 2**3, which maps x / 8 back onto the ties above.
     xs = torch.cat([x[:8] / 8, torch.full((8,), 0.875)])
-    assert_same(quantize_triton(xs.to(device), "e2m1", block_size=16, scale_format="e8m0"),
-                reference(xs, "e2m1", block_size=16, scale_format="e8m0"))
+    assert_same(
+        quantize_triton(xs.to(device), "e2m1", block_size=16, scale_format="e8m0"),
+        reference(xs, "e2m1", block_size=16, scale_format="e8m0"),
+    )
 
 
 def test_quantize_subnormals_and_underflow(device):
@@ -232,11 +232,14 @@ def test_quantize_transposed_operand_reads_strides(device):
 
 def test_quantize_three_dims_middle_axis_and_long_channel(device):
     x3 = edge_tensor((3, 40, 5), seed=2)
-    assert_same(quantize_triton(x3.to(device), "e3m2", block_size=16, axis=1),
-                reference(x3, "e3m2", block_size=16, axis=1))
+    assert_same(
+        quantize_triton(x3.to(device), "e3m2", block_size=16, axis=1), reference(x3, "e3m2", block_size=16, axis=1)
+    )
     # A channel longer than one tile (4096 interpreted, 1024 compiled): the two-pass path.
     xl = edge_tensor((2, 9000), seed=4)
-    assert_same(quantize_triton(xl.to(device), "e2m1", block_size="channel"), reference(xl, "e2m1", block_size="channel"))
+    assert_same(
+        quantize_triton(xl.to(device), "e2m1", block_size="channel"), reference(xl, "e2m1", block_size="channel")
+    )
 
 
 def test_quantize_scalar_and_empty(device):
@@ -266,8 +269,9 @@ def test_stochastic_with_shared_generator_is_bit_exact(device, fmt, block_size, 
 def test_stochastic_with_noise_tensor_is_bit_exact(device):
     x = edge_tensor(SHAPE, seed=10)
     noise = torch.rand(SHAPE, generator=torch.Generator().manual_seed(3))
-    expected = quantize(x, "e2m1", backend="reference", block_size=32, rounding="stochastic",
-                        generator=torch.Generator().manual_seed(3))
+    expected = quantize(
+        x, "e2m1", backend="reference", block_size=32, rounding="stochastic", generator=torch.Generator().manual_seed(3)
+    )
     out = quantize_triton(x.to(device), "e2m1", block_size=32, rounding="stochastic", noise=noise.to(device))
     assert_same(out, expected)
 
@@ -302,9 +306,11 @@ def test_stochastic_with_seed_is_unbiased_and_reproducible(device):
     # and u = 1 - 2**-24 (the largest torch.rand value).
     blocks = x.view(64, 8, 32)
     scale = block_scales(finite_absmax(blocks), fmt, "fp32")
+
     def neighbour(u: float) -> torch.Tensor:
         noise = torch.full_like(blocks, u)
         return (round_to_format(blocks * scale, fmt, rounding="stochastic", noise=noise) / scale).view(64, 256)
+
     down, up = neighbour(0.0), neighbour(1 - 2.0**-24)
     assert ((out == down) | (out == up)).all(), "stochastic rounding left the two neighbouring grid points"
     between = up != down
@@ -340,7 +346,9 @@ def test_pack_matches_reference_codes_and_scales(device, fmt, block_size, axis, 
     expected = pack(x, fmt, **kw)
     got = pack_triton(x.to(device), fmt, **kw)
     assert got.codes.dtype == expected.codes.dtype and got.codes.shape == expected.codes.shape
-    assert torch.equal(got.codes.cpu(), expected.codes), f"{int((got.codes.cpu() != expected.codes).sum())} codes differ"
+    assert torch.equal(got.codes.cpu(), expected.codes), (
+        f"{int((got.codes.cpu() != expected.codes).sum())} codes differ"
+    )
     if expected.scales is None:
         assert got.scales is None
     else:
@@ -401,10 +409,17 @@ def _rows(p: PackedTensor) -> torch.Tensor:
 
 
 GEMM_CASES = [
-    (16, "bf16"), (16, "fp32"),
-    (32, "bf16"), (32, "fp8"), (32, "dot_scaled"),
-    (64, "fp8"), (128, "bf16"), (128, "fp8"),
-    ("channel", "bf16"), ("channel", "fp8"), ("tensor", "fp8"),
+    (16, "bf16"),
+    (16, "fp32"),
+    (32, "bf16"),
+    (32, "fp8"),
+    (32, "dot_scaled"),
+    (64, "fp8"),
+    (128, "bf16"),
+    (128, "fp8"),
+    ("channel", "bf16"),
+    ("channel", "fp8"),
+    ("tensor", "fp8"),
 ]
 
 
@@ -605,9 +620,17 @@ def test_triton_backend_through_the_plugin_in_a_lightning_run(device, monkeypatc
     g = torch.Generator().manual_seed(0)
     data = torch.utils.data.TensorDataset(torch.randn(64, 64, generator=g), torch.randint(0, 8, (64,), generator=g))
     plugin = FPQuantPrecision("mxfp4", backend="triton")
-    trainer = L.Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, max_steps=4, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        plugins=[plugin], callbacks=[SwitchToFP8()])
+    trainer = L.Trainer(
+        accelerator="gpu" if device.type == "cuda" else "cpu",
+        devices=1,
+        max_steps=4,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        plugins=[plugin],
+        callbacks=[SwitchToFP8()],
+    )
     trainer.fit(Net(), torch.utils.data.DataLoader(data, batch_size=16))
     assert [h["backends"] for h in plugin.backend_history] == [{"triton": 2}, {"triton": 2}]
     # two mxfp4 steps: fc2 forward, dgrad and wgrad; fc1 forward and wgrad (its input needs no
@@ -681,31 +704,100 @@ def _aot_compile(kernel, types: dict, constexprs: dict, arch: int) -> str:
     from triton.compiler import ASTSource
 
     signature = {name: ("constexpr" if name in constexprs else types[name]) for name in kernel.arg_names}
-    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
-                              target=GPUTarget("cuda", arch, 32), options={"num_warps": 8, "num_stages": 3})
+    compiled = triton.compile(
+        ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+        target=GPUTarget("cuda", arch, 32),
+        options={"num_warps": 8, "num_stages": 3},
+    )
     return compiled.asm["ptx"]
 
 
 _QUANT_TYPES = dict(
-    x_ptr="*fp32", noise_ptr="*fp32", tamax_ptr="*fp32", out_ptr="*fp32", scale_ptr="*fp32",
-    n_vec="i32", inner="i32", length="i32", n_blocks="i32", block_len="i32", seed="i32",
-    sxo="i64", sxl="i32", sxi="i32", sno="i64", snl="i32", sni="i32", soo="i64", sol="i32", soi="i32",
+    x_ptr="*fp32",
+    noise_ptr="*fp32",
+    tamax_ptr="*fp32",
+    out_ptr="*fp32",
+    scale_ptr="*fp32",
+    n_vec="i32",
+    inner="i32",
+    length="i32",
+    n_blocks="i32",
+    block_len="i32",
+    seed="i32",
+    sxo="i64",
+    sxl="i32",
+    sxi="i32",
+    sno="i64",
+    snl="i32",
+    sni="i32",
+    soo="i64",
+    sol="i32",
+    soi="i32",
 )
 _QUANT_CONST = dict(
-    MBITS=1, EBITS=2, EMIN=0, EMAX=2, BIAS=1, FMT_MAX=6.0, MIN_NORMAL=1.0, SUB1=2.0, SUB2=1.0, SPECIAL=0,
-    OVERFLOW=0, SCALE_MODE=1, TENSOR_BLOCK=False, ROUND_MODE=0, SATURATE=True, OUT_LIMIT=3.3895313892515355e38,
-    IN_KIND=1, OUT_KIND=1, CODE_BITS=4, BLOCK_V=16, NB=8, BLOCK_K=32, N_CHUNKS=1,
+    MBITS=1,
+    EBITS=2,
+    EMIN=0,
+    EMAX=2,
+    BIAS=1,
+    FMT_MAX=6.0,
+    MIN_NORMAL=1.0,
+    SUB1=2.0,
+    SUB2=1.0,
+    SPECIAL=0,
+    OVERFLOW=0,
+    SCALE_MODE=1,
+    TENSOR_BLOCK=False,
+    ROUND_MODE=0,
+    SATURATE=True,
+    OUT_LIMIT=3.3895313892515355e38,
+    IN_KIND=1,
+    OUT_KIND=1,
+    CODE_BITS=4,
+    BLOCK_V=16,
+    NB=8,
+    BLOCK_K=32,
+    N_CHUNKS=1,
 )
 _GEMM_TYPES = dict(
-    a_ptr="*u8", as_ptr="*fp32", b_ptr="*u8", bs_ptr="*fp32", c_ptr="*i16", M="i32", N="i32", K="i32",
-    n_scale_blocks="i32", scale_block="i32", tiles_per_scale="i32", sam="i32", sak="i32", sasm="i32",
-    sask="i32", sbn="i32", sbk="i32", sbsn="i32", sbsk="i32", scm="i32", scn="i32",
+    a_ptr="*u8",
+    as_ptr="*fp32",
+    b_ptr="*u8",
+    bs_ptr="*fp32",
+    c_ptr="*i16",
+    M="i32",
+    N="i32",
+    K="i32",
+    n_scale_blocks="i32",
+    scale_block="i32",
+    tiles_per_scale="i32",
+    sam="i32",
+    sak="i32",
+    sasm="i32",
+    sask="i32",
+    sbn="i32",
+    sbk="i32",
+    sbsn="i32",
+    sbsk="i32",
+    scm="i32",
+    scn="i32",
 )
 AOT_CASES = {
     # name: (kernel module attribute, extra types, constexprs, arch, PTX that must appear)
-    "quantize-bf16-fake-philox-sm90": ("quantize", dict(x_ptr="*i16", out_ptr="*i16"), dict(ROUND_MODE=2), 90, "div.rn.f32"),
+    "quantize-bf16-fake-philox-sm90": (
+        "quantize",
+        dict(x_ptr="*i16", out_ptr="*i16"),
+        dict(ROUND_MODE=2),
+        90,
+        "div.rn.f32",
+    ),
     "quantize-codes-e8m0-nvfp4-sm90": (
-        "quantize", dict(x_ptr="*i16", out_ptr="*u8"), dict(OUT_KIND=3, SCALE_MODE=3, ROUND_MODE=1), 90, "st.global"),
+        "quantize",
+        dict(x_ptr="*i16", out_ptr="*u8"),
+        dict(OUT_KIND=3, SCALE_MODE=3, ROUND_MODE=1),
+        90,
+        "st.global",
+    ),
     "gemm-bf16-sm80": ("gemm", {}, dict(DOT_MODE=1, BLOCK_K=32), 80, "mma.sync"),
     "gemm-fp8-sm90": ("gemm", {}, dict(DOT_MODE=2, BLOCK_K=32), 90, "wgmma"),
     "gemm-dot_scaled-sm100": ("gemm", dict(as_ptr="*u8", bs_ptr="*u8"), dict(DOT_MODE=3, BLOCK_K=128), 100, "tcgen05"),

@@ -17,8 +17,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "lightning_fpq"
-CORE = sorted(p for p in PACKAGE.glob("*.py") if p.name not in ("__init__.py", "cli.py")) + sorted(
-    (PACKAGE / "backends").glob("*.py")) + sorted((ROOT / "kernels").glob("*.py"))
+CORE = (
+    sorted(p for p in PACKAGE.glob("*.py") if p.name not in ("__init__.py", "cli.py"))
+    + sorted((PACKAGE / "backends").glob("*.py"))
+    + sorted((ROOT / "kernels").glob("*.py"))
+)
 LIGHTNING = ("lightning", "pytorch_lightning")
 
 
@@ -59,8 +62,9 @@ def test_the_core_knows_nothing_of_lightning_scaling_or_demo(path):
     for module, _, _ in _imports(path, top_level_only=False):
         top = module.split(".")[0]
         assert top not in LIGHTNING, (_name(path), module)
-        assert not module.startswith(("lightning_fpq.lightning", "lightning_fpq.scaling", "lightning_fpq.demo",
-                                      "lightning_fpq.cli")), (_name(path), module)
+        assert not module.startswith(
+            ("lightning_fpq.lightning", "lightning_fpq.scaling", "lightning_fpq.demo", "lightning_fpq.cli")
+        ), (_name(path), module)
 
 
 @pytest.mark.parametrize("path", sorted((PACKAGE / "scaling").glob("*.py")), ids=_name)
@@ -72,8 +76,11 @@ def test_scaling_imports_no_lightning_at_import_time(path):
 
 @pytest.mark.parametrize("path", sorted(PACKAGE.rglob("*.py")) + sorted((ROOT / "kernels").glob("*.py")), ids=_name)
 def test_no_module_imports_another_modules_private_names(path):
-    own = ".".join(("lightning_fpq",) + path.relative_to(PACKAGE).with_suffix("").parts) if path.is_relative_to(
-        PACKAGE) else f"lightning_fpq.kernels.{path.stem}"
+    own = (
+        ".".join(("lightning_fpq",) + path.relative_to(PACKAGE).with_suffix("").parts)
+        if path.is_relative_to(PACKAGE)
+        else f"lightning_fpq.kernels.{path.stem}"
+    )
     for module, names, _ in _imports(path, top_level_only=False):
         if not module.startswith("lightning_fpq") or module == own:
             continue

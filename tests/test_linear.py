@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from lightning_fpq.formats import FPFormat
 from lightning_fpq.linear import QuantLinear, convert_linears
 from lightning_fpq.linear_function import quant_linear
-from lightning_fpq.state import QuantState
 from lightning_fpq.quantize import block_scales, quantize
 from lightning_fpq.recipe import LayerRule, OperandSpec, QuantRecipe, RecipeName
+from lightning_fpq.state import QuantState
 
 NAMED = [m.value for m in RecipeName]
 
@@ -25,8 +25,15 @@ def rq(t, op, axis):
     round differently for different operand layouts, so both sides use row-major operands."""
     if op is None:
         return t
-    return quantize(t, op.fmt, block_size=op.block_size, axis=axis, scale_format=op.scale_format,
-                    rounding="nearest", backend="reference").contiguous()
+    return quantize(
+        t,
+        op.fmt,
+        block_size=op.block_size,
+        axis=axis,
+        scale_format=op.scale_format,
+        rounding="nearest",
+        backend="reference",
+    ).contiguous()
 
 
 def dge_reference(w, op, k, clamp):
@@ -67,8 +74,10 @@ def reference(x, w, b, dy, recipe, cd):
 
 def nearest(recipe):
     """The recipe with stochastic rounding replaced by nearest (what the exact test compares)."""
-    ops = {f"p{i}": (None if op is None else dataclasses.replace(op, rounding="nearest"))
-           for i, op in enumerate((getattr(recipe, f"p{j}") for j in range(1, 7)), start=1)}
+    ops = {
+        f"p{i}": (None if op is None else dataclasses.replace(op, rounding="nearest"))
+        for i, op in enumerate((getattr(recipe, f"p{j}") for j in range(1, 7)), start=1)
+    }
     return recipe.with_spec(**ops)
 
 
@@ -250,8 +259,14 @@ def sqnr(a, b):
 # measured (x ~ N(0,1), w ~ N(0, 0.05), 3x7x96 -> 80; output SQNR in dB), floors ~1-2 dB below:
 #   full e5m2/128: 24.1  e4m3/128: 29.2  e3m2/128: 23.1  e2m1/128: 11.9  mxfp4: 12.6  nvfp4: 15.3
 FLOORS = [
-    ("full", "e5m2", 22.0), ("full", "e4m3", 27.5), ("full", "e3m2", 21.5), ("full", "e2m1", 10.5),
-    ("mxfp4", None, 11.0), ("nvfp4", None, 14.0), ("mxfp8", None, 27.0), ("fp8", None, 27.0),
+    ("full", "e5m2", 22.0),
+    ("full", "e4m3", 27.5),
+    ("full", "e3m2", 21.5),
+    ("full", "e2m1", 10.5),
+    ("mxfp4", None, 11.0),
+    ("nvfp4", None, 14.0),
+    ("mxfp8", None, 27.0),
+    ("fp8", None, 27.0),
 ]
 
 
@@ -302,8 +317,26 @@ def test_stochastic_rounding_matches_the_reference_with_the_same_generator():
     y.backward(dy)
     g = torch.Generator().manual_seed(7)  # draws in GEMM order: q3 (dgrad) then q5 (wgrad)
     dy2d = dy.reshape(-1, 80)
-    q3 = quantize(dy2d, "e2m1", block_size=16, axis=-1, scale_format="e4m3", rounding="stochastic", generator=g, backend="reference")
-    q5 = quantize(dy2d, "e2m1", block_size=16, axis=0, scale_format="e4m3", rounding="stochastic", generator=g, backend="reference")
+    q3 = quantize(
+        dy2d,
+        "e2m1",
+        block_size=16,
+        axis=-1,
+        scale_format="e4m3",
+        rounding="stochastic",
+        generator=g,
+        backend="reference",
+    )
+    q5 = quantize(
+        dy2d,
+        "e2m1",
+        block_size=16,
+        axis=0,
+        scale_format="e4m3",
+        rounding="stochastic",
+        generator=g,
+        backend="reference",
+    )
     assert torch.equal(xr.grad.reshape(-1, 96), q3 @ rq(w, recipe.p4, 0))
     assert torch.equal(wr.grad, q5.t() @ rq(x.reshape(-1, 96), recipe.p6, 0))
 

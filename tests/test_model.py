@@ -149,8 +149,14 @@ def test_tiny_gpt_learns_on_cpu(tmp_path, one_thread):
         block_size=64, batch_size=16, max_bytes=500_000, samples_per_epoch=steps * 16, val_samples=32
     )
     trainer = Trainer(
-        accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        accelerator="cpu",
+        devices=1,
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
         callbacks=[losses],
     )
     trainer.fit(module, datamodule=data)
@@ -178,16 +184,29 @@ def test_lightning_cli_parses_the_init_arguments(monkeypatch):
 
     monkeypatch.setattr("sys.argv", ["lightning-fpq"])  # pytest's own arguments are not ours
     cli = LightningCLI(
-        GPTLightning, ByteCorpusDataModule, run=False,
-        args=["--model.config=tiny", "--model.lr=0.001", "--data.block_size=64",
-              "--trainer.accelerator=cpu", "--trainer.logger=false", "--trainer.max_steps=5"],
+        GPTLightning,
+        ByteCorpusDataModule,
+        run=False,
+        args=[
+            "--model.config=tiny",
+            "--model.lr=0.001",
+            "--data.block_size=64",
+            "--trainer.accelerator=cpu",
+            "--trainer.logger=false",
+            "--trainer.max_steps=5",
+        ],
     )
     assert cli.model.config == GPT_CONFIGS["tiny"] and cli.model.hparams.lr == 0.001
     assert cli.datamodule.block_size == 64
     # A config can also be spelled out field by field (a dict on the command line or in YAML).
     cli = LightningCLI(
-        GPTLightning, ByteCorpusDataModule, run=False,
-        args=['--model.config={"n_layer": 1, "n_embd": 32, "n_head": 2}', "--trainer.accelerator=cpu",
-              "--trainer.logger=false"],
+        GPTLightning,
+        ByteCorpusDataModule,
+        run=False,
+        args=[
+            '--model.config={"n_layer": 1, "n_embd": 32, "n_head": 2}',
+            "--trainer.accelerator=cpu",
+            "--trainer.logger=false",
+        ],
     )
     assert cli.model.config == GPTConfig(n_layer=1, n_embd=32, n_head=2)

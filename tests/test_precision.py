@@ -12,10 +12,10 @@ import torch.nn as nn
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
 
 import lightning as L  # noqa: E402
-from fpq_helpers import LossRecorder, datamodule, model, quiet, trainer  # noqa: E402
 
-from lightning_fpq.linear import QuantLinear  # noqa: E402
+from fpq_helpers import LossRecorder, datamodule, model, quiet, trainer  # noqa: E402
 from lightning_fpq.lightning.precision import FPQuantPrecision  # noqa: E402
+from lightning_fpq.linear import QuantLinear  # noqa: E402
 from lightning_fpq.recipe import LayerRule, QuantRecipe  # noqa: E402
 
 quiet()
@@ -43,7 +43,9 @@ def test_bad_arguments_raise_at_construction(kwargs, needle):
 
 
 def test_recipe_forms(tmp_path):
-    assert FPQuantPrecision("paper", fmt="e2m1", block_size=64).recipe == QuantRecipe.from_name("paper", fmt="e2m1", block_size=64)
+    assert FPQuantPrecision("paper", fmt="e2m1", block_size=64).recipe == QuantRecipe.from_name(
+        "paper", fmt="e2m1", block_size=64
+    )
     r = QuantRecipe.from_name("nvfp4", rules=[LayerRule("*.blocks.1.*", recipe="bf16")])
     assert FPQuantPrecision(r).recipe is r
     r.to_yaml(tmp_path / "r.yaml")
@@ -116,8 +118,12 @@ class SwitchAt(L.Callback):
     def on_train_end(self, trainer, pl_module):
         opt = trainer.optimizers[0]
         w = pl_module.model.blocks[0].mlp.fc.weight
-        self.after = (w is self.weight, opt.state[w]["exp_avg"], int(opt.state[w]["step"]),
-                      any(p is w for g in opt.param_groups for p in g["params"]))
+        self.after = (
+            w is self.weight,
+            opt.state[w]["exp_avg"],
+            int(opt.state[w]["step"]),
+            any(p is w for g in opt.param_groups for p in g["params"]),
+        )
 
 
 def test_recipe_switch_mid_training_keeps_optimizer_state(tmp_path):
@@ -164,13 +170,18 @@ def test_fsdp1_is_refused_with_a_message_that_says_what_to_use():
     (On a CPU-only machine ``Trainer(strategy="fsdp")`` stops earlier: FSDP1 needs a GPU.)"""
     from lightning.pytorch.strategies import FSDPStrategy
 
-    for make in (lambda: FSDPStrategy(precision_plugin=FPQuantPrecision()),
-                 lambda: setattr(FSDPStrategy(), "precision_plugin", FPQuantPrecision())):
+    for make in (
+        lambda: FSDPStrategy(precision_plugin=FPQuantPrecision()),
+        lambda: setattr(FSDPStrategy(), "precision_plugin", FPQuantPrecision()),
+    ):
         with pytest.raises(TypeError) as info:
             make()
         message = str(info.value)
         assert "FSDPPrecision" in message and "ModelParallelStrategy" in message and "fully_shard" in message
-    assert "ModelParallelStrategy" not in str(FPQuantPrecision()) and "ModelParallelStrategy" not in f"{FPQuantPrecision()}"
+    assert (
+        "ModelParallelStrategy" not in str(FPQuantPrecision())
+        and "ModelParallelStrategy" not in f"{FPQuantPrecision()}"
+    )
 
 
 def test_model_wrapped_in_fsdp1_is_refused():
@@ -322,8 +333,13 @@ data:
   val_samples: null
 """
     )
-    cli = LightningCLI(GPTLightning, ByteCorpusDataModule, args=["--config", str(config)], run=False,
-                       save_config_kwargs={"overwrite": True})
+    cli = LightningCLI(
+        GPTLightning,
+        ByteCorpusDataModule,
+        args=["--config", str(config)],
+        run=False,
+        save_config_kwargs={"overwrite": True},
+    )
     plugin = cli.trainer.precision_plugin
     assert isinstance(plugin, FPQuantPrecision)
     assert plugin.recipe == QuantRecipe.from_name("full", fmt="e2m1", block_size=32)
@@ -393,4 +409,7 @@ def test_a_recipe_switch_changes_backend_without_rebuilding_anything():
     assert [id(p) for p in net.parameters()] == params
     assert [(id(m), type(m)) for m in net.modules()] == modules
     assert [h["backends"] for h in plugin.backend_history] == [
-        {fp4_backend: 8}, {"torchao_float8": 8}, {"unquantized": 8}]
+        {fp4_backend: 8},
+        {"torchao_float8": 8},
+        {"unquantized": 8},
+    ]

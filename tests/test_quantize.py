@@ -34,7 +34,9 @@ def assert_same_bits(got: torch.Tensor, expected: torch.Tensor) -> None:
     assert torch.equal(nan, torch.isnan(expected)), "NaN positions differ"
     g, e = got[~nan], expected[~nan]
     bad = g != e
-    assert not bad.any(), f"{int(bad.sum())} values differ, e.g. got {g[bad][:4].tolist()} expected {e[bad][:4].tolist()}"
+    assert not bad.any(), (
+        f"{int(bad.sum())} values differ, e.g. got {g[bad][:4].tolist()} expected {e[bad][:4].tolist()}"
+    )
     assert torch.equal(torch.signbit(g), torch.signbit(e)), "signs of zero differ"
 
 
@@ -47,9 +49,16 @@ def probe_values(fmt: FPFormat, n_random: int = 20000) -> torch.Tensor:
     log_lo, log_hi = math.log2(fmt.min_subnormal) - 2, math.log2(fmt.max) + 2
     mags = torch.exp2(torch.rand(n_random, generator=gen, dtype=torch.float64) * (log_hi - log_lo) + log_lo)
     signs = torch.where(torch.rand(n_random, generator=gen) < 0.5, -1.0, 1.0).to(torch.float64)
-    x = torch.cat([grid, mids, torch.nextafter(mids.float(), torch.tensor(math.inf)).double(),
-                   torch.nextafter(mids.float(), torch.tensor(-math.inf)).double(), mags * signs,
-                   torch.tensor([fmt.max * 1.5, -fmt.max * 4, 0.0, -0.0], dtype=torch.float64)])
+    x = torch.cat(
+        [
+            grid,
+            mids,
+            torch.nextafter(mids.float(), torch.tensor(math.inf)).double(),
+            torch.nextafter(mids.float(), torch.tensor(-math.inf)).double(),
+            mags * signs,
+            torch.tensor([fmt.max * 1.5, -fmt.max * 4, 0.0, -0.0], dtype=torch.float64),
+        ]
+    )
     x = x.float()
     assert torch.equal(x.double()[: grid.numel()], grid), "probe must hold the grid exactly in fp32"
     return x
@@ -238,7 +247,9 @@ def test_block_size_int_channel_and_tensor_agree_with_explicit_loops(name):
     assert_same_bits(qref(x, fmt, block_size=32), ml_dtypes_block_loop(x, np_dtype, fmt.max, 32))
     assert_same_bits(qref(x, fmt, block_size="channel"), ml_dtypes_block_loop(x, np_dtype, fmt.max, 96))
     flat = x.reshape(1, -1)
-    assert_same_bits(qref(x, fmt, block_size="tensor"), ml_dtypes_block_loop(flat, np_dtype, fmt.max, flat.numel()).reshape(6, 96))
+    assert_same_bits(
+        qref(x, fmt, block_size="tensor"), ml_dtypes_block_loop(flat, np_dtype, fmt.max, flat.numel()).reshape(6, 96)
+    )
     assert torch.equal(qref(x, fmt, block_size=32)[2], torch.zeros(96))
 
 
@@ -268,7 +279,9 @@ def test_axis_is_the_blocking_dimension():
     for bs in (16, "channel"):
         assert_same_bits(qref(x, "e2m1", block_size=bs, axis=0), qref(x.t().contiguous(), "e2m1", block_size=bs).t())
     x3 = torch.randn(4, 32, 6)
-    assert_same_bits(qref(x3, "e4m3", block_size=8, axis=1), qref(x3.transpose(1, 2), "e4m3", block_size=8).transpose(1, 2))
+    assert_same_bits(
+        qref(x3, "e4m3", block_size=8, axis=1), qref(x3.transpose(1, 2), "e4m3", block_size=8).transpose(1, 2)
+    )
 
 
 def test_block_size_that_does_not_divide_the_axis_pads_with_zeros():
@@ -305,7 +318,10 @@ def test_nan_and_inf_in_a_block_do_not_poison_finite_neighbours():
 
 # -------------------------------------------------------------------- packing
 @pytest.mark.parametrize("name", ["e2m1", "e1m1", "e2m3", "e3m2", "e4m3", "e5m2", "e3m4", "bf16", "e5m10", "fp32"])
-@pytest.mark.parametrize("block_size,scale_format", [(None, "fp32"), (32, "fp32"), (32, "e8m0"), (16, "e4m3"), ("channel", "fp32"), ("tensor", "fp32"), (24, "fp32")])
+@pytest.mark.parametrize(
+    "block_size,scale_format",
+    [(None, "fp32"), (32, "fp32"), (32, "e8m0"), (16, "e4m3"), ("channel", "fp32"), ("tensor", "fp32"), (24, "fp32")],
+)
 def test_pack_round_trip_is_exact(name, block_size, scale_format):
     x = torch.randn(5, 64) * 3
     x[0, :3] = torch.tensor([math.nan, 0.0, -0.0])

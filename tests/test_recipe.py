@@ -133,8 +133,17 @@ class Net(nn.Module):
 
 def test_default_exclude_keeps_heads_unquantized():
     r = QuantRecipe.from_name("paper")
-    for name in ("lm_head", "model.lm_head", "classifier", "model.classifier_head", "head", "vit.head",
-                 "output", "model.output", "score"):
+    for name in (
+        "lm_head",
+        "model.lm_head",
+        "classifier",
+        "model.classifier_head",
+        "head",
+        "vit.head",
+        "output",
+        "model.output",
+        "score",
+    ):
         assert r.layer_spec(name) is None, name
     for name in ("blocks.0.0", "model.h.3.mlp.c_fc", "bert.encoder.layer.0.attention.output.dense"):
         assert r.layer_spec(name) is not None, name
@@ -143,9 +152,13 @@ def test_default_exclude_keeps_heads_unquantized():
 
 def test_include_exclude_and_rules_first_match_wins():
     r = QuantRecipe.from_name(
-        "paper", fmt="e2m1",
-        rules=[LayerRule("blocks.0.*", recipe="bf16"), LayerRule("blocks.2.*", fmt="e4m3"),
-               LayerRule("blocks.*", block_size=32)],
+        "paper",
+        fmt="e2m1",
+        rules=[
+            LayerRule("blocks.0.*", recipe="bf16"),
+            LayerRule("blocks.2.*", fmt="e4m3"),
+            LayerRule("blocks.*", block_size=32),
+        ],
     )
     assert r.layer_spec("blocks.0.0").is_identity
     assert r.layer_spec("blocks.2.0").p2 == OperandSpec("e4m3", 128)
@@ -171,7 +184,16 @@ def test_describe_lists_every_linear_with_each_operand():
     assert lines[0] == r.short_str()
     assert lines[1].split() == ["layer", "shape", "P1", "P2", "P3", "P4", "P5", "P6", "options"]
     rows = {line.split()[0]: line for line in lines[3:]}
-    assert set(rows) == {"blocks.0.0", "blocks.0.2", "blocks.1.0", "blocks.1.2", "blocks.2.0", "blocks.2.2", "lm_head", "classifier"}
+    assert set(rows) == {
+        "blocks.0.0",
+        "blocks.0.2",
+        "blocks.1.0",
+        "blocks.1.2",
+        "blocks.2.0",
+        "blocks.2.2",
+        "lm_head",
+        "classifier",
+    }
     assert rows["blocks.1.0"].split()[1:8] == ["16x8", "-", "e2m1/128", "-", "e2m1/128", "-", "e2m1/128"]
     assert "excluded" in rows["lm_head"] and "rule" in rows["blocks.0.2"]
 
@@ -197,7 +219,9 @@ def test_with_format_rebuilds_named_recipes_and_keeps_rules():
 
 
 def test_coerce_name_path_and_shortcuts(tmp_path):
-    assert QuantRecipe.coerce("paper", fmt="e2m1", block_size=32) == QuantRecipe.from_name("paper", fmt="e2m1", block_size=32)
+    assert QuantRecipe.coerce("paper", fmt="e2m1", block_size=32) == QuantRecipe.from_name(
+        "paper", fmt="e2m1", block_size=32
+    )
     path = tmp_path / "r.yaml"
     QuantRecipe.from_name("mxfp4").to_yaml(path)
     assert QuantRecipe.coerce(str(path)) == QuantRecipe.from_name("mxfp4")
@@ -215,12 +239,16 @@ def test_every_named_recipe_round_trips_through_yaml(name):
 
 def test_rules_and_custom_recipes_round_trip(tmp_path):
     r = QuantRecipe.from_name(
-        "paper", fmt="e3m2", block_size=64, exclude=["lm_head", "*.proj"],
+        "paper",
+        fmt="e3m2",
+        block_size=64,
+        exclude=["lm_head", "*.proj"],
         rules=[LayerRule("model.blocks.0.*", recipe="bf16"), LayerRule("*.h.3.*", fmt="e4m3", block_size="channel")],
     )
     assert QuantRecipe.from_yaml(r.to_yaml()) == r
-    custom = QuantRecipe(p1=OperandSpec("e4m3", "tensor"), p6=OperandSpec("e2m3", 16, "e8m0", "stochastic"),
-                         include=["blocks.*"])
+    custom = QuantRecipe(
+        p1=OperandSpec("e4m3", "tensor"), p6=OperandSpec("e2m3", 16, "e8m0", "stochastic"), include=["blocks.*"]
+    )
     custom.to_yaml(tmp_path / "c.yaml")
     back = QuantRecipe.from_yaml(tmp_path / "c.yaml")
     assert back == custom and back.name == "custom" and back.p2 is None
@@ -274,15 +302,21 @@ def test_example_recipe_yamls_load():
 
     configs = Path(__file__).resolve().parents[1] / "examples" / "configs"
     paper = QuantRecipe.from_yaml(configs / "recipe_paper_e2m1.yaml")
-    assert paper == QuantRecipe.from_name("paper", fmt="e2m1", rules=[
-        LayerRule("*blocks.0.*", fmt="e4m3"), LayerRule("*blocks.3.*", fmt="e4m3")])
+    assert paper == QuantRecipe.from_name(
+        "paper", fmt="e2m1", rules=[LayerRule("*blocks.0.*", fmt="e4m3"), LayerRule("*blocks.3.*", fmt="e4m3")]
+    )
     assert paper.layer_spec("model.blocks.3.mlp.fc").p2 == OperandSpec("e4m3", 128)
     assert paper.layer_spec("blocks.3.mlp.fc").p2 == OperandSpec("e4m3", 128)  # a bare model too
     nv = QuantRecipe.from_yaml(configs / "recipe_nvfp4.yaml")
-    assert nv.layer_spec("model.blocks.3.attn.qkv").is_identity and nv.layer_spec("model.blocks.2.attn.qkv").p3.rounding == "stochastic"
+    assert (
+        nv.layer_spec("model.blocks.3.attn.qkv").is_identity
+        and nv.layer_spec("model.blocks.2.attn.qkv").p3.rounding == "stochastic"
+    )
     custom = QuantRecipe.from_yaml(configs / "recipe_custom.yaml")
     assert custom.name == "custom" and custom.p3 is None and custom.p5 == OperandSpec("e5m2", "tensor")
-    assert custom.layer_spec("model.blocks.0.attn.qkv") is None and custom.layer_spec("model.blocks.0.mlp.fc") is not None
+    assert (
+        custom.layer_spec("model.blocks.0.attn.qkv") is None and custom.layer_spec("model.blocks.0.mlp.fc") is not None
+    )
 
 
 def test_quantizes_anything():
@@ -305,8 +339,9 @@ def _pinned(case):
     return QuantRecipe.from_name(case["name"], fmt=case["fmt"], block_size=case["block_size"]), None
 
 
-@pytest.mark.parametrize("case", PINS, ids=lambda c: "-".join(str(v) for v in c.get("with_format") or
-                                                               (c["name"], c["fmt"], c["block_size"])))
+@pytest.mark.parametrize(
+    "case", PINS, ids=lambda c: "-".join(str(v) for v in c.get("with_format") or (c["name"], c["fmt"], c["block_size"]))
+)
 def test_named_recipes_keep_their_pinned_specs_and_yaml(case):
     recipe, renamed = _pinned(case)
     # the operands and options are what the recipe gave before the one-model rewrite
@@ -341,8 +376,9 @@ def test_operands_by_role_or_p_number_and_derived_format():
     assert by_role == by_number and by_role.weight is by_role.p2
     assert (by_role.fmt, by_role.block_size) == (E2M1, 32)  # the weight's, derived
     assert "P2=e2m1/32" in by_role.short_str() and "P6=e4m3/128" in by_role.short_str()
-    yaml_roles = QuantRecipe.from_yaml("name: custom\noperands:\n  weight: {fmt: e2m1, block_size: 32}\n"
-                                       "  input_for_grad_weight: e4m3\n")
+    yaml_roles = QuantRecipe.from_yaml(
+        "name: custom\noperands:\n  weight: {fmt: e2m1, block_size: 32}\n  input_for_grad_weight: e4m3\n"
+    )
     assert yaml_roles == by_role
 
 

@@ -35,8 +35,12 @@ def law() -> CapybaraLaw:
 
 def hand_loss(N, D, E, M, log2b, c=PAPER):
     """The law as written in docs/science.md section 4."""
-    return (c["n"] / N ** c["a"] + c["d"] / D ** c["b"] + c["eps"]
-            + (D ** c["b"] / N ** c["a"]) * log2b / (c["g"] * (E + 0.5) ** c["dl"] * (M + 0.5) ** c["nu"]))
+    return (
+        c["n"] / N ** c["a"]
+        + c["d"] / D ** c["b"]
+        + c["eps"]
+        + (D ** c["b"] / N ** c["a"]) * log2b / (c["g"] * (E + 0.5) ** c["dl"] * (M + 0.5) ** c["nu"])
+    )
 
 
 def relaxed_q(P, c=PAPER):
@@ -89,12 +93,18 @@ def test_critical_data_size_by_hand(law):
     assert law.critical_data_size(1e9, "e2m1", 128) == pytest.approx(3.93e11, rel=1e-2)
 
 
-@pytest.mark.parametrize("N, fmt, block", [(1e8, "e2m1", 128), (1e9, "e4m3", 32), (7e9, "e3m2", "channel"), (7e10, "bf16", 16)])
+@pytest.mark.parametrize(
+    "N, fmt, block", [(1e8, "e2m1", 128), (1e9, "e4m3", 32), (7e9, "e3m2", "channel"), (7e10, "bf16", 16)]
+)
 def test_critical_data_size_is_where_the_loss_is_lowest(law, N, fmt, block):
     f = FPFormat.parse(fmt)
     log2b = log2_block_size(block)
-    res = minimize_scalar(lambda x: hand_loss(N, math.exp(x), f.ebits, f.mbits, log2b), bounds=(math.log(1e6), math.log(1e20)),
-                          method="bounded", options={"xatol": 1e-10})
+    res = minimize_scalar(
+        lambda x: hand_loss(N, math.exp(x), f.ebits, f.mbits, log2b),
+        bounds=(math.log(1e6), math.log(1e20)),
+        method="bounded",
+        options={"xatol": 1e-10},
+    )
     assert law.critical_data_size(N, fmt, block) == pytest.approx(math.exp(res.x), rel=1e-4)
     assert law.min_loss(N, fmt, block) == pytest.approx(res.fun, rel=1e-10)
     # and the loss really rises on both sides
@@ -128,8 +138,23 @@ def test_token_value_is_one_minus_the_ratio_to_the_power_2b(law):
 
 
 # integer splits of the law, width by width; 4, 6, 8 and 16 bits are the paper's statements
-BEST = {2: (1, 0), 3: (1, 1), 4: (2, 1), 5: (2, 2), 6: (3, 2), 7: (3, 3), 8: (4, 3), 9: (4, 4), 10: (5, 4),
-        11: (5, 5), 12: (6, 5), 13: (6, 6), 14: (7, 6), 15: (7, 7), 16: (8, 7)}
+BEST = {
+    2: (1, 0),
+    3: (1, 1),
+    4: (2, 1),
+    5: (2, 2),
+    6: (3, 2),
+    7: (3, 3),
+    8: (4, 3),
+    9: (4, 4),
+    10: (5, 4),
+    11: (5, 5),
+    12: (6, 5),
+    13: (6, 6),
+    14: (7, 6),
+    15: (7, 7),
+    16: (8, 7),
+}
 
 
 @pytest.mark.parametrize("bits", range(2, 17))
@@ -167,17 +192,34 @@ def test_optimal_format_respects_format_limits(law):
 
 def relaxed_loss(N, D, P, log2b, c=PAPER):
     """The law with the real-valued best split at P bits."""
-    return c["n"] / N ** c["a"] + c["d"] / D ** c["b"] + c["eps"] + D ** c["b"] / N ** c["a"] * log2b / (c["g"] * relaxed_q(P, c))
+    return (
+        c["n"] / N ** c["a"]
+        + c["d"] / D ** c["b"]
+        + c["eps"]
+        + D ** c["b"] / N ** c["a"] * log2b / (c["g"] * relaxed_q(P, c))
+    )
 
 
 def scipy_joint_optimum(C, log2b):
     """min over (log N, P) of the relaxed law with D = C/(k P N), by Nelder-Mead from several starts."""
+
     def objective(x):
         N, P = math.exp(x[0]), x[1]
         return relaxed_loss(N, C / (K * P * N), P, log2b) if 1.5 < P < 40 else 1e9
 
-    best = min((minimize(objective, [math.log(n0), p0], method="Nelder-Mead", options=dict(xatol=1e-10, fatol=1e-15, maxiter=4000))
-                for n0 in (1e9, 1e12, 1e15) for p0 in (4.0, 8.0)), key=lambda r: r.fun)
+    best = min(
+        (
+            minimize(
+                objective,
+                [math.log(n0), p0],
+                method="Nelder-Mead",
+                options=dict(xatol=1e-10, fatol=1e-15, maxiter=4000),
+            )
+            for n0 in (1e9, 1e12, 1e15)
+            for p0 in (4.0, 8.0)
+        ),
+        key=lambda r: r.fun,
+    )
     return best.x[1], math.exp(best.x[0]), best.fun
 
 
@@ -223,7 +265,9 @@ def test_fixed_params_regime_matches_closed_form(law):
     c, C, N, log2b = PAPER, 1e23, 1e9, 7.0
     s = c["dl"] + c["nu"]
     k0 = log2b / (c["g"] * (c["dl"] / s) ** c["dl"] * (c["nu"] / s) ** c["nu"])
-    expected = ((c["b"] + s) / (c["b"] * c["d"]) * (C / (K * N)) ** (2 * c["b"]) * N ** -c["a"] * k0) ** (1 / (2 * c["b"] + s))
+    expected = ((c["b"] + s) / (c["b"] * c["d"]) * (C / (K * N)) ** (2 * c["b"]) * N ** -c["a"] * k0) ** (
+        1 / (2 * c["b"] + s)
+    )
     plan = law.optimal_precision(C, N=N, block_size=128)
     assert plan.regime == "fixed_N" and plan.params == N
     assert plan.bits == pytest.approx(expected, rel=1e-6)
@@ -263,10 +307,13 @@ def test_precision_parameter_tradeoff_by_root_finding(law):
             N = math.exp(lnN)
             d_crit = (c["d"] * c["g"] * N ** c["a"] * relaxed_q(P) / log2b) ** (1 / (2 * c["b"]))
             return math.log(C / (K * P * N)) - math.log(d_crit)
+
         return math.exp(brentq(gap, 0.0, 80.0, xtol=1e-14))
 
     for p_from, p_to in ((16, 8), (8, 4), (6, 5)):
-        assert law.precision_parameter_tradeoff(p_from, p_to) == pytest.approx(n_at_dcrit(p_to) / n_at_dcrit(p_from), rel=1e-8)
+        assert law.precision_parameter_tradeoff(p_from, p_to) == pytest.approx(
+            n_at_dcrit(p_to) / n_at_dcrit(p_from), rel=1e-8
+        )
     # the exponent of docs/science.md section 4: P^(dl+nu+2b) N^(a+2b) = const
     expo = (c["dl"] + c["nu"] + 2 * c["b"]) / (c["a"] + 2 * c["b"])
     assert law.precision_parameter_tradeoff(16, 8) == pytest.approx(2**expo, rel=1e-12)
@@ -289,7 +336,10 @@ def test_block_size_rejected_with_the_choices(law, bad):
         law.loss(1e9, 1e10, "e4m3", bad)
 
 
-@pytest.mark.parametrize("N, D", [(0, 1e10), (-1e9, 1e10), (1e9, float("nan")), (1e9, float("inf")), (np.array([1e9, -1]), 1e10), ("x", 1e10)])
+@pytest.mark.parametrize(
+    "N, D",
+    [(0, 1e10), (-1e9, 1e10), (1e9, float("nan")), (1e9, float("inf")), (np.array([1e9, -1]), 1e10), ("x", 1e10)],
+)
 def test_non_positive_sizes_rejected(law, N, D):
     with pytest.raises(ValueError, match=r"(N|D)="):
         law.loss(N, D, "e4m3", 128)
@@ -312,8 +362,12 @@ def test_constants_and_provenance_validated():
 
 
 def test_yaml_round_trip_keeps_constants_and_provenance(tmp_path, law):
-    for original in (law, KumarLaw.paper(), ChinchillaLaw.paper(),
-                     CapybaraLaw(**PAPER, provenance=Provenance(source="fit", rows=40, rmse=0.01, r2=0.99, heldout_rmse=0.02))):
+    for original in (
+        law,
+        KumarLaw.paper(),
+        ChinchillaLaw.paper(),
+        CapybaraLaw(**PAPER, provenance=Provenance(source="fit", rows=40, rmse=0.01, r2=0.99, heldout_rmse=0.02)),
+    ):
         path = tmp_path / f"{original.kind}.yaml"
         original.save(path)
         assert type(original).load(path) == original
@@ -358,7 +412,10 @@ def test_kumar_loss_by_hand():
 def test_kumar_joint_optimum_is_independent_of_compute():
     # alpha = beta: the inner optimum over N leaves L* proportional to (P / f(P))^(alpha/2), so P* minimises P/f(P)
     law = KumarLaw.paper()
-    ratio = lambda P: P / ((1 - math.exp(-P / 2.6745)) * (1 - math.exp(-P / 2.2102)) * (1 - math.exp(-P / 0.9578)))
+
+    def ratio(P):
+        return P / ((1 - math.exp(-P / 2.6745)) * (1 - math.exp(-P / 2.2102)) * (1 - math.exp(-P / 0.9578)))
+
     expected = minimize_scalar(ratio, bounds=(2, 24), method="bounded", options={"xatol": 1e-10}).x
     plan = law.optimal_precision(np.array([1e21, 1e25]), block_size=128)
     np.testing.assert_allclose(plan.bits, expected, rtol=1e-4)
@@ -369,8 +426,12 @@ def test_chinchilla_by_hand_and_compute_optimal():
     assert law.loss(7e10, 1.4e12) == pytest.approx(1.69 + 406.4 / 7e10**0.34 + 410.7 / 1.4e12**0.28, rel=1e-12)
     assert law.critical_data_size(7e10) == math.inf
     C = 5.76e23
-    res = minimize_scalar(lambda x: law.loss(math.exp(x), C / (6 * math.exp(x))), bounds=(math.log(1e8), math.log(1e13)),
-                          method="bounded", options={"xatol": 1e-10})
+    res = minimize_scalar(
+        lambda x: law.loss(math.exp(x), C / (6 * math.exp(x))),
+        bounds=(math.log(1e8), math.log(1e13)),
+        method="bounded",
+        options={"xatol": 1e-10},
+    )
     N, D = law.compute_optimal(C)
     assert N == pytest.approx(math.exp(res.x), rel=1e-4)
     assert 6 * N * D == pytest.approx(C, rel=1e-12)
@@ -407,9 +468,23 @@ def test_count_params_rejects_non_modules_and_lazy_ones():
 def test_scaling_and_fitting_do_not_import_lightning():
     # docs/architecture.md ("Layout"): the scaling package knows only formats
     root = Path(__file__).resolve().parents[1] / "lightning_fpq" / "scaling"
-    for name in ("law.py", "inputs.py", "optimise.py", "planning.py", "capybara.py", "kumar.py", "chinchilla.py", "params.py", "fitting.py"):
+    for name in (
+        "law.py",
+        "inputs.py",
+        "optimise.py",
+        "planning.py",
+        "capybara.py",
+        "kumar.py",
+        "chinchilla.py",
+        "params.py",
+        "fitting.py",
+    ):
         tree = ast.parse((root / name).read_text())
         modules = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
         modules += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
-        assert not [m for m in modules if m.split(".")[0] in ("lightning", "pytorch_lightning", "scipy", "matplotlib")
-                    and not (name == "fitting.py" and m.startswith("scipy"))], (name, modules)
+        assert not [
+            m
+            for m in modules
+            if m.split(".")[0] in ("lightning", "pytorch_lightning", "scipy", "matplotlib")
+            and not (name == "fitting.py" and m.startswith("scipy"))
+        ], (name, modules)

@@ -21,8 +21,14 @@ LAYERS = [f"model.blocks.{i}.{name}" for i in range(2) for name in ("attn.proj",
 def run(kind: str, tmp_path: Path) -> dict:
     out = tmp_path / f"{kind}.json"
     env = dict(os.environ, FPQ_TEST_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run([sys.executable, str(SCRIPT), kind, str(out)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=420)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), kind, str(out)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=420,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return json.loads(out.read_text())
 

@@ -51,10 +51,21 @@ def rows_of(path: Path) -> list[dict]:
 
 
 def test_rows_resume_and_failures(tmp_path):
-    cfg = load_config(tiny_config(tmp_path, models={
-        "a": {"n_layer": 1, "n_head": 1, "n_embd": 16},
-        "broken": {"n_layer": 1, "n_head": 3, "n_embd": 16},  # 16 is not divisible by 3 heads: every run of it raises
-    }, tokens=[128, 256], formats=["e2m1", "bf16"]))
+    cfg = load_config(
+        tiny_config(
+            tmp_path,
+            models={
+                "a": {"n_layer": 1, "n_head": 1, "n_embd": 16},
+                "broken": {
+                    "n_layer": 1,
+                    "n_head": 3,
+                    "n_embd": 16,
+                },  # 16 is not divisible by 3 heads: every run of it raises
+            },
+            tokens=[128, 256],
+            formats=["e2m1", "bf16"],
+        )
+    )
     lines: list[str] = []
     result = run_sweep(cfg, echo=lines.append)
     assert (result.planned, result.ran, result.ok, result.failed) == (8, 8, 4, 4)
@@ -88,33 +99,58 @@ def test_rows_resume_and_failures(tmp_path):
     assert len(rows_of(Path(cfg.out))) == 12
 
     # a grid that grows: only the new runs are trained
-    grown = load_config(tiny_config(tmp_path, models={"a": {"n_layer": 1, "n_head": 1, "n_embd": 16}},
-                                    tokens=[128, 256, 384], formats=["bf16"]))
+    grown = load_config(
+        tiny_config(
+            tmp_path, models={"a": {"n_layer": 1, "n_head": 1, "n_embd": 16}}, tokens=[128, 256, 384], formats=["bf16"]
+        )
+    )
     more = run_sweep(grown, echo=lines.append)
     assert (more.skipped, more.ran, more.ok) == (2, 1, 1)
 
 
 def test_changed_settings_are_not_mixed_into_one_csv(tmp_path):
-    cfg = load_config(tiny_config(tmp_path, models={"a": {"n_layer": 1, "n_head": 1, "n_embd": 16}}, tokens=[128], formats=["bf16"]))
+    cfg = load_config(
+        tiny_config(tmp_path, models={"a": {"n_layer": 1, "n_head": 1, "n_embd": 16}}, tokens=[128], formats=["bf16"])
+    )
     assert run_sweep(cfg, echo=lambda _: None).ok == 1
-    changed = load_config(tiny_config(tmp_path, models={"a": {"n_layer": 1, "n_head": 1, "n_embd": 16}}, tokens=[128],
-                                      formats=["bf16"], lr=1e-3))
+    changed = load_config(
+        tiny_config(
+            tmp_path, models={"a": {"n_layer": 1, "n_head": 1, "n_embd": 16}}, tokens=[128], formats=["bf16"], lr=1e-3
+        )
+    )
     with pytest.raises(ValueError, match="other training settings"):
         run_sweep(changed, echo=lambda _: None)
 
 
 def test_datamodule_and_model_by_import_path(tmp_path):
-    base = tiny_config(tmp_path, models={"t": {"args": {"config": {"block_size": 16, "n_layer": 1, "n_head": 1, "n_embd": 16}}}},
-                       tokens=[128], formats=["e2m1"], model=f"{__name__}.dict_config_gpt",
-                       datamodule="lightning_fpq.demo.data.ByteCorpusDataModule",
-                       datamodule_args={"block_size": 16, "batch_size": 4, "max_bytes": 50_000, "samples_per_epoch": 64, "val_samples": 4})
+    base = tiny_config(
+        tmp_path,
+        models={"t": {"args": {"config": {"block_size": 16, "n_layer": 1, "n_head": 1, "n_embd": 16}}}},
+        tokens=[128],
+        formats=["e2m1"],
+        model=f"{__name__}.dict_config_gpt",
+        datamodule="lightning_fpq.demo.data.ByteCorpusDataModule",
+        datamodule_args={
+            "block_size": 16,
+            "batch_size": 4,
+            "max_bytes": 50_000,
+            "samples_per_epoch": 64,
+            "val_samples": 4,
+        },
+    )
     result = run_sweep(load_config(base), echo=lambda _: None)
     assert result.ok == 1, result.failures
     row = rows_of(tmp_path / "runs.csv")[0]
-    assert (row["status"], row["D"], row["steps"]) == ("ok", "128", "2")  # tokens per step from the datamodule's tokens_per_batch
+    assert (row["status"], row["D"], row["steps"]) == (
+        "ok",
+        "128",
+        "2",
+    )  # tokens per step from the datamodule's tokens_per_batch
 
     # a datamodule that cannot be imported: every run is recorded as failed with the reason, the sweep goes on
-    broken = dict(base, out=str(tmp_path / "broken.csv"), datamodule="no_such_package.data.MyDataModule", tokens=[128, 256])
+    broken = dict(
+        base, out=str(tmp_path / "broken.csv"), datamodule="no_such_package.data.MyDataModule", tokens=[128, 256]
+    )
     result = run_sweep(load_config(broken), echo=lambda _: None)
     assert (result.ran, result.failed) == (2, 2)
     reasons = [r["reason"] for r in rows_of(tmp_path / "broken.csv")]
@@ -129,11 +165,16 @@ def dict_config_gpt(config: dict, lr: float, warmup_steps: int, max_steps: int):
 
 
 def test_plan_is_the_union_of_the_grid_blocks(tmp_path):
-    cfg = load_config(tiny_config(tmp_path, grid=[
-        {"models": ["a"], "formats": ["e2m1", "e1m1"], "block_sizes": [16, 8]},
-        {"models": ["b"], "tokens": [512], "formats": ["bf16", "e2m1"]},
-        {"models": ["a"], "formats": ["e2m1"], "block_sizes": [16]},  # already in the first block
-    ]))
+    cfg = load_config(
+        tiny_config(
+            tmp_path,
+            grid=[
+                {"models": ["a"], "formats": ["e2m1", "e1m1"], "block_sizes": [16, 8]},
+                {"models": ["b"], "tokens": [512], "formats": ["bf16", "e2m1"]},
+                {"models": ["a"], "formats": ["e2m1"], "block_sizes": [16]},  # already in the first block
+            ],
+        )
+    )
     ids = [r.run_id for r in plan_runs(cfg)]
     assert len(ids) == len(set(ids)) == 2 * 2 * 2 + 2
     assert ids[0] == "a_e2m1_B16_D128_s0" and "b_bf16_B1_D512_s0" in ids and "b_e2m1_B16_D512_s0" in ids
@@ -195,11 +236,21 @@ def write_synthetic(path: Path) -> None:
     rows = []
     for N in (3e4, 1e5, 3e5, 1e6):
         for D in (6.5e4, 1.3e5, 2.6e5, 5.2e5):
-            for (E, M) in ((1, 0), (1, 1), (0, 2), (2, 1), (4, 3), (8, 7)):
-                for B in ((4, 32) if (E, M) != (8, 7) else (1,)):
+            for E, M in ((1, 0), (1, 1), (0, 2), (2, 1), (4, 3), (8, 7)):
+                for B in (4, 32) if (E, M) != (8, 7) else (1,):
                     loss = capybara_loss(N, D, E, M, math.log2(B), **TRUTH) * (1 + 0.002 * rng.standard_normal())
-                    rows.append({"run_id": f"{N:g}_{E}{M}_{B}_{D:g}", "status": "ok", "N": int(N), "D": int(D),
-                                 "E": E, "M": M, "B": B, "loss": float(loss)})
+                    rows.append(
+                        {
+                            "run_id": f"{N:g}_{E}{M}_{B}_{D:g}",
+                            "status": "ok",
+                            "N": int(N),
+                            "D": int(D),
+                            "E": E,
+                            "M": M,
+                            "B": B,
+                            "loss": float(loss),
+                        }
+                    )
     rows.append({"run_id": "crashed", "status": "failed", "N": "", "D": 1000, "E": 2, "M": 1, "B": 4, "loss": ""})
     with open(path, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
@@ -209,8 +260,20 @@ def write_synthetic(path: Path) -> None:
 
 def test_fit_plots_from_a_sweep_csv(tmp_path, capsys):
     write_synthetic(tmp_path / "runs.csv")
-    code = main(["fit", str(tmp_path / "runs.csv"), "--plots", str(tmp_path / "plots"), "--out", str(tmp_path / "law.yaml"),
-                 "--holdout", "largest_N", "--starts", "3"])
+    code = main(
+        [
+            "fit",
+            str(tmp_path / "runs.csv"),
+            "--plots",
+            str(tmp_path / "plots"),
+            "--out",
+            str(tmp_path / "law.yaml"),
+            "--holdout",
+            "largest_N",
+            "--starts",
+            "3",
+        ]
+    )
     out, err = capsys.readouterr()
     assert code == 0, err
     assert "176 of 177 rows used (1 failed left out)" in out
@@ -225,7 +288,9 @@ def test_fit_plots_from_a_sweep_csv(tmp_path, capsys):
 
 def test_fit_min_tokens_sets_short_runs_aside(tmp_path, capsys):
     write_synthetic(tmp_path / "runs.csv")
-    code = main(["fit", str(tmp_path / "runs.csv"), "--min-tokens", "1e5", "--starts", "2", "--out", str(tmp_path / "law.yaml")])
+    code = main(
+        ["fit", str(tmp_path / "runs.csv"), "--min-tokens", "1e5", "--starts", "2", "--out", str(tmp_path / "law.yaml")]
+    )
     out, err = capsys.readouterr()
     assert code == 0, err
     assert "132 of 177 rows used (1 failed, 44 with D < 1e5 tokens left out)" in out
@@ -242,8 +307,13 @@ def test_fit_refuses_a_csv_with_only_failed_rows(tmp_path, capsys):
 
 
 def test_ok_rows_keeps_the_last_row_of_each_run():
-    rows = [{"run_id": "a", "status": "failed"}, {"run_id": "b", "status": "ok"}, {"run_id": "a", "status": "ok"},
-            {"run_id": "c", "status": "ok"}, {"run_id": "c", "status": "failed"}]
+    rows = [
+        {"run_id": "a", "status": "failed"},
+        {"run_id": "b", "status": "ok"},
+        {"run_id": "a", "status": "ok"},
+        {"run_id": "c", "status": "ok"},
+        {"run_id": "c", "status": "failed"},
+    ]
     used, counts = ok_rows(rows)
     assert [r["run_id"] for r in used] == ["b", "a"]
     assert counts == {"total": 5, "used": 2, "failed": 1, "superseded": 2}

@@ -39,8 +39,13 @@ def loader(n_batches: int, batch: int = 4, seq: int = 6) -> DataLoader:
 
 
 def trainer(tmp_path, **kwargs) -> Trainer:
-    base = dict(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-                default_root_dir=tmp_path)
+    base = dict(
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     base.update(kwargs)
     return Trainer(**base)
 

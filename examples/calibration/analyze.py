@@ -17,7 +17,6 @@ Prints markdown tables:
 from __future__ import annotations
 
 import math
-import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -35,10 +34,11 @@ def main(path: str, min_tokens: float) -> None:
     for r in rows:
         runs[(r["model"], r["format"], r["B"], int(r["D"]))] = float(r["loss"])
     n_of = {r["model"]: int(r["N"]) for r in rows}
-    models = sorted(n_of, key=n_of.get)
     Ds = sorted({int(r["D"]) for r in rows})
-    combos = sorted({(r["model"], r["format"], r["B"]) for r in rows if r["format"] != "bf16"},
-                    key=lambda k: (n_of[k[0]], k[1], int(k[2])))
+    combos = sorted(
+        {(r["model"], r["format"], r["B"]) for r in rows if r["format"] != "bf16"},
+        key=lambda k: (n_of[k[0]], k[1], int(k[2])),
+    )
 
     print("## 1. Observed penalty: loss - unquantized loss at the same N and D (nats)\n")
     print("| model | N | format | B | " + " | ".join(f"D={d:,}" for d in Ds) + " |")
@@ -69,11 +69,15 @@ def main(path: str, min_tokens: float) -> None:
     same = [(k, runs[k], runs.get((k[0], "e1m1", k[2], k[3]))) for k in runs if k[1] == "e0m2"]
     if same:
         diffs = [abs(a - b) for _, a, b in same if b is not None]
-        print(f"\nE0M2 against E1M1 (the same grid {{0, 1, 2, 3}} x scale): {len(diffs)} pairs, "
-              f"largest |loss difference| {max(diffs) if diffs else float('nan'):.2e} nats")
+        print(
+            f"\nE0M2 against E1M1 (the same grid {{0, 1, 2, 3}} x scale): {len(diffs)} pairs, "
+            f"largest |loss difference| {max(diffs) if diffs else float('nan'):.2e} nats"
+        )
 
     fit_rows = [r for r in rows if int(r["D"]) >= min_tokens]
-    print(f"\n## 3. Does the loss turn up with D? (observed) and the fitted D_crit (fit on the {len(fit_rows)} rows with D >= {min_tokens:g})\n")
+    print(
+        f"\n## 3. Does the loss turn up with D? (observed) and the fitted D_crit (fit on the {len(fit_rows)} rows with D >= {min_tokens:g})\n"
+    )
     result = fit(fit_rows, starts=32, seed=0)
     law = result.law
     consts = law.constants()
@@ -81,12 +85,14 @@ def main(path: str, min_tokens: float) -> None:
     print("|---|---|---|---|---|---|---|")
     for model, fmt, b in combos:
         losses = [runs.get((model, fmt, b, d)) for d in Ds]
-        seq = [(d, l) for d, l in zip(Ds, losses) if l is not None]
-        up = [f"{d1:,}->{d2:,} (+{l2 - l1:.4f})" for (d1, l1), (d2, l2) in zip(seq, seq[1:]) if l2 > l1]
+        seq = [(d, loss) for d, loss in zip(Ds, losses) if loss is not None]
+        up = [f"{d1:,}->{d2:,} (+{y2 - y1:.4f})" for (d1, y1), (d2, y2) in zip(seq, seq[1:]) if y2 > y1]
         r = next(r for r in rows if r["model"] == model and r["format"] == fmt and r["B"] == b)
         d_crit = float(capybara_critical_data_size(n_of[model], int(r["E"]), int(r["M"]), math.log2(int(b)), **consts))
-        text = ", ".join(f"{l:.3f}" for _, l in seq)
-        print(f"| {model} | {fmt} | {b} | {text} | {'; '.join(up) or 'no'} | {d_crit:.3g} | {seq[-1][0] / d_crit:.3g} |")
+        text = ", ".join(f"{loss:.3f}" for _, loss in seq)
+        print(
+            f"| {model} | {fmt} | {b} | {text} | {'; '.join(up) or 'no'} | {d_crit:.3g} | {seq[-1][0] / d_crit:.3g} |"
+        )
 
     print(f"\n## 4. Fits with constants held (the {len(fit_rows)} rows with D >= {min_tokens:g}; RMSE in nats)\n")
     paper = CapybaraLaw.paper()
@@ -101,17 +107,27 @@ def main(path: str, min_tokens: float) -> None:
     for name, fixed in variants:
         res = fit(fit_rows, fixed=fixed, starts=32, seed=0)
         c = res.law.constants()
-        print(f"| {name} | {res.rmse:.4f} | {res.r2:.4f} | " + " | ".join(f"{c[k]:.4g}" for k in ("n", "a", "d", "b", "eps", "g", "dl", "nu"))
-              + f" | {', '.join(res.at_bounds) or '-'} |")
+        print(
+            f"| {name} | {res.rmse:.4f} | {res.r2:.4f} | "
+            + " | ".join(f"{c[k]:.4g}" for k in ("n", "a", "d", "b", "eps", "g", "dl", "nu"))
+            + f" | {', '.join(res.at_bounds) or '-'} |"
+        )
     held = fit(fit_rows, starts=32, seed=0, holdout="largest_N")
     data = load_rows(fit_rows)
     big = data["N"] == data["N"].max()
-    print(f"\nheld out (the largest model, N = {int(data['N'].max()):,}, {int(big.sum())} runs, fitted on the rest): "
-          f"held-out RMSE {held.heldout_rmse:.4f} nats; fit RMSE {held.rmse:.4f}; dl {held.law.dl:.3g}, nu {held.law.nu:.3g}")
+    print(
+        f"\nheld out (the largest model, N = {int(data['N'].max()):,}, {int(big.sum())} runs, fitted on the rest): "
+        f"held-out RMSE {held.heldout_rmse:.4f} nats; fit RMSE {held.rmse:.4f}; dl {held.law.dl:.3g}, nu {held.law.nu:.3g}"
+    )
     worst = np.argsort(-np.abs(result.residuals))[:5]
-    print("\nlargest residuals of the free fit: " + "; ".join(
-        f"N={int(data['N'][i]):,} D={int(data['D'][i]):,} e{int(data['E'][i])}m{int(data['M'][i])} B={data['B'][i]}: "
-        f"{result.residuals[i]:+.4f}" for i in worst))
+    print(
+        "\nlargest residuals of the free fit: "
+        + "; ".join(
+            f"N={int(data['N'][i]):,} D={int(data['D'][i]):,} e{int(data['E'][i])}m{int(data['M'][i])} B={data['B'][i]}: "
+            f"{result.residuals[i]:+.4f}"
+            for i in worst
+        )
+    )
 
     penalty_fit(runs, rows, min_tokens)
 
@@ -126,24 +142,36 @@ def penalty_fit(runs: dict, rows: list, min_tokens: float) -> None:
             continue
         base = runs.get((r["model"], "bf16", "1", int(r["D"])))
         if base is not None:
-            pts.append((int(r["N"]), int(r["D"]), int(r["E"]), int(r["M"]), math.log2(int(r["B"])), float(r["loss"]) - base, r["format"]))
+            pts.append(
+                (
+                    int(r["N"]),
+                    int(r["D"]),
+                    int(r["E"]),
+                    int(r["M"]),
+                    math.log2(int(r["B"])),
+                    float(r["loss"]) - base,
+                    r["format"],
+                )
+            )
     N, D, E, M, lb, y = (np.array([p[i] for p in pts], dtype=float) for i in range(6))
-    print(f"\n## 5. The penalty term alone, fitted to the {len(pts)} paired excess losses with D >= {min_tokens:g} "
-          "(least squares in nats; +- one standard error)\n")
+    print(
+        f"\n## 5. The penalty term alone, fitted to the {len(pts)} paired excess losses with D >= {min_tokens:g} "
+        "(least squares in nats; +- one standard error)\n"
+    )
     print("| fit | log10 g | a | b | dl | nu | RMSE (nats) |")
     print("|---|---|---|---|---|---|---|")
 
     def run(name: str, free_ab: bool, keep: np.ndarray) -> None:
         def model(x):
             lg, a, b, dl, nu = x if free_ab else (x[0], 0.0, 0.5, x[1], x[2])
-            return D[keep] ** b / N[keep] ** a * lb[keep] / (10 ** lg * (E[keep] + 0.5) ** dl * (M[keep] + 0.5) ** nu)
+            return D[keep] ** b / N[keep] ** a * lb[keep] / (10**lg * (E[keep] + 0.5) ** dl * (M[keep] + 0.5) ** nu)
 
         x0 = [3.0, 0.1, 0.5, 1.0, 1.0] if free_ab else [3.0, 1.0, 1.0]
         lo = [-3, -1.0, 0.01, 0.0, 0.0] if free_ab else [-3, 0.0, 0.0]
         hi = [12, 1.5, 1.5, 10.0, 10.0] if free_ab else [12, 10.0, 10.0]
         res = least_squares(lambda x: model(x) - y[keep], x0, bounds=(lo, hi))
         dof = max(1, keep.sum() - len(x0))
-        sigma2 = float(np.sum(res.fun ** 2)) / dof
+        sigma2 = float(np.sum(res.fun**2)) / dof
         try:
             cov = np.linalg.inv(res.jac.T @ res.jac) * sigma2
             se = np.sqrt(np.diag(cov))
@@ -152,7 +180,7 @@ def penalty_fit(runs: dict, rows: list, min_tokens: float) -> None:
         vals = list(res.x) if free_ab else [res.x[0], 0.0, 0.5, res.x[1], res.x[2]]
         errs = list(se) if free_ab else [se[0], np.nan, np.nan, se[1], se[2]]
         cells = [f"{v:.3g} +- {e:.2g}" if np.isfinite(e) else f"{v:.3g} (held)" for v, e in zip(vals, errs)]
-        print(f"| {name} | " + " | ".join(cells) + f" | {math.sqrt(float(np.mean(res.fun ** 2))):.4f} |")
+        print(f"| {name} | " + " | ".join(cells) + f" | {math.sqrt(float(np.mean(res.fun**2))):.4f} |")
 
     every = np.ones(len(y), dtype=bool)
     no_e0m2 = np.array([p[6] != "e0m2" for p in pts])
@@ -166,6 +194,8 @@ if __name__ == "__main__":
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("csv", nargs="?", default=str(Path(__file__).with_name("runs.csv")))
-    parser.add_argument("--min-tokens", type=float, default=2e5, help="rows fitted: D >= this (default 2e5, as the shipped law)")
+    parser.add_argument(
+        "--min-tokens", type=float, default=2e5, help="rows fitted: D >= this (default 2e5, as the shipped law)"
+    )
     args = parser.parse_args()
     main(args.csv, args.min_tokens)

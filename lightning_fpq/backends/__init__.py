@@ -59,9 +59,23 @@ AUTO_ORDER = {
 }
 UNQUANTIZED = "unquantized"  # what runs a layer the active recipe leaves in the compute dtype
 
-__all__ = ["AUTO_ORDER", "ALIASES", "BACKENDS", "LAYER_BACKENDS", "REGISTRY", "BackendUnavailableError", "Capability",
-           "available", "check_backend", "choose", "describe_backends", "fp8_gemm_available", "machine_available",
-           "require", "supports"]
+__all__ = [
+    "AUTO_ORDER",
+    "ALIASES",
+    "BACKENDS",
+    "LAYER_BACKENDS",
+    "REGISTRY",
+    "BackendUnavailableError",
+    "Capability",
+    "available",
+    "check_backend",
+    "choose",
+    "describe_backends",
+    "fp8_gemm_available",
+    "machine_available",
+    "require",
+    "supports",
+]
 
 
 class BackendUnavailableError(RuntimeError):

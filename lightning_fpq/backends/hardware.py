@@ -11,7 +11,7 @@ Capability = tuple[bool, str]
 """``(ok, reason)``: every capability check returns one, and the reason is shown to users."""
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def fp8_gemm_available(device_type: str, index: Optional[int] = None) -> Capability:
     """Real FP8 GEMMs (``torch._scaled_mm``): CUDA with compute capability 8.9 or newer."""
     if device_type != "cuda":

@@ -23,7 +23,7 @@ GEMM = "torch._scaled_mm (FP8) on SM89+, torchao's fp32 emulation elsewhere"
 _DTYPES = {FPFormat.parse("e4m3"): torch.float8_e4m3fn, FPFormat.parse("e5m2"): torch.float8_e5m2}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def machine_available() -> Capability:
     """Whether torchao's float8 training path can be imported."""
     try:
@@ -60,12 +60,17 @@ def _supports_spec(spec: LayerSpec) -> Capability:
             return False, f"{label} {op.scale_format} scales: torchao float8 uses fp32 scales"
         if op.rounding != "nearest":
             return False, f"{label} rounding {op.rounding!r}: torchao rounds to nearest"
-    for a, b, what in (("input", "input_for_grad_weight", "X (P1, P6)"), ("weight", "weight_for_grad_input", "W (P2, P4)"),
-                       ("grad_output", "grad_output_for_grad_weight", "dY (P3, P5)")):
+    for a, b, what in (
+        ("input", "input_for_grad_weight", "X (P1, P6)"),
+        ("weight", "weight_for_grad_input", "W (P2, P4)"),
+        ("grad_output", "grad_output_for_grad_weight", "dY (P3, P5)"),
+    ):
         first, second = getattr(spec, a), getattr(spec, b)
         if first != second:
-            return False, (f"{what} differ ({first.short_str()} vs {second.short_str()}): torchao casts a tensor "
-                           "alike for both GEMMs")
+            return False, (
+                f"{what} differ ({first.short_str()} vs {second.short_str()}): torchao casts a tensor "
+                "alike for both GEMMs"
+            )
     return True, "expressible as a torchao Float8LinearConfig"
 
 
@@ -91,7 +96,8 @@ def _torchao_configs(spec: LayerSpec, emulate: bool):
     # our operand roles are torchao's cast-config names
     config = Float8LinearConfig(
         **{f"cast_config_{role}": cast(getattr(spec, role)) for role in ROLES},
-        emulate=emulate, round_scales_to_power_of_2=False,  # our fp32 scales, not rounded
+        emulate=emulate,
+        round_scales_to_power_of_2=False,  # our fp32 scales, not rounded
     )
     mm = ScaledMMConfig(emulate, False, False, False)  # no fast accumulation: fp32 accumulate
     return config, LinearMMConfig(mm, mm, mm)

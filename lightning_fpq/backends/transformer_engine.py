@@ -49,12 +49,30 @@ TE_DEVICE_TYPES = ("cuda",)
 # Transformer Engine recipes and the lightning-fpq recipe each one computes, where the two
 # match in formats, scaling, scale rounding and rounding (docs/backends.md).
 TE_RECIPE_MAPPING: dict[str, tuple[Optional[str], str]] = {
-    "Float8CurrentScaling(HYBRID)": ("fp8 (block_size='tensor')", "E4M3 X/W, E5M2 dY, one fp32 scale per tensor from the current amax; runs on backend='transformer_engine'"),
-    "Float8CurrentScaling(E4M3)": ("custom: QuantRecipe(p1..p6=OperandSpec('e4m3', block_size='tensor'))", "E4M3 for gradients too; runs on backend='transformer_engine'"),
-    "MXFP8BlockScaling": (None, "E4M3, 1x32 blocks, E8M0 scales like 'mxfp8', but TE rounds the scale exponent up (ceil(log2(amax/448))) where 'mxfp8' follows the OCP rule floor(log2 amax) - 8 and saturates: about a quarter of blocks differ; and it needs sm_100+"),
-    "DelayedScaling": (None, "scales from an amax history of earlier steps: lightning-fpq scales from the current tensor"),
-    "Float8BlockScaling": (None, "128x128 weight tiles (2-D): lightning-fpq blocks are 1-D; 'paper'/'full' with B=128 are the nearest"),
-    "NVFP4BlockScaling": (None, "16x16 weight tiles, random Hadamard transforms and stochastic rounding by default; 'nvfp4' has 1x16 blocks and no RHT"),
+    "Float8CurrentScaling(HYBRID)": (
+        "fp8 (block_size='tensor')",
+        "E4M3 X/W, E5M2 dY, one fp32 scale per tensor from the current amax; runs on backend='transformer_engine'",
+    ),
+    "Float8CurrentScaling(E4M3)": (
+        "custom: QuantRecipe(p1..p6=OperandSpec('e4m3', block_size='tensor'))",
+        "E4M3 for gradients too; runs on backend='transformer_engine'",
+    ),
+    "MXFP8BlockScaling": (
+        None,
+        "E4M3, 1x32 blocks, E8M0 scales like 'mxfp8', but TE rounds the scale exponent up (ceil(log2(amax/448))) where 'mxfp8' follows the OCP rule floor(log2 amax) - 8 and saturates: about a quarter of blocks differ; and it needs sm_100+",
+    ),
+    "DelayedScaling": (
+        None,
+        "scales from an amax history of earlier steps: lightning-fpq scales from the current tensor",
+    ),
+    "Float8BlockScaling": (
+        None,
+        "128x128 weight tiles (2-D): lightning-fpq blocks are 1-D; 'paper'/'full' with B=128 are the nearest",
+    ),
+    "NVFP4BlockScaling": (
+        None,
+        "16x16 weight tiles, random Hadamard transforms and stochastic rounding by default; 'nvfp4' has 1x16 blocks and no RHT",
+    ),
 }
 
 
@@ -67,8 +85,10 @@ def te_format(spec: LayerSpec) -> tuple[Optional[str], str]:
         if op is None:
             return None, f"P{i + 1} is not quantized: TE's FP8 GEMMs quantize both operands"
         if op.block_size != "tensor" or op.scale_format != "fp32" or op.rounding != "nearest":
-            return None, (f"P{i + 1} is {op.short_str()}: only one fp32 scale per tensor with nearest rounding "
-                          "(Float8CurrentScaling) matches TE exactly")
+            return None, (
+                f"P{i + 1} is {op.short_str()}: only one fp32 scale per tensor with nearest rounding "
+                "(Float8CurrentScaling) matches TE exactly"
+            )
     p1, p2, p3, p4, p5, p6 = (op.fmt for op in spec.operands if op is not None)  # all six, checked above
     if not (p1 == p2 == p4 == p6 == _E4M3):
         return None, "X and W must be e4m3 in both their GEMMs (TE's forward format)"
@@ -81,13 +101,16 @@ QUANTIZER = "Transformer Engine's FP8 current-scaling casts"
 GEMM = "cuBLAS FP8 GEMMs through a hidden te.Linear"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def machine_available() -> Capability:
     """Transformer Engine (``pip install lightning-fpq[te]``, NVIDIA GPUs only), imported lazily."""
     import importlib.util
 
     if importlib.util.find_spec("transformer_engine") is None:
-        return False, "transformer_engine is not installed (pip install 'lightning-fpq[te]'; it needs an NVIDIA GPU and CUDA toolkit)"
+        return (
+            False,
+            "transformer_engine is not installed (pip install 'lightning-fpq[te]'; it needs an NVIDIA GPU and CUDA toolkit)",
+        )
     if not torch.cuda.is_available():
         return False, "Transformer Engine runs on NVIDIA GPUs only: CUDA is not available"
     try:
@@ -148,17 +171,24 @@ def _recipe(fmt_name: str):
 
     split = te_recipe.MMParams(use_split_accumulator=True)  # fp32 accumulation in every GEMM
     recipe = te_recipe.Float8CurrentScaling(
-        fp8_format=getattr(te_recipe.Format, fmt_name), use_power_2_scales=False,
-        fp8_gemm_fprop=split, fp8_gemm_dgrad=split, fp8_gemm_wgrad=split,
+        fp8_format=getattr(te_recipe.Format, fmt_name),
+        use_power_2_scales=False,
+        fp8_gemm_fprop=split,
+        fp8_gemm_dgrad=split,
+        fp8_gemm_wgrad=split,
     )
     for role in ("fp8_quant_fwd_inp", "fp8_quant_fwd_weight", "fp8_quant_bwd_grad"):
         qparams = getattr(recipe, role, None)
         if qparams is not None and (qparams.power_2_scale or qparams.amax_epsilon != 0.0):
-            raise RuntimeError(f"Transformer Engine's {role} is {qparams}: power-of-two scales or an amax epsilon "
-                               f"would not match the reference quantizer (is {_POW2_ENV} set?)")
+            raise RuntimeError(
+                f"Transformer Engine's {role} is {qparams}: power-of-two scales or an amax epsilon "
+                f"would not match the reference quantizer (is {_POW2_ENV} set?)"
+            )
     if getattr(recipe, "backward_override", None) is not None:
-        raise RuntimeError(f"Transformer Engine's backward_override is {recipe.backward_override!r}: the backward "
-                           f"GEMMs would not be quantized as the recipe says (is {_BACKWARD_ENV} set?)")
+        raise RuntimeError(
+            f"Transformer Engine's backward_override is {recipe.backward_override!r}: the backward "
+            f"GEMMs would not be quantized as the recipe says (is {_BACKWARD_ENV} set?)"
+        )
     return recipe
 
 
@@ -209,8 +239,12 @@ def te_linear(
     ``slot``: the calling layer's dict for its hidden ``te.Linear``."""
     fmt, _ = te_format(spec)
     n_tokens = x.numel() // max(x.shape[-1], 1)
-    if (fmt is None or not isinstance(weight, nn.Parameter) or x.device.type not in TE_DEVICE_TYPES
-            or not te_shapes_fit(n_tokens, weight.shape[1], weight.shape[0])):
+    if (
+        fmt is None
+        or not isinstance(weight, nn.Parameter)
+        or x.device.type not in TE_DEVICE_TYPES
+        or not te_shapes_fit(n_tokens, weight.shape[1], weight.shape[0])
+    ):
         return None
     if not autocast_on and x.dtype != weight.dtype:
         # outside torch.autocast TE wants the input in the weight's dtype: casting x first

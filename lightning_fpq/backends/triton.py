@@ -55,8 +55,11 @@ def _fp4_pair(a: Optional[OperandSpec], b: Optional[OperandSpec]) -> bool:
 @functools.lru_cache(maxsize=256)
 def fp4_gemms(spec: LayerSpec) -> tuple[bool, bool, bool]:
     """Which of (forward, dgrad, wgrad) run on the packed FP4 GEMM, for any shape."""
-    return (_fp4_pair(spec.input, spec.weight), _fp4_pair(spec.grad_output, spec.weight_for_grad_input),
-            _fp4_pair(spec.grad_output_for_grad_weight, spec.input_for_grad_weight))
+    return (
+        _fp4_pair(spec.input, spec.weight),
+        _fp4_pair(spec.grad_output, spec.weight_for_grad_input),
+        _fp4_pair(spec.grad_output_for_grad_weight, spec.input_for_grad_weight),
+    )
 
 
 def fp4_plan(spec: LayerSpec, shape: tuple[int, int, int]) -> tuple[bool, bool, bool]:
@@ -70,8 +73,11 @@ def fp4_plan(spec: LayerSpec, shape: tuple[int, int, int]) -> tuple[bool, bool, 
         return op is not None and (isinstance(op.block_size, int) or length % 2 == 0)
 
     fwd, dgrad, wgrad = fp4_gemms(spec)
-    return (fwd and fits(spec.input, d_in), dgrad and fits(spec.grad_output, d_out),
-            wgrad and fits(spec.grad_output_for_grad_weight, n_tokens))
+    return (
+        fwd and fits(spec.input, d_in),
+        dgrad and fits(spec.grad_output, d_out),
+        wgrad and fits(spec.grad_output_for_grad_weight, n_tokens),
+    )
 
 
 def supports(spec: LayerSpec, shape: Optional[tuple[int, int, int]] = None) -> Capability:
@@ -96,8 +102,15 @@ def pack_operand(x: torch.Tensor, spec: OperandSpec, axis: int, generator: Optio
     the reference's, and stochastic rounding draws the reference's noise from ``generator``)."""
     from ..kernels import pack_triton
 
-    return pack_triton(x, spec.fmt, block_size=spec.block_size, axis=axis, scale_format=spec.scale_format,
-                       rounding=spec.rounding, generator=generator if spec.rounding == "stochastic" else None)
+    return pack_triton(
+        x,
+        spec.fmt,
+        block_size=spec.block_size,
+        axis=axis,
+        scale_format=spec.scale_format,
+        rounding=spec.rounding,
+        generator=generator if spec.rounding == "stochastic" else None,
+    )
 
 
 @torch.compiler.disable

@@ -93,10 +93,7 @@ class CorpusInfo:
         return sum(n for _, n in self.files)
 
     def short_str(self) -> str:
-        return (
-            f"Python {self.python_version} stdlib: {len(self.files)} files, "
-            f"{self.total_bytes:,} bytes"
-        )
+        return f"Python {self.python_version} stdlib: {len(self.files)} files, {self.total_bytes:,} bytes"
 
 
 def _check_max_bytes(max_bytes: int | None) -> None:
@@ -292,8 +289,11 @@ class ByteCorpusDataModule(LightningDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__()
-        for name, value in (("block_size", block_size), ("batch_size", batch_size),
-                            ("samples_per_epoch", samples_per_epoch)):
+        for name, value in (
+            ("block_size", block_size),
+            ("batch_size", batch_size),
+            ("samples_per_epoch", samples_per_epoch),
+        ):
             _config.integer(value, what=name, low=1)
         _config.integer(val_samples, what="val_samples", low=1, optional=True)  # None: all windows
         _config.integer(num_workers, what="num_workers", low=0)
@@ -320,12 +320,8 @@ class ByteCorpusDataModule(LightningDataModule):
         if self.train_set is not None:
             return
         train, val = split_corpus(self.max_bytes, self.val_fraction)
-        self.train_set = ByteWindowDataset(
-            train, self.block_size, num_samples=self.samples_per_epoch, seed=self.seed
-        )
-        self.val_set = ByteWindowDataset(
-            val, self.block_size, num_samples=self.val_samples, random=False
-        )
+        self.train_set = ByteWindowDataset(train, self.block_size, num_samples=self.samples_per_epoch, seed=self.seed)
+        self.val_set = ByteWindowDataset(val, self.block_size, num_samples=self.val_samples, random=False)
 
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")
@@ -339,6 +335,4 @@ class ByteCorpusDataModule(LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         self.setup("validate")
-        return DataLoader(
-            self.val_set, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers
-        )
+        return DataLoader(self.val_set, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)

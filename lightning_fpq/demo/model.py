@@ -71,10 +71,14 @@ class GPTConfig:
         layer_norm = c + c * b
         per_block = (
             2 * layer_norm  # ln_1, ln_2
-            + 3 * c * c + 3 * c * b  # attn.qkv
-            + c * c + c * b  # attn.proj
-            + 4 * c * c + 4 * c * b  # mlp.fc
-            + 4 * c * c + c * b  # mlp.proj
+            + 3 * c * c
+            + 3 * c * b  # attn.qkv
+            + c * c
+            + c * b  # attn.proj
+            + 4 * c * c
+            + 4 * c * b  # mlp.fc
+            + 4 * c * c
+            + c * b  # mlp.proj
         )
         total = self.n_layer * per_block + layer_norm + v * c  # blocks, ln_f, lm_head
         return total if non_embedding else total + v * c + t * c

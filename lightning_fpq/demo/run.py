@@ -48,8 +48,17 @@ class DemoConfig:
 
     def validate(self) -> DemoConfig:
         """Check every value; raise ``ValueError`` naming the key, the value and what is valid."""
-        for name, low in (("steps", 1), ("batch_size", 1), ("block_size", 1), ("val_every", 1), ("val_samples", 1),
-                          ("warmup_steps", 0), ("max_bytes", 2), ("seed", 0), ("threads", 0)):
+        for name, low in (
+            ("steps", 1),
+            ("batch_size", 1),
+            ("block_size", 1),
+            ("val_every", 1),
+            ("val_samples", 1),
+            ("warmup_steps", 0),
+            ("max_bytes", 2),
+            ("seed", 0),
+            ("threads", 0),
+        ):
             _config.integer(getattr(self, name), what=f"demo {name}", low=low)
         _config.number(self.lr, what="demo lr", low=0.0, low_open=True)
         if self.block is not None:  # None: the recipe's own block size
@@ -94,8 +103,12 @@ def _trainer_for(cfg: DemoConfig, name: str, schedule: list[str], law: Any):
     seed_everything(cfg.seed, verbose=False)
     model = GPTLightning(cfg.model, lr=cfg.lr, warmup_steps=cfg.warmup_steps, max_steps=cfg.steps)
     data = ByteCorpusDataModule(
-        block_size=cfg.block_size, batch_size=cfg.batch_size, max_bytes=cfg.max_bytes, seed=cfg.seed,
-        samples_per_epoch=cfg.steps * cfg.batch_size, val_samples=cfg.val_samples,
+        block_size=cfg.block_size,
+        batch_size=cfg.batch_size,
+        max_bytes=cfg.max_bytes,
+        seed=cfg.seed,
+        samples_per_epoch=cfg.steps * cfg.batch_size,
+        val_samples=cfg.val_samples,
     )
     # with_format, like every later stage: "bf16" means unquantized, not "quantize to the bf16 grid"
     initial = QuantRecipe.from_name(cfg.recipe, block_size=cfg.block).with_format(schedule[0], block_size=cfg.block)
@@ -104,10 +117,19 @@ def _trainer_for(cfg: DemoConfig, name: str, schedule: list[str], law: Any):
     if len(schedule) > 1:
         callbacks.append(ProgressivePrecision(schedule, cfg.switch_at, unit=cfg.unit, law=law, block_size=cfg.block))
     trainer = Trainer(
-        accelerator=cfg.accelerator, devices=1, max_steps=cfg.steps, plugins=[plugin], callbacks=callbacks,
-        logger=CSVLogger(cfg.out, name=name, version=""), val_check_interval=cfg.val_every,
-        check_val_every_n_epoch=None, log_every_n_steps=5, enable_checkpointing=False,
-        enable_progress_bar=cfg.progress_bar, enable_model_summary=False, num_sanity_val_steps=0,
+        accelerator=cfg.accelerator,
+        devices=1,
+        max_steps=cfg.steps,
+        plugins=[plugin],
+        callbacks=callbacks,
+        logger=CSVLogger(cfg.out, name=name, version=""),
+        val_check_interval=cfg.val_every,
+        check_val_every_n_epoch=None,
+        log_every_n_steps=5,
+        enable_checkpointing=False,
+        enable_progress_bar=cfg.progress_bar,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
     )
     return trainer, model, data, callbacks
 
@@ -131,14 +153,20 @@ def run_one(cfg: DemoConfig, name: str, schedule: list[str], law: Any) -> RunRes
     train = [r["train/loss"] for r in rows if "train/loss" in r]
     val = [r["val/loss"] for r in rows if "val/loss" in r]
     return RunResult(
-        name=name, metrics_csv=csv_path, wall_s=wall,
+        name=name,
+        metrics_csv=csv_path,
+        wall_s=wall,
         final_train_loss=sum(train[-10:]) / max(len(train[-10:]), 1) if train else math.nan,
         final_val_loss=val[-1] if val else math.nan,
         history=list(progressive.history) if progressive else [],
-        stage_d_crit=stage_d_crit, tokens=monitor.tokens_seen, n_params=monitor.n_params,
+        stage_d_crit=stage_d_crit,
+        tokens=monitor.tokens_seen,
+        n_params=monitor.n_params,
         law=f"{type(monitor.law).__name__}, {monitor.law.provenance.short_str()}",
-        backends=[", ".join(f"{b} ({n} layers)" for b, n in h["backends"].items())
-                  for h in trainer.precision_plugin.backend_history],
+        backends=[
+            ", ".join(f"{b} ({n} layers)" for b, n in h["backends"].items())
+            for h in trainer.precision_plugin.backend_history
+        ],
     )
 
 
@@ -179,7 +207,11 @@ def plot_runs(results: list[RunResult], path: Path) -> Path:
     for color, result in zip(colors, results):
         rows = read_metrics(result.metrics_csv)
         train = [(r["fpq/tokens_seen"], r["train/loss"]) for r in rows if "train/loss" in r and "fpq/tokens_seen" in r]
-        val = [(r["fpq/tokens_seen"] if "fpq/tokens_seen" in r else math.nan, r["val/loss"]) for r in rows if "val/loss" in r]
+        val = [
+            (r["fpq/tokens_seen"] if "fpq/tokens_seen" in r else math.nan, r["val/loss"])
+            for r in rows
+            if "val/loss" in r
+        ]
         if train:
             xs, ys = zip(*train)
             ax.plot(xs, ys, color=color, lw=0.6, alpha=0.35)
@@ -195,7 +227,16 @@ def plot_runs(results: list[RunResult], path: Path) -> Path:
     for i, (lo, hi) in enumerate(zip(edges, edges[1:])):
         label = first.stage_d_crit[i][0] if i < len(first.stage_d_crit) else "?"
         ax.axvspan(lo, hi, color=shades[i % len(shades)], alpha=0.8, lw=0)
-        ax.text((lo + hi) / 2, 0.98, label, transform=ax.get_xaxis_transform(), ha="center", va="top", fontsize=10, weight="bold")
+        ax.text(
+            (lo + hi) / 2,
+            0.98,
+            label,
+            transform=ax.get_xaxis_transform(),
+            ha="center",
+            va="top",
+            fontsize=10,
+            weight="bold",
+        )
     notes = []
     for fmt, d_crit in first.stage_d_crit:
         if not math.isfinite(d_crit):
@@ -206,12 +247,24 @@ def plot_runs(results: list[RunResult], path: Path) -> Path:
         else:
             notes.append(f"D_crit({fmt}) = {d_crit:.2g} tokens = {d_crit / max_tokens:,.0f}x this run")
     if notes:
-        ax.text(0.01, 0.03, "\n".join(["predicted critical data sizes, beyond this plot:"] + notes), transform=ax.transAxes,
-                ha="left", va="bottom", fontsize=8, color="crimson", bbox=dict(facecolor="white", alpha=0.85, edgecolor="crimson"))
+        ax.text(
+            0.01,
+            0.03,
+            "\n".join(["predicted critical data sizes, beyond this plot:"] + notes),
+            transform=ax.transAxes,
+            ha="left",
+            va="bottom",
+            fontsize=8,
+            color="crimson",
+            bbox=dict(facecolor="white", alpha=0.85, edgecolor="crimson"),
+        )
     ax.set_xlabel("training tokens")
     ax.set_ylabel("loss (nats / byte)")
-    ax.set_title(f"lightning-fpq demo: {' -> '.join(f for f, _ in first.stage_d_crit)}, N = {first.n_params:,} "
-                 f"non-embedding parameters; law: {first.law}", fontsize=9)
+    ax.set_title(
+        f"lightning-fpq demo: {' -> '.join(f for f, _ in first.stage_d_crit)}, N = {first.n_params:,} "
+        f"non-embedding parameters; law: {first.law}",
+        fontsize=9,
+    )
     ax.set_xlim(0, max_tokens)
     ax.grid(alpha=0.3)
     ax.legend(loc="upper right", bbox_to_anchor=(0.995, 0.93), fontsize=8)
@@ -224,7 +277,7 @@ def _smooth(values, fraction: float = 0.04) -> list[float]:
     half = max(1, int(len(values) * fraction) // 2)
     out = []
     for i in range(len(values)):
-        window = values[max(0, i - half): i + half + 1]
+        window = values[max(0, i - half) : i + half + 1]
         out.append(sum(window) / len(window))
     return out
 
@@ -241,13 +294,25 @@ def summary_text(results: list[RunResult], plot_path: Path) -> str:
     header = f"{'run':<16}{'train loss':>11}{'val loss':>10}{'tokens':>12}{'wall':>9}   switches"
     lines += [header, "-" * len(header)]
     for r in results:
-        switches = "; ".join(f"{h['from'].split()[1]}->{h['to'].split()[1]} @ step {h['step']} ({h['tokens']:,} tok)" for h in r.history) or "-"
-        lines.append(f"{r.name:<16}{r.final_train_loss:>11.4f}{r.final_val_loss:>10.4f}{r.tokens:>12,}{r.wall_s:>8.1f}s   {switches}")
+        switches = (
+            "; ".join(
+                f"{h['from'].split()[1]}->{h['to'].split()[1]} @ step {h['step']} ({h['tokens']:,} tok)"
+                for h in r.history
+            )
+            or "-"
+        )
+        lines.append(
+            f"{r.name:<16}{r.final_train_loss:>11.4f}{r.final_val_loss:>10.4f}{r.tokens:>12,}{r.wall_s:>8.1f}s   {switches}"
+        )
     first = results[0]
     lines += ["", f"Critical data size per stage (N = {first.n_params:,} non-embedding parameters; law: {first.law}):"]
     far = False
     for i, (fmt, d_crit) in enumerate(first.stage_d_crit):
-        ran_on = f"; ran on {first.backends[i]}" if i < len(first.backends) and "unquantized" not in first.backends[i] else ""
+        ran_on = (
+            f"; ran on {first.backends[i]}"
+            if i < len(first.backends) and "unquantized" not in first.backends[i]
+            else ""
+        )
         if not math.isfinite(d_crit):
             lines.append(f"  {fmt:<8} unquantized: no critical data size{ran_on}")
             continue

@@ -64,7 +64,9 @@ def check_n_params(n_params: Union[str, int]) -> Union[str, int]:
     if n_params == "auto":
         return n_params
     if isinstance(n_params, bool) or not isinstance(n_params, int) or n_params <= 0:
-        raise ValueError(f"n_params={n_params!r} is not valid: expected 'auto' (counted from the model) or a positive int")
+        raise ValueError(
+            f"n_params={n_params!r} is not valid: expected 'auto' (counted from the model) or a positive int"
+        )
     return n_params
 
 

@@ -11,6 +11,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from .. import _config
+from ..recipe import QuantRecipe
 from .critical import (
     LawLike,
     LawPoint,
@@ -69,16 +70,19 @@ class CriticalDataMonitor(Callback):
         self.n_params_arg = check_n_params(n_params)
         values = list(thresholds)
         if not values or any(isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0 for t in values):
-            raise ValueError(f"thresholds={thresholds!r} is not valid: expected positive fractions of D_crit, e.g. (0.5, 0.8, 1.0)")
+            raise ValueError(
+                f"thresholds={thresholds!r} is not valid: expected positive fractions of D_crit, e.g. (0.5, 0.8, 1.0)"
+            )
         self.thresholds = tuple(sorted(float(t) for t in values))
         self.action = _config.choice(action, ACTIONS, what="action")
         self.plateau_window = _config.integer(plateau_window, what="plateau_window", low=0)  # 0 disables the check
-        self.plateau_tolerance = _config.number(plateau_tolerance, what="plateau_tolerance", low=0.0, high=1.0, high_open=True)
+        self.plateau_tolerance = _config.number(
+            plateau_tolerance, what="plateau_tolerance", low=0.0, high=1.0, high_open=True
+        )
         self._count_tokens = count_tokens
         self.n_params: Optional[int] = None
         self.d_crit = math.inf
         self.point: Optional[LawPoint] = None
-        self._recipe_key: Optional[str] = None
         self.warned: list[str] = []  # "<format>@<threshold>" once each
         self._loss_ema: Optional[float] = None
         self._ema_history: list[float] = []
@@ -106,15 +110,18 @@ class CriticalDataMonitor(Callback):
             )
         self._progressive = progressive[0] if progressive else None
         self.n_params = resolve_n_params(self.n_params_arg, pl_module)
+        self._on_switch(None, self._plugin.recipe)
+        self._plugin.state.subscribe(self._on_switch)  # a precision switch changes D_crit
         self._wrap_progress_bar(trainer)
 
-    def _refresh(self) -> None:
-        """Recompute D_crit when the plugin's recipe changed (a precision switch)."""
-        recipe = self._plugin.recipe
-        key = recipe.short_str()
-        if key != self._recipe_key:
-            self.d_crit, self.point = critical_tokens(recipe, self.law, self.n_params)
-            self._recipe_key = key
+    @override
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self._plugin is not None:
+            self._plugin.state.unsubscribe(self._on_switch)
+
+    def _on_switch(self, old: Optional[QuantRecipe], new: QuantRecipe) -> None:
+        """D_crit of the recipe now active (the quantization state's switch event)."""
+        self.d_crit, self.point = critical_tokens(new, self.law, self.n_params)
 
     @property
     def tokens_seen(self) -> int:
@@ -127,9 +134,10 @@ class CriticalDataMonitor(Callback):
 
     # ---------------------------------------------------------------------- hooks
     @override
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         tokens = self._counter.observe(trainer, batch)  # counted once, whichever hook runs first
-        self._refresh()
         fraction = self.fraction
         metrics = {
             "fpq/tokens_seen": float(tokens),
@@ -165,11 +173,13 @@ class CriticalDataMonitor(Callback):
 
     def _advice(self, threshold: float) -> str:
         if threshold < 1.0:
-            return ("Past D_crit more tokens at this precision raise the loss: plan a switch to a wider format "
-                    "(ProgressivePrecision) before then.")
+            return (
+                "Past D_crit more tokens at this precision raise the loss: plan a switch to a wider format "
+                "(ProgressivePrecision) before then."
+            )
         return {
             "warn": "More tokens at this precision are predicted to make the model worse: raise the precision now "
-                    "(ProgressivePrecision, or CriticalDataMonitor(action='raise-precision')).",
+            "(ProgressivePrecision, or CriticalDataMonitor(action='raise-precision')).",
             "stop": "Stopping the run (action='stop').",
             "raise-precision": "Raising the precision (action='raise-precision').",
         }[self.action]
@@ -189,7 +199,7 @@ class CriticalDataMonitor(Callback):
         self._ema_history.append(self._loss_ema)
         if len(self._ema_history) <= 2 * self.plateau_window:
             return  # let the EMA settle for one window, then compare across a full window
-        self._ema_history = self._ema_history[-(self.plateau_window + 1):]
+        self._ema_history = self._ema_history[-(self.plateau_window + 1) :]
         before, now = self._ema_history[0], self._ema_history[-1]
         name = self.point.short_str()
         if now > before * (1 - self.plateau_tolerance) and name not in self._plateau_warned:
@@ -228,8 +238,12 @@ class CriticalDataMonitor(Callback):
     # ----------------------------------------------------------------- checkpoint
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"warned": list(self.warned), "plateau_warned": list(self._plateau_warned),
-                "acted_on": list(self._acted_on), "loss_ema": self._loss_ema}
+        return {
+            "warned": list(self.warned),
+            "plateau_warned": list(self._plateau_warned),
+            "acted_on": list(self._acted_on),
+            "loss_ema": self._loss_ema,
+        }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -32,9 +32,17 @@ from ..recipe import QuantRecipe
 from ..state import QuantState
 
 _COMPUTE_DTYPES = {
-    "fp32": torch.float32, "float32": torch.float32, "32": torch.float32, "32-true": torch.float32,
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "bf16-mixed": torch.bfloat16,
-    "fp16": torch.float16, "float16": torch.float16, "16": torch.float16, "16-mixed": torch.float16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "32": torch.float32,
+    "32-true": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "bf16-mixed": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "16": torch.float16,
+    "16-mixed": torch.float16,
 }
 _PRECISION_STR = {torch.float32: "32-true", torch.bfloat16: "bf16-mixed", torch.float16: "16-mixed"}
 _FSDP1_HINT = (
@@ -114,7 +122,9 @@ class FPQuantPrecision(Precision):
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise ValueError(f"seed={seed!r} is not valid: expected None or an int")
         if save_quantized_weight is not None and not isinstance(save_quantized_weight, bool):
-            raise ValueError(f"save_quantized_weight={save_quantized_weight!r} is not valid: expected None, True or False")
+            raise ValueError(
+                f"save_quantized_weight={save_quantized_weight!r} is not valid: expected None, True or False"
+            )
         if not isinstance(cache_weights, bool):
             raise ValueError(f"cache_weights={cache_weights!r} is not valid: expected True or False")
         self.compute_dtype = _compute_dtype(compute_dtype)
@@ -122,7 +132,8 @@ class FPQuantPrecision(Precision):
         self._save_quantized_weight = save_quantized_weight
         self._state = QuantState(
             QuantRecipe.coerce(recipe, fmt=fmt, block_size=block_size),
-            backend=backend, seed=seed,
+            backend=backend,
+            seed=seed,
             save_quantized_weight=True if save_quantized_weight is None else save_quantized_weight,
             cache_weights=cache_weights,
         )
@@ -130,7 +141,9 @@ class FPQuantPrecision(Precision):
         self._device_type: Optional[str] = None
         self._module_ref: Optional[weakref.ReferenceType] = None
         if self.compute_dtype == torch.float16:
-            rank_zero_warn("FPQuantPrecision(compute_dtype='fp16') applies no loss scaling: small gradients may underflow; prefer 'bf16'")
+            rank_zero_warn(
+                "FPQuantPrecision(compute_dtype='fp16') applies no loss scaling: small gradients may underflow; prefer 'bf16'"
+            )
 
     # ------------------------------------------------------------------ recipe API
     @property
@@ -199,7 +212,9 @@ class FPQuantPrecision(Precision):
         if self._save_quantized_weight is None:
             self._state.save_quantized_weight = not sharded
         if sharded and self._state.cache_weights:
-            rank_zero_warn("FPQuantPrecision(cache_weights=True) is ignored under FSDP2 sharding (full copies of sharded weights)")
+            rank_zero_warn(
+                "FPQuantPrecision(cache_weights=True) is ignored under FSDP2 sharding (full copies of sharded weights)"
+            )
             self._state.cache_weights = False
         self._module_ref = weakref.ref(module)
         self._convert(module)
@@ -210,7 +225,9 @@ class FPQuantPrecision(Precision):
         for name in skipped:
             rank_zero_warn(f"FPQuantPrecision: layer {name!r} is an nn.Linear subclass and stays unquantized")
         if not converted:
-            rank_zero_warn(f"FPQuantPrecision: no nn.Linear layer matches the recipe's include/exclude patterns ({self.recipe.short_str()})")
+            rank_zero_warn(
+                f"FPQuantPrecision: no nn.Linear layer matches the recipe's include/exclude patterns ({self.recipe.short_str()})"
+            )
 
     def backend_choices(self, module: Optional[nn.Module] = None) -> dict[str, tuple[str, str]]:
         """``{layer: (backend, reason)}`` for the active recipe on the model's device: what
@@ -236,8 +253,10 @@ class FPQuantPrecision(Precision):
             if backend == "unquantized":
                 continue
             listed = f"{', '.join(names[:6])}{' ...' if len(names) > 6 else ''}"
-            message = (f"FPQuantPrecision: {self.recipe.short_str()} on {device.type}: {len(names)} layer(s) on "
-                       f"backend {backend!r} ({reason}): {listed}")
+            message = (
+                f"FPQuantPrecision: {self.recipe.short_str()} on {device.type}: {len(names)} layer(s) on "
+                f"backend {backend!r} ({reason}): {listed}"
+            )
             forced = self._state.backend
             if forced != "auto" and backend != forced:
                 rank_zero_warn(message)
@@ -286,8 +305,10 @@ class FPQuantPrecision(Precision):
 
     # ----------------------------------------------------------------------- text
     def __repr__(self) -> str:
-        return (f"FPQuantPrecision(recipe={self.recipe.short_str()!r}, compute_dtype={str(self.compute_dtype).replace('torch.', '')}, "
-                f"backend={self._state.backend!r})")
+        return (
+            f"FPQuantPrecision(recipe={self.recipe.short_str()!r}, compute_dtype={str(self.compute_dtype).replace('torch.', '')}, "
+            f"backend={self._state.backend!r})"
+        )
 
     def __str__(self) -> str:
         # Lightning's FSDPStrategy (FSDP1) refuses this plugin with

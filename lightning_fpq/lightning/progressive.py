@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Any, Optional, Union
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
@@ -25,7 +26,9 @@ UNITS = ("tokens", "budget", "dcrit")
 UNQUANTIZED_BITS = 16  # an unquantized stage computes in bf16
 
 
-def auto_switch_tokens(law: Any, n_params: int, current: LawPoint, nxt: LawPoint, current_bits: int, next_bits: int) -> float:
+def auto_switch_tokens(
+    law: Any, n_params: int, current: LawPoint, nxt: LawPoint, current_bits: int, next_bits: int
+) -> float:
     """Token count at which the next stage starts to pay off better per FLOP (the "auto" rule).
 
     With the paper's compute model C = (6/16) P N D, a token at P bits costs P units. The
@@ -96,13 +99,17 @@ class ProgressivePrecision(Callback):
         count_tokens: Optional[TokenCountFn] = None,
     ) -> None:
         if isinstance(schedule, (str, FPFormat, QuantRecipe)) or not len(schedule):
-            raise ValueError(f"schedule={schedule!r} is not valid: expected a non-empty list of formats or recipes, e.g. ['e2m1', 'e4m3', 'bf16']")
+            raise ValueError(
+                f"schedule={schedule!r} is not valid: expected a non-empty list of formats or recipes, e.g. ['e2m1', 'e4m3', 'bf16']"
+            )
         self._entries = [self._check_entry(entry) for entry in schedule]
         if unit not in UNITS:
             raise ValueError(f"unit={unit!r} is not valid: expected one of {UNITS}")
         self.unit = unit
         self.switch_at = self._check_switch_at(switch_at, unit, len(self._entries))
-        if token_budget is not None and (isinstance(token_budget, bool) or not isinstance(token_budget, int) or token_budget <= 0):
+        if token_budget is not None and (
+            isinstance(token_budget, bool) or not isinstance(token_budget, int) or token_budget <= 0
+        ):
             raise ValueError(f"token_budget={token_budget!r} is not valid: expected a positive int or None")
         self.token_budget = token_budget
         bits = [self._entry_bits(entry) for entry in self._entries]
@@ -127,12 +134,16 @@ class ProgressivePrecision(Callback):
     def _check_entry(entry: StageLike) -> Union[FPFormat, QuantRecipe]:
         if isinstance(entry, QuantRecipe):
             return entry
-        if isinstance(entry, os.PathLike) or (isinstance(entry, str) and entry.strip().lower().endswith((".yaml", ".yml"))):
+        if isinstance(entry, os.PathLike) or (
+            isinstance(entry, str) and entry.strip().lower().endswith((".yaml", ".yml"))
+        ):
             return QuantRecipe.from_yaml(entry)
         try:
             return FPFormat.parse(entry)
         except ValueError as err:
-            raise ValueError(f"schedule entry {entry!r} is not valid: expected a format, a QuantRecipe or a recipe YAML path ({err})") from None
+            raise ValueError(
+                f"schedule entry {entry!r} is not valid: expected a format, a QuantRecipe or a recipe YAML path ({err})"
+            ) from None
 
     @staticmethod
     def _entry_bits(entry: Union[FPFormat, QuantRecipe]) -> int:
@@ -148,15 +159,21 @@ class ProgressivePrecision(Callback):
     def _check_switch_at(switch_at: Any, unit: str, n_stages: int) -> Union[str, list[float]]:
         if isinstance(switch_at, str):
             if switch_at != "auto":
-                raise ValueError(f"switch_at={switch_at!r} is not valid: expected 'auto' or a list of {n_stages - 1} numbers")
+                raise ValueError(
+                    f"switch_at={switch_at!r} is not valid: expected 'auto' or a list of {n_stages - 1} numbers"
+                )
             return switch_at
         values = list(switch_at)
         if len(values) != n_stages - 1:
-            raise ValueError(f"switch_at has {len(values)} values for {n_stages} stages: expected {n_stages - 1} (one per switch)")
+            raise ValueError(
+                f"switch_at has {len(values)} values for {n_stages} stages: expected {n_stages - 1} (one per switch)"
+            )
         if any(isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 for v in values):
             raise ValueError(f"switch_at={values!r} is not valid: expected positive numbers")
         if unit == "tokens" and any(v < 1 for v in values):
-            raise ValueError(f"switch_at={values!r} with unit='tokens' must be token counts >= 1; for fractions use unit='budget' or unit='dcrit'")
+            raise ValueError(
+                f"switch_at={values!r} with unit='tokens' must be token counts >= 1; for fractions use unit='budget' or unit='dcrit'"
+            )
         if unit == "budget" and any(v > 1 for v in values):
             raise ValueError(f"switch_at={values!r} with unit='budget' must be fractions of the token budget in (0, 1]")
         if unit != "dcrit" and any(b <= a for a, b in zip(values, values[1:])):
@@ -218,7 +235,10 @@ class ProgressivePrecision(Callback):
             self.thresholds = self._resolve_thresholds(trainer, pl_module, batch_tokens)
         tokens = self._counter.tokens_seen
         while self.stage < len(self.stages) - 1 and tokens >= self.thresholds[self.stage]:
-            self.advance(trainer, reason=f"{self.unit if self.switch_at != 'auto' else 'auto'} threshold {self.thresholds[self.stage]:.4g} tokens")
+            self.advance(
+                trainer,
+                reason=f"{self.unit if self.switch_at != 'auto' else 'auto'} threshold {self.thresholds[self.stage]:.4g} tokens",
+            )
 
     def advance(self, trainer: Trainer, *, reason: str) -> bool:
         """Switch to the next stage now (at a batch boundary). False when already at the last."""
@@ -235,12 +255,16 @@ class ProgressivePrecision(Callback):
             "reason": reason,
         }
         self.history.append(record)
-        rank_zero_info(f"[lightning-fpq] step {record['step']}, {record['tokens']:,} tokens: precision {old.fmt.name} -> "
-                       f"{new.fmt.name if new.quantizes_anything else 'bf16 (unquantized)'} ({reason})")
+        rank_zero_info(
+            f"[lightning-fpq] step {record['step']}, {record['tokens']:,} tokens: precision {old.fmt.name} -> "
+            f"{new.fmt.name if new.quantizes_anything else 'bf16 (unquantized)'} ({reason})"
+        )
         return True
 
     @override
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if trainer.loggers:
             pl_module.log("fpq/stage", float(self.stage), on_step=True, on_epoch=False, logger=True, batch_size=1)
 

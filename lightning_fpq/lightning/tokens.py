@@ -14,7 +14,8 @@ The default counting rule (``count_batch_tokens``), override it with ``count_tok
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any, Optional
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -65,7 +66,7 @@ class TokenCounter(Callback):
         return "TokenCounter"  # one counter per trainer
 
     @staticmethod
-    def attach(trainer: Trainer, count_tokens: Optional[TokenCountFn] = None) -> "TokenCounter":
+    def attach(trainer: Trainer, count_tokens: Optional[TokenCountFn] = None) -> TokenCounter:
         """The trainer's counter; one is appended to ``trainer.callbacks`` if there is none.
 
         Called from ``setup`` of our callbacks: Lightning iterates ``trainer.callbacks`` live,

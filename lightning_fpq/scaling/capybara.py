@@ -54,7 +54,13 @@ def capybara_critical_data_size(N, E, M, log2b, *, d, a, b, g, dl, nu, **_unused
     has no penalty and no minimum: D_crit = inf.
     """
     with np.errstate(divide="ignore"):
-        base = d * g * np.asarray(N, dtype=float) ** a * capybara_precision_factor(E, M, dl, nu) / np.asarray(log2b, dtype=float)
+        base = (
+            d
+            * g
+            * np.asarray(N, dtype=float) ** a
+            * capybara_precision_factor(E, M, dl, nu)
+            / np.asarray(log2b, dtype=float)
+        )
     return base ** (1.0 / (2.0 * b))
 
 
@@ -105,7 +111,14 @@ class CapybaraLaw(PrecisionLaw):
     FITTED: ClassVar[tuple[str, ...]] = ("n", "a", "d", "b", "eps", "g", "dl", "nu")
     # the published constants of Sun et al., arXiv 2501.02423 (the unified Capybara law; docs/science.md section 4)
     PAPER: ClassVar[dict[str, float]] = dict(
-        n=69.2343, a=0.2368, d=68973.0621, b=0.5162, eps=1.9061, g=11334.5197, dl=3.1926, nu=2.9543,
+        n=69.2343,
+        a=0.2368,
+        d=68973.0621,
+        b=0.5162,
+        eps=1.9061,
+        g=11334.5197,
+        dl=3.1926,
+        nu=2.9543,
         channel_log2_block=CHANNEL_LOG2_BLOCK,
     )
     PAPER_PROVENANCE: ClassVar[Provenance] = Provenance(
@@ -143,7 +156,9 @@ class CapybaraLaw(PrecisionLaw):
     def loss(self, N, D, fmt: Optional[FormatLike], block_size: Union[int, str] = DEFAULT_BLOCK_SIZE):
         """Predicted final loss (nats/token) of N parameters trained on D tokens in ``fmt``."""
         N, D = positive_array("N", N), positive_array("D", D)
-        return scalar_or_array(self._loss_from_factor(N, D, self._format_factor(format_or_none(fmt)), self._log2b(block_size)))
+        return scalar_or_array(
+            self._loss_from_factor(N, D, self._format_factor(format_or_none(fmt)), self._log2b(block_size))
+        )
 
     def quantization_penalty(self, N, D, fmt: Optional[FormatLike], block_size: Union[int, str] = DEFAULT_BLOCK_SIZE):
         """The law's last term (nats/token): the loss ``fmt`` adds over unquantized training."""
@@ -205,7 +220,7 @@ class CapybaraLaw(PrecisionLaw):
         bits = check_bits(bits, 1 + MAX_EBITS + MAX_MBITS)
         best = min(
             ((e, bits - 1 - e) for e in range(0, bits) if e <= MAX_EBITS and bits - 1 - e <= MAX_MBITS),
-            key=lambda em: -(em[0] + 0.5) ** self.dl * (em[1] + 0.5) ** self.nu,
+            key=lambda em: -((em[0] + 0.5) ** self.dl) * (em[1] + 0.5) ** self.nu,
         )
         return FPFormat.parse(f"e{best[0]}m{best[1]}")
 

@@ -21,9 +21,9 @@ from __future__ import annotations
 import csv
 import math
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 
@@ -58,19 +58,48 @@ _ALIASES = {
 }
 _LAWS = {"capybara": CapybaraLaw, "kumar": KumarLaw, "chinchilla": ChinchillaLaw}
 # which columns each law needs ("E/M" = E and M columns, or a format column; "bits" may also come from E/M)
-_NEEDS = {"capybara": ("N", "D", "E/M", "B", "loss"), "kumar": ("N", "D", "bits", "loss"), "chinchilla": ("N", "D", "loss")}
+_NEEDS = {
+    "capybara": ("N", "D", "E/M", "B", "loss"),
+    "kumar": ("N", "D", "bits", "loss"),
+    "chinchilla": ("N", "D", "loss"),
+}
 # constants fitted in log space (scales spanning decades) and each constant's bounds
 _LOG_SPACE = {"n", "d", "g", "A", "B"}
 _BOUNDS = {
-    "capybara": {"n": (1e-2, 1e7), "a": (0.01, 1.5), "d": (1e-2, 1e12), "b": (0.01, 1.5), "eps": (0.0, None),
-                 "g": (1e-4, 1e12), "dl": (0.0, 10.0), "nu": (0.0, 10.0)},
-    "kumar": {"A": (1e-2, 1e9), "alpha": (0.01, 1.5), "B": (1e-2, 1e12), "beta": (0.01, 1.5), "E": (0.0, None),
-              "g_w": (0.05, 16.0), "g_a": (0.05, 16.0), "g_kv": (0.05, 16.0)},
+    "capybara": {
+        "n": (1e-2, 1e7),
+        "a": (0.01, 1.5),
+        "d": (1e-2, 1e12),
+        "b": (0.01, 1.5),
+        "eps": (0.0, None),
+        "g": (1e-4, 1e12),
+        "dl": (0.0, 10.0),
+        "nu": (0.0, 10.0),
+    },
+    "kumar": {
+        "A": (1e-2, 1e9),
+        "alpha": (0.01, 1.5),
+        "B": (1e-2, 1e12),
+        "beta": (0.01, 1.5),
+        "E": (0.0, None),
+        "g_w": (0.05, 16.0),
+        "g_a": (0.05, 16.0),
+        "g_kv": (0.05, 16.0),
+    },
     "chinchilla": {"A": (1e-2, 1e9), "alpha": (0.01, 1.5), "B": (1e-2, 1e12), "beta": (0.01, 1.5), "E": (0.0, None)},
 }
 # where random starting points are drawn (inside the bounds, where fitted values usually land)
-_START_RANGES = {"a": (0.1, 0.8), "b": (0.1, 0.8), "alpha": (0.1, 0.8), "beta": (0.1, 0.8), "dl": (0.5, 5.0), "nu": (0.5, 5.0),
-                 "g_w": (0.5, 6.0), "g_a": (0.5, 6.0), "g_kv": (0.3, 4.0)}
+_START_RANGES = {
+    "a": (0.1, 0.8),
+    "b": (0.1, 0.8),
+    "alpha": (0.1, 0.8),
+    "beta": (0.1, 0.8),
+    "dl": (0.5, 5.0),
+    "nu": (0.5, 5.0),
+    "g_w": (0.5, 6.0),
+    "g_a": (0.5, 6.0),
+    "g_kv": (0.3, 4.0),
+}
 
 
 # ------------------------------------------------------------------------- rows
@@ -99,9 +128,13 @@ def _columns_of(rows: Any) -> tuple[dict[str, list], str]:
     elif isinstance(rows, Iterable):
         records, where = list(rows), "the rows"
         if not all(isinstance(r, Mapping) for r in records):
-            raise ValueError("rows must be a CSV path, a DataFrame-like object, a mapping of columns or a list of dicts")
+            raise ValueError(
+                "rows must be a CSV path, a DataFrame-like object, a mapping of columns or a list of dicts"
+            )
     else:
-        raise ValueError(f"rows={type(rows).__name__} is not accepted: expected a CSV path, a DataFrame-like object, a mapping of columns or a list of dicts")
+        raise ValueError(
+            f"rows={type(rows).__name__} is not accepted: expected a CSV path, a DataFrame-like object, a mapping of columns or a list of dicts"
+        )
     if not records:
         raise ValueError(f"{where} holds no rows")
     names = list(records[0])
@@ -146,7 +179,9 @@ def _is_float(v: Any) -> bool:
         return False
 
 
-def load_rows(rows: Any, *, kind: str = "capybara", channel_log2_block: float = CHANNEL_LOG2_BLOCK) -> dict[str, np.ndarray]:
+def load_rows(
+    rows: Any, *, kind: str = "capybara", channel_log2_block: float = CHANNEL_LOG2_BLOCK
+) -> dict[str, np.ndarray]:
     """Rows -> arrays ``N``, ``D``, ``loss`` and, as the law needs them, ``E``, ``M``, ``B``
     (as given), ``log2b`` and ``bits``. ValueError names any missing column or bad cell."""
     if kind not in _LAWS:
@@ -227,7 +262,9 @@ def _check_identifiable(kind: str, data: dict[str, np.ndarray], free: Sequence[s
         if prec:
             quantized = data["log2b"] > 0
             if not np.any(quantized):
-                problems.append(f"every row has B = 1 (no quantization penalty), so {', '.join(prec)} cannot be fitted: fix them")
+                problems.append(
+                    f"every row has B = 1 (no quantization penalty), so {', '.join(prec)} cannot be fitted: fix them"
+                )
             else:
                 pairs = np.unique(np.stack([data["E"][quantized], data["M"][quantized]], axis=1), axis=0)
                 design = np.column_stack([np.ones(len(pairs)), np.log(pairs[:, 0] + 0.5), np.log(pairs[:, 1] + 0.5)])
@@ -293,7 +330,9 @@ def _holdout_mask(holdout: Any, data: dict[str, np.ndarray], rng: np.random.Gene
         return mask
     if isinstance(holdout, str):
         if holdout != "largest_N":
-            raise ValueError(f"holdout={holdout!r} is not valid: expected None, a fraction in (0, 1), row indices, a boolean mask or 'largest_N'")
+            raise ValueError(
+                f"holdout={holdout!r} is not valid: expected None, a fraction in (0, 1), row indices, a boolean mask or 'largest_N'"
+            )
         return data["N"] == data["N"].max()
     if isinstance(holdout, (float, np.floating)):
         if not 0.0 < holdout < 1.0:
@@ -311,7 +350,9 @@ def _holdout_mask(holdout: Any, data: dict[str, np.ndarray], rng: np.random.Gene
             raise ValueError(f"holdout indices must lie in 0..{n_rows - 1}")
         mask[arr] = True
         return mask
-    raise ValueError(f"holdout={holdout!r} is not valid: expected None, a fraction in (0, 1), row indices, a boolean mask or 'largest_N'")
+    raise ValueError(
+        f"holdout={holdout!r} is not valid: expected None, a fraction in (0, 1), row indices, a boolean mask or 'largest_N'"
+    )
 
 
 def _predict(kind: str, c: dict[str, float], data: dict[str, np.ndarray], channel_log2_block: float) -> np.ndarray:
@@ -338,8 +379,16 @@ def _gradients(kind: str, c: dict[str, float], data: dict[str, np.ndarray]) -> O
         t2 = c["d"] * D ** -c["b"]
         le, lm = np.log(data["E"] + 0.5), np.log(data["M"] + 0.5)
         t4 = D ** c["b"] * N ** -c["a"] * data["log2b"] / (c["g"] * np.exp(c["dl"] * le + c["nu"] * lm))
-        return {"n": t1, "a": -np.log(N) * (t1 + t4), "d": t2, "b": np.log(D) * (t4 - t2), "eps": np.ones_like(N),
-                "g": -t4, "dl": -le * t4, "nu": -lm * t4}
+        return {
+            "n": t1,
+            "a": -np.log(N) * (t1 + t4),
+            "d": t2,
+            "b": np.log(D) * (t4 - t2),
+            "eps": np.ones_like(N),
+            "g": -t4,
+            "dl": -le * t4,
+            "nu": -lm * t4,
+        }
     if kind == "chinchilla":
         t1, t2 = c["A"] * N ** -c["alpha"], c["B"] * D ** -c["beta"]
         return {"A": t1, "alpha": -np.log(N) * t1, "B": t2, "beta": -np.log(D) * t2, "E": np.ones_like(N)}
@@ -441,23 +490,35 @@ def fit(
     starts_x = [np.clip(first, lo, hi)]
     for _ in range(starts - 1):
         x = []
-        for c, l, h in zip(free, lo, hi):
-            a, b = _START_RANGES.get(c, (l, h))
+        for c, low, high in zip(free, lo, hi):
+            a, b = _START_RANGES.get(c, (low, high))
             if c == floor_name:
-                a, b = 0.3 * h, 0.95 * h
+                a, b = 0.3 * high, 0.95 * high
             x.append(rng.uniform(a, b))
         starts_x.append(np.array(x))
 
     best = None
     for x0 in starts_x:
         try:
-            res = least_squares(residuals, x0, jac=jac_arg, bounds=(lo, hi), loss="huber", f_scale=huber_delta, method="trf", x_scale="jac", max_nfev=2000)
+            res = least_squares(
+                residuals,
+                x0,
+                jac=jac_arg,
+                bounds=(lo, hi),
+                loss="huber",
+                f_scale=huber_delta,
+                method="trf",
+                x_scale="jac",
+                max_nfev=2000,
+            )
         except (ValueError, np.linalg.LinAlgError):
             continue  # a start the solver cannot use; the others decide
         if best is None or res.cost < best.cost:
             best = res
     if best is None:
-        raise ValueError("no starting point converged: check the rows (units: N in parameters, D in tokens, loss in nats)")
+        raise ValueError(
+            "no starting point converged: check the rows (units: N in parameters, D in tokens, loss in nats)"
+        )
 
     consts = constants(best.x)
     gammas = ("g_w", "g_a", "g_kv")
@@ -467,7 +528,9 @@ def fit(
         for name, value in zip(gammas, sorted((consts[c] for c in gammas), reverse=True)):
             consts[name] = value
     span = hi - lo
-    at_bounds = tuple(c for c, v, l, h, s in zip(free, best.x, lo, hi, span) if (v - l) < 1e-6 * s or (h - v) < 1e-6 * s)
+    at_bounds = tuple(
+        c for c, v, low, high, s in zip(free, best.x, lo, hi, span) if (v - low) < 1e-6 * s or (high - v) < 1e-6 * s
+    )
 
     predicted = _predict(kind, consts, data, channel_log2_block)
     observed = data["loss"]

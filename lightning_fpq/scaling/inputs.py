@@ -20,7 +20,9 @@ def positive_array(name: str, value: Any) -> np.ndarray:
     try:
         arr = np.asarray(value, dtype=float)
     except (TypeError, ValueError):
-        raise ValueError(f"{name}={value!r} is not a number: expected a finite number > 0 (or an array of them)") from None
+        raise ValueError(
+            f"{name}={value!r} is not a number: expected a finite number > 0 (or an array of them)"
+        ) from None
     good = np.isfinite(arr) & (arr > 0)
     if not np.all(good):
         bad = arr[~good].flat[0] if arr.ndim else arr.item()
@@ -42,5 +44,7 @@ def format_or_none(fmt: Optional[FormatLike]) -> Optional[FPFormat]:
 def check_bits(bits: Any, hi: int) -> int:
     """A total bit width in MIN_BITS..hi (1 sign bit + exponent + mantissa)."""
     if isinstance(bits, (bool, np.bool_)) or not isinstance(bits, (int, np.integer)) or not MIN_BITS <= bits <= hi:
-        raise ValueError(f"bits={bits!r} is not valid: expected an int in {MIN_BITS}..{hi} (1 sign bit + exponent + mantissa)")
+        raise ValueError(
+            f"bits={bits!r} is not valid: expected an int in {MIN_BITS}..{hi} (1 sign bit + exponent + mantissa)"
+        )
     return int(bits)

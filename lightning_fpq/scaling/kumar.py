@@ -43,7 +43,14 @@ class KumarLaw(NoCriticalDataSize, PrecisionLaw, ChinchillaForm):
     FITTED: ClassVar[tuple[str, ...]] = ("A", "alpha", "B", "beta", "E", "g_w", "g_a", "g_kv")
     # the published constants of Kumar et al., arXiv 2411.04330 (docs/science.md section 5)
     PAPER: ClassVar[dict[str, float]] = dict(
-        A=4.299e3, alpha=0.4965, B=1.806e4, beta=0.4965, E=2.7648, g_w=2.6745, g_a=2.2102, g_kv=0.9578,
+        A=4.299e3,
+        alpha=0.4965,
+        B=1.806e4,
+        beta=0.4965,
+        E=2.7648,
+        g_w=2.6745,
+        g_a=2.2102,
+        g_kv=0.9578,
     )
     PAPER_PROVENANCE: ClassVar[Provenance] = Provenance(
         source="paper",
@@ -59,7 +66,9 @@ class KumarLaw(NoCriticalDataSize, PrecisionLaw, ChinchillaForm):
         P_w = positive_array("P_w", P_w)
         P_a = P_w if P_a is None else positive_array("P_a", P_a)
         P_kv = P_w if P_kv is None else positive_array("P_kv", P_kv)
-        return scalar_or_array((1 - np.exp(-P_w / self.g_w)) * (1 - np.exp(-P_a / self.g_a)) * (1 - np.exp(-P_kv / self.g_kv)))
+        return scalar_or_array(
+            (1 - np.exp(-P_w / self.g_w)) * (1 - np.exp(-P_a / self.g_a)) * (1 - np.exp(-P_kv / self.g_kv))
+        )
 
     def _format_factor(self, fmt: Optional[FPFormat]) -> float:
         return 1.0 if fmt is None else float(self.precision_factor(float(fmt.bits)))

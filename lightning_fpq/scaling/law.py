@@ -158,7 +158,9 @@ class Law:
             floor_ok = value >= 0 if name in self._nonnegative else value > 0
             if not (math.isfinite(value) and floor_ok):
                 need = ">= 0" if name in self._nonnegative else "> 0"
-                raise ValueError(f"{type(self).__name__} constant {name}={value!r} is not valid: expected a finite number {need}")
+                raise ValueError(
+                    f"{type(self).__name__} constant {name}={value!r} is not valid: expected a finite number {need}"
+                )
         if not isinstance(self.provenance, Provenance):
             raise ValueError(f"provenance={self.provenance!r} is not a Provenance")
 

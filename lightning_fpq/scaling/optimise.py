@@ -13,7 +13,9 @@ __all__ = ["golden_section", "minimise"]
 _INVPHI = (math.sqrt(5.0) - 1.0) / 2.0
 
 
-def golden_section(f: Callable[[np.ndarray], np.ndarray], lo: np.ndarray, hi: np.ndarray, iters: int = 64) -> np.ndarray:
+def golden_section(
+    f: Callable[[np.ndarray], np.ndarray], lo: np.ndarray, hi: np.ndarray, iters: int = 64
+) -> np.ndarray:
     """Elementwise golden-section search for the minimum of a unimodal f on [lo, hi].
 
     ``lo`` and ``hi`` have a trailing axis of length 1; both probes go to f in one call,
@@ -31,7 +33,9 @@ def golden_section(f: Callable[[np.ndarray], np.ndarray], lo: np.ndarray, hi: np
     return 0.5 * (lo + hi)
 
 
-def minimise(f: Callable[[np.ndarray], np.ndarray], lo: np.ndarray, hi: np.ndarray, grid: int = 24, iters: int = 64) -> np.ndarray:
+def minimise(
+    f: Callable[[np.ndarray], np.ndarray], lo: np.ndarray, hi: np.ndarray, grid: int = 24, iters: int = 64
+) -> np.ndarray:
     """Minimise f elementwise on [lo, hi]: a grid finds the basin, golden-section refines it.
 
     ``lo`` and ``hi`` have a trailing axis of length 1; the grid is laid along that axis, so

@@ -32,6 +32,8 @@ def count_params(model: Any, *, include_embeddings: bool = False) -> int:
         if id(p) in skip:
             continue
         if isinstance(p, torch.nn.parameter.UninitializedParameter):
-            raise ValueError(f"parameter {name!r} is uninitialized (a lazy module): run one forward pass before count_params")
+            raise ValueError(
+                f"parameter {name!r} is uninitialized (a lazy module): run one forward pass before count_params"
+            )
         total += p.numel()
     return int(total)

@@ -55,7 +55,9 @@ class PrecisionPlan:
 def _regime(compute, N, D) -> tuple[str, Optional[float], np.ndarray]:
     """Which regime the arguments ask for, the fixed value if any, and compute as a (K, 1) array."""
     if N is not None and D is not None:
-        raise ValueError("give at most one of N and D: with compute, N and D fixed the precision is C/(k N D), nothing to optimise")
+        raise ValueError(
+            "give at most one of N and D: with compute, N and D fixed the precision is C/(k N D), nothing to optimise"
+        )
     C = positive_array("compute", compute).reshape(-1)[:, None]  # (K, 1): the trailing axis carries grids
     if N is not None:
         return "fixed_N", float(positive_array("N", N)), C
@@ -126,7 +128,13 @@ class PrecisionLaw(Law):
         return n_, d_, self._loss_from_factor(n_, d_, factor, log2b)
 
     def optimal_precision(
-        self, compute, *, N=None, D=None, block_size: Union[int, str] = DEFAULT_BLOCK_SIZE, formats: Optional[Sequence[FormatLike]] = None
+        self,
+        compute,
+        *,
+        N=None,
+        D=None,
+        block_size: Union[int, str] = DEFAULT_BLOCK_SIZE,
+        formats: Optional[Sequence[FormatLike]] = None,
     ) -> PrecisionPlan:
         """Compute-optimal precision under C = (6/16) P N D FLOPs (arXiv 2501.02423, section 4).
 
@@ -184,14 +192,20 @@ class PrecisionLaw(Law):
             format_loss=_shaped(loss_i[rows, j], compute),
         )
 
-    def plan_format(self, compute, fmt: FormatLike, *, N=None, D=None, block_size: Union[int, str] = DEFAULT_BLOCK_SIZE):
+    def plan_format(
+        self, compute, fmt: FormatLike, *, N=None, D=None, block_size: Union[int, str] = DEFAULT_BLOCK_SIZE
+    ):
         """(N, D, loss) for training in ``fmt`` with ``compute`` FLOPs, C = (6/16) P N D.
 
         Same regimes as :meth:`optimal_precision`: N optimised when neither N nor D is given.
         """
         regime, fixed, C = _regime(compute, N, D)
         fmt = FPFormat.parse(fmt)
-        n_, d_, loss = self._evaluate(regime, fixed, C[:, 0], float(fmt.bits), self._format_factor(fmt), self._log2b(block_size))
+        n_, d_, loss = self._evaluate(
+            regime, fixed, C[:, 0], float(fmt.bits), self._format_factor(fmt), self._log2b(block_size)
+        )
         if np.any(n_ < 1.0) or np.any(d_ < 1.0):
-            raise ValueError(f"compute={float(C.min()):.3g} FLOPs is too small for {fmt.name} in regime {regime}: fewer than one token or parameter")
+            raise ValueError(
+                f"compute={float(C.min()):.3g} FLOPs is too small for {fmt.name} in regime {regime}: fewer than one token or parameter"
+            )
         return _shaped(n_, compute), _shaped(d_, compute), _shaped(loss, compute)

@@ -43,8 +43,15 @@ from lightning_fpq.formats import FPFormat
 from .capybara import capybara_critical_data_size, capybara_loss
 
 __all__ = [
-    "format_label", "plot_fit", "plot_fitted_vs_observed", "plot_law", "plot_loss_vs_tokens", "plot_penalty_vs_tokens",
-    "plot_residuals", "pyplot", "save_figure",
+    "format_label",
+    "plot_fit",
+    "plot_fitted_vs_observed",
+    "plot_law",
+    "plot_loss_vs_tokens",
+    "plot_penalty_vs_tokens",
+    "plot_residuals",
+    "pyplot",
+    "save_figure",
 ]
 
 _UNQUANTIZED_COLOR = "black"
@@ -86,8 +93,16 @@ def _g(x: float, digits: int = 3) -> str:
 # ------------------------------------------------------------------ a law's curves
 
 
-def plot_law(law: Any, N: float, formats: list[FPFormat], block_size: Any, path: Union[str, Path], *,
-             tokens: tuple[float, float], title: str) -> Path:
+def plot_law(
+    law: Any,
+    N: float,
+    formats: list[FPFormat],
+    block_size: Any,
+    path: Union[str, Path],
+    *,
+    tokens: tuple[float, float],
+    title: str,
+) -> Path:
     """Predicted loss against training tokens D in ``tokens`` (lo, hi), one curve per format and one
     unquantized (dashed), each format's critical data size marked where it falls in the range."""
     plt = pyplot()
@@ -171,17 +186,19 @@ def _blocks(data: dict[str, np.ndarray]) -> list[tuple[float, Any]]:
     return sorted(seen.items())
 
 
-
-
-
-
 def _merged(data: dict[str, np.ndarray], excluded: Optional[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """The fitted rows and the rows left out of the fit, as one set of columns (for ranges and styles)."""
     if not excluded:
         return data
-    return {k: np.concatenate([np.asarray(data[k], dtype=object if k == "B" else float),
-                               np.asarray(excluded[k], dtype=object if k == "B" else float)])
-            for k in ("N", "D", "E", "M", "B", "log2b", "loss")}
+    return {
+        k: np.concatenate(
+            [
+                np.asarray(data[k], dtype=object if k == "B" else float),
+                np.asarray(excluded[k], dtype=object if k == "B" else float),
+            ]
+        )
+        for k in ("N", "D", "E", "M", "B", "log2b", "loss")
+    }
 
 
 def _panels(every: dict[str, np.ndarray]) -> list[tuple[float, float, Any]]:
@@ -230,9 +247,19 @@ def _token_ticks(ax, Ds: np.ndarray) -> None:
     ax.xaxis.set_minor_formatter(NullFormatter())
 
 
-def _finish_panels(fig, axes, ncols: int, nrows: int, handles: list, title: str, ylabel: str,
-                   xlim: tuple[float, float], ylim: tuple[float, float], per_row: int = 6,
-                   Ds: Optional[np.ndarray] = None) -> None:
+def _finish_panels(
+    fig,
+    axes,
+    ncols: int,
+    nrows: int,
+    handles: list,
+    title: str,
+    ylabel: str,
+    xlim: tuple[float, float],
+    ylim: tuple[float, float],
+    per_row: int = 6,
+    Ds: Optional[np.ndarray] = None,
+) -> None:
     for i, ax in enumerate(axes):
         ax.set_xscale("log")
         if Ds is not None:
@@ -264,8 +291,14 @@ def _excluded_points(ax, excluded, N, lb, fmt, colors, y) -> None:
         ax.plot(excluded["D"][sel], y[sel], ls="none", marker="x", ms=6, mew=1.5, color=colors[fmt], zorder=3)
 
 
-def plot_loss_vs_tokens(result: Any, data: dict[str, np.ndarray], path: Union[str, Path], *, title: str = "",
-                        excluded: Optional[dict[str, np.ndarray]] = None) -> Path:
+def plot_loss_vs_tokens(
+    result: Any,
+    data: dict[str, np.ndarray],
+    path: Union[str, Path],
+    *,
+    title: str = "",
+    excluded: Optional[dict[str, np.ndarray]] = None,
+) -> Path:
     """Observed loss against D with the fitted curves: a panel per (model size, block size),
     the unquantized runs in every panel of their size.
 
@@ -297,12 +330,28 @@ def plot_loss_vs_tokens(result: Any, data: dict[str, np.ndarray], path: Union[st
             if not rows.any():
                 continue
             color = colors[fmt]
-            ax.plot(grid, capybara_loss(N, grid, E, M, lb_curve, **consts), color=color, lw=1.4,
-                    ls="-" if quantized else "--", zorder=2)
+            ax.plot(
+                grid,
+                capybara_loss(N, grid, E, M, lb_curve, **consts),
+                color=color,
+                lw=1.4,
+                ls="-" if quantized else "--",
+                zorder=2,
+            )
             for mask, filled in ((rows & ~held, True), (rows & held, False)):
                 if mask.any():
-                    ax.plot(data["D"][mask], y_obs[mask], ls="none", marker="o", ms=5, color=color,
-                            mfc=color if filled else "white", mec=color, mew=1.3, zorder=3)
+                    ax.plot(
+                        data["D"][mask],
+                        y_obs[mask],
+                        ls="none",
+                        marker="o",
+                        ms=5,
+                        color=color,
+                        mfc=color if filled else "white",
+                        mec=color,
+                        mew=1.3,
+                        zorder=3,
+                    )
             if quantized and lb_curve > 0:
                 d_crit = float(capybara_critical_data_size(N, E, M, lb_curve, **consts))
                 if d_lo <= d_crit <= d_hi:
@@ -311,19 +360,41 @@ def plot_loss_vs_tokens(result: Any, data: dict[str, np.ndarray], path: Union[st
         ax.set_title(_panel_title(N, lb_panel, b_panel), fontsize=10)
     from matplotlib.lines import Line2D
 
-    handles = [Line2D([], [], color=colors[f], marker="o", ls="-" if f[2] else "--", lw=1.4,
-                      label=format_label(f[0], f[1], 1.0 if f[2] else 0.0)) for f in formats]
+    handles = [
+        Line2D(
+            [],
+            [],
+            color=colors[f],
+            marker="o",
+            ls="-" if f[2] else "--",
+            lw=1.4,
+            label=format_label(f[0], f[1], 1.0 if f[2] else 0.0),
+        )
+        for f in formats
+    ]
     handles += [Line2D([], [], color="grey", marker="o", ls="none", label="observed run")]
     if held.any():
         handles.append(Line2D([], [], color="grey", marker="o", mfc="white", ls="none", label="held out of the fit"))
     if excluded:
-        handles.append(Line2D([], [], color="grey", marker="x", mew=1.5, ls="none", label="left out of the fit (D too small)"))
+        handles.append(
+            Line2D([], [], color="grey", marker="x", mew=1.5, ls="none", label="left out of the fit (D too small)")
+        )
     handles += [
         Line2D([], [], color="grey", ls="-", label="fitted law"),
         Line2D([], [], color="grey", marker="*", ms=11, mec="black", ls="none", label="fitted D_crit (loss minimum)"),
     ]
-    _finish_panels(fig, axes, ncols, nrows, handles, title or "Final loss against training tokens: observed runs and the fitted law",
-                   "final val loss (nats)", (d_lo, d_hi), (y_all.min() - pad, y_all.max() + pad), Ds=every["D"])
+    _finish_panels(
+        fig,
+        axes,
+        ncols,
+        nrows,
+        handles,
+        title or "Final loss against training tokens: observed runs and the fitted law",
+        "final val loss (nats)",
+        (d_lo, d_hi),
+        (y_all.min() - pad, y_all.max() + pad),
+        Ds=every["D"],
+    )
     return save_figure(fig, path)
 
 
@@ -334,14 +405,22 @@ def _paired_baseline(data: dict[str, np.ndarray], pool: Optional[dict[str, np.nd
     base = np.full(len(data["loss"]), np.nan)
     unq = pool["log2b"].astype(float) == 0
     for i in range(len(base)):
-        match = unq & np.isclose(pool["N"].astype(float), data["N"][i]) & np.isclose(pool["D"].astype(float), data["D"][i])
+        match = (
+            unq & np.isclose(pool["N"].astype(float), data["N"][i]) & np.isclose(pool["D"].astype(float), data["D"][i])
+        )
         if match.any():
             base[i] = float(pool["loss"][match].astype(float).mean())
     return base
 
 
-def plot_penalty_vs_tokens(result: Any, data: dict[str, np.ndarray], path: Union[str, Path], *, title: str = "",
-                           excluded: Optional[dict[str, np.ndarray]] = None) -> Path:
+def plot_penalty_vs_tokens(
+    result: Any,
+    data: dict[str, np.ndarray],
+    path: Union[str, Path],
+    *,
+    title: str = "",
+    excluded: Optional[dict[str, np.ndarray]] = None,
+) -> Path:
     """The quantization penalty against D: each quantized run's loss minus the unquantized run of
     the same N and D (observed, paired: same seed, same batches), and the fitted law's penalty term
     (D^b/N^a) log2 B / (g (E+0.5)^dl (M+0.5)^nu). Without unquantized runs the fitted unquantized
@@ -374,7 +453,12 @@ def plot_penalty_vs_tokens(result: Any, data: dict[str, np.ndarray], path: Union
             E, M, _ = fmt
             if excluded:
                 _excluded_points(ax, excluded, N, lb, fmt, colors, ex_excess)
-                sel = np.isclose(excluded["N"], N) & np.isclose(excluded["log2b"], lb) & (excluded["E"] == E) & (excluded["M"] == M)
+                sel = (
+                    np.isclose(excluded["N"], N)
+                    & np.isclose(excluded["log2b"], lb)
+                    & (excluded["E"] == E)
+                    & (excluded["M"] == M)
+                )
                 shown.append(ex_excess[sel])
             rows = np.isclose(data["N"], N) & np.isclose(data["log2b"], lb) & (data["E"] == E) & (data["M"] == M)
             if not rows.any():
@@ -384,8 +468,18 @@ def plot_penalty_vs_tokens(result: Any, data: dict[str, np.ndarray], path: Union
             ax.plot(grid, penalty, color=color, lw=1.4, zorder=2)
             for mask, filled in ((rows & ~held, True), (rows & held, False)):
                 if mask.any():
-                    ax.plot(data["D"][mask], excess[mask], ls="none", marker="o", ms=5, color=color,
-                            mfc=color if filled else "white", mec=color, mew=1.3, zorder=3)
+                    ax.plot(
+                        data["D"][mask],
+                        excess[mask],
+                        ls="none",
+                        marker="o",
+                        ms=5,
+                        color=color,
+                        mfc=color if filled else "white",
+                        mec=color,
+                        mew=1.3,
+                        zorder=3,
+                    )
             shown.append(excess[rows])
         ax.set_title(_panel_title(N, lb, b), fontsize=10)
     values = np.concatenate(shown)
@@ -393,18 +487,36 @@ def plot_penalty_vs_tokens(result: Any, data: dict[str, np.ndarray], path: Union
     pad = 0.08 * (hi - lo + 1e-9)
     from matplotlib.lines import Line2D
 
-    handles = [Line2D([], [], color=colors[f], marker="o", lw=1.4, label=format_label(f[0], f[1], 1.0)) for f in formats]
-    handles += [Line2D([], [], color="grey", marker="o", ls="none", label="observed: run - unquantized run (same N, D, seed)"),
-                Line2D([], [], color="grey", ls="-", label="fitted penalty term")]
+    handles = [
+        Line2D([], [], color=colors[f], marker="o", lw=1.4, label=format_label(f[0], f[1], 1.0)) for f in formats
+    ]
+    handles += [
+        Line2D([], [], color="grey", marker="o", ls="none", label="observed: run - unquantized run (same N, D, seed)"),
+        Line2D([], [], color="grey", ls="-", label="fitted penalty term"),
+    ]
     if held.any():
         handles.append(Line2D([], [], color="grey", marker="o", mfc="white", ls="none", label="held out of the fit"))
     if excluded:
-        handles.append(Line2D([], [], color="grey", marker="x", mew=1.5, ls="none", label="left out of the fit (D too small)"))
+        handles.append(
+            Line2D([], [], color="grey", marker="x", mew=1.5, ls="none", label="left out of the fit (D too small)")
+        )
     if not has_pair[data["log2b"] > 0].all():
-        handles.append(Line2D([], [], color="none", label="(runs without an unquantized twin: minus the fitted unquantized loss)"))
-    _finish_panels(fig, axes, ncols, nrows, handles,
-                   title or "Quantization penalty against training tokens: observed excess loss and the fitted term",
-                   "loss - unquantized loss (nats)", (d_lo, d_hi), (lo - pad, hi + pad), per_row=5, Ds=every["D"])
+        handles.append(
+            Line2D([], [], color="none", label="(runs without an unquantized twin: minus the fitted unquantized loss)")
+        )
+    _finish_panels(
+        fig,
+        axes,
+        ncols,
+        nrows,
+        handles,
+        title or "Quantization penalty against training tokens: observed excess loss and the fitted term",
+        "loss - unquantized loss (nats)",
+        (d_lo, d_hi),
+        (lo - pad, hi + pad),
+        per_row=5,
+        Ds=every["D"],
+    )
     return save_figure(fig, path)
 
 
@@ -425,22 +537,36 @@ def _scatter_by_group(ax, data, x, y, held, formats, colors, marker_of, *, size=
             marker = marker_of.get(lb, "D") if quantized else "D"
             for mask, filled in ((rows & ~held, True), (rows & held, False)):
                 if mask.any():
-                    ax.scatter(x[mask], y[mask], s=size, marker=marker, color=colors[fmt] if filled else "white",
-                               edgecolors=colors[fmt], linewidths=1.1, zorder=3)
+                    ax.scatter(
+                        x[mask],
+                        y[mask],
+                        s=size,
+                        marker=marker,
+                        color=colors[fmt] if filled else "white",
+                        edgecolors=colors[fmt],
+                        linewidths=1.1,
+                        zorder=3,
+                    )
 
 
 def _group_legend(ax_or_fig, formats, colors, blocks, marker_of, *, held_any: bool, **kwargs):
     from matplotlib.lines import Line2D
 
-    handles = [Line2D([], [], color=colors[f], marker="o", ls="none", label=format_label(f[0], f[1], 1.0 if f[2] else 0.0))
-               for f in formats]
-    handles += [Line2D([], [], color="grey", marker=marker_of[lb], ls="none", label=_block_label(b)) for lb, b in blocks]
+    handles = [
+        Line2D([], [], color=colors[f], marker="o", ls="none", label=format_label(f[0], f[1], 1.0 if f[2] else 0.0))
+        for f in formats
+    ]
+    handles += [
+        Line2D([], [], color="grey", marker=marker_of[lb], ls="none", label=_block_label(b)) for lb, b in blocks
+    ]
     if held_any:
         handles.append(Line2D([], [], color="grey", marker="o", mfc="white", ls="none", label="held out of the fit"))
     return ax_or_fig.legend(handles=handles, **kwargs)
 
 
-def plot_fitted_vs_observed(result: Any, data: dict[str, np.ndarray], path: Union[str, Path], *, title: str = "") -> Path:
+def plot_fitted_vs_observed(
+    result: Any, data: dict[str, np.ndarray], path: Union[str, Path], *, title: str = ""
+) -> Path:
     """Predicted against observed loss, y = x for reference, with the fit's quality."""
     plt = pyplot()
     formats, colors, blocks, marker_of = _style(data)
@@ -459,11 +585,20 @@ def plot_fitted_vs_observed(result: Any, data: dict[str, np.ndarray], path: Unio
     quality = f"fit: RMSE {result.rmse:.4f} nats, R$^2$ {result.r2:.4f} on {int((~held).sum())} runs"
     if result.heldout_rmse is not None:
         quality += f"\nheld out: RMSE {result.heldout_rmse:.4f} nats on {int(held.sum())} runs"
-    ax.text(0.03, 0.97, quality, transform=ax.transAxes, va="top", ha="left", fontsize=9,
-            bbox=dict(facecolor="white", alpha=0.9, edgecolor="0.7"))
+    ax.text(
+        0.03,
+        0.97,
+        quality,
+        transform=ax.transAxes,
+        va="top",
+        ha="left",
+        fontsize=9,
+        bbox=dict(facecolor="white", alpha=0.9, edgecolor="0.7"),
+    )
     ax.grid(True, alpha=0.3)
-    _group_legend(ax, formats, colors, blocks, marker_of, held_any=bool(held.any()), loc="lower right", fontsize=8,
-                  framealpha=0.9)
+    _group_legend(
+        ax, formats, colors, blocks, marker_of, held_any=bool(held.any()), loc="lower right", fontsize=8, framealpha=0.9
+    )
     ax.set_title(title or "Fitted against observed loss (dashed: y = x)", fontsize=11)
     fig.tight_layout()
     return save_figure(fig, path)
@@ -488,32 +623,57 @@ def plot_residuals(result: Any, data: dict[str, np.ndarray], path: Union[str, Pa
     axes[0].set_ylabel("observed - fitted loss (nats)")
     # N: spread the points of one N a little so they do not hide each other
     order = {f: i for i, f in enumerate(formats)}
-    offsets = np.array([(order[(float(e), float(m), bool(lb > 0))] - (len(formats) - 1) / 2) * 0.012
-                        for e, m, lb in zip(data["E"], data["M"], data["log2b"])])
-    _scatter_by_group(axes[1], data, data["N"] * 10 ** offsets, res, held, formats, colors, marker_of)
+    offsets = np.array(
+        [
+            (order[(float(e), float(m), bool(lb > 0))] - (len(formats) - 1) / 2) * 0.012
+            for e, m, lb in zip(data["E"], data["M"], data["log2b"])
+        ]
+    )
+    _scatter_by_group(axes[1], data, data["N"] * 10**offsets, res, held, formats, colors, marker_of)
     axes[1].set_xscale("log")
     from matplotlib.ticker import NullFormatter
 
     axes[1].xaxis.set_minor_formatter(NullFormatter())
     axes[1].set_xlabel("parameters N (points of one N spread by format)")
-    x_fmt = np.array([order[(float(e), float(m), bool(lb > 0))] for e, m, lb in zip(data["E"], data["M"], data["log2b"])], dtype=float)
+    x_fmt = np.array(
+        [order[(float(e), float(m), bool(lb > 0))] for e, m, lb in zip(data["E"], data["M"], data["log2b"])],
+        dtype=float,
+    )
     jitter = np.zeros_like(x_fmt)
     for i, (lb, _) in enumerate(blocks):
         jitter[np.isclose(data["log2b"], lb)] = (i - (len(blocks) - 1) / 2) * 0.22
     _scatter_by_group(axes[2], data, x_fmt + jitter, res, held, formats, colors, marker_of)
     axes[2].set_xticks(range(len(formats)))
-    axes[2].set_xticklabels([format_label(f[0], f[1], 1.0 if f[2] else 0.0).replace(" (unquantized)", "\n(unquantized)")
-                             for f in formats], fontsize=8)
+    axes[2].set_xticklabels(
+        [format_label(f[0], f[1], 1.0 if f[2] else 0.0).replace(" (unquantized)", "\n(unquantized)") for f in formats],
+        fontsize=8,
+    )
     axes[2].set_xlabel("format (block sizes side by side)")
-    _group_legend(fig, formats, colors, blocks, marker_of, held_any=bool(held.any()), loc="lower center",
-                  ncol=len(formats) + len(blocks) + int(held.any()), fontsize=8, frameon=False)
+    _group_legend(
+        fig,
+        formats,
+        colors,
+        blocks,
+        marker_of,
+        held_any=bool(held.any()),
+        loc="lower center",
+        ncol=len(formats) + len(blocks) + int(held.any()),
+        fontsize=8,
+        frameon=False,
+    )
     fig.suptitle(title or f"Residuals of the fitted law (band: ±RMSE = {rmse:.4f} nats)", fontsize=11)
     fig.tight_layout(rect=(0, 0.07, 1, 0.96))
     return save_figure(fig, path)
 
 
-def plot_fit(result: Any, data: dict[str, np.ndarray], out_dir: Union[str, Path], *, title: Optional[str] = None,
-             excluded: Optional[dict[str, np.ndarray]] = None) -> list[Path]:
+def plot_fit(
+    result: Any,
+    data: dict[str, np.ndarray],
+    out_dir: Union[str, Path],
+    *,
+    title: Optional[str] = None,
+    excluded: Optional[dict[str, np.ndarray]] = None,
+) -> list[Path]:
     """The pictures of a Capybara fit, written into ``out_dir``; returns their paths.
 
     ``result`` is :func:`lightning_fpq.scaling.fitting.fit`'s result and ``data`` the rows it was given,
@@ -521,18 +681,42 @@ def plot_fit(result: Any, data: dict[str, np.ndarray], out_dir: Union[str, Path]
     left out before fitting (same format), drawn as crosses in the loss and penalty plots.
     """
     if getattr(result.law, "kind", None) != "capybara":
-        raise ValueError(f"plots are drawn for a capybara fit only, not a {getattr(result.law, 'kind', type(result.law).__name__)} fit")
+        raise ValueError(
+            f"plots are drawn for a capybara fit only, not a {getattr(result.law, 'kind', type(result.law).__name__)} fit"
+        )
     if len(data["loss"]) != len(result.observed):
-        raise ValueError(f"data has {len(data['loss'])} rows but the fit has {len(result.observed)}: pass the rows the fit was given")
+        raise ValueError(
+            f"data has {len(data['loss'])} rows but the fit has {len(result.observed)}: pass the rows the fit was given"
+        )
     out = Path(out_dir)
     suffix = f" ({title})" if title else ""
     return [
-        plot_loss_vs_tokens(result, data, out / "loss_vs_tokens.png", excluded=excluded,
-                            title=f"Final loss against training tokens: observed runs and the fitted law{suffix}"),
-        plot_fitted_vs_observed(result, data, out / "fitted_vs_observed.png",
-                                title=f"Fitted against observed loss (dashed: y = x){suffix}"),
-        plot_residuals(result, data, out / "residuals.png",
-                       title=f"Residuals of the fitted law (band: ±RMSE = {result.rmse:.4f} nats){suffix}"),
-    ] + ([plot_penalty_vs_tokens(result, data, out / "penalty_vs_tokens.png", excluded=excluded,
-                                 title=f"Quantization penalty against training tokens: observed excess loss and the fitted term{suffix}")]
-         if (data["log2b"] > 0).any() else [])
+        plot_loss_vs_tokens(
+            result,
+            data,
+            out / "loss_vs_tokens.png",
+            excluded=excluded,
+            title=f"Final loss against training tokens: observed runs and the fitted law{suffix}",
+        ),
+        plot_fitted_vs_observed(
+            result, data, out / "fitted_vs_observed.png", title=f"Fitted against observed loss (dashed: y = x){suffix}"
+        ),
+        plot_residuals(
+            result,
+            data,
+            out / "residuals.png",
+            title=f"Residuals of the fitted law (band: ±RMSE = {result.rmse:.4f} nats){suffix}",
+        ),
+    ] + (
+        [
+            plot_penalty_vs_tokens(
+                result,
+                data,
+                out / "penalty_vs_tokens.png",
+                excluded=excluded,
+                title=f"Quantization penalty against training tokens: observed excess loss and the fitted term{suffix}",
+            )
+        ]
+        if (data["log2b"] > 0).any()
+        else []
+    )

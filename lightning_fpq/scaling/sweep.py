@@ -64,8 +64,10 @@ class SweepResult:
     failures: list[tuple[str, str]] = field(default_factory=list)  # (run_id, reason)
 
     def summary(self) -> str:
-        text = (f"sweep: {self.planned} runs in the grid, {self.skipped} already in {self.csv}, ran {self.ran} "
-                f"({self.ok} ok, {self.failed} failed) in {duration(self.wall_s)} wall, {duration(self.cpu_s)} CPU")
+        text = (
+            f"sweep: {self.planned} runs in the grid, {self.skipped} already in {self.csv}, ran {self.ran} "
+            f"({self.ok} ok, {self.failed} failed) in {duration(self.wall_s)} wall, {duration(self.cpu_s)} CPU"
+        )
         for run_id, reason in self.failures[:10]:
             text += f"\n  failed {run_id}: {reason}"
         if len(self.failures) > 10:
@@ -93,7 +95,11 @@ def run_sweep(
     runs = plan_runs(cfg)
     existing = read_rows(csv_path)
     hashes = {spec.run_id: settings_hash(cfg, spec) for spec in runs}
-    stale = [r["run_id"] for r in existing if r.get("run_id") in hashes and r.get("settings") not in ("", None, hashes[r["run_id"]])]
+    stale = [
+        r["run_id"]
+        for r in existing
+        if r.get("run_id") in hashes and r.get("settings") not in ("", None, hashes[r["run_id"]])
+    ]
     if stale:
         raise ValueError(
             f"{csv_path} holds {len(stale)} row(s) made with other training settings or model sizes (e.g. {stale[0]}): "
@@ -107,12 +113,17 @@ def run_sweep(
     result = SweepResult(csv=csv_path, planned=len(runs), skipped=skipped, ran=0, ok=0, failed=0, wall_s=0.0, cpu_s=0.0)
     not_retried = sum(1 for s in runs if s.run_id in failed_before and s.run_id not in done) if not retry_failed else 0
     if dry_run:
-        echo(f"sweep (dry run): {len(runs)} runs in the grid, {len(runs) - skipped} to run, {skipped} already in {csv_path}")
+        echo(
+            f"sweep (dry run): {len(runs)} runs in the grid, {len(runs) - skipped} to run, {skipped} already in {csv_path}"
+        )
         for spec in todo:
             echo(f"  {spec.run_id}")
         return result
     if not todo:
-        echo(f"sweep: all {len(runs)} runs are in {csv_path}" + (f" ({not_retried} failed; --retry-failed runs them again)" if not_retried else ""))
+        echo(
+            f"sweep: all {len(runs)} runs are in {csv_path}"
+            + (f" ({not_retried} failed; --retry-failed runs them again)" if not_retried else "")
+        )
         return result
     if not_retried:
         echo(f"sweep: {not_retried} run(s) failed before and are skipped (--retry-failed runs them again)")
@@ -121,8 +132,10 @@ def run_sweep(
         torch.set_num_threads(cfg.threads)
     writer = CsvWriter(csv_path)
     eta = Eta({s.run_id: s.tokens * (estimated_params(cfg, s) + COST_OVERHEAD_PARAMS) for s in todo})
-    echo(f"sweep: {len(runs)} runs in the grid, {skipped} already in {csv_path}, {len(todo)} to run "
-         f"(torch threads: {torch.get_num_threads()})")
+    echo(
+        f"sweep: {len(runs)} runs in the grid, {skipped} already in {csv_path}, {len(todo)} to run "
+        f"(torch threads: {torch.get_num_threads()})"
+    )
     bar = ProgressBar(len(todo), enabled=cfg.progress_bar and sys.stdout.isatty())
     undo = quiet_lightning()
     start_wall, start_cpu = time.perf_counter(), time.process_time()

@@ -59,7 +59,9 @@ class SweepConfig:
 
     out: str = "sweep.csv"  # the CSV the rows are appended to
     recipe: str = "paper"  # a named recipe or a recipe YAML; each run sets its format and block size on it
-    models: dict[str, ModelSize] = field(default_factory=dict)  # name -> size, e.g. s: {n_layer: 2, n_head: 2, n_embd: 64}
+    models: dict[str, ModelSize] = field(
+        default_factory=dict
+    )  # name -> size, e.g. s: {n_layer: 2, n_head: 2, n_embd: 64}
     tokens: list[int] = field(default_factory=lambda: [65_536, 131_072, 262_144])  # D per run
     formats: list[str] = field(default_factory=lambda: ["e2m1", "e4m3", "bf16"])
     block_sizes: list[Any] = field(default_factory=lambda: [32])  # ints, "channel" or "tensor"
@@ -78,7 +80,9 @@ class SweepConfig:
     val_samples: int = 512  # validation windows: evenly spaced and the same for every run
     datamodule: Optional[str] = None  # import path of a LightningDataModule (default: the embedded corpus)
     datamodule_args: dict[str, Any] = field(default_factory=dict)
-    tokens_per_step: Optional[int] = None  # custom datamodule: tokens per optimizer step (default: measured from one batch)
+    tokens_per_step: Optional[int] = (
+        None  # custom datamodule: tokens per optimizer step (default: measured from one batch)
+    )
     # model
     model: Optional[str] = None  # import path of a LightningModule (default: lightning_fpq.demo.model.GPTLightning)
     model_args: dict[str, Any] = field(default_factory=dict)
@@ -93,15 +97,23 @@ class SweepConfig:
         """Check every value; raise ``ValueError`` naming the key, the value and what is valid."""
         from ..recipe import QuantRecipe
 
-        for key, low in (("batch_size", 1), ("seq_len", 1), ("warmup_steps", 0), ("val_samples", 1), ("max_bytes", 2),
-                         ("threads", 0)):
+        for key, low in (
+            ("batch_size", 1),
+            ("seq_len", 1),
+            ("warmup_steps", 0),
+            ("val_samples", 1),
+            ("max_bytes", 2),
+            ("threads", 0),
+        ):
             _config.integer(getattr(self, key), what=key, low=low)
         _config.integer(self.tokens_per_step, what="tokens_per_step", low=1, optional=True)
         _config.number(self.lr, what="lr", low=0.0, low_open=True)
         _config.number(self.min_lr_ratio, what="min_lr_ratio", low=0.0, high=1.0)
         _config.number(self.weight_decay, what="weight_decay", low=0.0)
         if self.compute_dtype not in (None, "fp32", "bf16", "fp16"):
-            raise ValueError(f"compute_dtype={self.compute_dtype!r} is not valid: expected null, 'fp32', 'bf16' or 'fp16'")
+            raise ValueError(
+                f"compute_dtype={self.compute_dtype!r} is not valid: expected null, 'fp32', 'bf16' or 'fp16'"
+            )
         if not isinstance(self.out, str) or not self.out.strip():
             raise ValueError(f"out={self.out!r} is not valid: expected the path of the CSV to write")
         try:
@@ -111,15 +123,21 @@ class SweepConfig:
         for key in ("datamodule", "model"):
             value = getattr(self, key)
             if value is not None and (not isinstance(value, str) or "." not in value.strip(". ")):
-                raise ValueError(f"{key}={value!r} is not valid: expected an import path 'package.module.ClassName' or null")
+                raise ValueError(
+                    f"{key}={value!r} is not valid: expected an import path 'package.module.ClassName' or null"
+                )
         if not self.models:
-            raise ValueError("models is empty: give at least one model size, e.g. models: {s: {n_layer: 2, n_head: 2, n_embd: 64}}")
+            raise ValueError(
+                "models is empty: give at least one model size, e.g. models: {s: {n_layer: 2, n_head: 2, n_embd: 64}}"
+            )
         for name, size in self.models.items():
             for key in ("n_layer", "n_head", "n_embd"):
                 _config.integer(getattr(size, key), what=f"models.{name}.{key}", low=1, optional=True)
             if self.model is None and None in (size.n_layer, size.n_head, size.n_embd):
                 missing = [k for k in ("n_layer", "n_head", "n_embd") if getattr(size, k) is None]
-                raise ValueError(f"models.{name} lacks {', '.join(missing)}: the default GPT needs n_layer, n_head and n_embd")
+                raise ValueError(
+                    f"models.{name} lacks {', '.join(missing)}: the default GPT needs n_layer, n_head and n_embd"
+                )
         for where, grid in self.grids():
             self._check_grid(where, grid)
         return self
@@ -148,7 +166,9 @@ class SweepConfig:
                 raise ValueError(f"{prefix}{key} is empty: the grid needs at least one value")
         for name in g.models:
             if name not in self.models:
-                raise ValueError(f"{prefix}models names {name!r}, which is not a model size: expected some of {sorted(self.models)}")
+                raise ValueError(
+                    f"{prefix}models names {name!r}, which is not a model size: expected some of {sorted(self.models)}"
+                )
         for i, tokens in enumerate(g.tokens):
             _config.integer(tokens, what=f"{prefix}tokens[{i}]", low=1)
         for i, fmt in enumerate(g.formats):
@@ -163,9 +183,24 @@ class SweepConfig:
 
     def settings(self) -> dict[str, Any]:
         """The training settings every run shares (what the settings hash covers)."""
-        keys = ("recipe", "batch_size", "seq_len", "lr", "warmup_steps", "min_lr_ratio", "weight_decay", "compute_dtype",
-                "max_bytes", "val_samples", "datamodule", "datamodule_args", "tokens_per_step", "model", "model_args",
-                "val_metric")
+        keys = (
+            "recipe",
+            "batch_size",
+            "seq_len",
+            "lr",
+            "warmup_steps",
+            "min_lr_ratio",
+            "weight_decay",
+            "compute_dtype",
+            "max_bytes",
+            "val_samples",
+            "datamodule",
+            "datamodule_args",
+            "tokens_per_step",
+            "model",
+            "model_args",
+            "val_metric",
+        )
         return {k: plain(getattr(self, k)) for k in keys}
 
 

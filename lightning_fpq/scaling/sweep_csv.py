@@ -19,11 +19,13 @@ COLUMNS: tuple[str, ...] = (
     "D",  # training tokens actually seen (counted per batch)
     "steps",  # optimizer steps (the schedule ends here)
     "format",  # the format name as planned ("bf16"/"fp32": unquantized)
-    "E", "M",  # exponent and mantissa bits
+    "E",
+    "M",  # exponent and mantissa bits
     "B",  # block size (int, "channel" or "tensor"); 1 for an unquantized run (no penalty in the law)
     "loss",  # final validation loss (nats per token), the fitted quantity
     "train_loss",  # mean training loss over the last 10% of steps
-    "wall_s", "cpu_s",  # seconds of wall clock and of process CPU time (all threads) for the run
+    "wall_s",
+    "cpu_s",  # seconds of wall clock and of process CPU time (all threads) for the run
     "seed",
     "recipe",
     "settings",  # hash of the training settings shared by the runs: rows with another hash are not resumed
@@ -83,7 +85,9 @@ class CsvWriter:
             with open(path, newline="", encoding="utf-8") as fh:
                 header = next(csv.reader(fh), [])
             if tuple(header) != COLUMNS:
-                raise ValueError(f"{path} has columns {header}, not a sweep CSV's {list(COLUMNS)}: write to another file (out=...)")
+                raise ValueError(
+                    f"{path} has columns {header}, not a sweep CSV's {list(COLUMNS)}: write to another file (out=...)"
+                )
         else:
             with open(path, "w", newline="", encoding="utf-8") as fh:
                 csv.writer(fh).writerow(COLUMNS)

@@ -54,12 +54,18 @@ def plan_runs(cfg: SweepConfig) -> list[RunSpec]:
             for fmt_name in g.formats:
                 fmt = FPFormat.parse(fmt_name)
                 quantized = not _is_unquantized(fmt)
-                blocks = [_config.block_size(b, what="block_sizes", allow_none=False) for b in g.block_sizes] if quantized else [1]
+                blocks = (
+                    [_config.block_size(b, what="block_sizes", allow_none=False) for b in g.block_sizes]
+                    if quantized
+                    else [1]
+                )
                 for block in dict.fromkeys(blocks):
                     for tokens in g.tokens:
                         for seed in g.seeds:
                             run_id = f"{model}_{fmt.name}_B{block}_D{tokens}_s{seed}"
-                            runs.setdefault(run_id, RunSpec(run_id, model, int(tokens), fmt.name, block, int(seed), quantized))
+                            runs.setdefault(
+                                run_id, RunSpec(run_id, model, int(tokens), fmt.name, block, int(seed), quantized)
+                            )
     return list(runs.values())
 
 
@@ -77,7 +83,9 @@ def estimated_params(cfg: SweepConfig, spec: RunSpec) -> int:
 
     size = cfg.models[spec.model]
     try:
-        gpt = GPTConfig(block_size=cfg.seq_len, n_layer=size.n_layer, n_head=size.n_head, n_embd=size.n_embd, **size.args)
+        gpt = GPTConfig(
+            block_size=cfg.seq_len, n_layer=size.n_layer, n_head=size.n_head, n_embd=size.n_embd, **size.args
+        )
     except (TypeError, ValueError):
         return 0
     return gpt.num_params(non_embedding=True)

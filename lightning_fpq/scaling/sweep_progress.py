@@ -63,8 +63,13 @@ def quiet_lightning() -> Callable[[], None]:
         lg.setLevel(logging.WARNING)
     catcher = warnings.catch_warnings()
     catcher.__enter__()
-    for pattern in (".*does not have many workers.*", ".*smaller than the logging interval.*",
-                    ".*is an nn.Linear subclass.*", ".*LeafSpec.*", ".*treespec.*"):
+    for pattern in (
+        ".*does not have many workers.*",
+        ".*smaller than the logging interval.*",
+        ".*is an nn.Linear subclass.*",
+        ".*LeafSpec.*",
+        ".*treespec.*",
+    ):
         warnings.filterwarnings("ignore", message=pattern)
 
     def undo() -> None:
@@ -89,8 +94,12 @@ class ProgressBar:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
             self._progress = Progress(
-                TextColumn("sweep"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                TextColumn("{task.fields[eta]}"), TextColumn("{task.description}"),
+                TextColumn("sweep"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TextColumn("{task.fields[eta]}"),
+                TextColumn("{task.description}"),
             )
             self._progress.__enter__()
             self._task = self._progress.add_task("", total=self.total, eta="")

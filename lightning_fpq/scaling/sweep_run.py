@@ -24,7 +24,9 @@ def _import(path: str, what: str) -> Any:
     try:
         module = importlib.import_module(module_name)
     except Exception as err:
-        raise ImportError(f"{what} {path!r}: cannot import module {module_name!r}: {type(err).__name__}: {err}") from None
+        raise ImportError(
+            f"{what} {path!r}: cannot import module {module_name!r}: {type(err).__name__}: {err}"
+        ) from None
     try:
         return getattr(module, attr)
     except AttributeError:
@@ -44,8 +46,12 @@ def _build_datamodule(cfg: SweepConfig, spec: RunSpec, steps: Optional[int]):
         from ..demo.data import ByteCorpusDataModule
 
         return ByteCorpusDataModule(
-            block_size=cfg.seq_len, batch_size=cfg.batch_size, max_bytes=cfg.max_bytes, seed=spec.seed,
-            samples_per_epoch=max(1, steps or 1) * cfg.batch_size, val_samples=cfg.val_samples,
+            block_size=cfg.seq_len,
+            batch_size=cfg.batch_size,
+            max_bytes=cfg.max_bytes,
+            seed=spec.seed,
+            samples_per_epoch=max(1, steps or 1) * cfg.batch_size,
+            val_samples=cfg.val_samples,
         )
     cls = _import(cfg.datamodule, "datamodule")
     kwargs = dict(plain(cfg.datamodule_args))
@@ -71,8 +77,10 @@ def _tokens_per_step(cfg: SweepConfig, datamodule: Any) -> int:
         batch = next(iter(datamodule.train_dataloader()))
         return int(count_batch_tokens(batch))
     except Exception as err:
-        raise ValueError(f"cannot tell how many tokens a step of {cfg.datamodule} holds ({type(err).__name__}: {err}): "
-                         "set tokens_per_step in the sweep config") from None
+        raise ValueError(
+            f"cannot tell how many tokens a step of {cfg.datamodule} holds ({type(err).__name__}: {err}): "
+            "set tokens_per_step in the sweep config"
+        ) from None
 
 
 def _build_model(cfg: SweepConfig, spec: RunSpec, steps: int):
@@ -80,17 +88,29 @@ def _build_model(cfg: SweepConfig, spec: RunSpec, steps: int):
     if cfg.model is None:
         from ..demo.model import GPTConfig, GPTLightning
 
-        gpt = GPTConfig(block_size=cfg.seq_len, n_layer=size.n_layer, n_head=size.n_head, n_embd=size.n_embd,
-                        **plain(size.args))
-        return GPTLightning(gpt, lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps,
-                            max_steps=steps, min_lr_ratio=cfg.min_lr_ratio)
+        gpt = GPTConfig(
+            block_size=cfg.seq_len, n_layer=size.n_layer, n_head=size.n_head, n_embd=size.n_embd, **plain(size.args)
+        )
+        return GPTLightning(
+            gpt,
+            lr=cfg.lr,
+            weight_decay=cfg.weight_decay,
+            warmup_steps=cfg.warmup_steps,
+            max_steps=steps,
+            min_lr_ratio=cfg.min_lr_ratio,
+        )
     cls = _import(cfg.model, "model")
     kwargs = {**plain(cfg.model_args), **plain(size.args)}
     for key in ("n_layer", "n_head", "n_embd"):
         if getattr(size, key) is not None:
             kwargs.setdefault(key, getattr(size, key))
-    shared = {"lr": cfg.lr, "weight_decay": cfg.weight_decay, "warmup_steps": cfg.warmup_steps, "max_steps": steps,
-              "min_lr_ratio": cfg.min_lr_ratio}
+    shared = {
+        "lr": cfg.lr,
+        "weight_decay": cfg.weight_decay,
+        "warmup_steps": cfg.warmup_steps,
+        "max_steps": steps,
+        "min_lr_ratio": cfg.min_lr_ratio,
+    }
     for key, value in shared.items():
         if key not in kwargs and _accepts(cls, key):
             kwargs[key] = value
@@ -149,17 +169,29 @@ def run_one(cfg: SweepConfig, spec: RunSpec) -> dict[str, Any]:
         tps = _tokens_per_step(cfg, datamodule)
         steps = max(1, round(spec.tokens / tps))
     if cfg.warmup_steps >= steps:
-        raise ValueError(f"warmup_steps={cfg.warmup_steps} is not below this run's {steps} steps "
-                         f"(tokens={spec.tokens} at {tps} tokens per step): lower warmup_steps or raise tokens")
+        raise ValueError(
+            f"warmup_steps={cfg.warmup_steps} is not below this run's {steps} steps "
+            f"(tokens={spec.tokens} at {tps} tokens per step): lower warmup_steps or raise tokens"
+        )
     seed_everything(spec.seed, verbose=False)  # the model's init does not depend on what building the data drew
     model = _build_model(cfg, spec, steps)
     n_params = count_params(model)
     plugin = FPQuantPrecision(recipe=_recipe(cfg, spec), compute_dtype=cfg.compute_dtype)
     recorder = _recorder_callback(cfg.train_metric)
     trainer = Trainer(
-        accelerator=cfg.accelerator, devices=1, max_steps=steps, max_epochs=-1, plugins=[plugin], callbacks=[recorder],
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        num_sanity_val_steps=0, check_val_every_n_epoch=None, val_check_interval=steps,
+        accelerator=cfg.accelerator,
+        devices=1,
+        max_steps=steps,
+        max_epochs=-1,
+        plugins=[plugin],
+        callbacks=[recorder],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        check_val_every_n_epoch=None,
+        val_check_interval=steps,
         log_every_n_steps=max(1, min(50, steps)),
     )
     trainer.fit(model, datamodule=datamodule)
@@ -175,9 +207,12 @@ def run_one(cfg: SweepConfig, spec: RunSpec) -> dict[str, Any]:
     loss = float(val)
     if not math.isfinite(loss):
         raise FloatingPointError(f"validation loss is {loss} (the run diverged)")
-    tail = recorder.losses[-max(1, len(recorder.losses) // 10):]
+    tail = recorder.losses[-max(1, len(recorder.losses) // 10) :]
     return {
-        "N": n_params, "D": recorder.tokens or steps * tps, "steps": steps, "loss": loss,
+        "N": n_params,
+        "D": recorder.tokens or steps * tps,
+        "steps": steps,
+        "loss": loss,
         "train_loss": sum(tail) / len(tail) if tail else None,
     }
 
@@ -186,9 +221,16 @@ def run_row(cfg: SweepConfig, spec: RunSpec, settings: str) -> dict[str, Any]:
     """Run ``spec`` and return its CSV row: status ``ok`` with the results, or ``failed`` with the
     reason (a run that raises does not stop the sweep), and its wall and CPU seconds."""
     row: dict[str, Any] = {
-        "run_id": spec.run_id, "model": spec.model, "format": spec.fmt, "E": spec.ebits, "M": spec.mbits,
-        "B": spec.block_size, "seed": spec.seed, "recipe": cfg.recipe if spec.quantized else "bf16",
-        "settings": settings, "D": spec.tokens,
+        "run_id": spec.run_id,
+        "model": spec.model,
+        "format": spec.fmt,
+        "E": spec.ebits,
+        "M": spec.mbits,
+        "B": spec.block_size,
+        "seed": spec.seed,
+        "recipe": cfg.recipe if spec.quantized else "bf16",
+        "settings": settings,
+        "D": spec.tokens,
     }
     t0, c0 = time.perf_counter(), time.process_time()
     try:

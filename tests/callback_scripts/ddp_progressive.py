@@ -25,8 +25,14 @@ def main(out_dir: Path) -> None:
     # global tokens per step = 2 ranks x 32 = 64; switch after 5 and 9 steps
     progressive = ProgressivePrecision(["e2m1", "e4m3", "bf16"], [5 * 64, 9 * 64])
     trainer = Trainer(
-        accelerator="cpu", devices=2, strategy="ddp", max_steps=12, logger=False,
-        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_steps=12,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
         plugins=[FPQuantPrecision(recipe="paper", fmt="e2m1", block_size=16)],
         callbacks=[CriticalDataMonitor(plateau_window=0), progressive],
     )

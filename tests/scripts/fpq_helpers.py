@@ -41,8 +41,15 @@ def model(lr: float = 3e-3, steps: int = 100, config: GPTConfig = TINY) -> GPTLi
 
 def trainer(steps: int, plugin=None, callbacks=(), **kwargs) -> L.Trainer:
     defaults = dict(
-        max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+        max_steps=steps,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
     )
     defaults.update(kwargs)
     return L.Trainer(plugins=[plugin] if plugin is not None else None, callbacks=list(callbacks), **defaults)

@@ -19,15 +19,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import lightning as L  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from fpq_helpers import LossRecorder, datamodule, model, quiet, trainer  # noqa: E402
-
-import lightning as L  # noqa: E402
-from lightning_fpq.linear import QuantLinear  # noqa: E402
 from lightning_fpq.demo.model import GPTLightning  # noqa: E402
 from lightning_fpq.lightning.precision import FPQuantPrecision  # noqa: E402
+from lightning_fpq.linear import QuantLinear  # noqa: E402
 from lightning_fpq.recipe import QuantRecipe  # noqa: E402
 
 STEPS = 6
