@@ -771,6 +771,8 @@ def cmd_backends(args: argparse.Namespace) -> int:
     # plain lines, not a table: the reasons are the point and must not be cut
     print(f"Backends here, for {device.type} tensors:")
     print(backends.describe_backends(device))
+    print("\nWhat each backend runs:")
+    print(backends.describe_composition())
     print(f"\nbackend={requested!r}: what runs each named recipe's layers on {device.type}:")
     for name in [r.strip() for r in args.recipes.split(",") if r.strip()]:
         spec = QuantRecipe.from_name(name).layer_spec("blocks.0.mlp.fc")

@@ -32,6 +32,13 @@ def test_transformer_engine_without_a_gpu_says_how_to_get_it():
         assert not ok and ("lightning-fpq[te]" in reason or "NVIDIA" in reason)
 
 
+def test_every_backend_resolves_to_a_quantizer_and_a_gemm():
+    lines = backends.describe_composition().splitlines()
+    assert [line.split()[0] for line in lines] == list(backends.LAYER_BACKENDS)
+    assert all("quantizer: " in line and "; GEMM: " in line for line in lines)
+    assert "packed FP4" in lines[backends.LAYER_BACKENDS.index("triton")]
+
+
 def test_report_has_one_line_per_backend():
     report = backends.describe_backends(torch.device("cpu")).splitlines()
     assert [line.split("  ")[0].strip() for line in report] == [

@@ -71,6 +71,7 @@ __all__ = [
     "check_backend",
     "choose",
     "describe_backends",
+    "describe_composition",
     "fp8_gemm_available",
     "machine_available",
     "require",
@@ -149,6 +150,22 @@ def _auto(spec: LayerSpec, device: torch.device, exclude: str = "") -> tuple[str
         if ok:
             return name, reason
     return "emulated", "no faster backend runs this spec exactly here"
+
+
+#: what a fake-quantizing backend's ``QUANTIZER`` (the ``quantize(backend=...)`` of its operands) means
+_QUANTIZE_BACKENDS = {
+    "reference": "the pure-torch reference",
+    "auto": "the fast path that fits each call (compiled on CPU, Triton on CUDA), else the reference",
+}
+
+
+def describe_composition() -> str:
+    """One line per layer backend: the quantizer and the GEMM it resolves to."""
+    width = max(len(name) for name in REGISTRY)
+    return "\n".join(
+        f"{name:<{width}}  quantizer: {_QUANTIZE_BACKENDS.get(m.QUANTIZER, m.QUANTIZER)}; GEMM: {m.GEMM}"
+        for name, m in REGISTRY.items()
+    )
 
 
 def describe_backends(device: Optional[torch.device] = None) -> str:
