@@ -101,7 +101,7 @@ class CriticalDataMonitor(Callback):
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._plugin = find_plugin(trainer, needed_by="CriticalDataMonitor")
-        self._counter = TokenCounter.attach(trainer, self._count_tokens)
+        self._counter = TokenCounter.attach(trainer, self._count_tokens, requested_by="CriticalDataMonitor")
         progressive = [c for c in trainer.callbacks if isinstance(c, ProgressivePrecision)]
         if self.action == "raise-precision" and not progressive:
             raise ValueError(

@@ -130,8 +130,10 @@ class FPQuantPrecision(Precision):
         self.compute_dtype = _compute_dtype(compute_dtype)
         self.precision = _PRECISION_STR[self.compute_dtype]  # type: ignore[assignment]
         self._save_quantized_weight = save_quantized_weight
+        #: the recipe this plugin was built with: what a resumed run compares with the checkpoint's
+        self.requested_recipe = QuantRecipe.coerce(recipe, fmt=fmt, block_size=block_size)
         self._state = QuantState(
-            QuantRecipe.coerce(recipe, fmt=fmt, block_size=block_size),
+            self.requested_recipe,
             backend=backend,
             seed=seed,
             save_quantized_weight=True if save_quantized_weight is None else save_quantized_weight,
@@ -293,14 +295,28 @@ class FPQuantPrecision(Precision):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return self._state.state_dict()
+        return {**self._state.state_dict(), "requested_recipe": self.requested_recipe.to_dict()}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore the active recipe (and the stochastic-rounding generators) of a checkpoint."""
+        """Restore the quantization state of a checkpoint: the active recipe (a switch made during
+        training, e.g. by ``ProgressivePrecision``), the seed and the stochastic-rounding generators.
+
+        The recipe passed to this plugin is a deliberate choice: when it differs from the one the
+        checkpoint's run was built with, training continues with the new one (a warning names
+        both) and only the generators are restored."""
         if "recipe" not in state_dict:
             rank_zero_warn("FPQuantPrecision: the checkpoint holds no recipe; keeping the plugin's own")
             return
+        saved = state_dict.get("requested_recipe")
+        if saved is not None and QuantRecipe.from_dict(saved) != self.requested_recipe:
+            active = QuantRecipe.from_dict(state_dict["recipe"])
+            rank_zero_warn(
+                f"FPQuantPrecision: the checkpoint's run was built with recipe {QuantRecipe.from_dict(saved).short_str()} "
+                f"(active when saved: {active.short_str()}); this run passes {self.requested_recipe.short_str()}, "
+                "a deliberate change: training continues with the recipe passed now"
+            )
+            state_dict = {key: value for key, value in state_dict.items() if key != "recipe"}
         self._state.load_state_dict(state_dict)
 
     # ----------------------------------------------------------------------- text

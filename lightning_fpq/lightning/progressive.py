@@ -184,12 +184,17 @@ class ProgressivePrecision(Callback):
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(schedule=[self._entry_name(e) for e in self._entries])
+        # one schedule per trainer; the saved state names its schedule, checked on resume
+        return "ProgressivePrecision"
+
+    @property
+    def schedule_names(self) -> list[str]:
+        return [self._entry_name(e) for e in self._entries]
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._plugin = find_plugin(trainer, needed_by="ProgressivePrecision")
-        self._counter = TokenCounter.attach(trainer, self._count_tokens)
+        self._counter = TokenCounter.attach(trainer, self._count_tokens, requested_by="ProgressivePrecision")
         base = self._plugin.recipe
         self.stages = [
             entry if isinstance(entry, QuantRecipe) else base.with_format(entry, block_size=self.block_size)
@@ -271,10 +276,22 @@ class ProgressivePrecision(Callback):
     # ----------------------------------------------------------------- checkpoint
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"stage": self.stage, "history": list(self.history), "thresholds": list(self.thresholds)}
+        return {
+            "schedule": self.schedule_names,
+            "stage": self.stage,
+            "history": list(self.history),
+            "thresholds": list(self.thresholds),
+        }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = state_dict.get("schedule")
+        if saved is not None and list(saved) != self.schedule_names:
+            raise ValueError(
+                f"ProgressivePrecision: the checkpoint was trained with schedule {list(saved)} (in stage "
+                f"{state_dict['stage']}), this run gives {self.schedule_names}: its stage index would mean another "
+                "precision; resume with the same schedule, or start a new run"
+            )
         self.stage = int(state_dict["stage"])
         self.history = list(state_dict.get("history", []))
         self.thresholds = [float(t) for t in state_dict.get("thresholds", [])]

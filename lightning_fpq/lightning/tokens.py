@@ -19,6 +19,7 @@ from typing import Any, Optional
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import Checkpoint
 from typing_extensions import override
 
 TOKEN_KEYS = ("input_ids", "tokens", "idx", "x", "inputs")
@@ -57,6 +58,7 @@ class TokenCounter(Callback):
         if count_tokens is not None and not callable(count_tokens):
             raise ValueError(f"count_tokens={count_tokens!r} is not callable: expected a function batch -> int")
         self.count_tokens = count_tokens or count_batch_tokens
+        self._chosen_by = "TokenCounter" if count_tokens is not None else None  # who set count_tokens
         self.tokens_seen = 0
         self._counted_batch = -1  # index of the last batch counted (idempotent observe)
 
@@ -66,18 +68,42 @@ class TokenCounter(Callback):
         return "TokenCounter"  # one counter per trainer
 
     @staticmethod
-    def attach(trainer: Trainer, count_tokens: Optional[TokenCountFn] = None) -> TokenCounter:
-        """The trainer's counter; one is appended to ``trainer.callbacks`` if there is none.
+    def attach(
+        trainer: Trainer, count_tokens: Optional[TokenCountFn] = None, *, requested_by: str = "a callback"
+    ) -> TokenCounter:
+        """The trainer's counter; one is added to ``trainer.callbacks`` if there is none.
 
         Called from ``setup`` of our callbacks: Lightning iterates ``trainer.callbacks`` live,
-        so an appended counter still gets its own ``setup`` and its checkpoint state.
+        so an added counter still gets its own ``setup`` and its checkpoint state. It goes in
+        before the checkpoint callbacks (which Lightning has moved to the end of the list), so
+        that a checkpoint written at the end of a batch already counts that batch.
+
+        A callback's ``count_tokens`` must agree with the counter's (there is one count per
+        run): two different functions are a ``ValueError`` naming both and who gave them.
         """
         for callback in trainer.callbacks:
             if isinstance(callback, TokenCounter):
+                callback._agree(count_tokens, requested_by)
                 return callback
         counter = TokenCounter(count_tokens)
-        trainer.callbacks.append(counter)
+        counter._chosen_by = requested_by if count_tokens is not None else None
+        first_checkpoint = next(
+            (i for i, c in enumerate(trainer.callbacks) if isinstance(c, Checkpoint)), len(trainer.callbacks)
+        )
+        trainer.callbacks.insert(first_checkpoint, counter)
         return counter
+
+    def _agree(self, count_tokens: Optional[TokenCountFn], requested_by: str) -> None:
+        if count_tokens is None or count_tokens is self.count_tokens:
+            return
+        if self._chosen_by is None:  # the default rule so far: the first explicit function sets it
+            self.count_tokens, self._chosen_by = count_tokens, requested_by
+            return
+        raise ValueError(
+            f"{requested_by} counts tokens with {_name(count_tokens)} but {self._chosen_by} counts them with "
+            f"{_name(self.count_tokens)}: a run has one token count; give the same count_tokens to both, or "
+            "pass it to a single TokenCounter() in the Trainer's callbacks"
+        )
 
     def observe(self, trainer: Trainer, batch: Any) -> int:
         """Count ``batch`` once (safe to call from several hooks); returns ``tokens_seen``."""
@@ -105,3 +131,7 @@ class TokenCounter(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.tokens_seen = int(state_dict["tokens_seen"])
         self._counted_batch = int(state_dict.get("counted_batch", -1))
+
+
+def _name(fn: Callable) -> str:
+    return getattr(fn, "__qualname__", None) or repr(fn)
