@@ -135,3 +135,24 @@ def test_a_resume_with_another_schedule_is_refused(tmp_path):
     other = [ProgressivePrecision(["e2m1", "bf16"], [2 * TOKENS_PER_STEP])]
     with pytest.raises(ValueError, match=r"schedule.*e4m3"):
         _trainer(tmp_path, other, max_steps=5).fit(TinyLM(), token_loader(8, BATCH, SEQ, seed=1), ckpt_path=ckpt)
+
+
+class _RecordsFormats(TinyLM):
+    def __init__(self):
+        super().__init__(log_loss=False)
+        self.formats: list[str] = []
+
+    def training_step(self, batch, batch_idx):
+        self.formats.append(self.trainer.precision_plugin.recipe.fmt.name)
+        return super().training_step(batch, batch_idx)
+
+
+def test_a_switch_waits_for_the_optimizer_step_boundary(tmp_path):
+    model = _RecordsFormats()
+    progressive = ProgressivePrecision(["e2m1", "e4m3"], [5 * TOKENS_PER_STEP])  # reached after batch 5
+    trainer = _trainer(tmp_path, [progressive], max_steps=4, accumulate_grad_batches=4, enable_checkpointing=False)
+    trainer.fit(model, token_loader(16, BATCH, SEQ, seed=1))
+    windows = [model.formats[i : i + 4] for i in range(0, len(model.formats), 4)]
+    assert all(len(set(window)) == 1 for window in windows), windows
+    assert [w[0] for w in windows] == ["e2m1", "e2m1", "e4m3", "e4m3"]  # at the window of batches 8..11
+    assert progressive.history[0]["step"] == 2 and progressive.history[0]["tokens"] == 8 * TOKENS_PER_STEP

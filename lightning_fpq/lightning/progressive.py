@@ -80,9 +80,11 @@ class ProgressivePrecision(Callback):
         allow_decreasing: accept a schedule whose precision does not rise.
         count_tokens: ``batch -> int`` for the shared TokenCounter (if this callback creates it).
 
-    Switches happen at a batch boundary (``on_train_batch_start``) from the token count
-    summed over all ranks, so every rank switches at the same step. Stage and history are
-    saved in checkpoints; a resumed run continues in the same stage.
+    Switches happen at an optimizer-step boundary (``on_train_batch_start`` of the first batch of
+    a gradient-accumulation window), from the token count summed over all ranks, so every rank
+    switches at the same step and every micro-batch of one optimizer step has one precision.
+    Schedule, stage and history are saved in checkpoints; a resumed run continues in the same
+    stage, and a resume with another schedule is refused.
     """
 
     def __init__(
@@ -123,6 +125,7 @@ class ProgressivePrecision(Callback):
         self.block_size = block_size
         self._count_tokens = count_tokens
         self.stage = 0
+        self._requested: list[str] = []  # reasons of switches asked for, applied at the next step boundary
         self.history: list[dict[str, Any]] = []
         self.stages: list[QuantRecipe] = []
         self.thresholds: list[float] = []  # token count ending each stage, once resolved
@@ -238,17 +241,26 @@ class ProgressivePrecision(Callback):
             local = self._counter.count_tokens(batch)
             batch_tokens = int(trainer.strategy.reduce(_as_tensor(local), reduce_op="sum").item())
             self.thresholds = self._resolve_thresholds(trainer, pl_module, batch_tokens)
+        if batch_idx % trainer.accumulate_grad_batches != 0:
+            return  # inside a gradient-accumulation window: one optimizer step, one precision
+        while self._requested:
+            self._switch(trainer, self._requested.pop(0))
         tokens = self._counter.tokens_seen
         while self.stage < len(self.stages) - 1 and tokens >= self.thresholds[self.stage]:
-            self.advance(
+            self._switch(
                 trainer,
-                reason=f"{self.unit if self.switch_at != 'auto' else 'auto'} threshold {self.thresholds[self.stage]:.4g} tokens",
+                f"{self.unit if self.switch_at != 'auto' else 'auto'} threshold {self.thresholds[self.stage]:.4g} tokens",
             )
 
     def advance(self, trainer: Trainer, *, reason: str) -> bool:
-        """Switch to the next stage now (at a batch boundary). False when already at the last."""
-        if self.stage >= len(self.stages) - 1:
+        """Ask for the next stage: it starts at the next optimizer-step boundary (the next batch,
+        without gradient accumulation). False when the last stage is already active or asked for."""
+        if self.stage + len(self._requested) >= len(self.stages) - 1:
             return False
+        self._requested.append(reason)
+        return True
+
+    def _switch(self, trainer: Trainer, reason: str) -> None:
         old, new = self.stages[self.stage], self.stages[self.stage + 1]
         self._plugin.set_recipe(new)
         self.stage += 1
@@ -264,7 +276,6 @@ class ProgressivePrecision(Callback):
             f"[lightning-fpq] step {record['step']}, {record['tokens']:,} tokens: precision {old.fmt.name} -> "
             f"{new.fmt.name if new.quantizes_anything else 'bf16 (unquantized)'} ({reason})"
         )
-        return True
 
     @override
     def on_train_batch_end(
@@ -279,6 +290,7 @@ class ProgressivePrecision(Callback):
         return {
             "schedule": self.schedule_names,
             "stage": self.stage,
+            "requested": list(self._requested),
             "history": list(self.history),
             "thresholds": list(self.thresholds),
         }
@@ -293,6 +305,7 @@ class ProgressivePrecision(Callback):
                 "precision; resume with the same schedule, or start a new run"
             )
         self.stage = int(state_dict["stage"])
+        self._requested = list(state_dict.get("requested", []))
         self.history = list(state_dict.get("history", []))
         self.thresholds = [float(t) for t in state_dict.get("thresholds", [])]
 
