@@ -156,3 +156,33 @@ def test_a_switch_waits_for_the_optimizer_step_boundary(tmp_path):
     assert all(len(set(window)) == 1 for window in windows), windows
     assert [w[0] for w in windows] == ["e2m1", "e2m1", "e4m3", "e4m3"]  # at the window of batches 8..11
     assert progressive.history[0]["step"] == 2 and progressive.history[0]["tokens"] == 8 * TOKENS_PER_STEP
+
+
+class _CompiledMLP(TinyLM):
+    """TinyLM whose hidden layer and head run under torch.compile (dynamo only: backend="eager")."""
+
+    def __init__(self):
+        super().__init__(log_loss=False)
+        self.body = torch.compile(self._body, backend="eager")
+
+    def _body(self, h):
+        return self.lm_head(torch.relu(self.hidden(h)))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self.body(self.emb(x))
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
+
+
+@pytest.mark.parametrize("switch_at", [10**9, 3 * TOKENS_PER_STEP])
+def test_compiled_training_has_no_graph_breaks_with_or_without_a_switch(tmp_path, switch_at):
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    plugin = FPQuantPrecision("paper", fmt="e2m1", block_size=16)  # auto: backends are cached per stage
+    progressive = ProgressivePrecision(["e2m1", "e4m3"], [switch_at])
+    trainer = _trainer(tmp_path, [progressive], max_steps=6, plugin=plugin, enable_checkpointing=False)
+    trainer.fit(_CompiledMLP(), token_loader(6, BATCH, SEQ, seed=1))
+    assert len(progressive.history) == (1 if switch_at < 10**9 else 0)
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
