@@ -212,12 +212,23 @@ class QuantState:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the recipe (a switch, when it differs), the seed and the generators."""
+        """Restore the recipe (a switch, when it differs), the seed and the generators.
+
+        ``state["rng"]`` is one process's generator states, or a list of them indexed by rank
+        (a data-parallel checkpoint): each rank takes its own."""
         if "recipe" in state:
             self.set_recipe(QuantRecipe.from_dict(state["recipe"]))
         if state.get("seed") is not None:
             self.seed = state["seed"]
-        for key, value in state.get("rng", {}).items():
+        rng = state.get("rng", {})
+        if isinstance(rng, list):
+            if self.rank >= len(rng):
+                raise ValueError(
+                    f"the checkpoint holds stochastic-rounding generators for {len(rng)} rank(s), not for rank "
+                    f"{self.rank}: resume with the same number of processes"
+                )
+            rng = rng[self.rank]
+        for key, value in rng.items():
             name, _, dev = key.rpartition("@")
             self.generator(name, torch.device(dev)).set_state(value)
 

@@ -186,3 +186,22 @@ def test_compiled_training_has_no_graph_breaks_with_or_without_a_switch(tmp_path
     trainer.fit(_CompiledMLP(), token_loader(6, BATCH, SEQ, seed=1))
     assert len(progressive.history) == (1 if switch_at < 10**9 else 0)
     assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+
+
+@pytest.mark.slow
+def test_ddp_resume_gives_each_rank_its_own_stochastic_rounding_generators(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parent / "callback_scripts" / "ddp_rng_resume.py"
+    for phase in ("train", "resume"):
+        result = subprocess.run(
+            [sys.executable, str(script), str(tmp_path), phase], capture_output=True, text=True, timeout=600
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+    trained = [json.loads((tmp_path / f"train{r}.json").read_text()) for r in (0, 1)]
+    resumed = [json.loads((tmp_path / f"resume{r}.json").read_text()) for r in (0, 1)]
+    assert trained[0] and trained[0] != trained[1]  # the ranks draw different noise
+    assert resumed == trained  # and each gets its own back

@@ -149,7 +149,18 @@ class CriticalDataMonitor(Callback):
         if trainer.loggers:  # the values are identical on every rank: no sync needed
             pl_module.log_dict(metrics, on_step=True, on_epoch=False, logger=True, batch_size=1, sync_dist=False)
         self._check_thresholds(trainer, tokens, fraction)
+        self._counter.watch("CriticalDataMonitor", self._next_decision())
         self._check_plateau(outputs)
+
+    def _next_decision(self) -> Optional[float]:
+        """The token count of this monitor's next warning or action (``None``: none left)."""
+        if not math.isfinite(self.d_crit):
+            return None
+        name = self.point.short_str()
+        pending = [t for t in self.thresholds if f"{name}@{t:g}" not in self.warned]
+        if self.action != "warn" and name not in self._acted_on:
+            pending.append(1.0)
+        return min(pending) * self.d_crit if pending else None
 
     def _check_thresholds(self, trainer: Trainer, tokens: int, fraction: float) -> None:
         name = self.point.short_str()

@@ -295,7 +295,14 @@ class FPQuantPrecision(Precision):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {**self._state.state_dict(), "requested_recipe": self.requested_recipe.to_dict()}
+        state = {**self._state.state_dict(), "requested_recipe": self.requested_recipe.to_dict()}
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # every rank draws its own stochastic-rounding noise: keep each rank's generators
+            # (Lightning builds the checkpoint on every rank; rank zero writes it)
+            by_rank: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(by_rank, state["rng"])
+            state["rng"] = by_rank
+        return state
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

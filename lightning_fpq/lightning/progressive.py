@@ -19,7 +19,7 @@ from typing_extensions import override
 from ..formats import FPFormat
 from ..recipe import QuantRecipe
 from .critical import LawLike, LawPoint, check_n_params, critical_tokens, find_plugin, resolve_law, resolve_n_params
-from .tokens import TokenCounter, TokenCountFn
+from .tokens import TokenCounter, TokenCountFn, global_sum
 
 StageLike = Union[str, FPFormat, QuantRecipe]
 UNITS = ("tokens", "budget", "dcrit")
@@ -204,7 +204,7 @@ class ProgressivePrecision(Callback):
             for entry in self._entries
         ]
 
-    def _resolve_thresholds(self, trainer: Trainer, pl_module: LightningModule, batch_tokens: int) -> list[float]:
+    def _resolve_thresholds(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> list[float]:
         if self.switch_at == "auto" or self.unit == "dcrit":
             law = resolve_law(self._law_arg)
             n_params = resolve_n_params(self._n_params_arg, pl_module)
@@ -225,6 +225,7 @@ class ProgressivePrecision(Callback):
                     "ProgressivePrecision(unit='budget') needs the run's token budget: pass token_budget=<tokens> "
                     "or set Trainer(max_steps=...)"
                 )
+            batch_tokens = global_sum(trainer, self._counter.count_tokens(batch))  # the first batch, all ranks
             budget = trainer.max_steps * trainer.accumulate_grad_batches * batch_tokens
         return [fraction * budget for fraction in self.switch_at]
 
@@ -238,9 +239,7 @@ class ProgressivePrecision(Callback):
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         if not self.thresholds:
-            local = self._counter.count_tokens(batch)
-            batch_tokens = int(trainer.strategy.reduce(_as_tensor(local), reduce_op="sum").item())
-            self.thresholds = self._resolve_thresholds(trainer, pl_module, batch_tokens)
+            self.thresholds = self._resolve_thresholds(trainer, pl_module, batch)
         if batch_idx % trainer.accumulate_grad_batches != 0:
             return  # inside a gradient-accumulation window: one optimizer step, one precision
         while self._requested:
@@ -251,6 +250,8 @@ class ProgressivePrecision(Callback):
                 trainer,
                 f"{self.unit if self.switch_at != 'auto' else 'auto'} threshold {self.thresholds[self.stage]:.4g} tokens",
             )
+        last = self.stage >= len(self.stages) - 1
+        self._counter.watch("ProgressivePrecision", None if last else self.thresholds[self.stage])
 
     def advance(self, trainer: Trainer, *, reason: str) -> bool:
         """Ask for the next stage: it starts at the next optimizer-step boundary (the next batch,
@@ -308,9 +309,3 @@ class ProgressivePrecision(Callback):
         self._requested = list(state_dict.get("requested", []))
         self.history = list(state_dict.get("history", []))
         self.thresholds = [float(t) for t in state_dict.get("thresholds", [])]
-
-
-def _as_tensor(value: int):
-    import torch
-
-    return torch.tensor(float(value), dtype=torch.float64)
