@@ -12,8 +12,10 @@ from .spec import OperandSpec
 
 
 def occ_threshold(x: torch.Tensor, quantile: float) -> torch.Tensor:
-    """The clamp threshold of OCC: the ``quantile`` of |x| by nearest rank (the
-    ``ceil(quantile * n)``-th smallest |x|), a 0-dim tensor of x's dtype (arXiv 2501.17116).
+    """The clamp threshold of OCC: the ``quantile`` of the non-NaN |x| by nearest rank (the
+    ``ceil(quantile * n)``-th smallest of the n non-NaN |x|), a 0-dim tensor of x's dtype
+    (arXiv 2501.17116). NaN does not count (a NaN threshold would make every clamped value NaN);
+    it stays where it is. All NaN: the threshold is NaN.
 
     Exact, and on large CPU tensors cheaper than one ``kthvalue`` over all of |x|: a
     strided sample gives a lower bound ``lb`` a little below the quantile; when fewer than k
@@ -21,8 +23,13 @@ def occ_threshold(x: torch.Tensor, quantile: float) -> torch.Tensor:
     elements at or above ``lb``. Otherwise (adversarial layouts) the full ``kthvalue`` runs.
     """
     a = x.detach().abs().reshape(-1).float()
+    nan = torch.isnan(a)
+    n_nan = int(nan.sum())
     n = a.numel()
-    k = min(max(1, math.ceil(quantile * n)), n)
+    if n_nan == n:
+        return torch.full((), math.nan, dtype=x.dtype, device=x.device)
+    a = torch.where(nan, -1.0, a)  # NaN below every |x|: the first n_nan of the sorted values
+    k = n_nan + min(max(1, math.ceil(quantile * (n - n_nan))), n - n_nan)
     if n >= 1 << 16 and a.device.type == "cpu" and not torch.compiler.is_compiling():
         sample = a[:: n // 4096]  # ~4096 evenly spaced elements
         j = max(1, math.floor((k / n - 0.01) * sample.numel()))  # one percentile of margin

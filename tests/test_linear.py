@@ -472,3 +472,32 @@ def test_weight_cache_quantizes_w_once_per_weight_version(monkeypatch):
     assert sum(t is layer.weight for t in calls) == 2
     want = reference(x, w * 0.5, b, dy, recipe, torch.float32)
     assert torch.equal(y, want[0]) and torch.equal(xr.grad, want[1]) and torch.equal(layer.weight.grad, want[2])
+
+
+# ------------------------------------------------------------------------ bad values
+@pytest.mark.parametrize("recipe", ["paper", "full", "fp8", "fp4", "nvfp4", "mxfp4"])
+@pytest.mark.parametrize("rows", [(0.005, 4096), (0.03, 4096), (0.03, 40_000)])  # the CPU sampling path too
+def test_nan_stays_where_it_was_in_every_recipe(recipe, rows):
+    fraction, n = rows
+    torch.manual_seed(0)
+    layer = QuantLinear(64, 32, recipe=recipe)
+    layer.weight.requires_grad_(False)
+    x = torch.randn(n, 64)
+    bad = torch.rand(n) < fraction
+    x[bad] = math.nan  # whole rows of NaN (a poisoned sample)
+    with torch.no_grad():
+        y = layer(x)
+    assert torch.isnan(y[bad]).all() and torch.isfinite(y[~bad]).all()
+
+
+def test_occ_threshold_is_the_quantile_of_the_values_that_are_not_nan():
+    from lightning_fpq.fp4_estimators import occ_threshold
+
+    torch.manual_seed(0)
+    for n in (1000, 100_000):
+        x = torch.randn(n)
+        with_nan = torch.cat([x, torch.full((n // 20,), math.nan)])[torch.randperm(n + n // 20)]
+        assert occ_threshold(with_nan, 0.99) == occ_threshold(x, 0.99)
+        k = math.ceil(0.99 * n)
+        assert occ_threshold(x, 0.99) == x.abs().sort().values[k - 1]
+    assert torch.isnan(occ_threshold(torch.full((8,), math.nan), 0.99))
