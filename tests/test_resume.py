@@ -205,3 +205,27 @@ def test_ddp_resume_gives_each_rank_its_own_stochastic_rounding_generators(tmp_p
     resumed = [json.loads((tmp_path / f"resume{r}.json").read_text()) for r in (0, 1)]
     assert trained[0] and trained[0] != trained[1]  # the ranks draw different noise
     assert resumed == trained  # and each gets its own back
+
+
+@pytest.mark.parametrize(
+    "build, needle",
+    [
+        (lambda: ProgressivePrecision(["e2m1", "bf16"], [64], count_tokens=5), "count_tokens=5"),
+        (lambda: ProgressivePrecision(["e2m1", "bf16"], [64], block_size="chanel"), "'chanel'"),
+        (lambda: ProgressivePrecision(["e2m1", "bf16"], "auto", law="/missing.yaml"), "/missing.yaml"),
+        (lambda: _monitor(law="papr"), "demo-calibration"),
+        (lambda: _monitor(law="/missing.yaml"), "/missing.yaml"),
+        (lambda: _monitor(count_tokens="x"), "count_tokens='x'"),
+        (lambda: FPQuantPrecision(recipe="fp8", fmt="e2m1"), "8-bit"),
+    ],
+)
+def test_bad_arguments_fail_at_construction_naming_the_valid_choices(build, needle):
+    with pytest.raises(ValueError) as info:
+        build()
+    assert needle in str(info.value)
+
+
+def _monitor(**kwargs):
+    from lightning_fpq import CriticalDataMonitor
+
+    return CriticalDataMonitor(**kwargs)

@@ -51,6 +51,11 @@ def resolve_law(law: LawLike) -> CapybaraLaw:
     if law == "demo-calibration":
         law = named_law_path(law)
     if isinstance(law, (str, os.PathLike)):
+        if not os.path.isfile(law):
+            raise ValueError(
+                f"law={os.fspath(law)!r} is neither a named law {list(NAMED_LAWS)} nor an existing law YAML file "
+                "(written by CapybaraLaw.save or lightning-fpq fit --out)"
+            )
         law = load_law(law)
     if not isinstance(law, CapybaraLaw):
         raise ValueError(

@@ -23,7 +23,7 @@ from .critical import (
     resolve_n_params,
 )
 from .progressive import ProgressivePrecision
-from .tokens import TokenCounter, TokenCountFn
+from .tokens import TokenCounter, TokenCountFn, check_count_tokens
 
 ACTIONS = ("warn", "stop", "raise-precision")
 
@@ -79,7 +79,7 @@ class CriticalDataMonitor(Callback):
         self.plateau_tolerance = _config.number(
             plateau_tolerance, what="plateau_tolerance", low=0.0, high=1.0, high_open=True
         )
-        self._count_tokens = count_tokens
+        self._count_tokens = check_count_tokens(count_tokens)
         self.n_params: Optional[int] = None
         self.d_crit = math.inf
         self.point: Optional[LawPoint] = None

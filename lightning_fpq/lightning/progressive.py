@@ -16,10 +16,11 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
+from .. import _config
 from ..formats import FPFormat
 from ..recipe import QuantRecipe
 from .critical import LawLike, LawPoint, check_n_params, critical_tokens, find_plugin, resolve_law, resolve_n_params
-from .tokens import TokenCounter, TokenCountFn, global_sum
+from .tokens import TokenCounter, TokenCountFn, check_count_tokens, global_sum
 
 StageLike = Union[str, FPFormat, QuantRecipe]
 UNITS = ("tokens", "budget", "dcrit")
@@ -122,8 +123,12 @@ class ProgressivePrecision(Callback):
                 "precision first, e.g. ['e2m1', 'e4m3', 'bf16'], or pass allow_decreasing=True"
             )
         self._law_arg, self._n_params_arg = law, check_n_params(n_params)
+        if law is not None:
+            resolve_law(law)  # a bad law is an error now, not at the first batch
+        if block_size is not None:
+            _config.block_size(block_size, what="ProgressivePrecision block_size")
         self.block_size = block_size
-        self._count_tokens = count_tokens
+        self._count_tokens = check_count_tokens(count_tokens)
         self.stage = 0
         self._requested: list[str] = []  # reasons of switches asked for, applied at the next step boundary
         self.history: list[dict[str, Any]] = []

@@ -69,9 +69,7 @@ class TokenCounter(Callback):
     """
 
     def __init__(self, count_tokens: Optional[TokenCountFn] = None, *, sync_every: int = 50) -> None:
-        if count_tokens is not None and not callable(count_tokens):
-            raise ValueError(f"count_tokens={count_tokens!r} is not callable: expected a function batch -> int")
-        self.count_tokens = count_tokens or count_batch_tokens
+        self.count_tokens = check_count_tokens(count_tokens) or count_batch_tokens
         self.sync_every = _config.integer(sync_every, what="sync_every", low=1)
         self._chosen_by = "TokenCounter" if count_tokens is not None else None  # who set count_tokens
         self.tokens_seen = 0  # global, as of the last sync
@@ -190,6 +188,13 @@ class TokenCounter(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.tokens_seen = int(state_dict["tokens_seen"])
         self._counted_batch = int(state_dict.get("counted_batch", -1))
+
+
+def check_count_tokens(count_tokens: Optional[TokenCountFn]) -> Optional[TokenCountFn]:
+    """``None`` or a callable ``batch -> int``, else a ValueError naming the value."""
+    if count_tokens is not None and not callable(count_tokens):
+        raise ValueError(f"count_tokens={count_tokens!r} is not callable: expected None or a function batch -> int")
+    return count_tokens
 
 
 def global_sum(trainer: Trainer, value: int) -> int:
