@@ -16,6 +16,7 @@ _PUBLIC = {
     "unpack": "lightning_fpq.packing",
     "QuantRecipe": "lightning_fpq.recipe",
     "QuantLinear": "lightning_fpq.linear",
+    "restore_linears": "lightning_fpq.linear",
     "FPQuantPrecision": "lightning_fpq.lightning.precision",
     "CapybaraLaw": "lightning_fpq.scaling.capybara",
     "KumarLaw": "lightning_fpq.scaling.kumar",

@@ -27,7 +27,7 @@ from .recipe import QuantRecipe, clean_module_name
 from .spec import LayerSpec
 from .state import QuantState
 
-__all__ = ["QuantLinear", "convert_linears", "quantized_layers"]
+__all__ = ["QuantLinear", "convert_linears", "quantized_layers", "restore_linears", "tied_to_an_embedding"]
 
 
 class QuantLinear(nn.Linear):
@@ -63,7 +63,7 @@ class QuantLinear(nn.Linear):
         self._attach(state, name)
 
     def _attach(self, state: QuantState, name: str) -> None:
-        # plain attributes (not submodules, buffers or parameters): the state_dict is unchanged
+        # plain attributes (not submodules, buffers or parameters, see _ATTRIBUTES): the state_dict is unchanged
         object.__setattr__(self, "_fpq_state", state)
         object.__setattr__(self, "_fpq_name", clean_module_name(name))
         object.__setattr__(self, "_fpq_wcache", WeightCache())
@@ -113,6 +113,7 @@ class QuantLinear(nn.Linear):
 
 
 _FSDP_QUANT_CLASSES: dict[type, type] = {}
+_ATTRIBUTES = ("_fpq_state", "_fpq_name", "_fpq_wcache", "_fpq_backend_state")  # what _attach adds
 
 
 def _quant_class_for(cls: type) -> Optional[type]:
@@ -138,18 +139,20 @@ def convert_linears(
     state: QuantState,
     *,
     only_included: bool = True,
+    leave: Iterable[str] = (),
 ) -> tuple[list[str], list[str]]:
     """Convert, in place, every ``nn.Linear`` of ``model`` that the state's recipe includes
-    (every one when ``only_included=False``). Returns ``(converted, skipped)`` names;
-    ``skipped`` lists included layers whose class is an ``nn.Linear`` subclass that cannot be
-    converted (the caller warns with their names).
+    (every one when ``only_included=False``), except the layers named in ``leave``. Returns
+    ``(converted, skipped)`` names; ``skipped`` lists included layers whose class is an
+    ``nn.Linear`` subclass that cannot be converted (the caller warns with their names).
 
     Idempotent: layers already converted are re-attached to ``state``.
     """
     converted, skipped = [], []
     recipe = state.recipe
+    leave = set(leave)
     for name, module in list(model.named_modules()):
-        if not isinstance(module, nn.Linear):
+        if not isinstance(module, nn.Linear) or clean_module_name(name) in leave:
             continue
         if only_included and not isinstance(module, QuantLinear) and not recipe.is_included(name):
             continue
@@ -159,6 +162,36 @@ def convert_linears(
         QuantLinear.from_linear(module, state, name)
         converted.append(clean_module_name(name))
     return converted, skipped
+
+
+def tied_to_an_embedding(model: nn.Module) -> list[str]:
+    """Names of the ``nn.Linear`` layers whose weight *is* an ``nn.Embedding``'s weight (an output
+    head tied to the input embedding, as in BERT or GPT-2): left unquantized by default, like the
+    other output heads."""
+    embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    return [
+        clean_module_name(name)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and id(module.weight) in embedding_weights
+    ]
+
+
+def restore_linears(model: nn.Module) -> list[str]:
+    """Turn every ``QuantLinear`` of ``model`` back into a plain ``nn.Linear``, in place (the same
+    Parameters and state_dict keys), for export and inference; returns their names. A model
+    restored this way computes exactly ``nn.Linear`` again, under any Trainer."""
+    restored = []
+    for name, module in list(model.named_modules()):
+        if isinstance(module, QuantLinear):
+            module.__class__ = _plain_class_for(type(module))
+            for attribute in _ATTRIBUTES:
+                module.__dict__.pop(attribute, None)
+            restored.append(clean_module_name(name))
+    return restored
+
+
+def _plain_class_for(cls: type) -> type:
+    return next((plain for plain, quant in _FSDP_QUANT_CLASSES.items() if quant is cls), nn.Linear)
 
 
 def quantized_layers(model: nn.Module) -> Iterable[tuple[str, QuantLinear]]:

@@ -127,7 +127,17 @@ class LayerRule:
 #: the keys of a recipe's YAML/dict form: the named recipe and its parameters, the default
 #: spec's operands and FP4 options (flat, as ``QuantRecipe(dge=True)`` takes them), and the
 #: layer selection
-DOCUMENT_KEYS = ("name", "fmt", "block_size", "operands", *FP4_OPTION_NAMES, "include", "exclude", "rules")
+DOCUMENT_KEYS = (
+    "name",
+    "fmt",
+    "block_size",
+    "operands",
+    *FP4_OPTION_NAMES,
+    "include",
+    "exclude",
+    "default_exclude",
+    "rules",
+)
 
 
 @dataclass(frozen=True, init=False)
@@ -144,8 +154,10 @@ class QuantRecipe:
             recipe's at the spec's format and block size (a contradiction is an error).
         default: the :class:`LayerSpec` of every included layer no rule matches.
         include, exclude: fnmatch patterns on fully qualified module names. A linear layer is
-            quantized when it matches an include pattern and no exclude pattern (default: every
-            layer but the output heads, :data:`DEFAULT_EXCLUDE`).
+            quantized when it matches an include pattern and no exclude pattern. ``exclude``
+            adds to the output heads of :data:`DEFAULT_EXCLUDE`, which stay excluded unless
+            ``default_exclude=False``.
+        default_exclude: keep the patterns of :data:`DEFAULT_EXCLUDE` in ``exclude``.
         rules: :class:`LayerRule` overrides, first match wins.
         **layer: instead of ``default``: operands by P number or role, FP4 options by name
             (``dge=True``) or as ``fp4=FP4Options(...)`` (:meth:`LayerSpec.build`).
@@ -166,7 +178,8 @@ class QuantRecipe:
         default: Optional[LayerSpec] = None,
         *,
         include: Iterable[str] = DEFAULT_INCLUDE,
-        exclude: Iterable[str] = DEFAULT_EXCLUDE,
+        exclude: Iterable[str] = (),
+        default_exclude: bool = True,
         rules: Union[Iterable[Union[LayerRule, Mapping]], LayerRule, Mapping] = (),
         **layer: Any,
     ) -> None:
@@ -197,7 +210,10 @@ class QuantRecipe:
         object.__setattr__(self, "name", name)
         object.__setattr__(self, "default", default)
         object.__setattr__(self, "include", _config.patterns(include, what="QuantRecipe include"))
-        object.__setattr__(self, "exclude", _config.patterns(exclude, what="QuantRecipe exclude"))
+        exclude = _config.patterns(exclude, what="QuantRecipe exclude")
+        if _config.flag(default_exclude, what="QuantRecipe default_exclude"):
+            exclude = tuple(dict.fromkeys(DEFAULT_EXCLUDE + exclude))  # the heads first, each pattern once
+        object.__setattr__(self, "exclude", exclude)
         object.__setattr__(self, "rules", tuple(LayerRule.coerce(r, what=f"rules[{i}]") for i, r in enumerate(rules)))
 
     @staticmethod
@@ -222,6 +238,11 @@ class QuantRecipe:
             )
 
     # ------------------------------------------------------------ derived values
+    @property
+    def default_exclude(self) -> bool:
+        """Whether the output heads of :data:`DEFAULT_EXCLUDE` are all excluded."""
+        return set(DEFAULT_EXCLUDE) <= set(self.exclude)
+
     def __getattr__(self, name: str) -> Any:
         # the default spec's operands (by role or P number) and FP4 options read through the recipe
         if name in ROLE_OF or name in FP4_OPTION_NAMES or name == "fp4":
@@ -250,7 +271,8 @@ class QuantRecipe:
         fmt: Optional[FormatLike] = None,
         block_size: Union[BlockSize, str] = None,
         include: Optional[Iterable[str]] = None,
-        exclude: Optional[Iterable[str]] = None,
+        exclude: Iterable[str] = (),
+        default_exclude: bool = True,
         rules: Iterable[Union[LayerRule, Mapping]] = (),
     ) -> QuantRecipe:
         """A named recipe (see :class:`RecipeName`) at a format and block size.
@@ -274,7 +296,8 @@ class QuantRecipe:
             member,
             named_spec(member, fmt_, block),
             include=DEFAULT_INCLUDE if include is None else include,
-            exclude=DEFAULT_EXCLUDE if exclude is None else exclude,
+            exclude=exclude,
+            default_exclude=default_exclude,
             rules=rules,
         )
 
@@ -314,7 +337,12 @@ class QuantRecipe:
         the bf16 recipe; the bf16 recipe at a format is ``paper``. Layer selection is kept.
         """
         fmt_ = FPFormat.parse(fmt)
-        keep: dict[str, Any] = {"include": self.include, "exclude": self.exclude, "rules": self.rules}
+        keep: dict[str, Any] = {
+            "include": self.include,
+            "exclude": self.exclude,
+            "default_exclude": self.default_exclude,
+            "rules": self.rules,
+        }
         if fmt_ in UNQUANTIZED:
             return QuantRecipe.from_name(RecipeName.BF16, **keep)
         block = None if block_size is None else _config.block_size(block_size, what="with_format block_size")
@@ -378,7 +406,10 @@ class QuantRecipe:
         head = f"{self.name} {self.fmt.name} B={_config.block_size_text(self.block_size)}"
         tail = []
         if self.exclude != DEFAULT_EXCLUDE:
-            tail.append(f"exclude={list(self.exclude)}")
+            extra = (
+                [p for p in self.exclude if p not in DEFAULT_EXCLUDE] if self.default_exclude else list(self.exclude)
+            )
+            tail.append(f"exclude={'heads+' if self.default_exclude else ''}{extra}")
         if self.include != DEFAULT_INCLUDE:
             tail.append(f"include={list(self.include)}")
         if self.rules:
@@ -432,6 +463,7 @@ class QuantRecipe:
             **self.default.fp4.to_dict(),
             "include": list(self.include),
             "exclude": list(self.exclude),
+            "default_exclude": self.default_exclude,
             "rules": [r.to_dict() for r in self.rules],
         }
 
@@ -453,7 +485,7 @@ class QuantRecipe:
             raise ValueError(f"unknown recipe key {unknown[0]!r}: valid keys in a recipe are {list(DOCUMENT_KEYS)}")
         name = data.get("name", RecipeName.PAPER.value)
         name = cls._check_name(name)
-        selection = {key: data[key] for key in ("include", "exclude") if data.get(key) is not None}
+        selection = {key: data[key] for key in ("include", "exclude", "default_exclude") if data.get(key) is not None}
         rules = data.get("rules") or ()
         if not isinstance(rules, (list, tuple)):
             raise ValueError(f"recipe key 'rules' has a bad value {rules!r}: expected a list of rules")

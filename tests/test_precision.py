@@ -413,3 +413,53 @@ def test_a_recipe_switch_changes_backend_without_rebuilding_anything():
         {"torchao_float8": 8},
         {"unquantized": 8},
     ]
+
+
+# ------------------------------------------------------------- models as people write them
+class _TiedLM(torch.nn.Module):
+    """An embedding whose weight the output head shares (BERT's cls.predictions.decoder, GPT-2's lm_head)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(32, 16)
+        self.block = torch.nn.Linear(16, 16)
+        self.decoder = torch.nn.Linear(16, 32, bias=False)
+        self.decoder.weight = self.emb.weight
+
+    def forward(self, x):
+        return self.decoder(torch.relu(self.block(self.emb(x))))
+
+
+def test_heads_tied_to_an_embedding_stay_unquantized_by_default():
+    from lightning_fpq.linear import QuantLinear
+
+    model = _TiedLM()
+    FPQuantPrecision("paper").convert_module(model)
+    assert isinstance(model.block, QuantLinear) and not isinstance(model.decoder, QuantLinear)
+    assert model.decoder.weight is model.emb.weight
+    other = _TiedLM()
+    FPQuantPrecision("paper", quantize_tied=True).convert_module(other)
+    assert isinstance(other.decoder, QuantLinear)
+
+
+def test_a_rule_that_matches_no_layer_is_a_warning():
+    recipe = QuantRecipe.from_name("paper", rules=[LayerRule("*blocks.99.*", recipe="bf16")])
+    with pytest.warns(UserWarning, match=r"blocks\.99.*matches no nn.Linear"):
+        FPQuantPrecision(recipe).convert_module(_TiedLM())
+
+
+def test_restore_linears_gives_back_plain_layers_for_export_and_inference():
+    from lightning_fpq.linear import QuantLinear, restore_linears
+
+    model = _TiedLM()
+    weight, keys = model.block.weight, list(model.state_dict())
+    FPQuantPrecision("paper", fmt="e2m1").convert_module(model)
+    x = torch.randint(0, 32, (4, 8))
+    quantized = model(x)
+    assert restore_linears(model) == ["block"]
+    assert type(model.block) is torch.nn.Linear and model.block.weight is weight
+    assert list(model.state_dict()) == keys and not hasattr(model.block, "_fpq_state")
+    plain = model(x)
+    expected = model.decoder(torch.relu(torch.nn.functional.linear(model.emb(x), model.block.weight, model.block.bias)))
+    assert torch.equal(plain, expected) and not torch.equal(plain, quantized)
+    assert not any(isinstance(m, QuantLinear) for m in model.modules())

@@ -167,7 +167,7 @@ def test_include_exclude_and_rules_first_match_wins():
     only = QuantRecipe.from_name("paper", include=["blocks.1.*"], exclude=[])
     assert only.layer_spec("blocks.0.0") is None and only.layer_spec("blocks.1.0") is not None
     assert only.layer_spec("lm_head") is None  # not included
-    everything = QuantRecipe.from_name("paper", exclude=[])
+    everything = QuantRecipe.from_name("paper", default_exclude=False)
     assert everything.layer_spec("lm_head") is not None
 
 
@@ -346,7 +346,8 @@ def test_named_recipes_keep_their_pinned_specs_and_yaml(case):
     recipe, renamed = _pinned(case)
     # the operands and options are what the recipe gave before the one-model rewrite
     assert recipe.short_str().split(" | ", 1)[1] == case["short_str"].split(" | ", 1)[1]
-    expected = dict(case["dict"], name=renamed or case["dict"]["name"])
+    # default_exclude (derived from exclude) joined the written form after the pins were taken
+    expected = dict(case["dict"], name=renamed or case["dict"]["name"], default_exclude=True)
     assert recipe.to_dict() == expected
     assert QuantRecipe.from_dict(expected) == recipe
     assert QuantRecipe.from_yaml(recipe.to_yaml()) == recipe
@@ -394,3 +395,15 @@ def test_format_switches_stay_in_the_named_family():
     assert QuantRecipe.from_name("mxfp8").with_format("e2m1") == QuantRecipe.from_name("mxfp4")
     nv8 = QuantRecipe.from_name("nvfp4").with_format("e4m3")
     assert nv8.name == "custom" and all(op.fmt == E4M3 for op in nv8.default.operands)
+
+
+def test_a_users_exclude_adds_to_the_default_heads():
+    r = QuantRecipe.from_name("paper", exclude=["*layers.0.*"])
+    assert r.layer_spec("lm_head") is None and r.layer_spec("model.layers.0.fc") is None
+    assert r.layer_spec("model.layers.1.fc") is not None and r.default_exclude
+    assert "exclude=heads+['*layers.0.*']" in r.short_str()
+    yaml = QuantRecipe.from_yaml("name: paper\nexclude: ['*layers.0.*']\n")
+    assert yaml == r and QuantRecipe.from_yaml(r.to_yaml()) == r
+    replaced = QuantRecipe.from_yaml("name: paper\nexclude: ['*layers.0.*']\ndefault_exclude: false\n")
+    assert replaced.layer_spec("lm_head") is not None and not replaced.default_exclude
+    assert QuantRecipe.from_yaml(replaced.to_yaml()) == replaced

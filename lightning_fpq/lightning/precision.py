@@ -26,9 +26,9 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from .. import backends
-from ..linear import convert_linears, quantized_layers
-from ..recipe import QuantRecipe
+from .. import _config, backends
+from ..linear import convert_linears, quantized_layers, tied_to_an_embedding
+from ..recipe import QuantRecipe, clean_module_name
 from ..state import QuantState
 
 _COMPUTE_DTYPES = {
@@ -104,6 +104,8 @@ class FPQuantPrecision(Precision):
         cache_weights: quantize each weight once per optimizer step rather than once per
             micro-batch (gradient accumulation, validation loops), at the cost of keeping two
             quantized copies of each weight between steps. Ignored under FSDP2 sharding.
+        quantize_tied: also quantize linear layers whose weight is an embedding's (tied output
+            heads); by default they stay unquantized, like the other output heads.
     """
 
     def __init__(
@@ -117,6 +119,7 @@ class FPQuantPrecision(Precision):
         seed: Optional[int] = None,
         save_quantized_weight: Optional[bool] = None,
         cache_weights: bool = False,
+        quantize_tied: bool = False,
     ) -> None:
         super().__init__()
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
@@ -125,6 +128,9 @@ class FPQuantPrecision(Precision):
             raise ValueError(
                 f"save_quantized_weight={save_quantized_weight!r} is not valid: expected None, True or False"
             )
+        self.quantize_tied = _config.flag(quantize_tied, what="quantize_tied")
+        self._said_tied: list[str] = []
+        self._said_rules: list[str] = []
         if not isinstance(cache_weights, bool):
             raise ValueError(f"cache_weights={cache_weights!r} is not valid: expected True or False")
         self.compute_dtype = _compute_dtype(compute_dtype)
@@ -223,9 +229,21 @@ class FPQuantPrecision(Precision):
         return module
 
     def _convert(self, module: nn.Module) -> None:
-        converted, skipped = convert_linears(module, self._state)
+        tied = [] if self.quantize_tied else tied_to_an_embedding(module)
+        converted, skipped = convert_linears(module, self._state, leave=tied)
         for name in skipped:
             rank_zero_warn(f"FPQuantPrecision: layer {name!r} is an nn.Linear subclass and stays unquantized")
+        if tied and self._said_tied != tied:
+            self._said_tied = tied
+            rank_zero_info(
+                f"FPQuantPrecision: {tied} share their weight with an embedding (tied output heads) and stay "
+                "unquantized; FPQuantPrecision(quantize_tied=True) quantizes them"
+            )
+        linear_names = [clean_module_name(n) for n, m in module.named_modules() if isinstance(m, nn.Linear)]
+        for rule in self.recipe.rules:
+            if not any(rule.matches(name) for name in linear_names) and rule.pattern not in self._said_rules:
+                self._said_rules.append(rule.pattern)
+                rank_zero_warn(f"FPQuantPrecision: rule {rule.short_str()!r} matches no nn.Linear layer of the model")
         if not converted:
             rank_zero_warn(
                 f"FPQuantPrecision: no nn.Linear layer matches the recipe's include/exclude patterns ({self.recipe.short_str()})"
