@@ -18,6 +18,7 @@ _PUBLIC = {
     "QuantLinear": "lightning_fpq.linear",
     "restore_linears": "lightning_fpq.linear",
     "FPQuantPrecision": "lightning_fpq.lightning.precision",
+    "FPQuantFabricPrecision": "lightning_fpq.lightning.fabric",
     "CapybaraLaw": "lightning_fpq.scaling.capybara",
     "KumarLaw": "lightning_fpq.scaling.kumar",
     "ChinchillaLaw": "lightning_fpq.scaling.chinchilla",

@@ -185,7 +185,7 @@ def test_fsdp1_is_refused_with_a_message_that_says_what_to_use():
 
 
 def test_model_wrapped_in_fsdp1_is_refused():
-    from lightning_fpq.lightning.precision import _refuse_fsdp1
+    from lightning_fpq.lightning.quantized_precision import _refuse_fsdp1
 
     class FakeFSDP(torch.distributed.fsdp.FullyShardedDataParallel):
         def __init__(self):
