@@ -15,7 +15,7 @@ This module knows formats, recipes and the state, and nothing of Lightning.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -27,21 +27,76 @@ from .recipe import QuantRecipe, clean_module_name
 from .spec import LayerSpec
 from .state import QuantState
 
-__all__ = ["QuantLinear", "convert_linears", "quantized_layers", "restore_linears", "tied_to_an_embedding"]
+__all__ = [
+    "QuantGemm",
+    "QuantLinear",
+    "convert_linears",
+    "is_gemm_layer",
+    "quantized_layers",
+    "restore_linears",
+    "tied_to_an_embedding",
+]
 
 
-class QuantLinear(nn.Linear):
+class QuantGemm(nn.Module):
+    """What every quantized layer does: ask the shared :class:`~lightning_fpq.state.QuantState`
+    for its spec and run its GEMMs through :func:`~lightning_fpq.linear_function.quant_linear`.
+    A layer class is this plus the class it converts (``nn.Linear``, Hugging Face's ``Conv1D``);
+    :meth:`gemm_weight` gives its weight as ``(out_features, in_features)``."""
+
+    weight: torch.Tensor
+    bias: Any  # Optional[Tensor]; nn.Linear and Conv1D annotate it differently
+    _fpq_state: QuantState
+    _fpq_wcache: WeightCache
+    _fpq_backend_state: dict
+    _fpq_name: str
+
+    def gemm_weight(self) -> torch.Tensor:
+        return self.weight  # nn.Linear's layout: (out, in)
+
+    def _attach(self, state: QuantState, name: str) -> None:
+        # plain attributes (not submodules, buffers or parameters, see _ATTRIBUTES): the state_dict is unchanged
+        object.__setattr__(self, "_fpq_state", state)
+        object.__setattr__(self, "_fpq_name", clean_module_name(name))
+        object.__setattr__(self, "_fpq_wcache", WeightCache())
+        object.__setattr__(self, "_fpq_backend_state", {})  # a backend's per-layer objects (TE's hidden te.Linear)
+        state.register(self._fpq_name)
+
+    @property
+    def spec(self) -> Optional[LayerSpec]:
+        """The spec this layer uses now (``None``: not quantized by the active recipe)."""
+        return self._fpq_state.layer_spec(self._fpq_name)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        state = self._fpq_state
+        spec = state.layer_spec(self._fpq_name)
+        if spec is None or spec.is_identity:
+            return F.linear(input, self.gemm_weight(), self.bias)
+        generator = state.generator(self._fpq_name, input.device) if spec.needs_generator else None
+        return quant_linear(
+            input,
+            self.gemm_weight(),
+            self.bias,
+            spec,
+            generator=generator,
+            backend=state.layer_backend(self._fpq_name, input.device),
+            save_quantized_weight=state.save_quantized_weight,
+            weight_cache=self._fpq_wcache if state.cache_weights else None,
+            backend_state=self._fpq_backend_state,
+        )
+
+    def extra_repr(self) -> str:
+        spec = self.spec
+        return f"{super().extra_repr()}, quant={'off' if spec is None else spec.short_str()}"
+
+
+class QuantLinear(QuantGemm, nn.Linear):
     """``nn.Linear`` whose GEMM operands are quantized as the active recipe says.
 
     Build one directly (``QuantLinear(64, 32, recipe="paper", fmt="e2m1")``) or convert an
     existing model in place with :func:`convert_linears` / ``QuantLinear.from_linear``; either
     way the parameters are those of ``nn.Linear`` and the ``state_dict`` is identical.
     """
-
-    _fpq_state: QuantState
-    _fpq_wcache: WeightCache
-    _fpq_backend_state: dict
-    _fpq_name: str
 
     def __init__(
         self,
@@ -62,76 +117,63 @@ class QuantLinear(nn.Linear):
             state = QuantState(QuantRecipe.coerce(recipe, fmt=fmt, block_size=block_size))
         self._attach(state, name)
 
-    def _attach(self, state: QuantState, name: str) -> None:
-        # plain attributes (not submodules, buffers or parameters, see _ATTRIBUTES): the state_dict is unchanged
-        object.__setattr__(self, "_fpq_state", state)
-        object.__setattr__(self, "_fpq_name", clean_module_name(name))
-        object.__setattr__(self, "_fpq_wcache", WeightCache())
-        object.__setattr__(self, "_fpq_backend_state", {})  # a backend's per-layer objects (TE's hidden te.Linear)
-        state.register(self._fpq_name)
-
     @classmethod
-    def from_linear(cls, module: nn.Linear, state: QuantState, name: str = "") -> QuantLinear:
-        """Convert ``module`` in place (its class changes, its Parameters stay) and return it."""
+    def from_linear(cls, module: nn.Module, state: QuantState, name: str = "") -> QuantGemm:
+        """Convert ``module`` (an ``nn.Linear`` or a Hugging Face ``Conv1D``) in place: its class
+        changes, its Parameters stay; returns it."""
         new_cls = _quant_class_for(type(module))
         if new_cls is None:
             raise ValueError(
                 f"cannot convert {type(module).__qualname__} {name!r}: only nn.Linear itself (plain or "
-                "FSDP2-sharded) is converted; a subclass may change forward, which QuantLinear would drop"
+                "FSDP2-sharded) and Hugging Face's Conv1D are converted; a subclass may change forward, "
+                "which QuantLinear would drop"
             )
         module.__class__ = new_cls
-        converted: QuantLinear = module  # type: ignore[assignment]  # its class is QuantLinear now
+        converted: QuantGemm = module  # type: ignore[assignment]  # its class is a QuantGemm now
         converted._attach(state, name)
         return converted
 
-    @property
-    def spec(self) -> Optional[LayerSpec]:
-        """The spec this layer uses now (``None``: not quantized by the active recipe)."""
-        return self._fpq_state.layer_spec(self._fpq_name)
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        state = self._fpq_state
-        spec = state.layer_spec(self._fpq_name)
-        if spec is None or spec.is_identity:
-            return F.linear(input, self.weight, self.bias)
-        generator = state.generator(self._fpq_name, input.device) if spec.needs_generator else None
-        return quant_linear(
-            input,
-            self.weight,
-            self.bias,
-            spec,
-            generator=generator,
-            backend=state.layer_backend(self._fpq_name, input.device),
-            save_quantized_weight=state.save_quantized_weight,
-            weight_cache=self._fpq_wcache if state.cache_weights else None,
-            backend_state=self._fpq_backend_state,
-        )
-
-    def extra_repr(self) -> str:
-        spec = self.spec
-        return f"{super().extra_repr()}, quant={'off' if spec is None else spec.short_str()}"
+def _transposed_weight(self: QuantGemm) -> torch.Tensor:
+    return self.weight.t()  # Conv1D stores (in, out): a view, so gradients reach the Parameter
 
 
-_FSDP_QUANT_CLASSES: dict[type, type] = {}
+_QUANT_CLASSES: dict[type, type] = {}  # plain class -> its quantized class (FSDP2's and Conv1D's, made once)
 _ATTRIBUTES = ("_fpq_state", "_fpq_name", "_fpq_wcache", "_fpq_backend_state")  # what _attach adds
+
+
+def is_hf_conv1d(cls: type) -> bool:
+    """Hugging Face's ``transformers`` ``Conv1D`` (GPT-2's linear layer: weight ``(in, out)``,
+    ``y = x @ W + b``), recognised by name so that transformers is not imported."""
+    return cls.__name__ == "Conv1D" and cls.__module__.split(".")[0] == "transformers"
+
+
+def is_gemm_layer(module: nn.Module) -> bool:
+    """A layer this package converts: ``nn.Linear`` (and subclasses, refused with a reason) or ``Conv1D``."""
+    return isinstance(module, nn.Linear) or is_hf_conv1d(type(module))
 
 
 def _quant_class_for(cls: type) -> Optional[type]:
     """The class a module of class ``cls`` becomes: QuantLinear for nn.Linear; for FSDP2's
-    per-module class ``FSDPLinear(FSDPModule, nn.Linear)`` a matching ``FSDPQuantLinear``."""
-    if cls is nn.Linear or issubclass(cls, QuantLinear):
+    per-module class ``FSDPLinear(FSDPModule, nn.Linear)`` a matching ``FSDPQuantLinear``; for
+    Hugging Face's ``Conv1D`` a ``QuantConv1D``."""
+    if cls is nn.Linear or issubclass(cls, QuantGemm):
         return QuantLinear if cls is nn.Linear else cls
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # pragma: no cover - torch without distributed
-        return None
-    if issubclass(cls, FSDPModule) and cls.__bases__ == (FSDPModule, nn.Linear):
-        new = _FSDP_QUANT_CLASSES.get(cls)
-        if new is None:
-            new = type(f"FSDP{QuantLinear.__name__}", (FSDPModule, QuantLinear), dict(cls.__dict__))
-            _FSDP_QUANT_CLASSES[cls] = new
+    new = _QUANT_CLASSES.get(cls)
+    if new is not None:
         return new
-    return None
+    if is_hf_conv1d(cls):
+        new = type("QuantConv1D", (QuantGemm, cls), {"gemm_weight": _transposed_weight})
+    else:
+        try:
+            from torch.distributed.fsdp import FSDPModule
+        except ImportError:  # pragma: no cover - torch without distributed
+            return None
+        if not (issubclass(cls, FSDPModule) and cls.__bases__ == (FSDPModule, nn.Linear)):
+            return None
+        new = type(f"FSDP{QuantLinear.__name__}", (FSDPModule, QuantLinear), dict(cls.__dict__))
+    _QUANT_CLASSES[cls] = new
+    return new
 
 
 def convert_linears(
@@ -152,9 +194,9 @@ def convert_linears(
     recipe = state.recipe
     leave = set(leave)
     for name, module in list(model.named_modules()):
-        if not isinstance(module, nn.Linear) or clean_module_name(name) in leave:
+        if not is_gemm_layer(module) or clean_module_name(name) in leave:
             continue
-        if only_included and not isinstance(module, QuantLinear) and not recipe.is_included(name):
+        if only_included and not isinstance(module, QuantGemm) and not recipe.is_included(name):
             continue
         if _quant_class_for(type(module)) is None:
             skipped.append(clean_module_name(name))
@@ -162,6 +204,24 @@ def convert_linears(
         QuantLinear.from_linear(module, state, name)
         converted.append(clean_module_name(name))
     return converted, skipped
+
+
+#: layers that compute GEMMs this package leaves in the compute dtype, and why
+_UNQUANTIZED_GEMMS: tuple[tuple[type, str], ...] = (
+    (nn.MultiheadAttention, "its q/k/v and output projections run inside F.multi_head_attention_forward"),
+    (nn.modules.conv._ConvNd, "convolutions are not quantized"),
+    (nn.Bilinear, "bilinear layers are not quantized"),
+)
+
+
+def unquantized_gemm_layers(model: nn.Module) -> dict[str, str]:
+    """``{name: why}`` of the layers of ``model`` that compute a GEMM but are never quantized."""
+    found = {}
+    for name, module in model.named_modules():
+        why = next((why for cls, why in _UNQUANTIZED_GEMMS if isinstance(module, cls)), None)
+        if why is not None:
+            found[clean_module_name(name)] = why
+    return found
 
 
 def tied_to_an_embedding(model: nn.Module) -> list[str]:
@@ -182,7 +242,7 @@ def restore_linears(model: nn.Module) -> list[str]:
     restored this way computes exactly ``nn.Linear`` again, under any Trainer."""
     restored = []
     for name, module in list(model.named_modules()):
-        if isinstance(module, QuantLinear):
+        if isinstance(module, QuantGemm):
             module.__class__ = _plain_class_for(type(module))
             for attribute in _ATTRIBUTES:
                 module.__dict__.pop(attribute, None)
@@ -191,11 +251,11 @@ def restore_linears(model: nn.Module) -> list[str]:
 
 
 def _plain_class_for(cls: type) -> type:
-    return next((plain for plain, quant in _FSDP_QUANT_CLASSES.items() if quant is cls), nn.Linear)
+    return next((plain for plain, quant in _QUANT_CLASSES.items() if quant is cls), nn.Linear)
 
 
-def quantized_layers(model: nn.Module) -> Iterable[tuple[str, QuantLinear]]:
-    """``(name, layer)`` for every ``QuantLinear`` of ``model``."""
+def quantized_layers(model: nn.Module) -> Iterable[tuple[str, QuantGemm]]:
+    """``(name, layer)`` for every quantized layer of ``model``."""
     for name, module in model.named_modules():
-        if isinstance(module, QuantLinear):
+        if isinstance(module, QuantGemm):
             yield clean_module_name(name), module

@@ -501,3 +501,48 @@ def test_occ_threshold_is_the_quantile_of_the_values_that_are_not_nan():
         k = math.ceil(0.99 * n)
         assert occ_threshold(x, 0.99) == x.abs().sort().values[k - 1]
     assert torch.isnan(occ_threshold(torch.full((8,), math.nan), 0.99))
+
+
+# ----------------------------------------------------------- Hugging Face's Conv1D (GPT-2)
+class Conv1D(nn.Module):
+    """Hugging Face's ``transformers.pytorch_utils.Conv1D``, as GPT-2 uses it: weight ``(in, out)``."""
+
+    def __init__(self, nf, nx):
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.02)
+        self.bias = nn.Parameter(torch.randn(nf) * 0.02)
+
+    def forward(self, x):
+        size_out = x.size()[:-1] + (self.nf,)
+        x = torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight)
+        return x.view(size_out)
+
+
+Conv1D.__module__ = "transformers.pytorch_utils"
+
+
+@pytest.mark.parametrize("recipe", ["paper", "full", "mxfp4"])
+def test_hf_conv1d_is_converted_like_a_linear_layer(recipe):
+    from lightning_fpq.linear import QuantGemm, restore_linears
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Conv1D(80, 96))
+    weight, keys = model[0].weight, list(model.state_dict())
+    converted, skipped = convert_linears(model, QuantState(recipe))
+    assert converted == ["0"] and not skipped and isinstance(model[0], QuantGemm)
+    assert model[0].weight is weight and list(model.state_dict()) == keys
+    # the same layer as a QuantLinear with W transposed: bit-identical output and gradients
+    linear = QuantLinear(96, 80, recipe=recipe, name="0")
+    with torch.no_grad():
+        linear.weight.copy_(weight.t())
+        linear.bias.copy_(model[0].bias)
+    x = torch.randn(3, 5, 96)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = model(xa), linear(xb)
+    dy = torch.randn_like(ya)
+    ya.backward(dy)
+    yb.backward(dy)
+    assert torch.equal(ya, yb) and torch.equal(xa.grad, xb.grad)
+    assert torch.equal(weight.grad, linear.weight.grad.t()) and torch.equal(model[0].bias.grad, linear.bias.grad)
+    assert restore_linears(model) == ["0"] and type(model[0]) is Conv1D

@@ -463,3 +463,56 @@ def test_restore_linears_gives_back_plain_layers_for_export_and_inference():
     expected = model.decoder(torch.relu(torch.nn.functional.linear(model.emb(x), model.block.weight, model.block.bias)))
     assert torch.equal(plain, expected) and not torch.equal(plain, quantized)
     assert not any(isinstance(m, QuantLinear) for m in model.modules())
+
+
+class _Encoder(L.LightningModule):
+    """``nn.TransformerEncoder`` (whose eval-mode fast path fuses its linear layers) and a head."""
+
+    def __init__(self):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(d_model=32, nhead=4, dim_feedforward=64, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+        self.head = nn.Linear(32, 8)
+
+    def loss(self, batch):
+        x, y = batch
+        return nn.functional.cross_entropy(self.head(self.encoder(x)).mean(1), y)
+
+    def training_step(self, batch, batch_idx):
+        return self.loss(batch)
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", self.loss(batch))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def test_validation_runs_quantized_like_training_and_unquantized_gemms_are_named(tmp_path):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    data = DataLoader(TensorDataset(torch.randn(16, 6, 32), torch.randint(0, 8, (16,))), batch_size=8)
+    model = _Encoder()
+    plugin = FPQuantPrecision("paper", fmt="e2m1", block_size=16)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+        plugins=[plugin],
+    )
+    with pytest.warns(UserWarning, match=r"self_attn.*F\.multi_head_attention_forward"):
+        validated = trainer.validate(model, data, verbose=False)[0]["val_loss"]
+    # the quantized loss, computed outside the fast path (train mode; dropout is 0)
+    model.train()
+    with torch.no_grad():
+        expected = torch.stack([model.loss(b) for b in data]).mean()
+    assert validated == pytest.approx(float(expected), abs=1e-6)
+    plain = FPQuantPrecision("bf16")  # nothing quantized: a different loss, so the check above can fail
+    model.encoder.layers[0].linear1._fpq_state.set_recipe(plain.recipe)
+    with torch.no_grad():
+        unquantized = torch.stack([model.loss(b) for b in data]).mean()
+    assert abs(float(unquantized) - validated) > 1e-5

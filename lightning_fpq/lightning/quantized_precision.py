@@ -13,7 +13,8 @@ converts layers the new recipe includes and logs which backend runs which layers
 from __future__ import annotations
 
 import weakref
-from contextlib import AbstractContextManager, ExitStack
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from typing import Any, Optional, Union
 
 import torch
@@ -21,7 +22,13 @@ from lightning.fabric.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from .. import _config
-from ..linear import convert_linears, quantized_layers, tied_to_an_embedding
+from ..linear import (
+    convert_linears,
+    is_gemm_layer,
+    quantized_layers,
+    tied_to_an_embedding,
+    unquantized_gemm_layers,
+)
 from ..recipe import QuantRecipe, clean_module_name
 from ..state import QuantState
 
@@ -69,6 +76,16 @@ def _refuse_fsdp1(module: nn.Module) -> None:
         raise TypeError(f"the model is wrapped in FSDP1 (FullyShardedDataParallel): {FSDP1_HINT}")
 
 
+@contextmanager
+def _no_transformer_fast_path() -> Iterator[None]:
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
+
+
 class QuantPrecisionMixin:
     """What both precision plugins do (:class:`~lightning_fpq.lightning.precision.FPQuantPrecision`
     for the Trainer, :class:`~lightning_fpq.lightning.fabric.FPQuantFabricPrecision` for Fabric):
@@ -100,6 +117,7 @@ class QuantPrecisionMixin:
         self.quantize_tied = _config.flag(quantize_tied, what="quantize_tied")
         self._said_tied: list[str] = []
         self._said_rules: list[str] = []
+        self._said_left: dict[str, str] = {}
         if not isinstance(cache_weights, bool):
             raise ValueError(f"cache_weights={cache_weights!r} is not valid: expected True or False")
         self.compute_dtype = _compute_dtype(compute_dtype)
@@ -207,7 +225,15 @@ class QuantPrecisionMixin:
                 f"{type(self).__name__}: {tied} share their weight with an embedding (tied output heads) and stay "
                 "unquantized; FPQuantPrecision(quantize_tied=True) quantizes them"
             )
-        linear_names = [clean_module_name(n) for n, m in module.named_modules() if isinstance(m, nn.Linear)]
+        left = unquantized_gemm_layers(module)
+        if left and self._said_left != left:
+            self._said_left = left
+            listed = "; ".join(f"{name or '(model)'}: {why}" for name, why in list(left.items())[:8])
+            rank_zero_warn(
+                f"{type(self).__name__}: {len(left)} layer(s) compute GEMMs that stay in the compute dtype "
+                f"({listed}{' ...' if len(left) > 8 else ''})"
+            )
+        linear_names = [clean_module_name(n) for n, m in module.named_modules() if is_gemm_layer(m)]
         for rule in self.recipe.rules:
             if not any(rule.matches(name) for name in linear_names) and rule.pattern not in self._said_rules:
                 self._said_rules.append(rule.pattern)
@@ -260,8 +286,12 @@ class QuantPrecisionMixin:
         return torch.device("cpu")
 
     def forward_context(self) -> AbstractContextManager:
-        """Autocast to ``compute_dtype`` on the model's device type (nothing for fp32)."""
+        """Autocast to ``compute_dtype`` on the model's device type (nothing for fp32), and no
+        fast path of ``nn.TransformerEncoderLayer``/``nn.MultiheadAttention``: in eval mode it would
+        run their linear layers as fused kernels that bypass ``QuantLinear.forward``, so that
+        validation would measure an unquantized model."""
         stack = ExitStack()
+        stack.enter_context(_no_transformer_fast_path())
         if self.compute_dtype != torch.float32:
             device_type = self._device_type
             if device_type is None:
