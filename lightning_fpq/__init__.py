@@ -27,6 +27,7 @@ _PUBLIC = {
     "CriticalDataMonitor": "lightning_fpq.lightning.monitor",
     "ProgressivePrecision": "lightning_fpq.lightning.progressive",
     "TokenCounter": "lightning_fpq.lightning.tokens",
+    "QuantizationHealth": "lightning_fpq.lightning.health",
 }
 __all__ = sorted(_PUBLIC) + ["__version__"]
 
