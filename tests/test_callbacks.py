@@ -6,6 +6,7 @@ import dataclasses
 import math
 import warnings
 
+import numpy as np
 import pytest
 from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import CSVLogger
@@ -245,14 +246,86 @@ def test_one_token_counter_is_shared_by_both_callbacks(tmp_path):
     assert progressive.history[0]["step"] == 3
 
 
-def test_law_point_takes_the_most_binding_operand():
+def test_law_point_adds_the_penalty_of_every_quantized_operand():
     law = CapybaraLaw.paper()
     mixed = QuantRecipe.from_name("paper", fmt="e4m3", block_size=128).with_spec(
         p6=QuantRecipe.from_name("paper", fmt="e2m1", block_size=32).p6
     )
+
+    def share(E, M, B):  # one operand's third of the law's log2 B / ((E+.5)^dl (M+.5)^nu), by hand
+        return math.log2(B) / ((E + 0.5) ** law.dl * (M + 0.5) ** law.nu) / 3
+
     point = law_point(mixed, law, 10**8)
-    assert (point.fmt.name, point.block_size, point.operand) == ("e2m1", 32, "P6")
+    assert point.factor == pytest.approx(2 * share(4, 3, 128) + share(2, 1, 32), rel=1e-12)
+    assert not point.calibrated and "P2, P4, P6 differ" in point.short_str()
+    # exact for the paper recipe: the law's own D_crit
+    paper = law_point(QuantRecipe.from_name("paper", fmt="e2m1", block_size=32), law, 10**8)
+    assert paper.calibrated and paper.critical_data_size(law, 10**8) == pytest.approx(
+        law.critical_data_size(10**8, "e2m1", 32), rel=1e-12
+    )
+    # all six operands (full) double the penalty: D_crit shrinks by 2^(1/(2b)); not what the law was fitted on
+    full = law_point(QuantRecipe.from_name("full", fmt="e2m1", block_size=32), law, 10**8)
+    assert full.critical_data_size(law, 10**8) == pytest.approx(
+        paper.critical_data_size(law, 10**8) / 2 ** (1 / (2 * law.b)), rel=1e-12
+    )
+    assert not full.calibrated
     assert critical_tokens(QuantRecipe.from_name("bf16"), law, 10**8)[0] == math.inf
+
+
+def _numerical_crossing(law, n, cur, nxt):
+    """Where ``-dL/dD / bits`` of the next stage overtakes the current one's, by central
+    differences of the law's loss on a log grid of token counts (inf: never)."""
+
+    def rate(point, d):
+        h = 1e-5
+        return -(point.loss(law, n, d * (1 + h)) - point.loss(law, n, d * (1 - h))) / (2 * h * d) / point.fmt.bits
+
+    grid = np.logspace(6, 16, 4001)
+    below = np.array([rate(cur, d) - rate(nxt, d) for d in grid]) < 0
+    return grid[np.argmax(below)] if below.any() else math.inf
+
+
+def test_auto_switch_matches_the_numerical_crossing_of_the_loss_rates():
+    law = CapybaraLaw.paper()
+    n = 10**8
+    cases = [("e2m1", 32, "e4m3", 32), ("e2m3", 128, "e5m2", 128), ("e2m1", 2, "e3m2", "tensor")]
+    points = {}
+    for f1, b1, f2, b2 in cases:
+        cur = law_point(QuantRecipe.from_name("paper", fmt=f1, block_size=b1), law, n)
+        nxt = law_point(QuantRecipe.from_name("paper", fmt=f2, block_size=b2), law, n)
+        closed = auto_switch_tokens(law, n, cur, nxt, cur.fmt.bits, nxt.fmt.bits)
+        crossing = _numerical_crossing(law, n, cur, nxt)
+        assert crossing == pytest.approx(closed, rel=0.01), (f1, f2)
+        points[f1, b1] = (cur, nxt, closed)
+    # e2m1 B=2 -> e3m2 tensor-wise: the next stage has the smaller D_crit, so the switch comes
+    # after the current stage's D_crit (the README used to say "always before")
+    cur, nxt, closed = points["e2m1", 2]
+    assert nxt.critical_data_size(law, n) < cur.critical_data_size(law, n) < closed
+
+
+def test_the_monitor_warns_before_training_when_the_budget_passes_dcrit(tmp_path):
+    law = law_with_dcrit(5 * TOKENS_PER_STEP, N_TINY)
+    monitor = CriticalDataMonitor(law=law, thresholds=(2.0,), plateau_window=0)
+    with pytest.warns(UserWarning, match=r"planned for 320 tokens \(10 steps x 32\), 2.0x D_crit"):
+        make_trainer(tmp_path, [monitor], max_steps=10).fit(TinyLM(), loader(10))
+
+
+def test_callbacks_share_one_law(tmp_path):
+    law = law_with_dcrit(40 * TOKENS_PER_STEP, N_TINY)
+    monitor = CriticalDataMonitor(law=law, plateau_window=0)
+    progressive = ProgressivePrecision(["e2m1", "e4m3"], [0.5], unit="dcrit")  # no law: the monitor's
+    make_trainer(tmp_path, [monitor, progressive], max_steps=2).fit(TinyLM(), loader(2))
+    assert progressive.thresholds == [pytest.approx(20 * TOKENS_PER_STEP)]
+    other = law_with_dcrit(10 * TOKENS_PER_STEP, N_TINY)
+    with pytest.warns(UserWarning, match="give one law to both"):
+        make_trainer(
+            tmp_path,
+            [
+                CriticalDataMonitor(law=law, plateau_window=0),
+                ProgressivePrecision(["e2m1", "e4m3"], [0.5], unit="dcrit", law=other),
+            ],
+            max_steps=1,
+        ).fit(TinyLM(), loader(1))
 
 
 @pytest.mark.slow
@@ -301,7 +374,7 @@ def test_progress_bar_shows_the_format_and_the_dcrit_fraction(tmp_path):
         warnings.simplefilter("ignore")
         trainer.fit(model, loader(5))
     items = trainer.progress_bar_callback.get_metrics(trainer, model)
-    assert items["fmt"] == "e2m1"
+    assert items["fmt"] == "e2m1*"  # the paper's constants here: uncalibrated
     assert items["D/Dcrit"] == f"{5 / 20:.2%}"
     # a second trainer's bar is not touched by this monitor's wrapping
     other = Trainer(accelerator="cpu", max_steps=1, logger=False, enable_progress_bar=True)

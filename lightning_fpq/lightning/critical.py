@@ -1,30 +1,33 @@
 """The critical data size of the recipe a run is training with.
 
-How a recipe maps onto the law's single (E, M, B): a recipe quantizes up to six operands,
-each with its own format and block size, while the law (arXiv 2501.02423) was fitted on
-runs that quantize P2, P4 and P6 identically. We evaluate D_crit for every quantized
-operand of the recipe's default layer spec and take the **smallest**: the most binding
-operand decides when the precision stops paying off. For the ``paper`` recipe (P2/P4/P6 in
-one format) this is exactly the law's setting. Per-layer rules that override a few layers
-are not counted: the default spec covers most of the compute. Operands without scaling
-(block size None) are evaluated as ``"tensor"`` (one scale per tensor, the law's closest
-granularity). Nothing quantized (``bf16``): D_crit is infinite.
+How a recipe maps onto the law (arXiv 2501.02423), which was fitted on runs that quantize P2,
+P4 and P6 identically: every quantized operand of the recipe's default layer spec adds its
+share of the penalty, ``log2 B / ((E+0.5)^dl (M+0.5)^nu) / 3``
+(:meth:`~lightning_fpq.scaling.capybara.CapybaraLaw.operand_factor`), and the law is
+evaluated with the sum. For the ``paper`` recipe (three equal operands) this is exactly the
+law; a recipe that quantizes more operands (``full``: six) gets a larger penalty and an
+earlier D_crit. Any other shape (other operands, scale formats other than fp32, stochastic
+rounding, tensor-wise or unscaled blocks, DGE/OCC) is outside what the law was fitted on: its
+prediction is labelled *uncalibrated* everywhere it is shown. Per-layer rules are not
+counted (the default spec covers most of the compute); operands without scaling are
+evaluated as ``"tensor"``. Nothing quantized (``bf16``): D_crit is infinite.
 """
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 from lightning.pytorch import LightningModule, Trainer
 
+from .. import _config
 from ..formats import FPFormat
 from ..recipe import QuantRecipe
 from ..scaling.capybara import CapybaraLaw
 from ..scaling.law import load_law
 from ..scaling.params import count_params
+from ..spec import ROLES, LayerSpec
 
 LawLike = Union[None, str, os.PathLike, CapybaraLaw]
 
@@ -82,40 +85,70 @@ def resolve_n_params(n_params: Union[str, int], module: LightningModule) -> int:
 
 @dataclass(frozen=True)
 class LawPoint:
-    """The (format, block size) the law is asked about for a recipe, and why."""
+    """What the law is asked about for a recipe: the summed penalty factor of its quantized
+    operands, the recipe's nominal format (for display), and whether the law was fitted on
+    recipes of this shape."""
 
-    fmt: Optional[FPFormat]  # None: nothing quantized
-    block_size: Union[int, str]
-    operand: str  # "P2", ..., or "-" when nothing is quantized
+    factor: float  # sum of CapybaraLaw.operand_factor over the quantized operands (0: none)
+    fmt: Optional[FPFormat]  # the recipe's nominal format; None: nothing quantized
+    label: str
+    calibrated: bool
+    why: str = ""  # what makes it uncalibrated
 
     def short_str(self) -> str:
-        return "unquantized" if self.fmt is None else f"{self.fmt.name} B={self.block_size} ({self.operand})"
+        return self.label if self.calibrated else f"{self.label} [uncalibrated: {self.why}]"
+
+    def critical_data_size(self, law: CapybaraLaw, n_params: int) -> float:
+        return float(law.recipe_critical_data_size(n_params, self.factor))
+
+    def loss(self, law: CapybaraLaw, n_params: int, tokens: float) -> float:
+        """The law's final loss (nats/token) of a run annealed to ``tokens`` tokens."""
+        return float(law.recipe_loss(n_params, max(tokens, 1.0), self.factor))
+
+
+_FITTED_ROLES = ("weight", "weight_for_grad_input", "input_for_grad_weight")  # P2, P4, P6
 
 
 def law_point(recipe: QuantRecipe, law: CapybaraLaw, n_params: int) -> LawPoint:
-    """The operand of ``recipe`` with the smallest D_crit (see the module docstring)."""
-    best, best_d = LawPoint(None, "tensor", "-"), math.inf
-    for index, spec in enumerate(recipe.default.operands):
-        if spec is None:
-            continue
-        block = "tensor" if spec.block_size is None else spec.block_size
-        d_crit = float(law.critical_data_size(n_params, spec.fmt, block))
-        if d_crit < best_d:
-            best, best_d = LawPoint(spec.fmt, block, f"P{index + 1}"), d_crit
-    return best
+    """The law point of ``recipe``'s default spec (see the module docstring)."""
+    spec = recipe.default
+    quantized = [(f"P{i + 1}", op) for i, op in enumerate(spec.operands) if op is not None]
+    if not quantized:
+        return LawPoint(0.0, None, "unquantized", True)
+    factor = sum(
+        law.operand_factor(op.fmt, "tensor" if op.block_size is None else op.block_size) for _, op in quantized
+    )
+    labels = sorted({f"{op.fmt.name} B={_config.block_size_text(op.block_size)}" for _, op in quantized})
+    label = f"{' + '.join(labels)} on {','.join(p for p, _ in quantized)}"
+    return LawPoint(factor, recipe.fmt, label, *_calibration(spec))
+
+
+def _calibration(spec: LayerSpec) -> tuple[bool, str]:
+    """Whether the law was fitted on layers like ``spec`` (the paper's setup), and if not why."""
+    quantized = {role for role in ROLES if getattr(spec, role) is not None}
+    if quantized != set(_FITTED_ROLES):
+        return False, "the law was fitted on P2, P4, P6 quantized alike"
+    ops = {getattr(spec, role) for role in _FITTED_ROLES}
+    op = next(iter(ops))
+    if len(ops) > 1:
+        return False, "P2, P4, P6 differ"
+    if op.scale_format != "fp32" or op.rounding != "nearest" or spec.fp4.active:
+        return False, "fitted with fp32 scales, nearest rounding, no DGE/OCC"
+    if op.block_size in (None, "tensor"):
+        return False, "no tensor-wise or unscaled runs were fitted"
+    return True, ""
 
 
 def critical_tokens(recipe: QuantRecipe, law: CapybaraLaw, n_params: int) -> tuple[float, LawPoint]:
     """(D_crit in tokens, the law point) for ``recipe``; D_crit is inf when nothing is quantized."""
     point = law_point(recipe, law, n_params)
-    if point.fmt is None:
-        return math.inf, point
-    return float(law.critical_data_size(n_params, point.fmt, point.block_size)), point
+    return point.critical_data_size(law, n_params), point
 
 
 def predicted_loss(point: LawPoint, law: CapybaraLaw, n_params: int, tokens: float) -> float:
-    """The law's loss (nats/token) after ``tokens`` tokens at ``point``."""
-    return float(law.loss(n_params, max(tokens, 1.0), point.fmt, point.block_size))
+    """The law's final loss (nats/token) of a run annealed to ``tokens`` tokens at ``point``
+    (not the loss mid-run: the law describes runs whose schedule ends at D)."""
+    return point.loss(law, n_params, tokens)
 
 
 def find_plugin(trainer: Trainer, *, needed_by: str) -> Any:

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Any, Optional, Union
 
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from .. import _config
@@ -23,7 +23,7 @@ from .critical import (
     resolve_n_params,
 )
 from .progressive import ProgressivePrecision
-from .tokens import TokenCounter, TokenCountFn, check_count_tokens
+from .tokens import TokenCounter, TokenCountFn, check_count_tokens, global_sum
 
 ACTIONS = ("warn", "stop", "raise-precision")
 
@@ -37,7 +37,8 @@ class CriticalDataMonitor(Callback):
 
     Args:
         law: None or "paper" (the paper's constants), "demo-calibration" (fitted to this
-            project's CPU sweep of tiny GPTs), a ``CapybaraLaw``, or a law YAML path. The paper's
+            project's CPU sweep of tiny GPTs), a ``CapybaraLaw``, or a law YAML path. ``None``: a
+            ``ProgressivePrecision``'s law, else the paper's (one law per run). The paper's
             constants belong to LLaMA on Dolma: refit them for your setup (``lightning-fpq fit``).
         n_params: N for the law: "auto" counts the model's non-embedding parameters.
         thresholds: fractions of D_crit at which to warn, once each per stage.
@@ -45,14 +46,19 @@ class CriticalDataMonitor(Callback):
             "stop" the run; "raise-precision": move a ``ProgressivePrecision`` callback to its
             next stage (an error at setup if there is none).
         plateau_window: steps over which the smoothed training loss must still fall while a
-            low-precision stage is active; 0 disables the empirical check.
+            low-precision stage is active; 0 (the default) disables this check: on noisy,
+            healthy runs a smoothed-loss plateau is no evidence of D_crit. ``QuantizationHealth``
+            measures what the precision costs instead.
         plateau_tolerance: the relative decrease over a window below which the loss counts as
             no longer falling (default 0.1%).
         count_tokens: ``batch -> int`` for the shared TokenCounter (if this callback creates it).
 
     Logs ``fpq/tokens_seen``, ``fpq/d_crit``, ``fpq/d_crit_fraction``, ``fpq/predicted_loss``
-    and ``fpq/format_bits`` through the Trainer's loggers, and shows the active format and
-    the D_crit fraction in the progress bar.
+    (the final loss of a run whose schedule ends at the tokens seen, not the loss now),
+    ``fpq/format_bits`` and ``fpq/calibrated`` (0: the law was not fitted on this recipe's shape,
+    or is the paper's) through the Trainer's loggers, and shows the active format (``*``:
+    uncalibrated) and the D_crit fraction in the progress bar. Before the first step it warns
+    when the planned budget (``max_steps`` x tokens per step) passes D_crit.
     """
 
     def __init__(
@@ -62,11 +68,13 @@ class CriticalDataMonitor(Callback):
         thresholds: Sequence[float] = (0.5, 0.8, 1.0),
         action: str = "warn",
         *,
-        plateau_window: int = 200,
+        plateau_window: int = 0,
         plateau_tolerance: float = 1e-3,
         count_tokens: Optional[TokenCountFn] = None,
     ) -> None:
-        self.law = resolve_law(law)
+        #: the law given explicitly (None: the run's ProgressivePrecision's, else the paper's)
+        self.law_given = None if law is None else resolve_law(law)
+        self.law = self.law_given or resolve_law(None)
         self.n_params_arg = check_n_params(n_params)
         values = list(thresholds)
         if not values or any(isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0 for t in values):
@@ -89,6 +97,7 @@ class CriticalDataMonitor(Callback):
         self._plateau_warned: list[str] = []
         self._acted_on: list[str] = []
         self._counter: Optional[TokenCounter] = None
+        self._budget_checked = False
         self._plugin: Any = None
         self._progressive: Optional[ProgressivePrecision] = None
 
@@ -109,6 +118,8 @@ class CriticalDataMonitor(Callback):
                 "precision with: add ProgressivePrecision([...]) to the Trainer's callbacks, or use action='warn' or 'stop'"
             )
         self._progressive = progressive[0] if progressive else None
+        if self.law_given is None and self._progressive is not None and self._progressive.law_given is not None:
+            self.law = self._progressive.law_given  # one law per run
         self.n_params = resolve_n_params(self.n_params_arg, pl_module)
         self._on_switch(None, self._plugin.recipe)
         self._plugin.state.subscribe(self._on_switch)  # a precision switch changes D_crit
@@ -122,6 +133,32 @@ class CriticalDataMonitor(Callback):
     def _on_switch(self, old: Optional[QuantRecipe], new: QuantRecipe) -> None:
         """D_crit of the recipe now active (the quantization state's switch event)."""
         self.d_crit, self.point = critical_tokens(new, self.law, self.n_params)
+        if math.isfinite(self.d_crit):
+            rank_zero_info(
+                f"[lightning-fpq] D_crit = {self.d_crit:.3g} tokens for {self.point.short_str()} "
+                f"(N = {self.n_params:,}; law: {self.law.short_str()}{'' if self.law_calibrated else ', uncalibrated: the paper constants'})"
+            )
+
+    @property
+    def law_calibrated(self) -> bool:
+        """Whether the law was fitted to runs (the paper's constants belong to another model
+        family, data set and batch size: their predictions here are uncalibrated)."""
+        return self.law.provenance.source != "paper"
+
+    def warn_about_the_budget(self, trainer: Trainer, tokens_per_step: int) -> None:
+        """Before training: compare the planned token budget (``max_steps`` x tokens per step)
+        with D_crit, and warn when the run is planned past it."""
+        if trainer.max_steps is None or trainer.max_steps < 0 or not math.isfinite(self.d_crit):
+            return
+        budget = trainer.max_steps * tokens_per_step
+        if budget > self.d_crit:
+            rank_zero_warn(
+                f"[lightning-fpq] the run is planned for {budget:,} tokens ({trainer.max_steps} steps x "
+                f"{tokens_per_step:,}), {budget / self.d_crit:.1f}x D_crit = {self.d_crit:.3g} "
+                f"tokens for {self.point.short_str()}: past D_crit the law predicts a worse model at this precision; "
+                "plan a switch (ProgressivePrecision) or a wider format",
+                category=UserWarning,
+            )
 
     @property
     def tokens_seen(self) -> int:
@@ -134,6 +171,13 @@ class CriticalDataMonitor(Callback):
 
     # ---------------------------------------------------------------------- hooks
     @override
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        if not self._budget_checked:
+            self._budget_checked = True  # once, before the first step
+            per_step = global_sum(trainer, self._counter.count_tokens(batch)) * trainer.accumulate_grad_batches
+            self.warn_about_the_budget(trainer, per_step)
+
+    @override
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -143,8 +187,10 @@ class CriticalDataMonitor(Callback):
             "fpq/tokens_seen": float(tokens),
             "fpq/d_crit": self.d_crit if math.isfinite(self.d_crit) else -1.0,
             "fpq/d_crit_fraction": fraction,
+            # the final loss of a run whose schedule ends at this token count, not the loss now
             "fpq/predicted_loss": predicted_loss(self.point, self.law, self.n_params, tokens),
             "fpq/format_bits": float(self.point.fmt.bits if self.point.fmt else 16),
+            "fpq/calibrated": float(self.point.calibrated and self.law_calibrated),
         }
         if trainer.loggers:  # the values are identical on every rank: no sync needed
             pl_module.log_dict(metrics, on_step=True, on_epoch=False, logger=True, batch_size=1, sync_dist=False)
@@ -191,7 +237,9 @@ class CriticalDataMonitor(Callback):
         return {
             "warn": "More tokens at this precision are predicted to make the model worse: raise the precision now "
             "(ProgressivePrecision, or CriticalDataMonitor(action='raise-precision')).",
-            "stop": "Stopping the run (action='stop').",
+            "stop": "Stopping the run (action='stop'). Its learning-rate schedule did not end here, so its loss is "
+            "above the law's, which describes runs annealed to D: to compare, train a run whose schedule ends at "
+            "this token count.",
             "raise-precision": "Raising the precision (action='raise-precision').",
         }[self.action]
 
@@ -239,7 +287,8 @@ class CriticalDataMonitor(Callback):
         def get_metrics(trainer_: Trainer, pl_module: LightningModule) -> dict[str, Any]:
             items = dict(original(trainer_, pl_module))
             if self.point is not None:
-                items["fmt"] = self.point.fmt.name if self.point.fmt else "bf16"
+                fmt = self.point.fmt.name if self.point.fmt else "bf16"
+                items["fmt"] = fmt if self.point.calibrated and self.law_calibrated else f"{fmt}*"  # * uncalibrated
                 items["D/Dcrit"] = f"{self.fraction:.2%}" if math.isfinite(self.d_crit) else "-"
             return items
 

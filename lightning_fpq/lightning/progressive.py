@@ -13,12 +13,13 @@ from collections.abc import Sequence
 from typing import Any, Optional, Union
 
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from .. import _config
 from ..formats import FPFormat
 from ..recipe import QuantRecipe
+from ..scaling.capybara import CapybaraLaw
 from .critical import LawLike, LawPoint, check_n_params, critical_tokens, find_plugin, resolve_law, resolve_n_params
 from .tokens import TokenCounter, TokenCountFn, check_count_tokens, global_sum
 
@@ -32,34 +33,26 @@ def auto_switch_tokens(
 ) -> float:
     """Token count at which the next stage starts to pay off better per FLOP (the "auto" rule).
 
-    With the paper's compute model C = (6/16) P N D, a token at P bits costs P units. The
-    current stage is worth keeping while its loss decrease per unit of compute,
-    ``-dL_cur/dD / P_cur``, beats the next stage's ``-dL_next/dD / P_next``. At small D both
-    stages learn alike and the cheaper one wins; the quantization penalty's slope grows
-    with D and overtakes. The crossing lies strictly before the current stage's D_crit
-    (there its slope is zero while the next stage still learns), so a bisection between
-    1 token and D_crit finds it. Returns inf when nothing is quantized now.
+    With the paper's compute model C = (6/16) P N D, a token at P bits costs P units, so the
+    rule saves compute only where the stage's GEMMs really run at P bits. The current stage is
+    worth keeping while its loss decrease per unit of compute, ``-dL_c/dD / P_c``, beats the
+    next stage's. With the law's ``-dL/dD = b d D^(-b-1) (1 - (D/D_crit)^(2b))`` the two are
+    equal at the closed form (docs/science.md section 4)::
+
+        D_switch = D_crit,c * [(P_n - P_c) / (P_n - r P_c)]^(1/(2b)),  r = (D_crit,c / D_crit,n)^(2b)
+
+    It lies before D_crit,c when the next stage's D_crit is larger (r < 1), after it when the
+    next stage's is smaller; when ``P_n - r P_c <= 0`` the next stage never pays off better
+    (inf). Returns inf when nothing is quantized now.
     """
-    d_crit = float(law.critical_data_size(n_params, current.fmt, current.block_size)) if current.fmt else math.inf
-    if not math.isfinite(d_crit):
+    d_cur = current.critical_data_size(law, n_params)
+    if not math.isfinite(d_cur) or next_bits <= current_bits:
         return math.inf
-
-    def rate(point: LawPoint, bits: int, tokens: float) -> float:
-        eps = 1e-4
-        up = float(law.loss(n_params, tokens * (1 + eps), point.fmt, point.block_size))
-        down = float(law.loss(n_params, tokens * (1 - eps), point.fmt, point.block_size))
-        return -(up - down) / (2 * eps * tokens) / bits
-
-    def gain(tokens: float) -> float:
-        return rate(current, current_bits, tokens) - rate(nxt, next_bits, tokens)
-
-    lo, hi = 0.0, math.log(d_crit)
-    if gain(math.exp(lo)) <= 0:
-        return 1.0
-    for _ in range(100):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if gain(math.exp(mid)) > 0 else (lo, mid)
-    return math.exp(hi)
+    r = (d_cur / nxt.critical_data_size(law, n_params)) ** (2 * law.b)
+    denominator = next_bits - r * current_bits
+    if denominator <= 0:
+        return math.inf
+    return d_cur * ((next_bits - current_bits) / denominator) ** (1 / (2 * law.b))
 
 
 class ProgressivePrecision(Callback):
@@ -123,8 +116,8 @@ class ProgressivePrecision(Callback):
                 "precision first, e.g. ['e2m1', 'e4m3', 'bf16'], or pass allow_decreasing=True"
             )
         self._law_arg, self._n_params_arg = law, check_n_params(n_params)
-        if law is not None:
-            resolve_law(law)  # a bad law is an error now, not at the first batch
+        # a bad law is an error now, not at the first batch; None: the monitor's law, else the paper's
+        self.law_given = None if law is None else resolve_law(law)
         if block_size is not None:
             _config.block_size(block_size, what="ProgressivePrecision block_size")
         self.block_size = block_size
@@ -203,17 +196,39 @@ class ProgressivePrecision(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._plugin = find_plugin(trainer, needed_by="ProgressivePrecision")
         self._counter = TokenCounter.attach(trainer, self._count_tokens, requested_by="ProgressivePrecision")
+        self.law = self._shared_law(trainer)
         base = self._plugin.recipe
         self.stages = [
             entry if isinstance(entry, QuantRecipe) else base.with_format(entry, block_size=self.block_size)
             for entry in self._entries
         ]
 
+    def _shared_law(self, trainer: Trainer) -> CapybaraLaw:
+        """One law per run: this callback's, else a ``CriticalDataMonitor``'s, else the paper's;
+        two different laws given explicitly are a warning naming both."""
+        from .monitor import CriticalDataMonitor  # the monitor module imports this one
+
+        monitor = next((c for c in trainer.callbacks if isinstance(c, CriticalDataMonitor)), None)
+        if self.law_given is None:
+            return monitor.law if monitor is not None else CapybaraLaw.paper()
+        if monitor is not None and monitor.law_given is not None and monitor.law_given != self.law_given:
+            rank_zero_warn(
+                f"ProgressivePrecision uses law {self.law_given.short_str()} and CriticalDataMonitor "
+                f"{monitor.law_given.short_str()}: their switch points and warnings disagree; give one law to both"
+            )
+        return self.law_given
+
     def _resolve_thresholds(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> list[float]:
         if self.switch_at == "auto" or self.unit == "dcrit":
-            law = resolve_law(self._law_arg)
+            law = self.law
             n_params = resolve_n_params(self._n_params_arg, pl_module)
             points = [critical_tokens(recipe, law, n_params) for recipe in self.stages]
+            falling = [(a[1].short_str(), b[1].short_str()) for a, b in zip(points, points[1:]) if b[0] < a[0]]
+            if falling:
+                rank_zero_warn(
+                    f"ProgressivePrecision: D_crit falls from one stage to the next ({falling}): the later stage "
+                    "stops paying off sooner; with switch_at='auto' a switch may come after the current D_crit"
+                )
             if self.switch_at == "auto":
                 bits = [self._entry_bits(r) for r in self.stages]
                 return [

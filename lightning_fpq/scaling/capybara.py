@@ -26,7 +26,33 @@ from .inputs import check_bits, format_or_none, positive_array, scalar_or_array
 from .law import CHANNEL_LOG2_BLOCK, DEFAULT_BLOCK_SIZE, Provenance, log2_block_size
 from .planning import PrecisionLaw
 
-__all__ = ["CapybaraLaw", "capybara_critical_data_size", "capybara_loss", "capybara_precision_factor"]
+__all__ = [
+    "FORMATS_IN_USE",
+    "CapybaraLaw",
+    "canonical_em",
+    "capybara_critical_data_size",
+    "capybara_loss",
+    "capybara_precision_factor",
+]
+
+FORMATS_IN_USE: tuple[str, ...] = ("e2m1", "e2m3", "e3m2", "e4m3", "e5m2", "e3m4", "fp16", "bf16", "fp32")
+"""The formats hardware and libraries actually run, which :meth:`CapybaraLaw.optimal_format` and the
+planners choose among unless told otherwise: OCP MX FP4 E2M1, FP6 E2M3/E3M2, OCP FP8 E4M3/E5M2,
+FP8 E3M4 (ml_dtypes ``float8_e3m4``), IEEE FP16, BF16 and FP32 (docs/science.md section 4)."""
+
+
+def canonical_em(ebits: int, mbits: int) -> tuple[int, int]:
+    """The (E, M) the law evaluates for a format: E0My -> E1M(y-1), every other pair unchanged.
+
+    In this quantizer E0My (sign-magnitude integers 0..2^y - 1) and E1M(y-1) (subnormals
+    0..2^(y-1) - 1 then normals, step constant) have the same value grid up to a factor, and block
+    scaling divides that factor out: the two quantize every tensor identically. The law's
+    (E+0.5)^dl (M+0.5)^nu tells them apart, so it sees each grid through one representative,
+    the one with E >= 1 (the paper fitted E >= 1 only; docs/science.md section 4).
+    """
+    if ebits == 0 and mbits >= 1:
+        return 1, mbits - 1
+    return ebits, mbits
 
 
 # ------------------------------------------------------------- the Capybara formulas
@@ -126,16 +152,18 @@ class CapybaraLaw(PrecisionLaw):
         citation="Sun et al., Scaling Laws for Floating-Point Quantization Training, arXiv 2501.02423 (ICML 2025)",
         rows=358,
         note="LLaMA 41M-679M parameters, 10B-100B Dolma tokens, AdamW lr 3e-4 cosine, 2M-token batches",
+        n_range=(41e6, 679e6),
+        d_range=(1e10, 1e11),
     )
 
     # -------------------------------------------------------------- hooks
-    def _log2b(self, block_size: Union[int, str]) -> float:
-        return log2_block_size(block_size, channel_log2=self.channel_log2_block)
+    def _log2b(self, block_size: Union[int, str], shared_elements: Optional[float] = None) -> float:
+        return log2_block_size(block_size, channel_log2=self.channel_log2_block, shared_elements=shared_elements)
 
     def _format_factor(self, fmt: Optional[FPFormat]) -> float:
         if fmt is None:
             return math.inf  # no quantization: the penalty term vanishes
-        return float(capybara_precision_factor(fmt.ebits, fmt.mbits, self.dl, self.nu))
+        return float(capybara_precision_factor(*canonical_em(fmt.ebits, fmt.mbits), self.dl, self.nu))
 
     def _relaxed_factor(self, bits: np.ndarray) -> np.ndarray:
         # real-valued best split: E + 0.5 = dl P/(dl+nu), M + 0.5 = nu P/(dl+nu)
@@ -153,33 +181,105 @@ class CapybaraLaw(PrecisionLaw):
         return 1 + MAX_EBITS + MAX_MBITS
 
     # -------------------------------------------------------------- the law
-    def loss(self, N, D, fmt: Optional[FormatLike], block_size: Union[int, str] = DEFAULT_BLOCK_SIZE):
-        """Predicted final loss (nats/token) of N parameters trained on D tokens in ``fmt``."""
+    def loss(
+        self,
+        N,
+        D,
+        fmt: Optional[FormatLike],
+        block_size: Union[int, str] = DEFAULT_BLOCK_SIZE,
+        *,
+        shared_elements: Optional[float] = None,
+    ):
+        """Predicted final loss (nats/token) of N parameters trained on D tokens in ``fmt``.
+
+        Warns :class:`~lightning_fpq.scaling.law.ExtrapolationWarning` when N or D lies beyond 2x
+        the range the law was fitted on (``provenance.n_range``/``d_range``)."""
         N, D = positive_array("N", N), positive_array("D", D)
+        self.check_range(N, D)
         return scalar_or_array(
-            self._loss_from_factor(N, D, self._format_factor(format_or_none(fmt)), self._log2b(block_size))
+            self._loss_from_factor(
+                N, D, self._format_factor(format_or_none(fmt)), self._log2b(block_size, shared_elements)
+            )
         )
 
-    def quantization_penalty(self, N, D, fmt: Optional[FormatLike], block_size: Union[int, str] = DEFAULT_BLOCK_SIZE):
+    def quantization_penalty(
+        self,
+        N,
+        D,
+        fmt: Optional[FormatLike],
+        block_size: Union[int, str] = DEFAULT_BLOCK_SIZE,
+        *,
+        shared_elements: Optional[float] = None,
+    ):
         """The law's last term (nats/token): the loss ``fmt`` adds over unquantized training."""
         N, D = positive_array("N", N), positive_array("D", D)
-        factor = self._format_factor(format_or_none(fmt))
-        return scalar_or_array(D**self.b / N**self.a * self._log2b(block_size) / (self.g * factor))
+        self.check_range(N, D)
+        return scalar_or_array(self._penalty(N, D, fmt, self._log2b(block_size, shared_elements)))
 
-    def critical_data_size(self, N, fmt: Optional[FormatLike], block_size: Union[int, str] = DEFAULT_BLOCK_SIZE):
+    def _penalty(self, N: np.ndarray, D: np.ndarray, fmt: Optional[FormatLike], log2b: float) -> np.ndarray:
+        return D**self.b / N**self.a * log2b / (self.g * self._format_factor(format_or_none(fmt)))
+
+    def _critical(self, N: np.ndarray, fmt: Optional[FormatLike], log2b: float) -> np.ndarray:
+        fmt = format_or_none(fmt)
+        if fmt is None or log2b == 0.0:
+            return np.full_like(N, np.inf)
+        E, M = canonical_em(fmt.ebits, fmt.mbits)
+        return capybara_critical_data_size(N, E, M, log2b, **self.constants())
+
+    def critical_data_size(
+        self,
+        N,
+        fmt: Optional[FormatLike],
+        block_size: Union[int, str] = DEFAULT_BLOCK_SIZE,
+        *,
+        shared_elements: Optional[float] = None,
+    ):
         """D_crit (tokens): where the loss is lowest; more tokens in ``fmt`` past it raise the loss.
 
         ``D_crit = [d g N^a (E+0.5)^dl (M+0.5)^nu / log2 B]^(1/(2b))`` (arXiv 2501.02423).
         Unquantized (``fmt=None``) or B = 1: inf.
         """
         N = positive_array("N", N)
-        fmt = format_or_none(fmt)
-        log2b = self._log2b(block_size)
-        if fmt is None or log2b == 0.0:
-            return scalar_or_array(np.full_like(N, np.inf))
-        return scalar_or_array(capybara_critical_data_size(N, fmt.ebits, fmt.mbits, log2b, **self.constants()))
+        self.check_range(N)
+        return scalar_or_array(self._critical(N, fmt, self._log2b(block_size, shared_elements)))
 
-    def token_value(self, N, D, fmt: Optional[FormatLike], block_size: Union[int, str] = DEFAULT_BLOCK_SIZE):
+    # ------------------------------------------------ recipes with several quantized operands
+    #: the number of quantized operands of the setup the law was fitted on (P2, P4, P6)
+    FITTED_OPERANDS: ClassVar[int] = 3
+
+    def operand_factor(self, fmt: Optional[FormatLike], block_size: Union[int, str] = DEFAULT_BLOCK_SIZE) -> float:
+        """One quantized operand's share of the penalty, ``log2 B / ((E+0.5)^dl (M+0.5)^nu)`` divided
+        by the 3 operands of the fitted setup (0 for an unquantized one). Summed over a recipe's
+        quantized operands it replaces ``log2 B / ((E+0.5)^dl (M+0.5)^nu)`` in the law: exact for
+        the ``paper`` recipe (three equal operands), an assumption elsewhere (docs/science.md
+        section 4: the operands' penalties add)."""
+        fmt = format_or_none(fmt)
+        if fmt is None:
+            return 0.0
+        return self._log2b(block_size) / self._format_factor(fmt) / self.FITTED_OPERANDS
+
+    def recipe_loss(self, N, D, factor: float):
+        """The law's loss (nats/token) for a recipe whose operand factors sum to ``factor``."""
+        N, D = positive_array("N", N), positive_array("D", D)
+        return scalar_or_array(self._loss_from_factor(N, D, 1.0, factor))
+
+    def recipe_critical_data_size(self, N, factor: float):
+        """D_crit (tokens) for a recipe whose operand factors sum to ``factor``:
+        ``[d g N^a / factor]^(1/(2b))``; inf when nothing is quantized (``factor == 0``)."""
+        N = positive_array("N", N)
+        if factor <= 0:
+            return scalar_or_array(np.full_like(N, np.inf))
+        return scalar_or_array((self.d * self.g * N**self.a / factor) ** (1.0 / (2.0 * self.b)))
+
+    def token_value(
+        self,
+        N,
+        D,
+        fmt: Optional[FormatLike],
+        block_size: Union[int, str] = DEFAULT_BLOCK_SIZE,
+        *,
+        shared_elements: Optional[float] = None,
+    ):
         """What one more token is worth in ``fmt``, relative to unquantized training (dimensionless).
 
         The ratio of dL/dlog D with and without the penalty term:
@@ -188,16 +288,25 @@ class CapybaraLaw(PrecisionLaw):
         it (more tokens raise the loss).
         """
         N, D = positive_array("N", N), positive_array("D", D)
-        d_crit = np.asarray(self.critical_data_size(N, fmt, block_size), dtype=float)
+        self.check_range(N, D)
+        d_crit = self._critical(N, fmt, self._log2b(block_size, shared_elements))
         return scalar_or_array(1.0 - (D / d_crit) ** (2.0 * self.b))
 
-    def min_loss(self, N, fmt: Optional[FormatLike], block_size: Union[int, str] = DEFAULT_BLOCK_SIZE):
+    def min_loss(
+        self,
+        N,
+        fmt: Optional[FormatLike],
+        block_size: Union[int, str] = DEFAULT_BLOCK_SIZE,
+        *,
+        shared_elements: Optional[float] = None,
+    ):
         """The lowest loss N parameters reach in ``fmt`` (nats/token): the loss at D_crit.
 
         At D_crit the data term equals the penalty, so L_min = n/N^a + eps + 2 d / D_crit^b.
         """
         N = positive_array("N", N)
-        d_crit = np.asarray(self.critical_data_size(N, fmt, block_size), dtype=float)
+        self.check_range(N)
+        d_crit = self._critical(N, fmt, self._log2b(block_size, shared_elements))
         with np.errstate(divide="ignore"):
             return scalar_or_array(self.n / N**self.a + self.eps + 2.0 * self.d / d_crit**self.b)
 
@@ -208,34 +317,47 @@ class CapybaraLaw(PrecisionLaw):
         s = self.dl + self.nu
         return self.dl * bits / s - 0.5, self.nu * bits / s - 0.5
 
-    def optimal_format(self, bits: int) -> FPFormat:
-        """The best integer E/M split for ``bits`` total bits (1 sign + E + M), as an FPFormat.
+    def optimal_format(self, bits: int, *, any_split: bool = False) -> FPFormat:
+        """The format of ``bits`` total bits (1 sign + E + M) with the smallest quantization penalty.
 
-        Chosen by evaluating the law's precision term: the integer pair with E + M = bits - 1
-        (E <= 8, M <= 23, the FPFormat limits) that minimises the quantization penalty
-        1/((E+0.5)^dl (M+0.5)^nu). The result is parsed from its "eXmY" name, so a split that
-        is a hardware format carries that format's special-value mode (e4m3 -> OCP E4M3FN,
-        e8m7 -> BF16); the law itself ignores the mode.
+        By default only the formats in use (:data:`FORMATS_IN_USE`) compete, and a width with
+        none of them (2, 3, 5, 7, 9..15, 17..31 bits) is a ValueError. ``any_split=True`` lets
+        every split with E + M = bits - 1 (E in 1..8, M <= 23) compete instead: E0My is left
+        out because it is the same grid as E1M(y-1) (:func:`canonical_em`). The winner minimises
+        1/((E+0.5)^dl (M+0.5)^nu); it is parsed from its "eXmY" name, so a hardware format
+        carries its special-value mode (e4m3 -> OCP E4M3FN, e8m7 -> BF16), which the law ignores.
         """
         bits = check_bits(bits, 1 + MAX_EBITS + MAX_MBITS)
-        best = min(
-            ((e, bits - 1 - e) for e in range(0, bits) if e <= MAX_EBITS and bits - 1 - e <= MAX_MBITS),
-            key=lambda em: -((em[0] + 0.5) ** self.dl) * (em[1] + 0.5) ** self.nu,
-        )
-        return FPFormat.parse(f"e{best[0]}m{best[1]}")
+        if any_split:
+            pairs = [(e, bits - 1 - e) for e in range(1, bits) if e <= MAX_EBITS and bits - 1 - e <= MAX_MBITS]
+            if not pairs:  # bits = 2: E1M0 (= E0M1) is the only grid
+                pairs = [(1, 0)]
+            cands = [FPFormat.parse(f"e{e}m{m}") for e, m in pairs]
+        else:
+            cands = [f for f in (FPFormat.parse(n) for n in FORMATS_IN_USE) if f.bits == bits]
+            if not cands:
+                widths = ", ".join(f"{n} ({FPFormat.parse(n).bits})" for n in FORMATS_IN_USE)
+                raise ValueError(
+                    f"bits={bits} is not valid: no format in use has {bits} bits (in use: {widths}); "
+                    "pass any_split=True to consider every ExMy split"
+                )
+        return max(cands, key=self._format_factor)
 
-    def precision_parameter_tradeoff(self, P_from, P_to):
-        """Factor on N when moving from P_from to P_to bits at fixed compute (dimensionless).
+    def _plan_formats(self, any_split: bool = False) -> list[FPFormat]:
+        """The planners' integer candidates: the formats in use, or every width's best split."""
+        if any_split:
+            return [self.optimal_format(p, any_split=True) for p in range(2, self._max_bits() + 1)]
+        return [FPFormat.parse(n) for n in FORMATS_IN_USE]
 
-        Runs that end exactly at D_crit with C = k P N D satisfy (substitute D = C/(kPN) in
-        D_crit^(2b) ∝ N^a P^(dl+nu), with the real-valued best split)
-        ``P^(dl+nu+2b) * N^(a+2b) = const`` (docs/science.md section 4), hence
-        ``N_to / N_from = (P_from / P_to)^((dl+nu+2b)/(a+2b))``.
-        """
-        P_from, P_to = positive_array("P_from", P_from), positive_array("P_to", P_to)
-        return scalar_or_array((P_from / P_to) ** ((self.dl + self.nu + 2 * self.b) / (self.a + 2 * self.b)))
-
-    def effective_params(self, N, D, fmt: Optional[FormatLike], block_size: Union[int, str] = DEFAULT_BLOCK_SIZE):
+    def effective_params(
+        self,
+        N,
+        D,
+        fmt: Optional[FormatLike],
+        block_size: Union[int, str] = DEFAULT_BLOCK_SIZE,
+        *,
+        shared_elements: Optional[float] = None,
+    ):
         """N_eff: the unquantized model size with the same predicted loss at the same D (parameters).
 
         Solves n/N_eff^a = n/N^a + penalty(N, D, fmt, B):
@@ -243,5 +365,6 @@ class CapybaraLaw(PrecisionLaw):
         because the Capybara penalty grows with the data.
         """
         N, D = positive_array("N", N), positive_array("D", D)
-        penalty = np.asarray(self.quantization_penalty(N, D, fmt, block_size), dtype=float)
+        self.check_range(N, D)
+        penalty = self._penalty(N, D, fmt, self._log2b(block_size, shared_elements))
         return scalar_or_array((self.n / (self.n * N ** (-self.a) + penalty)) ** (1.0 / self.a))
