@@ -87,3 +87,24 @@ def test_lightning_cli_example_runs_from_yaml(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "precision e2m1 -> e4m3" in result.stderr + result.stdout
     assert "e4m3 -> bf16" in result.stderr + result.stdout
+
+
+@pytest.mark.slow
+def test_the_demo_never_crashes_on_short_runs_a_tiny_model_or_a_baseline(tmp_path):
+    from lightning_fpq.demo.run import run_demo
+
+    cfg = load_config(
+        None,
+        (
+            f"out={tmp_path}",
+            "steps=4",
+            "model=tiny",
+            "baseline=true",
+            "progress_bar=false",
+            "val_samples=8",
+            "batch_size=4",
+        ),
+    )
+    results = run_demo(cfg)
+    assert [r.name for r in results] == ["progressive", "baseline-bf16"]
+    assert all(r.tokens == 4 * 4 * 128 for r in results) and (tmp_path / "demo.png").is_file()

@@ -13,6 +13,7 @@ The embeddings are ``tok_emb`` and ``pos_emb``.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any, Union
 
@@ -52,10 +53,13 @@ class GPTConfig:
             )
 
     @classmethod
-    def from_name(cls, name: Union[str, GPTConfig]) -> GPTConfig:
-        """A named size (case-insensitive), or ``name`` itself if it is already a config."""
+    def from_name(cls, name: Union[str, GPTConfig, Mapping[str, Any]]) -> GPTConfig:
+        """A named size (case-insensitive), ``name`` itself if it is already a config, or a config
+        built from a mapping of its fields (what a logger can save as hyperparameters)."""
         if isinstance(name, GPTConfig):
             return name
+        if isinstance(name, Mapping):
+            return _config.from_mapping(cls, name, what="GPT config")
         key = str(name).lower()
         if key not in GPT_CONFIGS:
             raise ValueError(f"unknown GPT config {name!r}; valid names: {sorted(GPT_CONFIGS)}")
@@ -261,7 +265,7 @@ class GPTLightning(LightningModule):
 
     def __init__(
         self,
-        config: Union[GPTConfig, str] = "demo",
+        config: Union[GPTConfig, str, Mapping[str, Any]] = "demo",
         lr: float = 3e-3,
         weight_decay: float = 0.1,
         warmup_steps: int = 50,

@@ -9,6 +9,7 @@ CSV logs, and a summary table.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 import os
 import time
@@ -98,10 +99,13 @@ def _trainer_for(cfg: DemoConfig, name: str, schedule: list[str], law: Any):
     from ..lightning.progressive import ProgressivePrecision
     from ..recipe import QuantRecipe
     from .data import ByteCorpusDataModule
-    from .model import GPTLightning
+    from .model import GPTConfig, GPTLightning
 
     seed_everything(cfg.seed, verbose=False)
-    model = GPTLightning(cfg.model, lr=cfg.lr, warmup_steps=cfg.warmup_steps, max_steps=cfg.steps)
+    # the model sees windows of cfg.block_size bytes: its position table must be that long
+    # (a mapping, not the frozen config: the CSV logger writes the hyperparameters as YAML)
+    config = dataclasses.asdict(dataclasses.replace(GPTConfig.from_name(cfg.model), block_size=cfg.block_size))
+    model = GPTLightning(config, lr=cfg.lr, warmup_steps=cfg.warmup_steps, max_steps=cfg.steps)
     data = ByteCorpusDataModule(
         block_size=cfg.block_size,
         batch_size=cfg.batch_size,
@@ -120,12 +124,13 @@ def _trainer_for(cfg: DemoConfig, name: str, schedule: list[str], law: Any):
         accelerator=cfg.accelerator,
         devices=1,
         max_steps=cfg.steps,
+        max_epochs=1,  # one epoch holds every step (samples_per_epoch); the bar reads "Epoch 0/0", not "0/-2"
         plugins=[plugin],
         callbacks=callbacks,
         logger=CSVLogger(cfg.out, name=name, version=""),
-        val_check_interval=cfg.val_every,
+        val_check_interval=min(cfg.val_every, cfg.steps),  # a short run still validates and logs
         check_val_every_n_epoch=None,
-        log_every_n_steps=5,
+        log_every_n_steps=min(5, cfg.steps),
         enable_checkpointing=False,
         enable_progress_bar=cfg.progress_bar,
         enable_model_summary=False,
@@ -172,7 +177,9 @@ def run_one(cfg: DemoConfig, name: str, schedule: list[str], law: Any) -> RunRes
 
 def read_metrics(path: Path) -> list[dict[str, float]]:
     """CSVLogger rows as dicts of the columns that have a value in that row."""
-    rows = []
+    rows: list[dict[str, float]] = []
+    if not path.is_file():  # nothing was logged
+        return rows
     with open(path, newline="") as handle:
         for raw in csv.DictReader(handle):
             rows.append({k: float(v) for k, v in raw.items() if v not in ("", None)})
