@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from scipy.optimize import brentq, minimize, minimize_scalar
+from scipy.optimize import minimize, minimize_scalar
 
 from lightning_fpq.formats import FPFormat
 from lightning_fpq.scaling.capybara import CapybaraLaw
@@ -115,12 +115,39 @@ def test_critical_data_size_is_where_the_loss_is_lowest(law, N, fmt, block):
 def test_critical_data_size_grows_with_params_bits_and_smaller_blocks(law):
     N = np.array([1e8, 1e9, 1e10, 1e11])
     assert np.all(np.diff(law.critical_data_size(N, "e4m3", 128)) > 0)
-    by_bits = [law.critical_data_size(1e9, law.optimal_format(p), 128) for p in range(2, 17)]
+    by_bits = [law.critical_data_size(1e9, law.optimal_format(p, any_split=True), 128) for p in range(2, 17)]
     assert all(lo < hi for lo, hi in zip(by_bits, by_bits[1:]))
     by_block = [law.critical_data_size(1e9, "e2m1", b) for b in (16, 32, 64, 128, 256, 1024, "channel", "tensor")]
     assert all(small > large for small, large in zip(by_block, by_block[1:]))
     assert law.critical_data_size(1e9, "e2m1", 1) == math.inf  # one scale per element: no penalty
     assert law.critical_data_size(1e9, None) == math.inf
+
+
+def test_shared_elements_replace_the_papers_channel_and_tensor_constants(law):
+    N, D = 1e9, 1e11
+    # nothing given: the paper's constants, 13.1567 for a channel and our 2 x 13.1567 for a tensor
+    assert law.loss(N, D, "e2m1", "channel") == pytest.approx(hand_loss(N, D, 2, 1, 13.1567), rel=1e-12)
+    assert law.loss(N, D, "e2m1", "tensor") == pytest.approx(hand_loss(N, D, 2, 1, 2 * 13.1567), rel=1e-12)
+    # a 4096-long channel (log2 = 12), a 1024 x 4096 tensor (log2 = 22)
+    assert law.loss(N, D, "e2m1", "channel", shared_elements=4096) == pytest.approx(
+        hand_loss(N, D, 2, 1, 12.0), rel=1e-12
+    )
+    assert law.critical_data_size(N, "e4m3", "tensor", shared_elements=1024 * 4096) == pytest.approx(
+        (PAPER["d"] * PAPER["g"] * N ** PAPER["a"] * 4.5 ** PAPER["dl"] * 3.5 ** PAPER["nu"] / 22.0)
+        ** (1 / (2 * PAPER["b"])),
+        rel=1e-12,
+    )
+    assert log2_block_size("channel", shared_elements=2**20) == 20.0
+    assert law.plan_format(1e23, "e2m1", block_size="channel", shared_elements=128) == pytest.approx(
+        law.plan_format(1e23, "e2m1", block_size=128), rel=1e-12
+    )
+    plan = law.optimal_precision(1e23, block_size="tensor", shared_elements=128)
+    assert plan.bits == pytest.approx(law.optimal_precision(1e23, block_size=128).bits, rel=1e-9)
+    for bad in (0, -5, float("nan"), "many", True):
+        with pytest.raises(ValueError, match="shared_elements=.* is not valid: expected a number >= 1"):
+            law.loss(N, D, "e2m1", "channel", shared_elements=bad)
+    with pytest.raises(ValueError, match="shared_elements=64 contradicts block_size=128"):
+        law.loss(N, D, "e2m1", 128, shared_elements=64)
 
 
 def test_token_value_is_one_minus_the_ratio_to_the_power_2b(law):
@@ -159,10 +186,10 @@ BEST = {
 
 @pytest.mark.parametrize("bits", range(2, 17))
 def test_optimal_format_for_every_width(law, bits):
-    fmt = law.optimal_format(bits)
+    fmt = law.optimal_format(bits, any_split=True)
     assert (fmt.ebits, fmt.mbits) == BEST[bits] and fmt.bits == bits
-    # brute force over every integer pair, minimising the quantization penalty 1/((E+.5)^dl (M+.5)^nu)
-    pairs = [(e, bits - 1 - e) for e in range(bits)]
+    # brute force over every integer pair (E >= 1: E0My is E1M(y-1)), minimising 1/((E+.5)^dl (M+.5)^nu)
+    pairs = [(e, bits - 1 - e) for e in range(1, bits)] or [(1, 0)]
     brute = min(pairs, key=lambda em: 1.0 / ((em[0] + 0.5) ** PAPER["dl"] * (em[1] + 0.5) ** PAPER["nu"]))
     assert brute == BEST[bits]
     # and it rounds the real optimum E_opt = dl P/(dl+nu) - 0.5 (docs/science.md section 4)
@@ -182,9 +209,51 @@ def test_published_best_formats_are_the_hardware_ones(law):
 
 def test_optimal_format_respects_format_limits(law):
     assert law.optimal_format(32).name == "fp32"  # E8M23: E capped at 8
+    assert law.optimal_format(32, any_split=True).name == "fp32"
     for bad in (1, 33, 4.0, "8", True):
         with pytest.raises(ValueError, match="bits="):
             law.optimal_format(bad)
+
+
+# the formats hardware and papers use (OCP MX FP4/FP6, OCP FP8, float8_e3m4, IEEE fp16, bf16, fp32), by hand
+IN_USE = {(2, 1), (2, 3), (3, 2), (4, 3), (5, 2), (3, 4), (5, 10), (8, 7), (8, 23)}
+CALIBRATION = (
+    Path(__file__).resolve().parents[1] / "lightning_fpq" / "scaling" / "calibrations" / "demo_calibration.yaml"
+)
+
+
+@pytest.mark.parametrize("which", ["paper", "demo-calibration"])
+def test_optimal_format_proposes_only_formats_in_use_unless_asked(law, which):
+    # issue 12: the shipped calibration answered e0m1, e0m2, e1m2, e2m5 for 2/3/4/8 bits
+    the_law = law if which == "paper" else load_law(CALIBRATION)
+    for bits in range(2, 33):
+        if bits in {e + m + 1 for e, m in IN_USE}:
+            fmt = the_law.optimal_format(bits)
+            assert (fmt.ebits, fmt.mbits) in IN_USE and fmt.bits == bits
+        else:
+            with pytest.raises(ValueError, match=f"bits={bits} is not valid: no format in use.*any_split=True"):
+                the_law.optimal_format(bits)
+        assert the_law.optimal_format(bits, any_split=True).ebits >= 1  # never an E0 duplicate
+    plan = the_law.optimal_precision(np.array([1e18, 1e23]))
+    assert all((f.ebits, f.mbits) in IN_USE for f in plan.format)
+
+
+def test_identical_grids_get_identical_predictions(law):
+    from lightning_fpq.quantize import quantize
+
+    x = torch.randn(64, 128, generator=torch.Generator().manual_seed(0))
+    for y in range(0, 5):
+        e0, e1 = FPFormat(ebits=0, mbits=y + 1), FPFormat(ebits=1, mbits=y)
+        # brute force: the same grid up to a factor, so block scaling quantizes identically
+        a, b = np.sort(e0.values().numpy()), np.sort(e1.values().numpy())
+        np.testing.assert_array_equal(a / a.max(), b / b.max())
+        assert torch.equal(quantize(x, e0, block_size=32), quantize(x, e1, block_size=32))
+        for the_law in (law, load_law(CALIBRATION)):
+            assert the_law.loss(1e9, 1e11, e0, 32) == the_law.loss(1e9, 1e11, e1, 32)
+            assert the_law.critical_data_size(1e9, e0, 32) == the_law.critical_data_size(1e9, e1, 32)
+            assert the_law.operand_factor(e0, 32) == the_law.operand_factor(e1, 32)
+    # the representative is E1M(y-1): the law as written, evaluated at E = 1, M = 1 for e0m2
+    assert law.loss(1e9, 1e11, "e0m2", 32) == pytest.approx(hand_loss(1e9, 1e11, 1, 1, 5.0), rel=1e-12)
 
 
 # --------------------------------------------------------------- compute-optimal precision
@@ -250,9 +319,13 @@ def test_channel_wise_optimum_passes_8_bits_at_1e31(law):
 def test_integer_format_plan_is_the_best_candidate(law):
     plan = law.optimal_precision(1e23, block_size=128)
     assert plan.format_loss >= plan.loss - 1e-12  # integer splits cannot beat the relaxed optimum
-    for name in ("e2m1", "e3m2", "e4m3", "bf16", "e2m2", "e3m3"):
+    for name in ("e2m1", "e2m3", "e3m2", "e4m3", "e5m2", "e3m4", "fp16", "bf16", "fp32"):  # the formats in use
         _, _, loss = law.plan_format(1e23, name, block_size=128)
         assert plan.format_loss <= loss + 1e-12
+    anything = law.optimal_precision(1e23, block_size=128, formats="any")  # every width's best split
+    for name in ("e2m1", "e3m2", "e4m3", "bf16", "e2m2", "e3m3"):
+        assert anything.format_loss <= law.plan_format(1e23, name, block_size=128)[2] + 1e-12
+    assert anything.format.name == "e2m2"  # 5 bits: no hardware runs it, so only when asked
     n_, d_, loss = law.plan_format(1e23, plan.format, block_size=128)
     assert (n_, d_, loss) == pytest.approx((plan.format_params, plan.format_tokens, plan.format_loss), rel=1e-6)
     restricted = law.optimal_precision(1e23, formats=["e4m3", "bf16"])
@@ -298,25 +371,26 @@ def test_optimal_precision_rejects_bad_arguments(law):
 # ------------------------------------------------------------ exchange rate, N_eff
 
 
-def test_precision_parameter_tradeoff_by_root_finding(law):
-    # the N whose compute-C run ends exactly at D_crit: C/(kPN) = D_crit(N, P) with the relaxed split
-    c, C, log2b = PAPER, 1e24, 7.0
+def test_compute_optimal_n_moves_1_6x_from_16_to_8_bits_not_50x(law):
+    # issue 12: the old precision_parameter_tradeoff(16, 8) answered 50.4x, a relation between runs that end
+    # at D_crit (the fixed-N optimum), not the compute-optimal N. The compute-optimal N per format, by scipy:
+    C = 1e23
 
-    def n_at_dcrit(P):
-        def gap(lnN):
-            N = math.exp(lnN)
-            d_crit = (c["d"] * c["g"] * N ** c["a"] * relaxed_q(P) / log2b) ** (1 / (2 * c["b"]))
-            return math.log(C / (K * P * N)) - math.log(d_crit)
-
-        return math.exp(brentq(gap, 0.0, 80.0, xtol=1e-14))
-
-    for p_from, p_to in ((16, 8), (8, 4), (6, 5)):
-        assert law.precision_parameter_tradeoff(p_from, p_to) == pytest.approx(
-            n_at_dcrit(p_to) / n_at_dcrit(p_from), rel=1e-8
+    def n_opt(E, M, P):
+        res = minimize_scalar(
+            lambda x: hand_loss(math.exp(x), C / (K * P * math.exp(x)), E, M, 7.0),
+            bounds=(math.log(1e8), math.log(1e13)),
+            method="bounded",
+            options={"xatol": 1e-10},
         )
-    # the exponent of docs/science.md section 4: P^(dl+nu+2b) N^(a+2b) = const
-    expo = (c["dl"] + c["nu"] + 2 * c["b"]) / (c["a"] + 2 * c["b"])
-    assert law.precision_parameter_tradeoff(16, 8) == pytest.approx(2**expo, rel=1e-12)
+        return math.exp(res.x)
+
+    n16, n8 = n_opt(8, 7, 16), n_opt(4, 3, 8)
+    assert (n16, n8) == (pytest.approx(6.34e10, rel=2e-3), pytest.approx(1.03e11, rel=3e-3))
+    assert law.plan_format(C, "bf16")[0] == pytest.approx(n16, rel=1e-5)
+    assert law.plan_format(C, "e4m3")[0] == pytest.approx(n8, rel=1e-5)
+    assert n8 / n16 == pytest.approx(1.62, abs=0.01)
+    assert not hasattr(law, "precision_parameter_tradeoff")  # removed: it answered another question
 
 
 def test_effective_params_give_the_same_loss_unquantized(law):
@@ -397,10 +471,22 @@ def test_bad_law_files_raise_one_clear_error(tmp_path):
 # ------------------------------------------------------------------ Kumar and Chinchilla
 
 
-def test_kumar_loss_by_hand():
+# arXiv 2411.04330: g from the main text, offsets n from Appendix K, Table 2 (copied by hand)
+KUMAR_G_N = ((2.6745, 0.3037), (2.2102, 1.4072), (0.9578, 2.4185))
+
+
+def kumar_f(P):
+    return math.prod(1 - math.exp(-P / g + n) for g, n in KUMAR_G_N)
+
+
+def test_kumar_loss_by_hand_with_the_appendix_k_offsets():
     law = KumarLaw.paper()
     P = 8.0
-    f = (1 - math.exp(-P / 2.6745)) * (1 - math.exp(-P / 2.2102)) * (1 - math.exp(-P / 0.9578))
+    f = (
+        (1 - math.exp(-P / 2.6745 + 0.3037))
+        * (1 - math.exp(-P / 2.2102 + 1.4072))
+        * (1 - math.exp(-P / 0.9578 + 2.4185))
+    )
     expected = 4.299e3 * (1e9 * f) ** -0.4965 + 1.806e4 * 1e11**-0.4965 + 2.7648
     assert law.loss(1e9, 1e11, "e0m7") == pytest.approx(expected, rel=1e-12)
     assert law.loss(1e9, 1e11, "e4m3") == pytest.approx(expected, rel=1e-12)  # only the bit count matters
@@ -409,16 +495,25 @@ def test_kumar_loss_by_hand():
     assert law.optimal_format(8) == FPFormat(ebits=0, mbits=7)
 
 
-def test_kumar_joint_optimum_is_independent_of_compute():
-    # alpha = beta: the inner optimum over N leaves L* proportional to (P / f(P))^(alpha/2), so P* minimises P/f(P)
+def test_kumar_factor_is_clamped_below_the_fitted_range_and_says_so():
     law = KumarLaw.paper()
+    # activations: 1 - exp(-P/2.2102 + 1.4072) = 0 at P = 2.2102 * 1.4072 = 3.110 bits
+    with pytest.warns(UserWarning, match="clamped to 0"):
+        assert law.precision_factor(3.0) == 0.0
+    with pytest.warns(UserWarning, match="clamped to 0"):
+        assert law.loss(1e9, 1e11, "e1m1") == math.inf
+    assert law.precision_factor(3.2) == pytest.approx(kumar_f(3.2), rel=1e-12) and kumar_f(3.2) > 0
 
-    def ratio(P):
-        return P / ((1 - math.exp(-P / 2.6745)) * (1 - math.exp(-P / 2.2102)) * (1 - math.exp(-P / 0.9578)))
 
-    expected = minimize_scalar(ratio, bounds=(2, 24), method="bounded", options={"xatol": 1e-10}).x
+def test_kumar_joint_optimum_is_seven_bits_independent_of_compute():
+    # alpha = beta: the inner optimum over N leaves L* proportional to (P / f(P))^(alpha/2), so P* minimises
+    # P/f(P); with the Appendix K offsets that is 7.0 bits, the paper's "7-8 bits" (without them: 3.47)
+    law = KumarLaw.paper()
+    expected = minimize_scalar(lambda P: P / kumar_f(P), bounds=(4, 16), method="bounded", options={"xatol": 1e-10}).x
+    assert expected == pytest.approx(7.00, abs=0.005)
     plan = law.optimal_precision(np.array([1e21, 1e25]), block_size=128)
     np.testing.assert_allclose(plan.bits, expected, rtol=1e-4)
+    assert [f.bits for f in plan.format] == [7, 7]
 
 
 def test_chinchilla_by_hand_and_compute_optimal():
@@ -488,3 +583,39 @@ def test_scaling_and_fitting_do_not_import_lightning():
             if m.split(".")[0] in ("lightning", "pytorch_lightning", "scipy", "matplotlib")
             and not (name == "fitting.py" and m.startswith("scipy"))
         ], (name, modules)
+
+
+# ------------------------------------------------------------------------ extrapolation
+
+
+def test_extrapolation_warns_beyond_twice_the_fitted_range(law):
+    import warnings
+
+    from lightning_fpq.scaling.law import ExtrapolationWarning
+
+    # the paper fitted 41M-679M parameters and 10B-100B tokens (docs/science.md section 4)
+    with pytest.warns(ExtrapolationWarning) as record:
+        assert law.loss(7e6, 2e3, "e2m1") == pytest.approx(hand_loss(7e6, 2e3, 2, 1, 7.0), rel=1e-12)
+    found = sorted((w.message.quantity, w.message.value, w.message.low, w.message.high) for w in record)
+    assert found == [("D", 2e3, 1e10, 1e11), ("N", 7e6, 41e6, 679e6)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        law.loss(20.6e6, 5.1e9, "e2m1")  # inside: just above 41M/2 and 10B/2
+        law.critical_data_size(1.35e9, "e2m1")  # just below 2 x 679M
+    with pytest.warns(ExtrapolationWarning, match="N above the range"):
+        law.critical_data_size(1.4e9, "e2m1")
+    with pytest.warns(ExtrapolationWarning, match="N below the range"):
+        law.plan_format(1e10, "e2m1")  # issue 12: N = 357 parameters
+    assert law.extrapolation(N=5e8, D=5e10) == []
+    assert CapybaraLaw(**PAPER).extrapolation(N=1.0, D=1.0) == []  # no range known: no warning
+
+
+def test_named_laws_resolve_in_the_scaling_package():
+    from lightning_fpq.scaling.law import NAMED_LAWS, named_law_path, resolve_named_law
+
+    assert NAMED_LAWS == ("paper", "demo-calibration")
+    assert resolve_named_law(None) == resolve_named_law("paper") == CapybaraLaw.paper()
+    assert resolve_named_law("demo-calibration") == load_law(CALIBRATION)
+    assert Path(named_law_path("demo-calibration")) == CALIBRATION
+    with pytest.raises(LawFileError, match="cannot read law file 'papr'.*named laws: paper, demo-calibration"):
+        resolve_named_law("papr")

@@ -25,45 +25,29 @@ from .. import _config
 from ..formats import FPFormat
 from ..recipe import QuantRecipe
 from ..scaling.capybara import CapybaraLaw
-from ..scaling.law import load_law
+from ..scaling.law import NAMED_LAWS, resolve_named_law
 from ..scaling.params import count_params
 from ..spec import ROLES, LayerSpec
 
 LawLike = Union[None, str, os.PathLike, CapybaraLaw]
 
 
-NAMED_LAWS = ("paper", "demo-calibration")
-
-
-def named_law_path(name: str) -> str:
-    """The YAML shipped in ``lightning_fpq/scaling/calibrations/`` for a named law (``"demo-calibration"``)."""
-    from importlib.resources import files
-
-    path = files("lightning_fpq.scaling") / "calibrations" / f"{name.replace('-', '_')}.yaml"
-    if not path.is_file():
-        raise ValueError(f"law {name!r} is not shipped with this installation (no {path})")
-    return str(path)
-
-
 def resolve_law(law: LawLike) -> CapybaraLaw:
-    """None or "paper" -> the paper's constants; "demo-calibration" -> the law fitted to this
-    project's own CPU sweep (examples/calibration/); a ``CapybaraLaw``; or a YAML file saved
-    by ``law.save``."""
-    if law is None or law == "paper":
-        return CapybaraLaw.paper()
-    if law == "demo-calibration":
-        law = named_law_path(law)
-    if isinstance(law, (str, os.PathLike)):
-        if not os.path.isfile(law):
+    """None or "paper" -> the paper's constants; a named law of
+    :data:`~lightning_fpq.scaling.law.NAMED_LAWS` ("demo-calibration": fitted to this project's
+    own CPU sweep, examples/calibration/); a ``CapybaraLaw``; or a law YAML file saved by
+    ``law.save``. Only a Capybara law has a critical data size."""
+    if not isinstance(law, CapybaraLaw):
+        if law is not None and not isinstance(law, (str, os.PathLike)):
             raise ValueError(
-                f"law={os.fspath(law)!r} is neither a named law {list(NAMED_LAWS)} nor an existing law YAML file "
-                "(written by CapybaraLaw.save or lightning-fpq fit --out)"
+                f"law={law!r} is not valid: expected None, one of {NAMED_LAWS}, a CapybaraLaw or the path "
+                "of a law YAML file"
             )
-        law = load_law(law)
+        law = resolve_named_law(law)
     if not isinstance(law, CapybaraLaw):
         raise ValueError(
-            f"law={law!r} is not valid: expected None, one of {NAMED_LAWS}, a CapybaraLaw or the path "
-            "of a YAML file written by CapybaraLaw.save (KumarLaw/ChinchillaLaw have no critical data size)"
+            f"law {law.short_str()} has no critical data size (KumarLaw/ChinchillaLaw): give a CapybaraLaw, "
+            f"one of {list(NAMED_LAWS)} or a Capybara law file"
         )
     return law
 

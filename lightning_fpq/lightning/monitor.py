@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any, Optional, Union
 
@@ -12,6 +13,7 @@ from typing_extensions import override
 
 from .. import _config
 from ..recipe import QuantRecipe
+from ..scaling.law import ExtrapolationWarning
 from .critical import (
     LawLike,
     LawPoint,
@@ -121,6 +123,8 @@ class CriticalDataMonitor(Callback):
         if self.law_given is None and self._progressive is not None and self._progressive.law_given is not None:
             self.law = self._progressive.law_given  # one law per run
         self.n_params = resolve_n_params(self.n_params_arg, pl_module)
+        for warning in self.law.extrapolation(N=self.n_params):  # the model lies outside the fitted range
+            rank_zero_warn(f"[lightning-fpq] {warning}: the law's predictions for this model are extrapolated")
         self._on_switch(None, self._plugin.recipe)
         self._plugin.state.subscribe(self._on_switch)  # a precision switch changes D_crit
         self._wrap_progress_bar(trainer)
@@ -138,6 +142,12 @@ class CriticalDataMonitor(Callback):
                 f"[lightning-fpq] D_crit = {self.d_crit:.3g} tokens for {self.point.short_str()} "
                 f"(N = {self.n_params:,}; law: {self.law.short_str()}{'' if self.law_calibrated else ', uncalibrated: the paper constants'})"
             )
+
+    def _predicted_loss(self, tokens: int) -> float:
+        # early tokens lie below the law's fitted D range every run: said once at setup, not every step
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ExtrapolationWarning)
+            return predicted_loss(self.point, self.law, self.n_params, tokens)
 
     @property
     def law_calibrated(self) -> bool:
@@ -188,7 +198,7 @@ class CriticalDataMonitor(Callback):
             "fpq/d_crit": self.d_crit if math.isfinite(self.d_crit) else -1.0,
             "fpq/d_crit_fraction": fraction,
             # the final loss of a run whose schedule ends at this token count, not the loss now
-            "fpq/predicted_loss": predicted_loss(self.point, self.law, self.n_params, tokens),
+            "fpq/predicted_loss": self._predicted_loss(tokens),
             "fpq/format_bits": float(self.point.fmt.bits if self.point.fmt else 16),
             "fpq/calibrated": float(self.point.calibrated and self.law_calibrated),
         }

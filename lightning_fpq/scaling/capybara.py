@@ -23,12 +23,14 @@ import numpy as np
 from lightning_fpq.formats import MAX_EBITS, MAX_MBITS, FormatLike, FPFormat
 
 from .inputs import check_bits, format_or_none, positive_array, scalar_or_array
-from .law import CHANNEL_LOG2_BLOCK, DEFAULT_BLOCK_SIZE, Provenance, log2_block_size
+from .law import CHANNEL_LOG2_BLOCK, DEFAULT_BLOCK_SIZE, NoCriticalDataSize, Provenance, log2_block_size
 from .planning import PrecisionLaw
 
 __all__ = [
     "FORMATS_IN_USE",
     "CapybaraLaw",
+    "CeilingLaw",
+    "ceiling_loss",
     "canonical_em",
     "capybara_critical_data_size",
     "capybara_loss",
@@ -368,3 +370,128 @@ class CapybaraLaw(PrecisionLaw):
         self.check_range(N, D)
         penalty = self._penalty(N, D, fmt, self._log2b(block_size, shared_elements))
         return scalar_or_array((self.n / (self.n * N ** (-self.a) + penalty)) ** (1.0 / self.a))
+
+
+# ------------------------------------------------- a law without a loss minimum in D
+
+
+def ceiling_loss(N, D, E, M, log2b, *, n, a, d, b, eps, g, dl, nu, **_unused) -> np.ndarray:
+    """The effective-parameter ceiling law, elementwise (nats/token; docs/science.md section 8):
+
+    L = n / (N f)^a + d / D^b + eps,  f = 1 - exp(-g (E+0.5)^dl (M+0.5)^nu / log2 B)
+
+    (f = 1 for log2 B = 0: one scale per element, or no quantization)."""
+    N, D = np.asarray(N, dtype=float), np.asarray(D, dtype=float)
+    log2b = np.asarray(log2b, dtype=float)
+    with np.errstate(divide="ignore", over="ignore"):
+        f = np.where(log2b > 0, -np.expm1(-g * capybara_precision_factor(E, M, dl, nu) / log2b), 1.0)
+        return n / (N * f) ** a + d / D**b + eps
+
+
+@dataclass(frozen=True)
+class CeilingLaw(NoCriticalDataSize, PrecisionLaw):
+    """A precision-aware law for floats **without** a loss minimum in D: quantization lowers the
+    effective parameter count, as in Kumar et al. (arXiv 2411.04330), and nothing grows with D::
+
+        L = n / (N f)^a + d / D^b + eps,   f = 1 - exp(-g (E+0.5)^dl (M+0.5)^nu / log2 B)
+
+    The alternative the protocol of docs/science.md section 9 fits beside the Capybara law, to see
+    which predicts held-out runs better (``fitting.fit(kind="ceiling")``). It has no published
+    constants: :meth:`paper` returns starting values for fits (the Capybara law's n, a, d, b,
+    eps, dl, nu and g = 0.1), not a law anyone measured. Formats are mapped like the Capybara
+    law's (:func:`canonical_em`); its critical data size is inf.
+    """
+
+    n: float
+    a: float
+    d: float
+    b: float
+    eps: float
+    g: float
+    dl: float
+    nu: float
+    channel_log2_block: float = CHANNEL_LOG2_BLOCK
+    provenance: Provenance = Provenance()
+
+    kind: ClassVar[str] = "ceiling"
+    _nonnegative: ClassVar[frozenset[str]] = frozenset({"eps", "dl", "nu"})
+    FITTED: ClassVar[tuple[str, ...]] = ("n", "a", "d", "b", "eps", "g", "dl", "nu")
+    PAPER: ClassVar[dict[str, float]] = dict(
+        n=69.2343,
+        a=0.2368,
+        d=68973.0621,
+        b=0.5162,
+        eps=1.9061,
+        g=0.1,
+        dl=3.1926,
+        nu=2.9543,
+        channel_log2_block=CHANNEL_LOG2_BLOCK,
+    )
+    PAPER_PROVENANCE: ClassVar[Provenance] = Provenance(
+        source="user", note="no published constants: starting values for fits (docs/science.md section 8)"
+    )
+
+    def _log2b(self, block_size: Union[int, str], shared_elements: Optional[float] = None) -> float:
+        return log2_block_size(block_size, channel_log2=self.channel_log2_block, shared_elements=shared_elements)
+
+    def _format_factor(self, fmt: Optional[FPFormat]) -> float:
+        if fmt is None:
+            return math.inf
+        return float(capybara_precision_factor(*canonical_em(fmt.ebits, fmt.mbits), self.dl, self.nu))
+
+    def _relaxed_factor(self, bits: np.ndarray) -> np.ndarray:
+        s = self.dl + self.nu
+        bits = np.asarray(bits, dtype=float)
+        return (self.dl * bits / s) ** self.dl * (self.nu * bits / s) ** self.nu
+
+    def _loss_from_factor(self, N, D, factor, log2b) -> np.ndarray:
+        factor = np.asarray(factor, dtype=float)
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            x = np.where(np.isinf(factor) | (log2b == 0), np.inf, self.g * factor / (log2b if log2b else 1.0))
+            f = -np.expm1(-x)
+            return (
+                self.n / (np.asarray(N, dtype=float) * f) ** self.a
+                + self.d / np.asarray(D, dtype=float) ** self.b
+                + self.eps
+            )
+
+    def _max_bits(self) -> int:
+        return 1 + MAX_EBITS + MAX_MBITS
+
+    def loss(
+        self,
+        N,
+        D,
+        fmt: Optional[FormatLike],
+        block_size: Union[int, str] = DEFAULT_BLOCK_SIZE,
+        *,
+        shared_elements: Optional[float] = None,
+    ):
+        """Predicted loss (nats/token); ``fmt=None`` is unquantized (f = 1)."""
+        N, D = positive_array("N", N), positive_array("D", D)
+        self.check_range(N, D)
+        factor = self._format_factor(format_or_none(fmt))
+        return scalar_or_array(self._loss_from_factor(N, D, factor, self._log2b(block_size, shared_elements)))
+
+    def min_loss(
+        self,
+        N,
+        fmt: Optional[FormatLike],
+        block_size: Union[int, str] = DEFAULT_BLOCK_SIZE,
+        *,
+        shared_elements: Optional[float] = None,
+    ):
+        """The D -> inf limit, n / (N f)^a + eps (nats/token)."""
+        N = positive_array("N", N)
+        self.check_range(N)
+        factor = self._format_factor(format_or_none(fmt))
+        big = np.full_like(N, np.inf)
+        return scalar_or_array(self._loss_from_factor(N, big, factor, self._log2b(block_size, shared_elements)))
+
+    def optimal_format(self, bits: int, *, any_split: bool = False) -> FPFormat:
+        """As :meth:`CapybaraLaw.optimal_format`: the largest (E+0.5)^dl (M+0.5)^nu among the formats
+        in use of that width (or every E >= 1 split with ``any_split=True``)."""
+        return CapybaraLaw.optimal_format(self, bits, any_split=any_split)  # type: ignore[arg-type]
+
+    def _plan_formats(self, any_split: bool = False) -> list[FPFormat]:
+        return CapybaraLaw._plan_formats(self, any_split)  # type: ignore[arg-type]

@@ -48,13 +48,16 @@ class ChinchillaLaw(NoCriticalDataSize, ChinchillaForm):
     PAPER_PROVENANCE: ClassVar[Provenance] = Provenance(
         source="paper",
         citation="Hoffmann et al., Training Compute-Optimal Large Language Models, arXiv 2203.15556",
-        note="approach 3 (parametric fit); MassiveText, its tokenizer",
+        note="approach 3 (parametric fit); MassiveText, its tokenizer; over 400 models of 70M-16B parameters on 5B-500B tokens",
+        n_range=(7e7, 1.6e10),
+        d_range=(5e9, 5e11),
     )
 
     def loss(self, N, D, fmt: Optional[FormatLike] = None, block_size: Union[int, str] = DEFAULT_BLOCK_SIZE):
         """Predicted loss (nats/token); ``fmt`` and ``block_size`` are validated and ignored."""
         N, D = positive_array("N", N), positive_array("D", D)
         format_or_none(fmt), log2_block_size(block_size)
+        self.check_range(N, D)
         return scalar_or_array(self.E + self.A / N**self.alpha + self.B / D**self.beta)
 
     def min_loss(self, N, fmt: Optional[FormatLike] = None, block_size: Union[int, str] = DEFAULT_BLOCK_SIZE):

@@ -29,9 +29,16 @@ import numpy as np
 
 from lightning_fpq import _config
 from lightning_fpq.formats import FPFormat
-from lightning_fpq.scaling.capybara import CapybaraLaw, capybara_loss
+from lightning_fpq.scaling.capybara import (
+    CapybaraLaw,
+    CeilingLaw,
+    canonical_em,
+    capybara_critical_data_size,
+    capybara_loss,
+    ceiling_loss,
+)
 from lightning_fpq.scaling.chinchilla import ChinchillaLaw
-from lightning_fpq.scaling.kumar import KumarLaw
+from lightning_fpq.scaling.kumar import KumarLaw, kumar_factor
 from lightning_fpq.scaling.law import CHANNEL_LOG2_BLOCK, Provenance, log2_block_size
 
 __all__ = ["FitResult", "fit", "load_rows", "MIN_ROWS_PER_CONSTANT", "HUBER_DELTA"]
@@ -41,6 +48,9 @@ HUBER_DELTA = 1e-3
 
 MIN_ROWS_PER_CONSTANT = 2
 """A fit needs at least this many rows per fitted constant: fewer rows can be matched by many constant sets."""
+
+BOOTSTRAP_PERCENTILES = (5.0, 95.0)
+"""The bootstrap interval a fit reports: the 5th and 95th percentiles of the refitted values."""
 
 MIN_DISTINCT = 3
 """A power law with an offset (c / x^p + const) needs x at three or more values to be determined."""
@@ -56,10 +66,12 @@ _ALIASES = {
     "format": ("format", "fmt"),
     "bits": ("bits", "p", "precision"),
 }
-_LAWS = {"capybara": CapybaraLaw, "kumar": KumarLaw, "chinchilla": ChinchillaLaw}
+_LAWS = {"capybara": CapybaraLaw, "kumar": KumarLaw, "chinchilla": ChinchillaLaw, "ceiling": CeilingLaw}
+_FLOAT_LAWS = ("capybara", "ceiling")  # rows with E, M, B
 # which columns each law needs ("E/M" = E and M columns, or a format column; "bits" may also come from E/M)
 _NEEDS = {
     "capybara": ("N", "D", "E/M", "B", "loss"),
+    "ceiling": ("N", "D", "E/M", "B", "loss"),
     "kumar": ("N", "D", "bits", "loss"),
     "chinchilla": ("N", "D", "loss"),
 }
@@ -88,6 +100,7 @@ _BOUNDS = {
     },
     "chinchilla": {"A": (1e-2, 1e9), "alpha": (0.01, 1.5), "B": (1e-2, 1e12), "beta": (0.01, 1.5), "E": (0.0, None)},
 }
+_BOUNDS["ceiling"] = {**_BOUNDS["capybara"], "g": (1e-8, 1e4)}
 # where random starting points are drawn (inside the bounds, where fitted values usually land)
 _START_RANGES = {
     "a": (0.1, 0.8),
@@ -183,7 +196,8 @@ def load_rows(
     rows: Any, *, kind: str = "capybara", channel_log2_block: float = CHANNEL_LOG2_BLOCK
 ) -> dict[str, np.ndarray]:
     """Rows -> arrays ``N``, ``D``, ``loss`` and, as the law needs them, ``E``, ``M``, ``B``
-    (as given), ``log2b`` and ``bits``. ValueError names any missing column or bad cell."""
+    (as given), ``log2b`` and ``bits``. ValueError names any missing column or bad cell.
+    For the Capybara law an E0My row becomes E1M(y-1), the same grid (``canonical_em``)."""
     if kind not in _LAWS:
         raise ValueError(f"kind={kind!r} is not one of {sorted(_LAWS)}")
     raw, where = _columns_of(rows)
@@ -217,6 +231,10 @@ def load_rows(
     if kind == "kumar":
         out["bits"] = _numbers("bits", cols["bits"], where) if "bits" in cols else 1.0 + out["E"] + out["M"]
         return out
+    # E0My is the same grid as E1M(y-1): the law sees one representative (capybara.canonical_em)
+    em = [canonical_em(int(e), int(m)) for e, m in zip(out["E"], out["M"])]
+    out["E"] = np.array([e for e, _ in em], dtype=float)
+    out["M"] = np.array([m for _, m in em], dtype=float)
     try:  # a cell is an int ('128' or 128.0 from CSV files and data frames), 'channel' or 'tensor'
         blocks = [_config.block_size(v, allow_none=False) for v in cols["B"]]
         out["log2b"] = np.array([log2_block_size(b, channel_log2=channel_log2_block) for b in blocks], dtype=float)
@@ -245,6 +263,7 @@ def _check_identifiable(kind: str, data: dict[str, np.ndarray], free: Sequence[s
         )
     groups = {
         "capybara": [("N", ("n", "a")), ("D", ("d", "b"))],
+        "ceiling": [("N", ("n", "a")), ("D", ("d", "b"))],
         "kumar": [("N", ("A", "alpha")), ("D", ("B", "beta"))],
         "chinchilla": [("N", ("A", "alpha")), ("D", ("B", "beta"))],
     }[kind]
@@ -257,7 +276,7 @@ def _check_identifiable(kind: str, data: dict[str, np.ndarray], free: Sequence[s
                 f"{var} takes {len(values)} distinct value(s) ({shown}) but fitting {', '.join(hit)} needs "
                 f"at least {MIN_DISTINCT}: vary {var} or fix {', '.join(hit)}"
             )
-    if kind == "capybara":
+    if kind in _FLOAT_LAWS:
         prec = [c for c in ("g", "dl", "nu") if c in free]
         if prec:
             quantized = data["log2b"] > 0
@@ -314,12 +333,33 @@ class FitResult:
     starts: int
     at_bounds: tuple[str, ...]
     fixed: dict[str, float] = field(default_factory=dict)
+    intervals: dict[str, tuple[float, float]] = field(default_factory=dict)
+    d_crit: dict[str, dict[str, Any]] = field(default_factory=dict)
+    baseline: Optional[dict[str, Any]] = None
 
     def summary(self) -> str:
         n_fit = int((~self.heldout).sum())
         text = f"{type(self.law).__name__} fitted on {n_fit} rows: RMSE {self.rmse:.4g} nats, R^2 {self.r2:.4f}"
         if self.heldout_rmse is not None:
             text += f", held-out RMSE {self.heldout_rmse:.4g} nats on {int(self.heldout.sum())} rows"
+        return text
+
+    def baseline_summary(self) -> Optional[str]:
+        """One line comparing the fit with the precision-unaware Chinchilla fit of the same rows."""
+        if self.baseline is None:
+            return None
+        if "rmse" not in self.baseline:
+            return f"precision-unaware baseline (Chinchilla): not fitted ({self.baseline.get('reason', '')})"
+        base, ours = self.baseline["rmse"], self.rmse
+        text = f"precision-unaware baseline (Chinchilla, same rows): RMSE {base:.4g} nats against {ours:.4g}"
+        if self.baseline.get("heldout_rmse") is not None and self.heldout_rmse is not None:
+            text += f"; held-out {self.baseline['heldout_rmse']:.4g} against {self.heldout_rmse:.4g}"
+        gain = 1.0 - ours / base if base > 0 else float("nan")
+        text += (
+            f": the precision term removes {gain:.0%} of the baseline's RMSE"
+            if gain >= 0
+            else (": the precision term does not improve on the baseline")
+        )
         return text
 
 
@@ -329,11 +369,13 @@ def _holdout_mask(holdout: Any, data: dict[str, np.ndarray], rng: np.random.Gene
     if holdout is None:
         return mask
     if isinstance(holdout, str):
-        if holdout != "largest_N":
+        if holdout not in ("largest_N", "largest_D"):
             raise ValueError(
-                f"holdout={holdout!r} is not valid: expected None, a fraction in (0, 1), row indices, a boolean mask or 'largest_N'"
+                f"holdout={holdout!r} is not valid: expected None, a fraction in (0, 1), row indices, a boolean mask, "
+                "'largest_N' or 'largest_D'"
             )
-        return data["N"] == data["N"].max()
+        key = holdout[-1]
+        return data[key] == data[key].max()
     if isinstance(holdout, (float, np.floating)):
         if not 0.0 < holdout < 1.0:
             raise ValueError(f"holdout={holdout!r} is not valid: a fraction must lie in (0, 1)")
@@ -360,9 +402,11 @@ def _predict(kind: str, c: dict[str, float], data: dict[str, np.ndarray], channe
     N, D = data["N"], data["D"]
     if kind == "capybara":
         return capybara_loss(N, D, data["E"], data["M"], data["log2b"], **c)
+    if kind == "ceiling":
+        return ceiling_loss(N, D, data["E"], data["M"], data["log2b"], **c)
     if kind == "kumar":
         bits = data["bits"]
-        factor = (1 - np.exp(-bits / c["g_w"])) * (1 - np.exp(-bits / c["g_a"])) * (1 - np.exp(-bits / c["g_kv"]))
+        factor = kumar_factor(bits, bits, bits, **c)
         return c["A"] * (N * factor) ** (-c["alpha"]) + c["B"] * D ** (-c["beta"]) + c["E"]
     return c["E"] + c["A"] / N ** c["alpha"] + c["B"] / D ** c["beta"]
 
@@ -405,14 +449,18 @@ def fit(
     seed: int = 0,
     huber_delta: float = HUBER_DELTA,
     channel_log2_block: float = CHANNEL_LOG2_BLOCK,
+    bootstrap: int = 0,
+    baseline: bool = False,
 ) -> FitResult:
     """Fit the constants of a scaling law to rows of runs; returns the law and its fit quality.
 
-    ``kind``: "capybara" (rows N, D, E, M, B, loss), "kumar" (N, D, bits, loss) or
-    "chinchilla" (N, D, loss). ``fixed``: constants to hold, e.g. ``{"dl": 3.1926,
+    ``kind``: "capybara" (rows N, D, E, M, B, loss), "ceiling" (the same rows; a law without
+    a loss minimum in D, :class:`~lightning_fpq.scaling.capybara.CeilingLaw`), "kumar" (N, D,
+    bits, loss) or "chinchilla" (N, D, loss). ``fixed``: constants to hold, e.g. ``{"dl": 3.1926,
     "nu": 2.9543}`` when your runs use one format. ``holdout``: rows kept out of the fit
     and scored after it: a fraction (random, seeded), row indices, a boolean mask, or
-    ``"largest_N"`` (extrapolation to the largest model, the honest test of a law).
+    ``"largest_N"`` (extrapolation to the largest model, the honest test of a law) or
+    ``"largest_D"`` (the longest runs: where a loss minimum in D would show).
 
     Objective: the sum of Huber(log predicted - log observed) with threshold
     ``huber_delta``, minimised by ``scipy.optimize.least_squares`` (trust region, bounded)
@@ -422,9 +470,16 @@ def fit(
     given to "channel" rows. Refuses (ValueError) rows that cannot determine the free
     constants: too few rows, or N, D or the formats taking too few distinct values.
 
-    Kumar rows carry one precision for weights, activations and KV cache, which makes that
-    law symmetric in g_w, g_a, g_kv: the fit determines the three values but not which is
-    which, and reports them in descending order (the published order).
+    ``bootstrap``: that many refits on rows resampled with replacement (each started from the
+    fit), giving 5-95% intervals for every fitted constant (``intervals``) and, for the Capybara
+    law, for D_crit of every quantized (format, B) in the rows at their largest N (``d_crit``).
+    ``baseline``: also fit the precision-unaware Chinchilla law to the same rows (same hold-out)
+    and report its RMSE (``baseline``). Both are stored in the law's ``provenance.extra``, and
+    the range of the fitted N and D in ``provenance.n_range``/``d_range``.
+
+    Kumar rows carry one precision for weights, activations and KV cache; the offsets
+    n_w, n_a, n_kv (Appendix K of arXiv 2411.04330) are held at the paper's values, and only
+    they tell g_w, g_a, g_kv apart, so those three are weakly determined by such rows.
     """
     try:
         from scipy.optimize import least_squares
@@ -433,6 +488,7 @@ def fit(
     if kind not in _LAWS:
         raise ValueError(f"kind={kind!r} is not one of {sorted(_LAWS)}")
     _config.integer(starts, what="starts", low=1)
+    _config.integer(bootstrap, what="bootstrap", low=0)
     _config.number(huber_delta, what="huber_delta", low=0.0, low_open=True)
     law_cls = _LAWS[kind]
     names = law_cls.FITTED
@@ -454,34 +510,53 @@ def fit(
 
     # bounds in the fitted (partly log) space; eps/E must stay below the smallest loss
     bounds = dict(_BOUNDS[kind])
-    floor_name = "eps" if kind == "capybara" else "E"
+    floor_name = "eps" if kind in _FLOAT_LAWS else "E"
     bounds[floor_name] = (0.0, float(train["loss"].min()) * (1 - 1e-9))
     lo = np.array([math.log(bounds[c][0]) if c in _LOG_SPACE else bounds[c][0] for c in free])
     hi = np.array([math.log(bounds[c][1]) if c in _LOG_SPACE else bounds[c][1] for c in free])
 
+    # Kumar's offsets stay at the paper's (the Capybara law's channel_log2_block is an argument)
+    not_fitted = {k: v for k, v in law_cls.PAPER.items() if k not in names and k != "channel_log2_block"}
+
     def constants(x: np.ndarray) -> dict[str, float]:
-        out = dict(fixed)
+        out = {**not_fitted, **fixed}
         for c, v in zip(free, x):
             out[c] = math.exp(v) if c in _LOG_SPACE else float(v)
         return out
 
-    log_obs = np.log(train["loss"])
+    def objective(rows_: dict[str, np.ndarray]):
+        """(residuals, jacobian) of log-loss on ``rows_`` as functions of the fitted coordinates."""
+        log_obs = np.log(rows_["loss"])
 
-    def residuals(x: np.ndarray) -> np.ndarray:
-        with np.errstate(all="ignore"):
-            pred = _predict(kind, constants(x), train, channel_log2_block)
-            r = np.log(pred) - log_obs
-        return np.where(np.isfinite(r), r, 1e3)  # a constant set that breaks the law scores badly
+        def residuals(x: np.ndarray) -> np.ndarray:
+            with np.errstate(all="ignore"):
+                pred = _predict(kind, constants(x), rows_, channel_log2_block)
+                r = np.log(pred) - log_obs
+            return np.where(np.isfinite(r), r, 1e3)  # a constant set that breaks the law scores badly
 
-    def jacobian(x: np.ndarray) -> np.ndarray:
-        c = constants(x)
-        with np.errstate(all="ignore"):
-            pred = _predict(kind, c, train, channel_log2_block)
-            grads = _gradients(kind, c, train)
-            jac = np.column_stack([grads[name] / pred for name in free])  # d log(pred) / d x
-        return np.where(np.isfinite(jac), jac, 0.0)
+        def jacobian(x: np.ndarray) -> np.ndarray:
+            c = constants(x)
+            with np.errstate(all="ignore"):
+                pred = _predict(kind, c, rows_, channel_log2_block)
+                grads = _gradients(kind, c, rows_)
+                jac = np.column_stack([grads[name] / pred for name in free])  # d log(pred) / d x
+            return np.where(np.isfinite(jac), jac, 0.0)
 
-    jac_arg = jacobian if kind in ("capybara", "chinchilla") else "2-point"
+        return residuals, (jacobian if kind in ("capybara", "chinchilla") else "2-point")
+
+    def solve(rows_: dict[str, np.ndarray], x0: np.ndarray):
+        residuals, jac_arg = objective(rows_)
+        return least_squares(
+            residuals,
+            x0,
+            jac=jac_arg,
+            bounds=(lo, hi),
+            loss="huber",
+            f_scale=huber_delta,
+            method="trf",
+            x_scale="jac",
+            max_nfev=2000,
+        )
 
     paper = law_cls.paper().constants()
     first = np.array([math.log(paper[c]) if c in _LOG_SPACE else paper[c] for c in free])
@@ -500,17 +575,7 @@ def fit(
     best = None
     for x0 in starts_x:
         try:
-            res = least_squares(
-                residuals,
-                x0,
-                jac=jac_arg,
-                bounds=(lo, hi),
-                loss="huber",
-                f_scale=huber_delta,
-                method="trf",
-                x_scale="jac",
-                max_nfev=2000,
-            )
+            res = solve(train, x0)
         except (ValueError, np.linalg.LinAlgError):
             continue  # a start the solver cannot use; the others decide
         if best is None or res.cost < best.cost:
@@ -521,12 +586,6 @@ def fit(
         )
 
     consts = constants(best.x)
-    gammas = ("g_w", "g_a", "g_kv")
-    if kind == "kumar" and all(c in free for c in gammas):
-        # one precision for all operands makes the law symmetric in the three gammas: only
-        # their set is determined. Report it in the published order, g_w >= g_a >= g_kv.
-        for name, value in zip(gammas, sorted((consts[c] for c in gammas), reverse=True)):
-            consts[name] = value
     span = hi - lo
     at_bounds = tuple(
         c for c, v, low, high, s in zip(free, best.x, lo, hi, span) if (v - low) < 1e-6 * s or (high - v) < 1e-6 * s
@@ -541,7 +600,63 @@ def fit(
     r2 = 1.0 - float(np.sum(r_train**2)) / ss_tot if ss_tot > 0 else float("nan")
     heldout_rmse = float(np.sqrt(np.mean(resid[held] ** 2))) if held.any() else None
 
-    extra = {"channel_log2_block": channel_log2_block} if kind == "capybara" else {}
+    # bootstrap: refit on resampled rows, from the fit
+    samples = []
+    boot_rng = np.random.default_rng([seed, 1])
+    n_train = len(train["loss"])
+    for _ in range(bootstrap):
+        pick = boot_rng.integers(0, n_train, size=n_train)
+        try:
+            res = solve({k: v[pick] for k, v in train.items()}, best.x)
+        except (ValueError, np.linalg.LinAlgError):
+            continue
+        samples.append(constants(res.x))
+    intervals: dict[str, tuple[float, float]] = {}
+    d_crit: dict[str, dict[str, Any]] = {}
+    if len(samples) >= 2:
+        for c in free:
+            lo_q, hi_q = np.percentile([smp[c] for smp in samples], BOOTSTRAP_PERCENTILES)
+            intervals[c] = (float(lo_q), float(hi_q))
+    if kind == "capybara":
+        n_top = float(train["N"].max())
+        for key, (e, m, lb) in _quantized_settings(train).items():
+            value = float(capybara_critical_data_size(n_top, e, m, lb, **consts))
+            entry: dict[str, Any] = {"N": n_top, "value": value}
+            if len(samples) >= 2:
+                draws = [float(capybara_critical_data_size(n_top, e, m, lb, **smp)) for smp in samples]
+                entry["interval"] = [float(q) for q in np.percentile(draws, BOOTSTRAP_PERCENTILES)]
+            d_crit[key] = entry
+
+    base_info: Optional[dict[str, Any]] = None
+    if baseline and kind != "chinchilla":
+        try:
+            base = fit(
+                {"N": data["N"], "D": data["D"], "loss": data["loss"]},
+                kind="chinchilla",
+                holdout=held,
+                starts=4,
+                seed=seed,
+                huber_delta=huber_delta,
+            )
+            base_info = {"kind": "chinchilla", "rmse": base.rmse, "heldout_rmse": base.heldout_rmse}
+            base_info["constants"] = base.law.constants()
+        except ValueError as err:
+            base_info = {"kind": "chinchilla", "reason": str(err)}
+
+    extra_info: dict[str, Any] = {}
+    if bootstrap:
+        extra_info["bootstrap"] = {
+            "resamples": bootstrap,
+            "converged": len(samples),
+            "percentiles": list(BOOTSTRAP_PERCENTILES),
+            "constants": {c: list(v) for c, v in intervals.items()},
+            "d_crit": d_crit,
+            "samples": [{c: float(v) for c, v in smp.items()} for smp in samples],
+        }
+    if base_info is not None:
+        extra_info["baseline"] = base_info
+
+    extra = {"channel_log2_block": channel_log2_block} if kind in _FLOAT_LAWS else {}
     fixed_note = f"; fixed {fixed}" if fixed else ""
     law = law_cls(
         **consts,
@@ -554,6 +669,9 @@ def fit(
             r2=r2,
             heldout_rmse=heldout_rmse,
             note=f"Huber (delta {huber_delta:g}) on log loss, {len(starts_x)} starts, seed {seed}{fixed_note}",
+            n_range=(float(train["N"].min()), float(train["N"].max())),
+            d_range=(float(train["D"].min()), float(train["D"].max())),
+            extra=extra_info or None,
         ),
     )
     return FitResult(
@@ -569,4 +687,16 @@ def fit(
         starts=len(starts_x),
         at_bounds=at_bounds,
         fixed=fixed,
+        intervals=intervals,
+        d_crit=d_crit,
+        baseline=base_info,
     )
+
+
+def _quantized_settings(data: dict[str, np.ndarray]) -> dict[str, tuple[float, float, float]]:
+    """'e2m1 B=32' -> (E, M, log2 B) for every quantized (format, block) in Capybara rows."""
+    out = {}
+    for e, m, lb, b in zip(data["E"], data["M"], data["log2b"], data["B"]):
+        if lb > 0:
+            out[f"e{int(e)}m{int(m)} B={b}"] = (float(e), float(m), float(lb))
+    return dict(sorted(out.items(), key=lambda kv: (kv[1][2], kv[1][0] + kv[1][1], kv[1][0])))

@@ -75,8 +75,8 @@ class PrecisionLaw(Law):
     """A law with a precision term: the planners, over the hooks a subclass provides."""
 
     # ------------------------------------------------------------------ hooks
-    def _log2b(self, block_size: Union[int, str]) -> float:
-        """log2(B) as this law uses it (validates the block size)."""
+    def _log2b(self, block_size: Union[int, str], shared_elements: Optional[float] = None) -> float:
+        """log2(B) as this law uses it (validates the block size and ``shared_elements``)."""
         raise NotImplementedError
 
     def _format_factor(self, fmt: Optional[FPFormat]) -> float:
@@ -93,12 +93,12 @@ class PrecisionLaw(Law):
     def _max_bits(self) -> int:
         raise NotImplementedError
 
-    def optimal_format(self, bits: int) -> FPFormat:
+    def optimal_format(self, bits: int, *, any_split: bool = False) -> FPFormat:
         raise NotImplementedError
 
-    def _plan_formats(self) -> list[FPFormat]:
+    def _plan_formats(self, any_split: bool = False) -> list[FPFormat]:
         """The integer candidates: each bit width's best format."""
-        return [self.optimal_format(p) for p in range(MIN_BITS, self._max_bits() + 1)]
+        return [self.optimal_format(p, any_split=any_split) for p in range(MIN_BITS, self._max_bits() + 1)]
 
     # --------------------------------------------------------------- planners
     def _evaluate(self, regime: str, fixed: Optional[float], c, bits, factor, log2b: float):
@@ -134,7 +134,8 @@ class PrecisionLaw(Law):
         N=None,
         D=None,
         block_size: Union[int, str] = DEFAULT_BLOCK_SIZE,
-        formats: Optional[Sequence[FormatLike]] = None,
+        formats: Union[None, str, Sequence[FormatLike]] = None,
+        shared_elements: Optional[float] = None,
     ) -> PrecisionPlan:
         """Compute-optimal precision under C = (6/16) P N D FLOPs (arXiv 2501.02423, section 4).
 
@@ -142,13 +143,18 @@ class PrecisionLaw(Law):
         and D too); N given -> over P with D = C/(kPN); D given -> over P with N = C/(kPD).
         The continuous optimum ``bits`` searches log P on [2, the law's widest precision] bits
         (no further than keeps N >= 1 and D >= 1) with the law's real-valued best precision
-        factor at every P (the paper's analysis); ``format`` is the best integer bit width with
-        its best integer format, its N/D re-optimised. ``formats`` restricts the integer choice
-        to those formats (e.g. the ones your hardware runs).
+        factor at every P (the paper's analysis); ``format`` is the best of the candidate formats,
+        its N/D re-optimised. Candidates: ``None`` -> the law's default (for the Capybara law the
+        formats in use, :data:`~lightning_fpq.scaling.capybara.FORMATS_IN_USE`; for Kumar's law
+        every integer width); ``"any"`` -> every width's best split; or a list of formats
+        (e.g. the ones your hardware runs). Warns
+        :class:`~lightning_fpq.scaling.law.ExtrapolationWarning` when the planned N or D lies beyond
+        2x the range the law was fitted on. ``shared_elements``: elements per scale for a
+        ``"channel"``/``"tensor"`` block (:func:`~lightning_fpq.scaling.law.log2_block_size`).
         """
         regime, fixed, C = _regime(compute, N, D)
         k = COMPUTE_FACTOR
-        log2b = self._log2b(block_size)
+        log2b = self._log2b(block_size, shared_elements)
         hi = np.full_like(C, math.log(self._max_bits()))
         if regime != "joint":
             what = "token" if regime == "fixed_N" else "parameter"
@@ -167,7 +173,12 @@ class PrecisionLaw(Law):
         bits = np.exp(minimise(outer, np.full_like(C, math.log(MIN_BITS)), hi, iters=40)[:, 0])
         n_c, d_c, loss_c = self._evaluate(regime, fixed, C[:, 0], bits, self._relaxed_factor(bits), log2b)
 
-        candidates = self._plan_formats() if formats is None else [FPFormat.parse(f) for f in formats]
+        if isinstance(formats, str) and formats != "any":
+            raise ValueError(f"formats={formats!r} is not valid: expected None, 'any' or a list of formats")
+        if formats is None or formats == "any":
+            candidates = self._plan_formats(any_split=formats == "any")
+        else:
+            candidates = [FPFormat.parse(f) for f in formats]
         if not candidates:
             raise ValueError("formats is empty: give at least one format, or None for every bit width")
         cand_bits = np.array([f.bits for f in candidates], dtype=float)[None, :]  # (1, L)
@@ -178,6 +189,7 @@ class PrecisionLaw(Law):
         rows = np.arange(C.shape[0])
         best = np.empty(C.shape[0], dtype=object)
         best[:] = [candidates[jj] for jj in j]
+        self.check_range(np.concatenate([n_c, n_i[rows, j]]), np.concatenate([d_c, d_i[rows, j]]))
         return PrecisionPlan(
             regime=regime,
             compute=_shaped(C[:, 0], compute),
@@ -193,7 +205,14 @@ class PrecisionLaw(Law):
         )
 
     def plan_format(
-        self, compute, fmt: FormatLike, *, N=None, D=None, block_size: Union[int, str] = DEFAULT_BLOCK_SIZE
+        self,
+        compute,
+        fmt: FormatLike,
+        *,
+        N=None,
+        D=None,
+        block_size: Union[int, str] = DEFAULT_BLOCK_SIZE,
+        shared_elements: Optional[float] = None,
     ):
         """(N, D, loss) for training in ``fmt`` with ``compute`` FLOPs, C = (6/16) P N D.
 
@@ -202,10 +221,11 @@ class PrecisionLaw(Law):
         regime, fixed, C = _regime(compute, N, D)
         fmt = FPFormat.parse(fmt)
         n_, d_, loss = self._evaluate(
-            regime, fixed, C[:, 0], float(fmt.bits), self._format_factor(fmt), self._log2b(block_size)
+            regime, fixed, C[:, 0], float(fmt.bits), self._format_factor(fmt), self._log2b(block_size, shared_elements)
         )
         if np.any(n_ < 1.0) or np.any(d_ < 1.0):
             raise ValueError(
                 f"compute={float(C.min()):.3g} FLOPs is too small for {fmt.name} in regime {regime}: fewer than one token or parameter"
             )
+        self.check_range(n_, d_)
         return _shaped(n_, compute), _shaped(d_, compute), _shaped(loss, compute)
