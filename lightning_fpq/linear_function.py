@@ -166,10 +166,8 @@ class WeightCache:
 def _weight_operands(weight, spec: LayerSpec, generator, need_wq4: bool, cache: Optional[WeightCache], plan: Plan):
     """(q2(W), q4(W) or None), from the cache when W has not changed since it was filled."""
     packed = plan.fp4[:2]  # q2 feeds the forward GEMM, q4 the dgrad GEMM
-    usable = not torch.compiler.is_compiling() and all(
-        op is None or op.rounding == "nearest" for op in (spec.weight, spec.weight_for_grad_input)
-    )
-    if cache is None or not usable:
+
+    def quantized():
         return quantize_pair(
             weight,
             spec.weight,
@@ -179,6 +177,12 @@ def _weight_operands(weight, spec: LayerSpec, generator, need_wq4: bool, cache: 
             quantizer=plan.quantizer,
             packed=packed,
         )
+
+    usable = not torch.compiler.is_compiling() and all(
+        op is None or op.rounding == "nearest" for op in (spec.weight, spec.weight_for_grad_input)
+    )
+    if cache is None or not usable:
+        return quantized()
     key = (
         weight._version,
         weight.data_ptr(),
@@ -190,15 +194,7 @@ def _weight_operands(weight, spec: LayerSpec, generator, need_wq4: bool, cache: 
     )
     if cache.key == key and (not need_wq4 or cache.wq4 is not None):
         return cache.wq2, cache.wq4
-    wq2, wq4 = quantize_pair(
-        weight,
-        spec.weight,
-        spec.weight_for_grad_input,
-        generator,
-        need_second=need_wq4,
-        quantizer=plan.quantizer,
-        packed=packed,
-    )
+    wq2, wq4 = quantized()
     cache.key, cache.wq2, cache.wq4 = key, wq2, wq4
     return wq2, wq4
 
