@@ -1,20 +1,24 @@
 """The demo corpus and its windows: deterministic, of the expected size, shifted by one byte."""
 
 import time
+from pathlib import PurePosixPath
 
 import pytest
 import torch
 
 from lightning_fpq.demo.data import (
+    CORPORA,
     DEFAULT_MAX_BYTES,
     STDLIB_FILES,
     VOCAB_SIZE,
     ByteCorpusDataModule,
     ByteWindowDataset,
     EpochSampler,
+    _is_stdlib_module_source,
     corpus_info,
     load_corpus,
     split_corpus,
+    stdlib_files,
 )
 
 
@@ -48,6 +52,82 @@ def test_full_corpus_is_the_fixed_list_only():
     assert [f for f, _ in info.files] == [f for f in STDLIB_FILES if f in dict(info.files)]
     assert info.total_bytes > DEFAULT_MAX_BYTES
     assert "files" in info.short_str() and info.python_version.count(".") == 2
+
+
+def test_default_corpus_is_the_demo_corpus():
+    assert CORPORA == ("demo", "stdlib")
+    assert torch.equal(load_corpus(), load_corpus(corpus="demo"))
+    assert corpus_info() == corpus_info(DEFAULT_MAX_BYTES, "demo")
+    assert all(torch.equal(a, b) for a, b in zip(split_corpus(), split_corpus(corpus="demo")))
+
+
+@pytest.mark.parametrize(
+    ("rel", "expected"),
+    [
+        ("os.py", True),
+        ("json/decoder.py", True),
+        ("email/mime/text.py", True),
+        ("test/test_os.py", False),
+        ("test/support/__init__.py", False),
+        ("lib2to3/tests/data/bom.py", False),
+        ("idlelib/idle_test/htest.py", False),
+        ("unittest/test/test_case.py", False),
+        ("tkinter/test_tkinter_helper.py", False),
+        ("site-packages/torch/__init__.py", False),
+        ("config-3.11-x86_64-linux-gnu/python-config.py", False),
+        ("README.txt", False),
+    ],
+)
+def test_stdlib_selection_rule(rel, expected):
+    assert _is_stdlib_module_source(PurePosixPath(rel)) is expected
+
+
+def test_stdlib_corpus_is_every_non_test_module_in_sorted_order():
+    files = stdlib_files()
+    assert list(files) == sorted(files) and len(set(files)) == len(files)
+    assert {"os.py", "json/decoder.py", "_pydecimal.py"} <= set(files)
+    assert not any(f.startswith(("test/", "site-packages/")) or "/tests/" in f for f in files)
+    info = corpus_info(None, "stdlib")
+    assert [f for f, _ in info.files] == [f for f in files if dict(info.files).get(f)]  # empty files add nothing
+    assert info.total_bytes > 4 * corpus_info(None).total_bytes  # far more than the demo's fixed list
+    t = time.perf_counter()
+    full = load_corpus(None, "stdlib")
+    assert time.perf_counter() - t < 2.0  # cached
+    assert full.numel() == info.total_bytes
+    # max_bytes caps it to a prefix, and the demo corpus is not affected
+    assert torch.equal(load_corpus(100_000, "stdlib"), full[:100_000])
+    assert corpus_info(100_000, "stdlib").total_bytes == 100_000
+    assert not torch.equal(load_corpus(100_000, "stdlib"), load_corpus(100_000))
+
+
+def test_stdlib_corpus_split_holds_out_the_tail_of_every_file():
+    train, val = split_corpus(None, val_fraction=0.1, corpus="stdlib")
+    info = corpus_info(None, "stdlib")
+    assert train.numel() + val.numel() == info.total_bytes
+    assert val.numel() == sum(int(n * 0.1) for _, n in info.files)
+    again_train, again_val = split_corpus(None, 0.1, "stdlib")
+    assert torch.equal(train, again_train) and torch.equal(val, again_val)  # a fixed split
+
+
+def test_unknown_corpus_is_rejected():
+    with pytest.raises(ValueError, match="corpus='wiki'"):
+        load_corpus(1000, corpus="wiki")
+    with pytest.raises(ValueError, match="corpus"):
+        corpus_info(1000, "wiki")
+    with pytest.raises(ValueError, match="corpus"):
+        ByteCorpusDataModule(corpus="wiki")
+
+
+def test_datamodule_on_the_stdlib_corpus():
+    dm = ByteCorpusDataModule(
+        block_size=16, batch_size=4, max_bytes=None, corpus="stdlib", samples_per_epoch=8, val_samples=6, seed=3
+    )
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (4, 16) and torch.equal(x[:, 1:], y[:, :-1])
+    train, val = split_corpus(None, 0.1, "stdlib")
+    assert dm.train_set.data.numel() == train.numel() and dm.val_set.data.numel() == val.numel()
+    demo = ByteCorpusDataModule(block_size=16, batch_size=4, max_bytes=None, samples_per_epoch=8, seed=3)
+    assert not torch.equal(next(iter(demo.train_dataloader()))[0], x)
 
 
 def test_split_is_per_file_disjoint_and_complete():

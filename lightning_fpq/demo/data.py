@@ -11,6 +11,12 @@ between patch releases, rarely and slightly). If a listed file is missing (a tri
 install), the remaining top-level ``*.py`` files are taken in sorted order to make up the
 requested size. :func:`corpus_info` records exactly which files and how many bytes.
 
+Two corpora (``corpus=``): ``"demo"`` (the default; the fixed list above, what the demo, the
+tests and the shipped calibration use) and ``"stdlib"``: every non-test ``.py`` file of the
+running Python's standard library (:func:`stdlib_files`: about 12 MB on CPython 3.11), in sorted
+path order, for runs that must not see their data twice (``docs/dcrit_experiment.md``). Both
+split every file the same way (:func:`split_corpus`): its last ``val_fraction`` is held out.
+
 Batches are ``(x, y)``, both ``(B, T)`` int64 token ids, ``y`` being ``x`` shifted by one
 byte. Tokens per batch = ``x.numel()`` = ``B * T``: the rule a token counter uses.
 """
@@ -78,6 +84,11 @@ STDLIB_FILES: tuple[str, ...] = (
 # The listed files hold about 3 MB; the default takes 2 MB of them: enough text that the demo
 # models (a few hundred steps of 16 x 128 tokens) do not see a byte twice.
 DEFAULT_MAX_BYTES = 2_000_000
+# The corpora :func:`load_corpus` knows: the fixed list above, and every non-test stdlib module.
+CORPORA: tuple[str, ...] = ("demo", "stdlib")
+# A directory of the stdlib with one of these names holds tests (test/, lib2to3/tests/,
+# idlelib/idle_test/, ...); so does a file named test_*.py.
+_TEST_DIRS = frozenset({"test", "tests", "idle_test"})
 
 
 @dataclass(frozen=True)
@@ -101,16 +112,49 @@ def _check_max_bytes(max_bytes: int | None) -> None:
     _config.integer(max_bytes, what="max_bytes", low=2, optional=True)
 
 
+def _check_corpus(corpus: str) -> None:
+    if corpus not in CORPORA:
+        raise ValueError(f"corpus={corpus!r} is not valid: expected one of {', '.join(map(repr, CORPORA))}")
+
+
+def _is_stdlib_module_source(rel: Path) -> bool:
+    """``rel`` (relative to the stdlib directory) is an importable, non-test module's source: every
+    directory on its path is a package name (not site-packages, not config-3.x-...), none is a
+    test directory, and the file is not a ``test_*.py``."""
+    dirs = rel.parts[:-1]
+    if any(not d.isidentifier() or d in _TEST_DIRS for d in dirs):
+        return False
+    return rel.suffix == ".py" and not rel.name.startswith("test_")
+
+
+@functools.lru_cache(maxsize=2)
+def _stdlib_files(root: str) -> tuple[str, ...]:
+    base = Path(root)
+    rels = (p.relative_to(base) for p in base.rglob("*.py") if p.is_file())
+    return tuple(sorted(r.as_posix() for r in rels if _is_stdlib_module_source(r)))
+
+
+def stdlib_files() -> tuple[str, ...]:
+    """Every non-test ``.py`` file of the running Python's standard library, as paths relative to
+    ``sysconfig.get_paths()["stdlib"]`` (``/`` separated), sorted: the ``"stdlib"`` corpus's files,
+    in its order. Left out: test directories (``test``, ``tests``, ``idle_test``) and
+    ``test_*.py`` files, and directories that are not packages (``site-packages``, ``config-*``)."""
+    return _stdlib_files(sysconfig.get_paths()["stdlib"])
+
+
 def _check_val_fraction(val_fraction: float) -> None:
     _config.number(val_fraction, what="val_fraction", low=0.0, high=1.0, low_open=True, high_open=True)
 
 
 @functools.lru_cache(maxsize=8)
-def _read_corpus(max_bytes: int | None) -> tuple[bytes, CorpusInfo]:
+def _read_corpus(max_bytes: int | None, corpus: str = "demo") -> tuple[bytes, CorpusInfo]:
     root = Path(sysconfig.get_paths()["stdlib"])
-    listed = [p for p in STDLIB_FILES if (root / p).is_file()]
-    # Fallback for trimmed installs: more files in sorted order, only as far as needed.
-    extra = sorted(p.name for p in root.glob("*.py") if p.name not in STDLIB_FILES)
+    if corpus == "stdlib":
+        listed, extra = list(stdlib_files()), []
+    else:
+        listed = [p for p in STDLIB_FILES if (root / p).is_file()]
+        # Fallback for trimmed installs: more files in sorted order, only as far as needed.
+        extra = sorted(p.name for p in root.glob("*.py") if p.name not in STDLIB_FILES)
     chunks: list[bytes] = []
     files: list[tuple[str, int]] = []
     total = 0
@@ -135,25 +179,29 @@ def _read_corpus(max_bytes: int | None) -> tuple[bytes, CorpusInfo]:
     return b"".join(chunks), CorpusInfo(str(root), version, tuple(files))
 
 
-def corpus_info(max_bytes: int | None = DEFAULT_MAX_BYTES) -> CorpusInfo:
-    """Which files (and how many bytes of each) make up :func:`load_corpus` ``(max_bytes)``."""
+def corpus_info(max_bytes: int | None = DEFAULT_MAX_BYTES, corpus: str = "demo") -> CorpusInfo:
+    """Which files (and how many bytes of each) make up :func:`load_corpus` ``(max_bytes, corpus)``."""
     _check_max_bytes(max_bytes)
-    return _read_corpus(max_bytes)[1]
+    _check_corpus(corpus)
+    return _read_corpus(max_bytes, corpus)[1]
 
 
-def load_corpus(max_bytes: int | None = DEFAULT_MAX_BYTES) -> torch.Tensor:
-    """The corpus as a 1-D uint8 tensor of at most ``max_bytes`` bytes (``None``: every listed file).
+def load_corpus(max_bytes: int | None = DEFAULT_MAX_BYTES, corpus: str = "demo") -> torch.Tensor:
+    """The corpus as a 1-D uint8 tensor of at most ``max_bytes`` bytes (``None``: all of it).
 
-    The bytes are read once per ``max_bytes`` and cached; each call returns a fresh tensor,
-    so callers may modify it.
+    ``corpus``: ``"demo"``, the fixed list :data:`STDLIB_FILES` (``None``: every listed file,
+    about 3 MB), or ``"stdlib"``, every file of :func:`stdlib_files` (``None``: all, about 12 MB).
+    The bytes are read once per ``(max_bytes, corpus)`` and cached; each call returns a fresh
+    tensor, so callers may modify it.
     """
     _check_max_bytes(max_bytes)
-    data, _ = _read_corpus(max_bytes)
+    _check_corpus(corpus)
+    data, _ = _read_corpus(max_bytes, corpus)
     return torch.frombuffer(bytearray(data), dtype=torch.uint8)  # (N,)
 
 
 def split_corpus(
-    max_bytes: int | None = DEFAULT_MAX_BYTES, val_fraction: float = 0.1
+    max_bytes: int | None = DEFAULT_MAX_BYTES, val_fraction: float = 0.1, corpus: str = "demo"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(train, val)`` uint8 tensors: the last ``val_fraction`` of every file goes to validation.
 
@@ -161,13 +209,13 @@ def split_corpus(
     alike in content: every module contributes to both, and no byte is in both.
     """
     _check_val_fraction(val_fraction)
-    corpus = load_corpus(max_bytes)
+    data = load_corpus(max_bytes, corpus)
     train, val = [], []
     start = 0
-    for _, n in corpus_info(max_bytes).files:
+    for _, n in corpus_info(max_bytes, corpus).files:
         cut = start + n - int(n * val_fraction)
-        train.append(corpus[start:cut])
-        val.append(corpus[cut : start + n])
+        train.append(data[start:cut])
+        val.append(data[cut : start + n])
         start += n
     return torch.cat(train), torch.cat(val)
 
@@ -268,13 +316,15 @@ class ByteCorpusDataModule(LightningDataModule):
     Args:
         block_size: ``T``, tokens per sample.
         batch_size: ``B``, samples per batch (per device).
-        max_bytes: corpus size in bytes (``None``: every listed file, about 3 MB).
+        max_bytes: corpus size in bytes (``None``: all of the corpus).
         val_fraction: share of each file held out for validation.
         seed: picks the random training windows; the same seed gives the same batches.
         samples_per_epoch: random training windows per epoch. To train on ``D`` tokens
             in one epoch, pass ``D // block_size``.
         val_samples: validation windows (evenly spaced, non-overlapping); ``None``: all.
         num_workers: DataLoader worker processes (0 is fastest for this in-memory data).
+        corpus: ``"demo"`` (the fixed list of modules, about 3 MB) or ``"stdlib"`` (every
+            non-test module of the standard library, about 12 MB; pass ``max_bytes=None``).
     """
 
     def __init__(
@@ -287,6 +337,7 @@ class ByteCorpusDataModule(LightningDataModule):
         samples_per_epoch: int = 16_000,
         val_samples: int | None = 256,
         num_workers: int = 0,
+        corpus: str = "demo",
     ) -> None:
         super().__init__()
         for name, value in (
@@ -299,6 +350,7 @@ class ByteCorpusDataModule(LightningDataModule):
         _config.integer(num_workers, what="num_workers", low=0)
         _check_max_bytes(max_bytes)
         _check_val_fraction(val_fraction)
+        _check_corpus(corpus)
         self.save_hyperparameters()
         self.block_size = block_size
         self.batch_size = batch_size
@@ -308,6 +360,7 @@ class ByteCorpusDataModule(LightningDataModule):
         self.samples_per_epoch = samples_per_epoch
         self.val_samples = val_samples
         self.num_workers = num_workers
+        self.corpus = corpus
         self.train_set: ByteWindowDataset | None = None
         self.val_set: ByteWindowDataset | None = None
 
@@ -319,7 +372,7 @@ class ByteCorpusDataModule(LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        train, val = split_corpus(self.max_bytes, self.val_fraction)
+        train, val = split_corpus(self.max_bytes, self.val_fraction, self.corpus)
         self.train_set = ByteWindowDataset(train, self.block_size, num_samples=self.samples_per_epoch, seed=self.seed)
         self.val_set = ByteWindowDataset(val, self.block_size, num_samples=self.val_samples, random=False)
 
