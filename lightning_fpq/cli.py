@@ -5,16 +5,21 @@
                                                            loss, critical data size, verdict
     lightning-fpq plan --compute 1e23 [--params N | --tokens D]
                                                            compute-optimal precision and format
-    lightning-fpq sweep sweep.yaml                         a grid of small runs -> runs.csv (resumable)
+    lightning-fpq sweep sweep.yaml [--executor local --workers N | --executor ray --address HOST:PORT]
+                                                           a grid of small runs -> runs.csv (resumable)
     lightning-fpq fit runs.csv --out law.yaml --plots DIR  fit the law to your own runs
     lightning-fpq plot --params 1e9 --formats e2m1,e4m3,bf16 --out law.png
     lightning-fpq backends [--device cuda]                 which backend runs each recipe here, and why
+    lightning-fpq --version
 
 Adding a subcommand: write ``cmd_<name>(args) -> int`` (the work; import anything heavy
 inside it) and ``add_<name>(subparsers)`` (its parser; end with
 ``parser.set_defaults(func=cmd_<name>)``), then append ``add_<name>`` to
 :data:`SUBCOMMANDS`. Raise ``ValueError`` (or :class:`CLIError`) for bad input: :func:`main`
 prints it as one line on stderr and exits with status 2.
+
+A subcommand that needs an optional package calls :func:`require` before it does any work: a
+missing package is one line naming the extra that installs it (:data:`OPTIONAL`), exit status 2.
 
 This module imports only the standard library at its top, so the command line starts
 fast; the scaling law (numpy, and torch through ``formats``), rich and matplotlib are
@@ -24,16 +29,30 @@ imported by the subcommands that use them.
 from __future__ import annotations
 
 import argparse
+import importlib
 import math
+import os
 import re
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, Optional
 
-from lightning_fpq import _config
+from lightning_fpq import __version__, _config
 
 PROG = "lightning-fpq"
-EXIT_USAGE = 2  # bad input: one line on stderr
+EXIT_USAGE = 2  # bad input, or a missing optional package: one line on stderr
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), as a shell reports it
+
+OPTIONAL = {
+    "scipy": "fit",
+    "matplotlib": "plot",
+    "ray": "ray",
+    "triton": "triton",
+    "torchao": "torchao",
+    "transformer_engine": "te",
+}
+"""Optional packages (top-level module) -> the extra of lightning-fpq that installs them."""
 
 _SUFFIXES = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12, "p": 1e15}
 
@@ -59,6 +78,44 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def install_hint(module: str) -> str:
+    """``pip install 'lightning-fpq[EXTRA]'`` for an optional module, or ``pip install MODULE``."""
+    top = module.split(".")[0]
+    return f"pip install 'lightning-fpq[{OPTIONAL[top]}]'" if top in OPTIONAL else f"pip install {top}"
+
+
+def require(module: str, what: str) -> None:
+    """Import ``module`` now, or raise :class:`CLIError`: "``what`` needs PACKAGE, which is not
+    installed: pip install 'lightning-fpq[EXTRA]'". Called before a subcommand does any work."""
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        top = module.split(".")[0]
+        raise CLIError(f"{what} needs {top}, which is not installed: {install_hint(top)}") from None
+
+
+def check_output_file(path: str, option: str) -> None:
+    """Before any work: ``path`` can be written (its folder exists and is writable, it is no folder)."""
+    target = Path(path)
+    if target.is_dir():
+        raise CLIError(f"{option} {path} is a folder: give the file to write, e.g. {target / 'law.yaml'}")
+    folder = target.parent
+    if not folder.is_dir():
+        raise CLIError(f"{option} {path}: folder {folder} does not exist (create it first)")
+    if not os.access(folder, os.W_OK):
+        raise CLIError(f"{option} {path}: folder {folder} is not writable")
+
+
+def check_output_folder(path: str, option: str) -> None:
+    """Before any work: create the folder ``path`` (and its parents) or say why it cannot be."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CLIError(f"{option} {path}: cannot create that folder ({err.strerror or err})") from None
+    if not os.access(path, os.W_OK):
+        raise CLIError(f"{option} {path}: folder is not writable")
+
+
 # ------------------------------------------------------------------ argument types
 
 
@@ -75,6 +132,23 @@ def positive_number(text: str) -> float:
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
     return value
+
+
+def bit_width(text: str) -> int:
+    """A bit width that some named format has (4, 6, 8, 16, 32)."""
+    from lightning_fpq.formats import named_formats
+
+    widths = sorted({fmt.bits for fmt in named_formats().values()})
+    try:
+        bits: Optional[int] = int(text)
+    except ValueError:
+        bits = None
+    if bits not in widths:
+        raise argparse.ArgumentTypeError(
+            f"no named format has {text!r} bits: expected one of {', '.join(map(str, widths))} "
+            "(any eXmY format has 1 + X + Y bits)"
+        )
+    return int(text)
 
 
 def format_name(text: str) -> Any:
@@ -137,16 +211,47 @@ def _pct(x: float) -> str:
 
 
 def _law(path: Optional[str]):
-    from lightning_fpq.scaling.capybara import CapybaraLaw
-    from lightning_fpq.scaling.law import load_law
+    """None or a named law (paper, demo-calibration) or a law YAML file."""
+    from lightning_fpq.scaling.law import resolve_named_law
 
-    return CapybaraLaw.paper() if path is None else load_law(path)
+    return resolve_named_law(path)
 
 
-def _law_line(law) -> str:
+def _quietly(fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` with the laws' ExtrapolationWarning silenced (the command prints its own line)."""
+    import warnings
+
+    from lightning_fpq.scaling.law import ExtrapolationWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExtrapolationWarning)
+        return fn()
+
+
+def _warn_extrapolation(law, N: Any = None, D: Any = None) -> None:
+    """One line on stderr when N or D lies beyond 2x the range the law was fitted on."""
+    found = law.extrapolation(N, D)
+    if not found:
+        return
+    what = {"N": "parameters", "D": "tokens"}
+    values = " and ".join(f"{w.quantity} = {_g(w.value)} {what[w.quantity]}" for w in found)
+    ranges = ", ".join(f"{w.quantity} {_g(w.low)}..{_g(w.high)}" for w in found)
+    print(
+        f"warning: {values} lie{'s' if len(found) == 1 else ''} beyond 2x the range {type(law).__name__} was fitted on "
+        f"({ranges}): the numbers below are extrapolations",
+        file=sys.stderr,
+    )
+
+
+def _law_line(law, block_size: Any = None) -> str:
     prov = law.provenance
     source = prov.citation if prov.source == "paper" else prov.short_str()
-    return f"{type(law).__name__} ({source})"
+    line = f"{type(law).__name__} ({source})"
+    if prov.source == "paper":
+        line += "; uncalibrated for your model and data: fit your own (lightning-fpq fit)"
+    if block_size == "tensor":
+        line += "; uncalibrated for tensor-wise scaling (no such runs were fitted)"
+    return line
 
 
 def _block_text(bs: Any) -> str:
@@ -157,7 +262,10 @@ def _block_text(bs: Any) -> str:
 
 def _add_law_options(parser: argparse.ArgumentParser, *, block: bool = True) -> None:
     parser.add_argument(
-        "--law", metavar="LAW.yaml", help="a law saved by `fit` or law.save() (default: the paper's Capybara law)"
+        "--law",
+        metavar="LAW",
+        help="'paper' (the default: the paper's Capybara law), 'demo-calibration' (this project's CPU sweep), "
+        "or a law YAML saved by `fit` or law.save()",
     )
     if block:
         parser.add_argument(
@@ -232,15 +340,23 @@ def cmd_formats(args: argparse.Namespace) -> int:
         rows = []
         for p in range(2, 17):
             e_opt, m_opt = law.optimal_split(p)
-            best = law.optimal_format(p)
-            rows.append([str(p), best.name, f"{e_opt:.2f}", f"{m_opt:.2f}"])
+            best = law.optimal_format(p, any_split=True)
+            try:
+                in_use = law.optimal_format(p).name
+            except ValueError:  # no format in use has p bits
+                in_use = "-"
+            rows.append([str(p), best.name, in_use, f"{e_opt:.2f}", f"{m_opt:.2f}"])
         console.print(
             _table(
                 "Best split per bit width (Capybara law, arXiv 2501.02423): integer pair minimising 1/((E+0.5)^dl (M+0.5)^nu)",
-                ["bits", "best format", "E_opt", "M_opt"],
+                ["bits", "best format", "best in use", "E_opt", "M_opt"],
                 rows,
-                right=[True, False, True, True],
+                right=[True, False, False, True, True],
             )
+        )
+        console.print(
+            "'best format' ranges over every ExMy split with E >= 1 (E0My is the same grid as E1M(y-1)); "
+            "'best in use' over the formats hardware runs (docs/science.md section 4), what `plan` proposes"
         )
     return 0
 
@@ -251,7 +367,7 @@ def add_formats(sub) -> None:
         help="table of the named formats (bits, E, M, bias, range, special values)",
         description="List the named floating-point formats.",
     )
-    p.add_argument("--bits", type=int, help="only formats of this many bits")
+    p.add_argument("--bits", type=bit_width, help="only formats of this many bits (4, 6, 8, 16 or 32)")
     p.add_argument("--optimal", action="store_true", help="also list the law's best E/M split for every width 2..16")
     p.set_defaults(func=cmd_formats)
 
@@ -291,14 +407,15 @@ def verdict(law, N: float, D: float, fmt, bs) -> str:
 
 
 def _first_wider(law, N: float, D: float, fmt, bs):
-    """The narrowest wider format (the law's best split per width) whose D_crit exceeds D."""
+    """The narrowest wider format in use (the law's best per width) whose D_crit exceeds D."""
+    from lightning_fpq.formats import FPFormat
+    from lightning_fpq.scaling.capybara import FORMATS_IN_USE
+
     if not hasattr(law, "optimal_format"):
         return None
-    for p in range(fmt.bits + 1, 33):
-        try:
-            cand = law.optimal_format(p)
-        except ValueError:
-            break
+    widths = sorted({FPFormat.parse(name).bits for name in FORMATS_IN_USE})
+    for p in (w for w in widths if w > fmt.bits):
+        cand = law.optimal_format(p)
         d_crit = float(law.critical_data_size(N, cand, bs))
         if d_crit > D:
             return cand, d_crit
@@ -307,34 +424,44 @@ def _first_wider(law, N: float, D: float, fmt, bs):
 
 def cmd_predict(args: argparse.Namespace) -> int:
     law = _law(args.law)
+    _warn_extrapolation(law, args.params, args.tokens)
+    return _quietly(lambda: _predict(law, args))
+
+
+def _predict(law, args: argparse.Namespace) -> int:
     N, D, bs = args.params, args.tokens, args.block_size
     console = _console()
-    console.print(f"{_law_line(law)}")
+    console.print(_law_line(law, bs))
     console.print(f"N = {_g(N)} parameters, D = {_g(D)} tokens, {_block_text(bs)}")
     rows = []
     baseline = float(law.loss(N, D, None, bs))
+    resampled = law.resampled() if law.kind == "capybara" else []
     for fmt in args.format:
         loss = float(law.loss(N, D, fmt, bs))
         d_crit = float(law.critical_data_size(N, fmt, bs))
-        rows.append(
-            [
-                fmt.name,
-                str(fmt.bits),
-                f"{loss:.4f}",
-                f"{loss - baseline:+.4f}",
-                _g(d_crit),
-                "0" if math.isinf(d_crit) else f"{D / d_crit:.3g}",
-                f"{float(law.min_loss(N, fmt, bs)):.4f}",
-            ]
-        )
+        row = [
+            fmt.name,
+            str(fmt.bits),
+            f"{loss:.4f}",
+            f"{loss - baseline:+.4f}",
+            _g(d_crit),
+            "0" if math.isinf(d_crit) else f"{D / d_crit:.3g}",
+            f"{float(law.min_loss(N, fmt, bs)):.4f}",
+        ]
+        if resampled:
+            row.insert(5, _interval([float(r.critical_data_size(N, fmt, bs)) for r in resampled]))
+        rows.append(row)
+    interval = ["D_crit 5-95%"] if resampled else []
     console.print(
         _table(
             None,
-            ["format", "bits", "loss", "vs unquantized", "D_crit (tokens)", "D / D_crit", "loss at D_crit"],
+            ["format", "bits", "loss", "vs unquantized", "D_crit (tokens)", *interval, "D / D_crit", "loss at D_crit"],
             rows,
-            right=[False, True, True, True, True, True, True],
+            right=[False, True, True, True, True, *[True] * len(interval), True, True],
         )
     )
+    if resampled:
+        console.print(f"D_crit 5-95%: over the law's {len(resampled)} bootstrap refits (its provenance)")
     for fmt in args.format:
         console.print(verdict(law, N, D, fmt, bs))
     if len(args.format) > 1:
@@ -364,20 +491,30 @@ def add_predict(sub) -> None:
 
 # ------------------------------------------------------------------------- plan
 
+BOOTSTRAP_DEFAULT = 40
+"""`fit --bootstrap` default: 40 refits, each started from the fit (on the shipped calibration they add
+about 1.2 s to a 5 s fit: docs/scaling.md, "The command line")."""
+
 
 def cmd_plan(args: argparse.Namespace) -> int:
     law = _law(args.law)
     if not hasattr(law, "optimal_precision"):
         raise CLIError(f"a {law.kind} law has no precision term: plan needs a capybara or kumar law")
     C, bs = args.compute, args.block_size
-    plan = law.optimal_precision(C, N=args.params, D=args.tokens, block_size=bs)
+    plan = _quietly(lambda: law.optimal_precision(C, N=args.params, D=args.tokens, block_size=bs))
+    _warn_extrapolation(law, [plan.params, plan.format_params], [plan.tokens, plan.format_tokens])
+    return _quietly(lambda: _plan(law, plan, args))
+
+
+def _plan(law, plan, args: argparse.Namespace) -> int:
+    C, bs = args.compute, args.block_size
     console = _console()
     regime = {
         "joint": "N, D and precision free",
         "fixed_N": f"N fixed at {_g(plan.params)}",
         "fixed_D": f"D fixed at {_g(plan.tokens)}",
     }
-    console.print(_law_line(law))
+    console.print(_law_line(law, bs))
     console.print(f"compute {_g(C)} FLOPs (C = 6/16 * P * N * D), {_block_text(bs)}; {regime[plan.regime]}")
     console.print(
         f"optimal precision: {plan.bits:.2f} bits (real-valued E/M split): "
@@ -520,43 +657,90 @@ def _critical_table(law, data) -> Any:
         },
         key=lambda k: (k[2], k[0] + k[1], k[0]),
     )
+    resampled = [r.constants() for r in law.resampled()]
     rows = []
     for e, m, lb, b in keys:
         sel = (data["E"] == e) & (data["M"] == m) & np.isclose(data["log2b"], lb)
         d_max = float(data["D"][sel].max())
         crit_lo = float(capybara_critical_data_size(n_lo, e, m, lb, **consts))
         crit_hi = float(capybara_critical_data_size(n_hi, e, m, lb, **consts))
-        rows.append([f"e{e}m{m}", b, _g(crit_lo), _g(crit_hi), _g(d_max), f"{d_max / crit_lo:.3g}"])
+        row = [f"e{e}m{m}", b, _g(crit_lo), _g(crit_hi)]
+        if resampled:
+            row.append(_interval([float(capybara_critical_data_size(n_hi, e, m, lb, **c)) for c in resampled]))
+        rows.append(row + [_g(d_max), f"{d_max / crit_lo:.3g}"])
+    interval = ["5-95% (large N)"] if resampled else []
     return _table(
         f"critical data size of the fitted law (tokens), at the rows' smallest N = {_g(n_lo)} and largest N = {_g(n_hi)}",
-        ["format", "B", "D_crit (small N)", "D_crit (large N)", "largest D run", "that D / D_crit (small N)"],
+        [
+            "format",
+            "B",
+            "D_crit (small N)",
+            "D_crit (large N)",
+            *interval,
+            "largest D run",
+            "that D / D_crit (small N)",
+        ],
         rows,
-        right=[False, True, True, True, True, True],
+        right=[False, True, True, True, *[True] * len(interval), True, True],
     )
 
 
+def _interval(values: Sequence[float]) -> str:
+    """The 5-95% range of bootstrap values, as 'lo..hi'."""
+    import numpy as np
+
+    lo, hi = np.percentile(values, (5.0, 95.0))
+    return f"{_g(float(lo))}..{_g(float(hi))}"
+
+
 def cmd_fit(args: argparse.Namespace) -> int:
+    # what the fit needs and where it writes, checked before the fit runs
+    require("scipy.optimize", "fit")
+    if args.plots:
+        require("matplotlib", "fit --plots")
+        check_output_folder(args.plots, "--plots")
+    if args.out:
+        check_output_file(args.out, "--out")
     from lightning_fpq.scaling.fitting import fit, load_rows
 
     holdout: Any = args.holdout
-    if holdout is not None and holdout != "largest_N":
+    if holdout is not None and holdout not in ("largest_N", "largest_D"):
         try:
             holdout = float(holdout)
         except ValueError:
-            raise CLIError(f"--holdout {args.holdout!r}: expected a fraction in (0, 1) or 'largest_N'") from None
+            raise CLIError(
+                f"--holdout {args.holdout!r}: expected a fraction in (0, 1), 'largest_N' or 'largest_D'"
+            ) from None
     if args.plots and args.kind != "capybara":
         raise CLIError(f"--plots draws capybara fits only (formats and block sizes), not a {args.kind} fit")
     rows, short, note = _fit_rows(args.csv, args.min_tokens)
     result = fit(
-        rows, kind=args.kind, fixed=_fixed_constants(args.fix), holdout=holdout, starts=args.starts, seed=args.seed
+        rows,
+        kind=args.kind,
+        fixed=_fixed_constants(args.fix),
+        holdout=holdout,
+        starts=args.starts,
+        seed=args.seed,
+        bootstrap=args.bootstrap,
+        baseline=args.kind != "chinchilla",
     )
     law = result.law
     paper = type(law).paper().constants()
     console = _console()
+    boot = bool(result.intervals)
     rows_table = [
         [
             name,
             f"{value:.6g}",
+            *(
+                [
+                    f"{_g(result.intervals[name][0], 4)}..{_g(result.intervals[name][1], 4)}"
+                    if name in result.intervals
+                    else "-"
+                ]
+                if boot
+                else []
+            ),
             f"{paper[name]:.6g}",
             "fixed" if name in result.fixed else ("at bound" if name in result.at_bounds else ""),
         ]
@@ -566,12 +750,25 @@ def cmd_fit(args: argparse.Namespace) -> int:
     console.print(
         _table(
             f"{type(law).__name__} fitted to {args.csv}",
-            ["constant", "fitted", "paper", "note"],
+            [
+                "constant",
+                "fitted",
+                *(["5-95% (bootstrap)"] if boot else []),
+                "paper" if type(law).PAPER_PROVENANCE.source == "paper" else "start",
+                "note",
+            ],
             rows_table,
-            right=[False, True, True, False],
+            right=[False, True, *([True] if boot else []), True, False],
         )
     )
     console.print(f"{note}; {result.summary()}")
+    if boot:
+        converged = (law.provenance.extra or {}).get("bootstrap", {}).get("converged", 0)
+        console.print(
+            f"intervals: 5th-95th percentile of {converged} refits on rows resampled with replacement (--bootstrap {args.bootstrap})"
+        )
+    if result.baseline_summary():
+        console.print(result.baseline_summary())
     worst = int(abs(result.residuals).argmax())
     console.print(
         f"largest residual: row {worst + 1} of the rows used, observed {result.observed[worst]:.4f}, predicted {result.predicted[worst]:.4f}"
@@ -609,14 +806,14 @@ def add_fit(sub) -> None:
     )
     p.add_argument(
         "--kind",
-        choices=("capybara", "kumar", "chinchilla"),
+        choices=("capybara", "ceiling", "kumar", "chinchilla"),
         default="capybara",
-        help="which law to fit (default: capybara)",
+        help="which law to fit (default: capybara; ceiling: the same rows, a law without a loss minimum in D)",
     )
     p.add_argument(
         "--holdout",
-        metavar="FRACTION|largest_N",
-        help="rows kept out of the fit and scored: a fraction, or the largest model",
+        metavar="FRACTION|largest_N|largest_D",
+        help="rows kept out of the fit and scored: a fraction, the largest model (largest_N) or the longest runs (largest_D)",
     )
     p.add_argument(
         "--min-tokens",
@@ -628,6 +825,13 @@ def add_fit(sub) -> None:
     p.add_argument("--fix", metavar="NAME=VALUE,...", help="hold constants fixed, e.g. dl=3.1926,nu=2.9543")
     p.add_argument("--starts", type=int, default=16, help="starting points of the optimiser (default: 16)")
     p.add_argument(
+        "--bootstrap",
+        type=int,
+        default=BOOTSTRAP_DEFAULT,
+        metavar="K",
+        help=f"refits on resampled rows for the 5-95%% intervals of every constant and D_crit (default: {BOOTSTRAP_DEFAULT}; 0: none)",
+    )
+    p.add_argument(
         "--seed", type=int, default=0, help="seed of the random starts and of a random hold-out (default: 0)"
     )
     p.set_defaults(func=cmd_fit)
@@ -637,11 +841,22 @@ def add_fit(sub) -> None:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from lightning_fpq.scaling.sweep import run_sweep  # omegaconf, torch and Lightning: only here
+    from lightning_fpq.scaling.sweep import SweepInterrupted, run_sweep  # omegaconf, torch, Lightning: only here
     from lightning_fpq.scaling.sweep_config import load_config
 
-    cfg = load_config(args.config, tuple(_config_overrides(args, ("out",))))
-    result = run_sweep(cfg, retry_failed=args.retry_failed, dry_run=args.dry_run)
+    cfg = load_config(args.config, tuple(_config_overrides(args, ("out", "executor", "workers", "address"))))
+    if args.address is not None and cfg.executor != "ray":
+        raise CLIError(f"--address {args.address} is a Ray cluster's address: add --executor ray")
+    try:
+        result = run_sweep(cfg, retry_failed=args.retry_failed, dry_run=args.dry_run)
+    except SweepInterrupted as stop:
+        print(stop.result.summary())
+        print(
+            f"{PROG} sweep: interrupted: the {stop.result.ran} run(s) finished are in {cfg.out}; "
+            "run the same command to resume",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
     if args.dry_run:
         return 0
     print(result.summary())
@@ -665,7 +880,26 @@ def add_sweep(sub) -> None:
         out=("CSV", "the CSV to append to (default: the config's out)"),
         progress_bar="no live bar (one line per run is printed anyway)",
     )
-    p.add_argument("--dry-run", action="store_true", help="list the runs still to do; train nothing")
+    p.add_argument(
+        "--executor",
+        choices=("sequential", "local", "ray"),
+        help="where the runs train: one after another here (sequential, the default), on --workers processes "
+        "here (local), or on a Ray cluster (ray; pip install 'lightning-fpq[ray]')",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="runs at once (local, ray; default: as many as the CPUs, or the cluster's resources, hold)",
+    )
+    p.add_argument(
+        "--address",
+        metavar="HOST:PORT",
+        help="the Ray cluster to run on (auto, HOST:PORT, ray://HOST:10001); default: start Ray on this machine",
+    )
+    p.add_argument(
+        "--dry-run", action="store_true", help="check the config and list the runs still to do; train nothing"
+    )
     p.add_argument("--retry-failed", action="store_true", help="also run again the runs recorded as failed")
     p.set_defaults(func=cmd_sweep)
 
@@ -674,6 +908,7 @@ def add_sweep(sub) -> None:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
+    require("matplotlib", "plot")
     law = _law(args.law)
     N, bs = args.params, args.block_size
     crits = [float(law.critical_data_size(N, f, bs)) for f in args.formats]
@@ -718,6 +953,7 @@ def add_plot(sub) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    require("matplotlib", "demo (its plot)")  # before minutes of training, not after
     from lightning_fpq.demo.run import load_config, run_demo  # imports torch and Lightning: only here
 
     overrides = _config_overrides(args, ("steps", "model", "out", "law", "unit"))
@@ -824,6 +1060,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG, description="Floating-point quantized training: formats, the Capybara scaling law, plans."
     )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for register in SUBCOMMANDS:
         register(sub)
@@ -849,13 +1086,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return stop.code if isinstance(stop.code, int) else EXIT_USAGE
     try:
         return int(args.func(args) or 0)
-    except (
-        CLIError,
-        ValueError,
-        OSError,
-        ImportError,
-    ) as err:  # ImportError: an optional package (matplotlib) is missing
+    except (CLIError, ValueError, OSError, ImportError) as err:  # ImportError: an optional package is missing
         message = " ".join(str(err).split()) or type(err).__name__
+        missing = (getattr(err, "name", None) or "") if isinstance(err, ImportError) else ""
+        if missing.split(".")[0] in OPTIONAL and "pip install" not in message:
+            message += f" ({install_hint(missing)})"
         print(f"{PROG} {args.command}: error: {message}", file=sys.stderr)
         return EXIT_USAGE
 

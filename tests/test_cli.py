@@ -72,7 +72,9 @@ def test_formats_optimal_lists_every_width(capsys):
             line.split() for line in out.split("Best split")[1].splitlines() if line.split()[:1] == [str(bits)]
         )
         e_opt, m_opt = LAW.optimal_split(bits)
-        assert cells == [str(bits), name, f"{e_opt:.2f}", f"{m_opt:.2f}"]
+        assert cells == [str(bits), name, name, f"{e_opt:.2f}", f"{m_opt:.2f}"]
+    five = next(line.split() for line in out.split("Best split")[1].splitlines() if line.split()[:1] == ["5"])
+    assert five[1:3] == ["e2m2", "-"]  # a 5-bit split exists, but no format in use has 5 bits
 
 
 # ------------------------------------------------------------------------------ predict
@@ -82,7 +84,12 @@ def test_predict_numbers_come_from_the_law(capsys):
     code, out, err = run(
         capsys, "predict", "--params", "1e9", "--tokens", "2e12", "--format", "e4m3", "--block-size", "128"
     )
-    assert code == 0 and err == ""
+    assert code == 0
+    # 2e12 tokens is 20x the paper's largest run (1e11): one warning line on stderr
+    assert err.splitlines() == [
+        "warning: D = 2e12 tokens lies beyond 2x the range CapybaraLaw was fitted on (D 1e10..1e11): "
+        "the numbers below are extrapolations"
+    ]
     loss = LAW.loss(1e9, 2e12, "e4m3", 128)
     d_crit = LAW.critical_data_size(1e9, "e4m3", 128)
     cells = row_of(out, "e4m3")
@@ -141,12 +148,66 @@ def test_predict_with_a_law_file(tmp_path, capsys):
     assert code == 0 and "no critical data size (this law has no data-dependent quantization penalty)" in out
 
 
+@pytest.mark.parametrize(
+    "argv, line",
+    [
+        # issue 12: these answered N = 357 params and loss 1367 without a word
+        (["plan", "--compute", "1e10"], "warning: N = 202 parameters and D = 3.3e7 tokens lie beyond 2x"),
+        (["predict", "--params", "7M", "--tokens", "2k", "--format", "e2m1"], "N = 7e6 parameters and D = 2e3 tokens"),
+        (["predict", "--params", "400M", "--tokens", "5e9", "--format", "e2m1"], None),  # inside 2x: 41M/2, 10B/2
+        (["predict", "--params", "6e5", "--tokens", "5e5", "--format", "e2m1", "--law", "demo-calibration"], None),
+        (["predict", "--params", "1e6", "--tokens", "5e5", "--format", "e2m1", "--law", "demo-calibration"], "N = 1e6"),
+    ],
+)
+def test_extrapolation_is_one_warning_line_on_stderr(capsys, argv, line):
+    code, out, err = run(capsys, *argv)
+    assert code == 0 and "Traceback" not in err
+    if line is None:
+        assert err == ""
+    else:
+        assert len(err.splitlines()) == 1 and line in err and "extrapolation" in err
+
+
+def test_named_laws_work_in_every_law_command(capsys):
+    shipped = (
+        Path(__file__).resolve().parents[1] / "lightning_fpq" / "scaling" / "calibrations" / "demo_calibration.yaml"
+    )
+    calib = load_law(shipped)
+    _, out, _ = run(
+        capsys,
+        "predict",
+        "--params",
+        "4e5",
+        "--tokens",
+        "1e6",
+        "--format",
+        "e2m1",
+        "--law",
+        "demo-calibration",
+        "--block-size",
+        "32",
+    )
+    assert float(row_of(out, "e2m1")[4]) == pytest.approx(calib.critical_data_size(4e5, "e2m1", 32), rel=5e-3)
+    code, out, _ = run(capsys, "plan", "--compute", "1e12", "--law", "demo-calibration")
+    assert code == 0 and f"{calib.optimal_precision(1e12).bits:.2f} bits" in out
+    _, out_paper, _ = run(
+        capsys, "predict", "--params", "1e9", "--tokens", "1e11", "--format", "e2m1", "--law", "paper"
+    )
+    _, out_default, _ = run(capsys, "predict", "--params", "1e9", "--tokens", "1e11", "--format", "e2m1")
+    assert out_paper == out_default
+    assert_one_line_error(
+        *run(capsys, "predict", "--params", "1e9", "--tokens", "1e11", "--format", "e2m1", "--law", "papr"),
+        "cannot read law file 'papr'",
+        "named laws: paper, demo-calibration",
+    )
+
+
 # --------------------------------------------------------------------------------- plan
 
 
 def test_plan_joint(capsys):
     code, out, err = run(capsys, "plan", "--compute", "1e23")
-    assert code == 0 and err == ""
+    assert code == 0 and len(err.splitlines()) == 1 and "N = 1.72e11 parameters and D = 3.43e11 tokens" in err
     plan = LAW.optimal_precision(1e23, block_size=128)
     bits = float(re.search(r"optimal precision: ([\d.]+) bits", out).group(1))
     assert 4 <= bits <= 8 and bits == pytest.approx(plan.bits, abs=0.005)
@@ -203,9 +264,47 @@ def test_fit_writes_a_law(tmp_path, capsys):
     assert code == 0 and err == ""
     law = load_law(tmp_path / "law.yaml")
     assert law.provenance.source == "fit" and law.provenance.rows == 45
-    assert row_of(out, "dl")[1] == f"{law.dl:.6g}" and row_of(out, "dl")[2] == "3.1926"
+    assert row_of(out, "dl")[1] == f"{law.dl:.6g}" and row_of(out, "dl")[3] == "3.1926"
     assert f"RMSE {law.provenance.rmse:.4g} nats" in out and "held-out RMSE" in out
     assert f"wrote {tmp_path / 'law.yaml'}" in out
+    # bootstrap intervals for every constant, from the refits stored in the law file
+    boot = law.provenance.extra["bootstrap"]
+    assert boot["resamples"] == 40 and "5th-95th percentile of 40 refits" in out
+    lo, hi = np.percentile([smp["a"] for smp in boot["samples"]], (5, 95))
+    assert row_of(out, "a")[2] == f"{lo:.4g}..{hi:.4g}" and lo <= law.a <= hi
+    assert "5-95% (large N)" in out
+    # the rows' range (N 5e7..2e8 fitted, 4e8 held out; D 1e10..1e11) and the precision-unaware baseline
+    assert law.provenance.n_range == (5e7, 2e8) and law.provenance.d_range == (1e10, 1e11)
+    base = law.provenance.extra["baseline"]
+    assert f"precision-unaware baseline (Chinchilla, same rows): RMSE {base['rmse']:.4g} nats" in out
+    assert base["rmse"] > law.provenance.rmse
+    # predict prints D_crit's interval when the law has refits
+    _, out, _ = run(
+        capsys,
+        "predict",
+        "--params",
+        "1e8",
+        "--tokens",
+        "3e10",
+        "--format",
+        "e2m1",
+        "--law",
+        str(tmp_path / "law.yaml"),
+    )
+    draws = [r.critical_data_size(1e8, "e2m1", 128) for r in law.resampled()]
+    lo, hi = np.percentile(draws, (5, 95))
+    assert "D_crit 5-95%" in out and row_of(out, "e2m1")[5] == f"{lo:.3g}..{hi:.3g}".replace("e+", "e")
+
+
+def test_fit_the_ceiling_family_holding_out_the_longest_runs(tmp_path, capsys):
+    write_runs(tmp_path / "runs.csv")  # D = 1e10, 3e10, 1e11: largest_D leaves two values, too few
+    code, out, err = run(capsys, "fit", str(tmp_path / "runs.csv"), "--kind", "ceiling", "--holdout", "largest_D")
+    assert_one_line_error(code, out, err, "D takes 2 distinct value(s)")
+    code, out, err = run(
+        capsys, "fit", str(tmp_path / "runs.csv"), "--kind", "ceiling", "--holdout", "largest_N", "--starts", "2"
+    )
+    assert code == 0 and "CeilingLaw fitted on 45 rows" in out and "held-out RMSE" in out
+    assert "start" in out.splitlines()[1] and "paper" not in out.splitlines()[1]  # no published constants
 
 
 def test_fit_with_fixed_constants(tmp_path, capsys):
@@ -250,6 +349,10 @@ def test_plot_writes_a_png(tmp_path, capsys):
         (["fit", "/nonexistent/runs.csv"], ["cannot read CSV"]),
         ([], ["required", "COMMAND"]),
         (["sweep-everything"], ["invalid choice"]),
+        (["formats", "--bits", "-1"], ["argument --bits", "'-1'", "expected one of 4, 6, 8, 16, 32"]),
+        (["formats", "--bits", "7"], ["argument --bits", "'7'", "expected one of 4, 6, 8, 16, 32"]),
+        (["formats", "--bits", "100"], ["argument --bits", "'100'", "expected one of 4, 6, 8, 16, 32"]),
+        (["formats", "--bits", "many"], ["argument --bits", "'many'"]),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(capsys, argv, fragments):
@@ -353,3 +456,97 @@ def test_backends_lists_what_runs_each_recipe_here(capsys):
 
 def test_backends_bad_backend_is_one_line(capsys):
     assert_one_line_error(*run(capsys, "backends", "--backend", "cuda"), "'cuda'", "triton")
+
+
+def test_version(capsys):
+    from importlib.metadata import version
+
+    import lightning_fpq
+
+    code, out, _ = run(capsys, "--version")
+    assert code == 0
+    assert out.strip() == f"lightning-fpq {lightning_fpq.__version__}" == f"lightning-fpq {version('lightning-fpq')}"
+
+
+# ------------------------------------------------------------ outputs checked before the work
+
+
+@pytest.fixture
+def no_fit(monkeypatch):
+    """The fit itself, replaced by a failure: these commands must stop before it."""
+    import lightning_fpq.scaling.fitting as fitting
+
+    def fit(*args, **kwargs):
+        raise AssertionError("the fit ran before the outputs were checked")
+
+    monkeypatch.setattr(fitting, "fit", fit)
+
+
+def test_fit_checks_its_outputs_before_fitting(tmp_path, capsys, no_fit):
+    write_runs(tmp_path / "runs.csv")
+    runs = str(tmp_path / "runs.csv")
+    assert_one_line_error(
+        *run(capsys, "fit", runs, "--out", "/nonexistent/dir/law.yaml"),
+        "--out /nonexistent/dir/law.yaml",
+        "folder /nonexistent/dir does not exist",
+    )
+    assert_one_line_error(*run(capsys, "fit", runs, "--out", str(tmp_path)), "is a folder")
+    (tmp_path / "file").write_text("x")
+    assert_one_line_error(
+        *run(capsys, "fit", runs, "--plots", str(tmp_path / "file" / "plots")), "--plots", "cannot create that folder"
+    )
+
+
+# --------------------------------------------------- a missing optional package: one line, its extra
+
+
+def test_missing_scipy_names_the_fit_extra(tmp_path, capsys, monkeypatch, no_fit):
+    write_runs(tmp_path / "runs.csv")
+    monkeypatch.setitem(sys.modules, "scipy.optimize", None)  # import scipy.optimize now fails
+    assert_one_line_error(
+        *run(capsys, "fit", str(tmp_path / "runs.csv")),
+        "fit needs scipy, which is not installed: pip install 'lightning-fpq[fit]'",
+    )
+
+
+def test_missing_matplotlib_names_the_plot_extra(tmp_path, capsys, monkeypatch, no_fit):
+    import lightning_fpq.demo.run as demo
+
+    def run_demo(*args, **kwargs):
+        raise AssertionError("the demo trained before its plotting package was checked")
+
+    monkeypatch.setattr(demo, "run_demo", run_demo)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    hint = "which is not installed: pip install 'lightning-fpq[plot]'"
+    assert_one_line_error(
+        *run(capsys, "plot", "--params", "1e9", "--out", str(tmp_path / "x.png")), f"plot needs matplotlib, {hint}"
+    )
+    assert not (tmp_path / "x.png").exists()
+    assert_one_line_error(*run(capsys, "demo", "--out", str(tmp_path)), f"demo (its plot) needs matplotlib, {hint}")
+    write_runs(tmp_path / "runs.csv")
+    assert_one_line_error(
+        *run(capsys, "fit", str(tmp_path / "runs.csv"), "--plots", str(tmp_path / "plots")),
+        f"fit --plots needs matplotlib, {hint}",
+    )
+
+
+def test_missing_ray_names_the_ray_extra(tmp_path, capsys, monkeypatch):
+    (tmp_path / "sweep.yaml").write_text(
+        f"out: {tmp_path / 'runs.csv'}\nmodels: {{a: {{n_layer: 1, n_head: 1, n_embd: 16}}}}\ntokens: [65536]\n"
+    )
+    monkeypatch.setitem(sys.modules, "ray", None)
+    for extra in ([], ["--dry-run"]):
+        assert_one_line_error(
+            *run(capsys, "sweep", str(tmp_path / "sweep.yaml"), "--executor", "ray", *extra),
+            "executor 'ray' needs Ray, which is not installed: pip install 'lightning-fpq[ray]'",
+        )
+
+
+def test_an_optional_import_error_deep_in_a_command_names_its_extra(capsys, monkeypatch):
+    import lightning_fpq.cli as cli
+
+    def cmd_backends(args):
+        raise ModuleNotFoundError("No module named 'torchao'", name="torchao")
+
+    monkeypatch.setattr(cli, "cmd_backends", cmd_backends)
+    assert_one_line_error(*run(capsys, "backends"), "No module named 'torchao' (pip install 'lightning-fpq[torchao]')")

@@ -15,7 +15,10 @@ from omegaconf import OmegaConf
 from .. import _config
 from ..formats import FPFormat
 
-__all__ = ["GridSpec", "ModelSize", "SweepConfig", "load_config", "plain"]
+__all__ = ["EXECUTORS", "GridSpec", "ModelSize", "SweepConfig", "load_config", "plain"]
+
+EXECUTORS = ("sequential", "local", "ray")
+"""Where a sweep's runs train (``lightning_fpq.scaling.sweep_executor``)."""
 
 
 @dataclass
@@ -92,6 +95,13 @@ class SweepConfig:
     accelerator: str = "auto"
     threads: int = 0  # torch.set_num_threads; 0 leaves torch's default
     progress_bar: bool = True  # a live bar on a terminal; one line per run is always printed
+    # where the runs train (not in the settings hash: every executor writes the same rows)
+    executor: str = "sequential"  # "sequential" (this process), "local" (worker processes here) or "ray" (a cluster)
+    workers: int = 0  # local/ray: runs at once; 0: as many as the CPUs (local) or the cluster's resources (ray) hold
+    address: Optional[str] = None  # ray: the cluster ("auto", "HOST:PORT", "ray://HOST:10001"); null: this machine
+    cpus_per_run: float = 1.0  # local/ray: CPUs per run (Ray's num_cpus; torch threads when threads is 0)
+    gpus_per_run: float = 0.0  # ray: GPUs per run (Ray's num_gpus)
+    max_retries: int = 2  # local/ray: a run whose worker dies is tried again this often, then recorded as failed
 
     def validate(self) -> SweepConfig:
         """Check every value; raise ``ValueError`` naming the key, the value and what is valid."""
@@ -140,7 +150,26 @@ class SweepConfig:
                 )
         for where, grid in self.grids():
             self._check_grid(where, grid)
+        self._check_executor()
         return self
+
+    def _check_executor(self) -> None:
+        self.executor = _config.choice(self.executor, EXECUTORS, what="executor")
+        _config.integer(self.workers, what="workers", low=0)
+        _config.integer(self.max_retries, what="max_retries", low=0)
+        _config.number(self.cpus_per_run, what="cpus_per_run", low=0.0, low_open=True)
+        _config.number(self.gpus_per_run, what="gpus_per_run", low=0.0)
+        if self.address is not None and (not isinstance(self.address, str) or not self.address.strip()):
+            raise ValueError(f"address={self.address!r} is not valid: expected a Ray address (auto, HOST:PORT) or null")
+        if self.executor == "sequential" and self.workers > 1:
+            raise ValueError(
+                f"workers={self.workers} needs executor 'local' or 'ray': executor 'sequential' runs one run at a time"
+            )
+        if self.executor != "ray" and self.gpus_per_run:
+            raise ValueError(
+                f"gpus_per_run={self.gpus_per_run} needs executor 'ray', which gives each run its GPUs "
+                "(it runs on this machine too: leave address null)"
+            )
 
     # ------------------------------------------------------------------ helpers
     def grids(self) -> list[tuple[str, GridSpec]]:

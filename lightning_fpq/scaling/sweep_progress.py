@@ -26,28 +26,34 @@ def duration(seconds: float) -> str:
 
 
 class Eta:
-    """Time left = the cost of the runs left, at the seconds per cost unit measured so far.
+    """Time left = the cost of the runs left, at the seconds per cost unit measured so far, shared
+    by the ``workers`` that train runs at once (fewer when fewer runs are left).
 
     A run's cost is D * (N + :data:`COST_OVERHEAD_PARAMS`); runs of unknown N cost D * that
-    constant. The first run also pays for compiling the quantizer, so early estimates run high.
+    constant. Its seconds are its own wall time, wherever it ran. The first run of each worker
+    also pays for compiling the quantizer, so early estimates run high.
     """
 
-    def __init__(self, costs: dict[str, float]) -> None:
+    def __init__(self, costs: dict[str, float], workers: int = 1) -> None:
         self.costs = costs
+        self.workers = workers
         self.left = sum(costs.values())
+        self.runs_left = len(costs)
         self.done_cost = 0.0
         self.done_s = 0.0
 
     def finished(self, run_id: str, seconds: float) -> None:
         cost = self.costs.get(run_id, 0.0)
         self.left -= cost
+        self.runs_left -= 1
         self.done_cost += cost
         self.done_s += seconds
 
     def seconds_left(self) -> Optional[float]:
         if self.done_cost <= 0:
             return None
-        return max(0.0, self.left) * self.done_s / self.done_cost
+        at_once = max(1, min(self.workers, self.runs_left))
+        return max(0.0, self.left) * self.done_s / self.done_cost / at_once
 
     def text(self) -> str:
         s = self.seconds_left()

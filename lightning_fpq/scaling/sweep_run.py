@@ -9,17 +9,18 @@ import inspect
 import math
 import time
 from collections.abc import Callable
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from .sweep_config import SweepConfig, plain
-from .sweep_plan import RunSpec
+from .sweep_plan import RunSpec, run_steps
 
-__all__ = ["run_one", "run_row"]
+__all__ = ["failed_row", "import_path", "one_line", "run_one", "run_row"]
 
 _REASON_CHARS = 300
 
 
-def _import(path: str, what: str) -> Any:
+def import_path(path: str, what: str) -> Any:
+    """The object at ``package.module.Name``; ImportError naming ``what`` and the path if it cannot be had."""
     module_name, _, attr = path.strip().rpartition(".")
     try:
         module = importlib.import_module(module_name)
@@ -53,7 +54,7 @@ def _build_datamodule(cfg: SweepConfig, spec: RunSpec, steps: Optional[int]):
             samples_per_epoch=max(1, steps or 1) * cfg.batch_size,
             val_samples=cfg.val_samples,
         )
-    cls = _import(cfg.datamodule, "datamodule")
+    cls = import_path(cfg.datamodule, "datamodule")
     kwargs = dict(plain(cfg.datamodule_args))
     if "seed" not in kwargs and _accepts(cls, "seed"):
         kwargs["seed"] = spec.seed
@@ -99,7 +100,7 @@ def _build_model(cfg: SweepConfig, spec: RunSpec, steps: int):
             max_steps=steps,
             min_lr_ratio=cfg.min_lr_ratio,
         )
-    cls = _import(cfg.model, "model")
+    cls = import_path(cfg.model, "model")
     kwargs = {**plain(cfg.model_args), **plain(size.args)}
     for key in ("n_layer", "n_head", "n_embd"):
         if getattr(size, key) is not None:
@@ -147,8 +148,9 @@ def _recorder_callback(train_metric: str):
     return _Recorder()
 
 
-def _one_line(err: BaseException) -> str:
-    text = " ".join(f"{type(err).__name__}: {err}".split())
+def one_line(err: Union[BaseException, str]) -> str:
+    """An exception (``Type: message``) or a text as one line of at most 300 characters: a CSV reason."""
+    text = " ".join((err if isinstance(err, str) else f"{type(err).__name__}: {err}").split())
     return text if len(text) <= _REASON_CHARS else text[: _REASON_CHARS - 3] + "..."
 
 
@@ -162,12 +164,12 @@ def run_one(cfg: SweepConfig, spec: RunSpec) -> dict[str, Any]:
     seed_everything(spec.seed, verbose=False)
     if cfg.datamodule is None:
         tps = cfg.batch_size * cfg.seq_len if cfg.tokens_per_step is None else cfg.tokens_per_step
-        steps = max(1, round(spec.tokens / tps))
+        steps = run_steps(spec.tokens, tps)
         datamodule = _build_datamodule(cfg, spec, steps)
     else:
         datamodule = _build_datamodule(cfg, spec, None)
         tps = _tokens_per_step(cfg, datamodule)
-        steps = max(1, round(spec.tokens / tps))
+        steps = run_steps(spec.tokens, tps)
     if cfg.warmup_steps >= steps:
         raise ValueError(
             f"warmup_steps={cfg.warmup_steps} is not below this run's {steps} steps "
@@ -217,10 +219,8 @@ def run_one(cfg: SweepConfig, spec: RunSpec) -> dict[str, Any]:
     }
 
 
-def run_row(cfg: SweepConfig, spec: RunSpec, settings: str) -> dict[str, Any]:
-    """Run ``spec`` and return its CSV row: status ``ok`` with the results, or ``failed`` with the
-    reason (a run that raises does not stop the sweep), and its wall and CPU seconds."""
-    row: dict[str, Any] = {
+def _row_head(cfg: SweepConfig, spec: RunSpec, settings: str) -> dict[str, Any]:
+    return {
         "run_id": spec.run_id,
         "model": spec.model,
         "format": spec.fmt,
@@ -232,6 +232,12 @@ def run_row(cfg: SweepConfig, spec: RunSpec, settings: str) -> dict[str, Any]:
         "settings": settings,
         "D": spec.tokens,
     }
+
+
+def run_row(cfg: SweepConfig, spec: RunSpec, settings: str) -> dict[str, Any]:
+    """Run ``spec`` and return its CSV row: status ``ok`` with the results, or ``failed`` with the
+    reason (a run that raises does not stop the sweep), and its wall and CPU seconds."""
+    row = _row_head(cfg, spec, settings)
     t0, c0 = time.perf_counter(), time.process_time()
     try:
         row.update(run_one(cfg, spec))
@@ -239,8 +245,16 @@ def run_row(cfg: SweepConfig, spec: RunSpec, settings: str) -> dict[str, Any]:
     except KeyboardInterrupt:
         raise
     except Exception as err:  # the run failed: record why and go on
-        row.update(status="failed", reason=_one_line(err))
+        row.update(status="failed", reason=one_line(err))
     row["wall_s"] = time.perf_counter() - t0
     row["cpu_s"] = time.process_time() - c0
     row["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    return row
+
+
+def failed_row(cfg: SweepConfig, spec: RunSpec, settings: str, reason: str, wall_s: float) -> dict[str, Any]:
+    """The row of a run that never returned one (its worker died, or the executor could not get its
+    result): status ``failed`` with ``reason``; no CPU time is known."""
+    row = _row_head(cfg, spec, settings)
+    row.update(status="failed", reason=one_line(reason), wall_s=wall_s, finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
     return row
