@@ -96,7 +96,28 @@ def capybara_critical_data_size(N, E, M, log2b, *, d, a, b, g, dl, nu, **_unused
 
 
 @dataclass(frozen=True)
-class CapybaraLaw(PrecisionLaw):
+class FloatLawConstants(PrecisionLaw):
+    """The constants the two float laws of this module share (the Capybara law's symbols): n, a
+    (parameter term), d, b (data term), eps (irreducible loss), g, dl, nu (the precision term),
+    and the log2 B of channel-wise scaling."""
+
+    n: float
+    a: float
+    d: float
+    b: float
+    eps: float
+    g: float
+    dl: float
+    nu: float
+    channel_log2_block: float = CHANNEL_LOG2_BLOCK
+    provenance: Provenance = Provenance()
+
+    _nonnegative: ClassVar[frozenset[str]] = frozenset({"eps", "dl", "nu"})
+    FITTED: ClassVar[tuple[str, ...]] = ("n", "a", "d", "b", "eps", "g", "dl", "nu")
+
+
+@dataclass(frozen=True)
+class CapybaraLaw(FloatLawConstants):
     """The floating-point quantization training law of Sun et al., arXiv 2501.02423 (ICML 2025).
 
     ``L(N, D, E, M, B) = n/N^a + d/D^b + eps + (D^b/N^a) log2(B) / (g (E+0.5)^dl (M+0.5)^nu)``
@@ -123,20 +144,7 @@ class CapybaraLaw(PrecisionLaw):
     393
     """
 
-    n: float
-    a: float
-    d: float
-    b: float
-    eps: float
-    g: float
-    dl: float
-    nu: float
-    channel_log2_block: float = CHANNEL_LOG2_BLOCK
-    provenance: Provenance = Provenance()
-
     kind: ClassVar[str] = "capybara"
-    _nonnegative: ClassVar[frozenset[str]] = frozenset({"eps", "dl", "nu"})
-    FITTED: ClassVar[tuple[str, ...]] = ("n", "a", "d", "b", "eps", "g", "dl", "nu")
     # the published constants of Sun et al., arXiv 2501.02423 (the unified Capybara law; docs/science.md section 4)
     PAPER: ClassVar[dict[str, float]] = dict(
         n=69.2343,
@@ -389,7 +397,7 @@ def ceiling_loss(N, D, E, M, log2b, *, n, a, d, b, eps, g, dl, nu, **_unused) ->
 
 
 @dataclass(frozen=True)
-class CeilingLaw(NoCriticalDataSize, PrecisionLaw):
+class CeilingLaw(NoCriticalDataSize, FloatLawConstants):
     """A precision-aware law for floats **without** a loss minimum in D: quantization lowers the
     effective parameter count, as in Kumar et al. (arXiv 2411.04330), and nothing grows with D::
 
@@ -402,31 +410,8 @@ class CeilingLaw(NoCriticalDataSize, PrecisionLaw):
     law's (:func:`canonical_em`); its critical data size is inf.
     """
 
-    n: float
-    a: float
-    d: float
-    b: float
-    eps: float
-    g: float
-    dl: float
-    nu: float
-    channel_log2_block: float = CHANNEL_LOG2_BLOCK
-    provenance: Provenance = Provenance()
-
     kind: ClassVar[str] = "ceiling"
-    _nonnegative: ClassVar[frozenset[str]] = frozenset({"eps", "dl", "nu"})
-    FITTED: ClassVar[tuple[str, ...]] = ("n", "a", "d", "b", "eps", "g", "dl", "nu")
-    PAPER: ClassVar[dict[str, float]] = dict(
-        n=69.2343,
-        a=0.2368,
-        d=68973.0621,
-        b=0.5162,
-        eps=1.9061,
-        g=0.1,
-        dl=3.1926,
-        nu=2.9543,
-        channel_log2_block=CHANNEL_LOG2_BLOCK,
-    )
+    PAPER: ClassVar[dict[str, float]] = {**CapybaraLaw.PAPER, "g": 0.1}  # starting values, see above
     PAPER_PROVENANCE: ClassVar[Provenance] = Provenance(
         source="user", note="no published constants: starting values for fits (docs/science.md section 8)"
     )
