@@ -115,6 +115,9 @@ class FloatLawConstants(PrecisionLaw):
     _nonnegative: ClassVar[frozenset[str]] = frozenset({"eps", "dl", "nu"})
     FITTED: ClassVar[tuple[str, ...]] = ("n", "a", "d", "b", "eps", "g", "dl", "nu")
 
+    def _max_bits(self) -> int:
+        return 1 + MAX_EBITS + MAX_MBITS
+
 
 @dataclass(frozen=True)
 class CapybaraLaw(FloatLawConstants):
@@ -186,9 +189,6 @@ class CapybaraLaw(FloatLawConstants):
         with np.errstate(divide="ignore"):
             penalty = D**self.b / N**self.a * log2b / (self.g * np.asarray(factor, dtype=float))
         return self.n / N**self.a + self.d / D**self.b + self.eps + penalty
-
-    def _max_bits(self) -> int:
-        return 1 + MAX_EBITS + MAX_MBITS
 
     # -------------------------------------------------------------- the law
     def loss(
@@ -439,9 +439,6 @@ class CeilingLaw(NoCriticalDataSize, FloatLawConstants):
                 + self.d / np.asarray(D, dtype=float) ** self.b
                 + self.eps
             )
-
-    def _max_bits(self) -> int:
-        return 1 + MAX_EBITS + MAX_MBITS
 
     def loss(
         self,

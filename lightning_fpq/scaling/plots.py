@@ -291,6 +291,24 @@ def _excluded_points(ax, excluded, N, lb, fmt, colors, y) -> None:
         ax.plot(excluded["D"][sel], y[sel], ls="none", marker="x", ms=6, mew=1.5, color=colors[fmt], zorder=3)
 
 
+def _observed(ax, x: np.ndarray, y: np.ndarray, rows: np.ndarray, held: np.ndarray, color: Any) -> None:
+    """The observed points of one group: filled where fitted, hollow where held out."""
+    for mask, filled in ((rows & ~held, True), (rows & held, False)):
+        if mask.any():
+            ax.plot(
+                x[mask],
+                y[mask],
+                ls="none",
+                marker="o",
+                ms=5,
+                color=color,
+                mfc=color if filled else "white",
+                mec=color,
+                mew=1.3,
+                zorder=3,
+            )
+
+
 def plot_loss_vs_tokens(
     result: Any,
     data: dict[str, np.ndarray],
@@ -338,20 +356,7 @@ def plot_loss_vs_tokens(
                 ls="-" if quantized else "--",
                 zorder=2,
             )
-            for mask, filled in ((rows & ~held, True), (rows & held, False)):
-                if mask.any():
-                    ax.plot(
-                        data["D"][mask],
-                        y_obs[mask],
-                        ls="none",
-                        marker="o",
-                        ms=5,
-                        color=color,
-                        mfc=color if filled else "white",
-                        mec=color,
-                        mew=1.3,
-                        zorder=3,
-                    )
+            _observed(ax, data["D"], y_obs, rows, held, color)
             if quantized and lb_curve > 0:
                 d_crit = float(capybara_critical_data_size(N, E, M, lb_curve, **consts))
                 if d_lo <= d_crit <= d_hi:
@@ -466,20 +471,7 @@ def plot_penalty_vs_tokens(
             color = colors[fmt]
             penalty = capybara_loss(N, grid, E, M, lb, **consts) - capybara_loss(N, grid, E, M, 0.0, **consts)
             ax.plot(grid, penalty, color=color, lw=1.4, zorder=2)
-            for mask, filled in ((rows & ~held, True), (rows & held, False)):
-                if mask.any():
-                    ax.plot(
-                        data["D"][mask],
-                        excess[mask],
-                        ls="none",
-                        marker="o",
-                        ms=5,
-                        color=color,
-                        mfc=color if filled else "white",
-                        mec=color,
-                        mew=1.3,
-                        zorder=3,
-                    )
+            _observed(ax, data["D"], excess, rows, held, color)
             shown.append(excess[rows])
         ax.set_title(_panel_title(N, lb, b), fontsize=10)
     values = np.concatenate(shown)
