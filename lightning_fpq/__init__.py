@@ -28,6 +28,7 @@ _PUBLIC = {
     "ProgressivePrecision": "lightning_fpq.lightning.progressive",
     "TokenCounter": "lightning_fpq.lightning.tokens",
     "QuantizationHealth": "lightning_fpq.lightning.health",
+    "QuantizationGap": "lightning_fpq.lightning.gap",
 }
 __all__ = sorted(_PUBLIC) + ["__version__"]
 

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import warnings
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, Optional, Union
 
 import torch
@@ -130,6 +131,31 @@ class QuantState:
     @torch.compiler.disable
     def _register_uncompiled(self, name: str) -> Optional[LayerSpec]:
         return self.register(name)
+
+    @contextmanager
+    def unquantized(self) -> Iterator[None]:
+        """Within the block every registered layer runs its plain GEMM (no switch event: the
+        recipe stays active and comes back on exit), e.g. to measure what quantization costs
+        the current weights."""
+        specs = self._specs
+        self._specs = dict.fromkeys(specs)  # a new dict: compiled graphs guard on it
+        try:
+            yield
+        finally:
+            self._specs = specs
+
+    @contextmanager
+    def rng_preserved(self) -> Iterator[None]:
+        """Restore every stochastic-rounding generator on exit (a measurement that runs the
+        quantized model must not move the training run's noise)."""
+        saved = {key: gen.get_state() for key, gen in self._generators.items()}
+        try:
+            yield
+        finally:
+            # a generator first made inside the block is dropped: training makes it afresh, same seed
+            self._generators = {key: gen for key, gen in self._generators.items() if key in saved}
+            for key, state in saved.items():
+                self._generators[key].set_state(state)
 
     # ------------------------------------------------------------------ backends
     @property

@@ -14,11 +14,14 @@ from torch.utils.data import DataLoader
 
 from helpers import TinyLM, token_loader
 from lightning_fpq import CapybaraLaw, CriticalDataMonitor, FPQuantPrecision, ProgressivePrecision
-from lightning_fpq.lightning.critical import critical_tokens, law_point
+from lightning_fpq.lightning.critical import critical_interval, critical_tokens, law_point, scale_group_sizes
 from lightning_fpq.lightning.progressive import auto_switch_tokens
 from lightning_fpq.lightning.tokens import TokenCounter
+from lightning_fpq.linear import quantized_layers
 from lightning_fpq.recipe import QuantRecipe
+from lightning_fpq.scaling.law import Provenance
 from lightning_fpq.scaling.params import count_params
+from lightning_fpq.spec import ROLES
 
 BATCH, SEQ = 4, 8
 TOKENS_PER_STEP = BATCH * SEQ
@@ -379,3 +382,65 @@ def test_progress_bar_shows_the_format_and_the_dcrit_fraction(tmp_path):
     # a second trainer's bar is not touched by this monitor's wrapping
     other = Trainer(accelerator="cpu", max_steps=1, logger=False, enable_progress_bar=True)
     assert "fmt" not in other.progress_bar_callback.get_metrics(other, model)
+
+
+def test_scale_groups_are_counted_from_the_layers_and_the_batch():
+    model = TinyLM(d_model=16, hidden=32)
+    FPQuantPrecision(recipe="paper", fmt="e2m1", block_size=16).convert_module(model)  # hidden: 16 -> 32
+    groups = scale_group_sizes(model, 24)
+    # every converted layer, weighted by its weight count, by hand
+    layers = {name: layer.gemm_weight().shape for name, layer in quantized_layers(model)}
+    w = {name: o * i for name, (o, i) in layers.items()}
+
+    def geo(values):  # weighted geometric mean, by hand
+        return 2 ** (sum(w[n] * math.log2(v) for n, v in values.items()) / sum(w.values()))
+
+    assert groups["weight"]["channel"] == pytest.approx(geo({n: i for n, (o, i) in layers.items()}))
+    assert groups["grad_output"]["channel"] == pytest.approx(geo({n: o for n, (o, i) in layers.items()}))
+    assert groups["input_for_grad_weight"]["channel"] == pytest.approx(24)  # wgrad reduces over the tokens
+    assert groups["input"]["tensor"] == pytest.approx(geo({n: 24 * i for n, (o, i) in layers.items()}))
+    assert scale_group_sizes(TinyLM(), 24) == {}  # nothing converted
+
+
+def test_counted_scale_groups_replace_the_paper_constant_except_for_the_paper_law():
+    groups = {role: {"channel": 64.0, "tensor": 4096.0} for role in ROLES}
+    groups["input_for_grad_weight"] = {"channel": 1024.0, "tensor": 65536.0}
+    recipe = QuantRecipe.from_name("paper", fmt="e2m1", block_size="channel")
+    fitted = dataclasses.replace(CapybaraLaw.paper(), provenance=Provenance(source="fit"))
+
+    def share(law, log2b):  # by hand: one operand's third of log2 B / ((E+.5)^dl (M+.5)^nu)
+        return log2b / ((2.5) ** law.dl * (1.5) ** law.nu) / 3
+
+    point = law_point(recipe, fitted, 10**6, groups)  # P2 and P4 channel = 64, P6 (wgrad) = 1024
+    assert point.factor == pytest.approx(2 * share(fitted, 6.0) + share(fitted, 10.0), rel=1e-12)
+    paper = law_point(recipe, CapybaraLaw.paper(), 10**6, groups)  # the paper law keeps its constant
+    assert paper.factor == pytest.approx(3 * share(CapybaraLaw.paper(), 13.1567), rel=1e-12)
+
+
+def test_dcrit_interval_is_the_bootstrap_percentiles():
+    base = law_with_dcrit(1e5, N_TINY)
+    samples = [{"g": base.g * f} for f in (0.5, 0.8, 1.0, 1.3, 2.0)]
+    law = dataclasses.replace(base, provenance=Provenance(source="fit", extra={"bootstrap": {"samples": samples}}))
+    recipe = QuantRecipe.from_name("paper", fmt="e2m1", block_size=16)
+    by_hand = [dataclasses.replace(base, g=s["g"]).critical_data_size(N_TINY, "e2m1", 16) for s in samples]
+    low, high = critical_interval(recipe, law, N_TINY)
+    assert (low, high) == pytest.approx(tuple(np.percentile(by_hand, [5, 95])), rel=1e-12)
+    assert critical_interval(recipe, base, N_TINY) is None  # no refits: no interval
+
+
+def test_the_monitor_logs_the_dcrit_interval_and_the_predicted_penalty(tmp_path):
+    base = law_with_dcrit(100 * TOKENS_PER_STEP, N_TINY)
+    samples = [{"g": base.g * f} for f in (0.5, 1.0, 2.0)]
+    law = dataclasses.replace(base, provenance=Provenance(source="fit", extra={"bootstrap": {"samples": samples}}))
+    monitor = CriticalDataMonitor(law=law)
+    trainer = make_trainer(tmp_path, [monitor], max_steps=3, logger=CSVLogger(tmp_path, name="m"), log_every_n_steps=1)
+    trainer.fit(TinyLM(), loader(3))
+    metrics = trainer.logged_metrics
+    low, high = monitor.d_crit_interval
+    assert low < monitor.d_crit < high
+    assert float(metrics["fpq/d_crit_low"]) == pytest.approx(low) and float(
+        metrics["fpq/d_crit_high"]
+    ) == pytest.approx(high)
+    by_hand = monitor.point.loss(law, N_TINY, 3 * TOKENS_PER_STEP) - law.recipe_loss(N_TINY, 3 * TOKENS_PER_STEP, 0.0)
+    assert float(metrics["fpq/predicted_penalty"]) == pytest.approx(by_hand, rel=1e-5)
+    assert "(90%: " in monitor.d_crit_text()

@@ -11,18 +11,27 @@ rounding, tensor-wise or unscaled blocks, DGE/OCC) is outside what the law was f
 prediction is labelled *uncalibrated* everywhere it is shown. Per-layer rules are not
 counted (the default spec covers most of the compute); operands without scaling are
 evaluated as ``"tensor"``. Nothing quantized (``bf16``): D_crit is infinite.
+
+Channel- and tensor-wise scales: the paper's law uses its fitted constant (log2 B = 13.16 for a
+channel, twice that for a tensor, from 2M-token batches). For any other law the number of
+elements that really share one scale is counted in the model and batch at hand
+(:func:`scale_group_sizes`: a channel is the GEMM's reduction length, a tensor its numel), and
+log2 of it is used instead.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
+import numpy as np
 from lightning.pytorch import LightningModule, Trainer
 
 from .. import _config
 from ..formats import FPFormat
+from ..linear import quantized_layers
 from ..recipe import QuantRecipe
 from ..scaling.capybara import CapybaraLaw
 from ..scaling.law import NAMED_LAWS, resolve_named_law
@@ -89,21 +98,64 @@ class LawPoint:
         """The law's final loss (nats/token) of a run annealed to ``tokens`` tokens."""
         return float(law.recipe_loss(n_params, max(tokens, 1.0), self.factor))
 
+    def penalty(self, law: CapybaraLaw, n_params: int, tokens: float) -> float:
+        """The law's quantization penalty (nats/token): this point's loss minus the unquantized one."""
+        return self.loss(law, n_params, tokens) - float(law.recipe_loss(n_params, max(tokens, 1.0), 0.0))
+
 
 _FITTED_ROLES = ("weight", "weight_for_grad_input", "input_for_grad_weight")  # P2, P4, P6
 
+#: per role, (the GEMM dimension a channel scale runs along, the tensor's two dimensions), in
+#: terms of a layer's in/out features and the batch's tokens
+_SCALE_GROUPS = {
+    "input": ("in", ("tokens", "in")),
+    "weight": ("in", ("out", "in")),
+    "grad_output": ("out", ("tokens", "out")),
+    "weight_for_grad_input": ("out", ("out", "in")),
+    "grad_output_for_grad_weight": ("tokens", ("tokens", "out")),
+    "input_for_grad_weight": ("tokens", ("tokens", "in")),
+}
 
-def law_point(recipe: QuantRecipe, law: CapybaraLaw, n_params: int) -> LawPoint:
-    """The law point of ``recipe``'s default spec (see the module docstring)."""
+ScaleGroups = dict[str, dict[str, float]]  # role -> {"channel": elements, "tensor": elements}
+
+
+def scale_group_sizes(module: Any, tokens_per_batch: int) -> ScaleGroups:
+    """How many elements share one channel-wise and one tensor-wise scale, per operand role,
+    in ``module``'s quantized layers for batches of ``tokens_per_batch`` tokens: the geometric
+    mean over the layers, weighted by each layer's weight count (its share of the GEMM work).
+    Empty when the module has no quantized layer."""
+    layers = [layer.gemm_weight().shape for _, layer in quantized_layers(module)]
+    if not layers or tokens_per_batch <= 0:
+        return {}
+    weights = np.array([out * inp for out, inp in layers], dtype=float)
+    out: ScaleGroups = {}
+    for role, (channel, tensor) in _SCALE_GROUPS.items():
+        sizes = [{"in": inp, "out": o, "tokens": tokens_per_batch} for o, inp in layers]
+        log_channel = np.array([math.log2(d[channel]) for d in sizes])
+        log_tensor = np.array([math.log2(d[tensor[0]] * d[tensor[1]]) for d in sizes])
+        out[role] = {
+            "channel": 2.0 ** float(np.average(log_channel, weights=weights)),
+            "tensor": 2.0 ** float(np.average(log_tensor, weights=weights)),
+        }
+    return out
+
+
+def law_point(recipe: QuantRecipe, law: CapybaraLaw, n_params: int, groups: Optional[ScaleGroups] = None) -> LawPoint:
+    """The law point of ``recipe``'s default spec (see the module docstring). ``groups``
+    (:func:`scale_group_sizes`): counted elements per channel/tensor scale, used for every law
+    but the paper's."""
     spec = recipe.default
-    quantized = [(f"P{i + 1}", op) for i, op in enumerate(spec.operands) if op is not None]
+    quantized = [(i, role, op) for i, (role, op) in enumerate(zip(ROLES, spec.operands)) if op is not None]
     if not quantized:
         return LawPoint(0.0, None, "unquantized", True)
-    factor = sum(
-        law.operand_factor(op.fmt, "tensor" if op.block_size is None else op.block_size) for _, op in quantized
-    )
-    labels = sorted({f"{op.fmt.name} B={_config.block_size_text(op.block_size)}" for _, op in quantized})
-    label = f"{' + '.join(labels)} on {','.join(p for p, _ in quantized)}"
+    counted = groups if groups and law.provenance.source != "paper" else {}
+    factor = 0.0
+    for _, role, op in quantized:
+        block = "tensor" if op.block_size is None else op.block_size
+        shared = counted[role][block] if counted and block in ("channel", "tensor") else None
+        factor += law.operand_factor(op.fmt, block, shared_elements=shared)
+    labels = sorted({f"{op.fmt.name} B={_config.block_size_text(op.block_size)}" for _, _, op in quantized})
+    label = f"{' + '.join(labels)} on {','.join(f'P{i + 1}' for i, _, _ in quantized)}"
     return LawPoint(factor, recipe.fmt, label, *_calibration(spec))
 
 
@@ -123,10 +175,28 @@ def _calibration(spec: LayerSpec) -> tuple[bool, str]:
     return True, ""
 
 
-def critical_tokens(recipe: QuantRecipe, law: CapybaraLaw, n_params: int) -> tuple[float, LawPoint]:
+def critical_tokens(
+    recipe: QuantRecipe, law: CapybaraLaw, n_params: int, groups: Optional[ScaleGroups] = None
+) -> tuple[float, LawPoint]:
     """(D_crit in tokens, the law point) for ``recipe``; D_crit is inf when nothing is quantized."""
-    point = law_point(recipe, law, n_params)
+    point = law_point(recipe, law, n_params, groups)
     return point.critical_data_size(law, n_params), point
+
+
+INTERVAL = (5.0, 95.0)  # percentiles of the bootstrap refits
+
+
+def critical_interval(
+    recipe: QuantRecipe, law: CapybaraLaw, n_params: int, groups: Optional[ScaleGroups] = None
+) -> Optional[tuple[float, float]]:
+    """The 5-95% interval of D_crit for ``recipe`` over the law's bootstrap refits
+    (:meth:`~lightning_fpq.scaling.law.Law.resampled`); ``None`` when the law has none."""
+    samples = [critical_tokens(recipe, refit, n_params, groups)[0] for refit in law.resampled()]
+    finite = [d for d in samples if math.isfinite(d)]
+    if not finite:
+        return None
+    low, high = np.percentile(finite, INTERVAL)
+    return float(low), float(high)
 
 
 def predicted_loss(point: LawPoint, law: CapybaraLaw, n_params: int, tokens: float) -> float:

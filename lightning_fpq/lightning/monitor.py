@@ -17,12 +17,15 @@ from ..scaling.law import ExtrapolationWarning
 from .critical import (
     LawLike,
     LawPoint,
+    ScaleGroups,
     check_n_params,
+    critical_interval,
     critical_tokens,
     find_plugin,
     predicted_loss,
     resolve_law,
     resolve_n_params,
+    scale_group_sizes,
 )
 from .progressive import ProgressivePrecision
 from .tokens import TokenCounter, TokenCountFn, check_count_tokens, global_sum
@@ -55,8 +58,11 @@ class CriticalDataMonitor(Callback):
             no longer falling (default 0.1%).
         count_tokens: ``batch -> int`` for the shared TokenCounter (if this callback creates it).
 
-    Logs ``fpq/tokens_seen``, ``fpq/d_crit``, ``fpq/d_crit_fraction``, ``fpq/predicted_loss``
-    (the final loss of a run whose schedule ends at the tokens seen, not the loss now),
+    Logs ``fpq/tokens_seen``, ``fpq/d_crit`` with ``fpq/d_crit_low``/``fpq/d_crit_high`` (the
+    5-95% interval over the law's bootstrap refits; -1: the law has none), ``fpq/d_crit_fraction``,
+    ``fpq/predicted_loss`` (the final loss of a run whose schedule ends at the tokens seen, not
+    the loss now) and ``fpq/predicted_penalty`` (its quantization term, the law's counterpart of
+    :class:`~lightning_fpq.lightning.gap.QuantizationGap`),
     ``fpq/format_bits`` and ``fpq/calibrated`` (0: the law was not fitted on this recipe's shape,
     or is the paper's) through the Trainer's loggers, and shows the active format (``*``:
     uncalibrated) and the D_crit fraction in the progress bar. Before the first step it warns
@@ -92,7 +98,10 @@ class CriticalDataMonitor(Callback):
         self._count_tokens = check_count_tokens(count_tokens)
         self.n_params: Optional[int] = None
         self.d_crit = math.inf
+        #: the 5-95% interval of D_crit over the law's bootstrap refits (None: the law has none)
+        self.d_crit_interval: Optional[tuple[float, float]] = None
         self.point: Optional[LawPoint] = None
+        self._groups: ScaleGroups = {}  # elements per channel/tensor scale, counted at the first batch
         self.warned: list[str] = []  # "<format>@<threshold>" once each
         self._loss_ema: Optional[float] = None
         self._ema_history: list[float] = []
@@ -136,12 +145,20 @@ class CriticalDataMonitor(Callback):
 
     def _on_switch(self, old: Optional[QuantRecipe], new: QuantRecipe) -> None:
         """D_crit of the recipe now active (the quantization state's switch event)."""
-        self.d_crit, self.point = critical_tokens(new, self.law, self.n_params)
+        self.d_crit, self.point = critical_tokens(new, self.law, self.n_params, self._groups)
+        self.d_crit_interval = critical_interval(new, self.law, self.n_params, self._groups)
         if math.isfinite(self.d_crit):
             rank_zero_info(
-                f"[lightning-fpq] D_crit = {self.d_crit:.3g} tokens for {self.point.short_str()} "
+                f"[lightning-fpq] D_crit = {self.d_crit_text()} tokens for {self.point.short_str()} "
                 f"(N = {self.n_params:,}; law: {self.law.short_str()}{'' if self.law_calibrated else ', uncalibrated: the paper constants'})"
             )
+
+    def d_crit_text(self) -> str:
+        """D_crit with its bootstrap interval when the law has one, e.g. ``4.1e+06 (90%: 1.8e+06-3.7e+08)``."""
+        if self.d_crit_interval is None:
+            return f"{self.d_crit:.3g}"
+        low, high = self.d_crit_interval
+        return f"{self.d_crit:.3g} (90%: {low:.2g}-{high:.2g})"
 
     def _predicted_loss(self, tokens: int) -> float:
         # early tokens lie below the law's fitted D range every run: said once at setup, not every step
@@ -184,7 +201,12 @@ class CriticalDataMonitor(Callback):
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         if not self._budget_checked:
             self._budget_checked = True  # once, before the first step
-            per_step = global_sum(trainer, self._counter.count_tokens(batch)) * trainer.accumulate_grad_batches
+            local = int(self._counter.count_tokens(batch))
+            # the elements per channel/tensor scale depend on the batch: count them now, then D_crit again
+            self._groups = scale_group_sizes(pl_module, local)
+            if self._groups and self.law.provenance.source != "paper":
+                self._on_switch(None, self._plugin.recipe)
+            per_step = global_sum(trainer, local) * trainer.accumulate_grad_batches
             self.warn_about_the_budget(trainer, per_step)
 
     @override
@@ -199,6 +221,9 @@ class CriticalDataMonitor(Callback):
             "fpq/d_crit_fraction": fraction,
             # the final loss of a run whose schedule ends at this token count, not the loss now
             "fpq/predicted_loss": self._predicted_loss(tokens),
+            "fpq/predicted_penalty": self.point.penalty(self.law, self.n_params, max(tokens, 1)),
+            "fpq/d_crit_low": self.d_crit_interval[0] if self.d_crit_interval else -1.0,
+            "fpq/d_crit_high": self.d_crit_interval[1] if self.d_crit_interval else -1.0,
             "fpq/format_bits": float(self.point.fmt.bits if self.point.fmt else 16),
             "fpq/calibrated": float(self.point.calibrated and self.law_calibrated),
         }
@@ -227,7 +252,7 @@ class CriticalDataMonitor(Callback):
             self.warned.append(key)
             rank_zero_warn(
                 f"[lightning-fpq] {tokens:,} tokens = {fraction:.0%} of the critical data size "
-                f"D_crit = {self.d_crit:.3g} tokens for {name} (N = {self.n_params:,}; law: {self.law.short_str()}). "
+                f"D_crit = {self.d_crit_text()} tokens for {name} (N = {self.n_params:,}; law: {self.law.short_str()}). "
                 + self._advice(threshold),
                 category=UserWarning,
             )

@@ -257,16 +257,22 @@ class CapybaraLaw(FloatLawConstants):
     #: the number of quantized operands of the setup the law was fitted on (P2, P4, P6)
     FITTED_OPERANDS: ClassVar[int] = 3
 
-    def operand_factor(self, fmt: Optional[FormatLike], block_size: Union[int, str] = DEFAULT_BLOCK_SIZE) -> float:
+    def operand_factor(
+        self,
+        fmt: Optional[FormatLike],
+        block_size: Union[int, str] = DEFAULT_BLOCK_SIZE,
+        *,
+        shared_elements: Optional[float] = None,
+    ) -> float:
         """One quantized operand's share of the penalty, ``log2 B / ((E+0.5)^dl (M+0.5)^nu)`` divided
         by the 3 operands of the fitted setup (0 for an unquantized one). Summed over a recipe's
         quantized operands it replaces ``log2 B / ((E+0.5)^dl (M+0.5)^nu)`` in the law: exact for
         the ``paper`` recipe (three equal operands), an assumption elsewhere (docs/science.md
-        section 4: the operands' penalties add)."""
+        section 4: the operands' penalties add). ``shared_elements``: as in :meth:`loss`."""
         fmt = format_or_none(fmt)
         if fmt is None:
             return 0.0
-        return self._log2b(block_size) / self._format_factor(fmt) / self.FITTED_OPERANDS
+        return self._log2b(block_size, shared_elements) / self._format_factor(fmt) / self.FITTED_OPERANDS
 
     def recipe_loss(self, N, D, factor: float):
         """The law's loss (nats/token) for a recipe whose operand factors sum to ``factor``."""
