@@ -378,7 +378,7 @@ def test_progress_bar_shows_the_format_and_the_dcrit_fraction(tmp_path):
         trainer.fit(model, loader(5))
     items = trainer.progress_bar_callback.get_metrics(trainer, model)
     assert items["fmt"] == "e2m1*"  # the paper's constants here: uncalibrated
-    assert items["D/Dcrit"] == f"{5 / 20:.2%}"
+    assert items["D/Dcrit"] == f"{5 / 20:.1%}"
     # a second trainer's bar is not touched by this monitor's wrapping
     other = Trainer(accelerator="cpu", max_steps=1, logger=False, enable_progress_bar=True)
     assert "fmt" not in other.progress_bar_callback.get_metrics(other, model)

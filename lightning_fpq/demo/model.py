@@ -101,6 +101,7 @@ torch.serialization.add_safe_globals([GPTConfig])
 # Named sizes. tiny: unit tests; demo: trains visibly on a laptop CPU in minutes; small:
 # a longer CPU run; 100m / 1b: GPU benchmarks only (never instantiate them in tests).
 GPT_CONFIGS: dict[str, GPTConfig] = {
+    "micro": GPTConfig(block_size=64, n_layer=2, n_head=1, n_embd=32),  # the D_crit experiment's model
     "tiny": GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=48),
     "demo": GPTConfig(block_size=128, n_layer=4, n_head=4, n_embd=128),
     "small": GPTConfig(block_size=256, n_layer=6, n_head=6, n_embd=384),

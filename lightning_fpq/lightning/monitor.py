@@ -324,7 +324,7 @@ class CriticalDataMonitor(Callback):
             if self.point is not None:
                 fmt = self.point.fmt.name if self.point.fmt else "bf16"
                 items["fmt"] = fmt if self.point.calibrated and self.law_calibrated else f"{fmt}*"  # * uncalibrated
-                items["D/Dcrit"] = f"{self.fraction:.2%}" if math.isfinite(self.d_crit) else "-"
+                items["D/Dcrit"] = f"{self.fraction:.1%}" if math.isfinite(self.d_crit) else "-"
             return items
 
         bar.get_metrics = get_metrics  # type: ignore[method-assign]

@@ -2,7 +2,7 @@
 
 :func:`pyplot` selects the Agg backend (files only, no display) and turns a missing
 matplotlib into one line; :func:`save_figure` writes a figure and closes it. The demo's
-training curves (:func:`lightning_fpq.demo.run.plot_runs`) use the same two.
+training curves (:func:`lightning_fpq.demo.plot.plot_demo`) use the same two.
 
 :func:`plot_law` (``lightning-fpq plot``): a law's predicted loss against tokens per format,
 with each format's critical data size marked.

@@ -1,0 +1,102 @@
+"""The demo's summary: what the law predicted and what the runs observed, in numbers."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from ..lightning.gap import log_log_slope
+from .plot import recipe_for
+from .predictions import Predictor
+from .reference import ReferenceRun, arm, penalty
+
+
+def summary_text(cfg: Any, results: list, reference: list[ReferenceRun], plot_path: Path) -> str:
+    first = results[0]
+    law, n = first.law, first.n_params
+    lines = ["", "lightning-fpq demo: what the law predicted, what the runs observed", "=" * 66]
+    prov = law.provenance
+    fitted = f"{prov.source}" + (f", {prov.rows} rows, RMSE {prov.rmse:.3f}" if prov.rmse is not None else "")
+    lines.append(
+        f"model {cfg.model}: N = {n:,} non-embedding parameters; {first.tokens:,} tokens per run "
+        f"({cfg.steps} steps x {cfg.tokens_per_step:,}); law: {fitted}"
+    )
+    for warning in law.extrapolation(N=n, D=[r.tokens for r in results]):
+        lines.append(f"  {warning.line()}")
+    if prov.source == "paper":
+        lines.append("  note: the paper's constants belong to LLaMA on Dolma: uncalibrated at this scale")
+
+    header = f"{'run':<14}{'final val loss':>15}   {'law: final loss (90%)':<28}{'obs - law':>10}{'wall':>8}"
+    lines += ["", header, "-" * len(header)]
+    by_name = {r.name: r for r in results}
+    for r in results:
+        if len(r.schedule) == 1:
+            band = Predictor(law, n, recipe_for(cfg, r.schedule[0])).loss(r.tokens)
+            predicted, off = f"{band.mid:.3f} ({band.low:.3f}-{band.high:.3f})", f"{r.final_val_loss - band.mid:+.3f}"
+        else:
+            predicted, off = "- (no law for a schedule)", "-"
+        lines.append(f"{r.name:<14}{r.final_val_loss:>15.4f}   {predicted:<28}{off:>10}{r.wall_s:>7.0f}s")
+
+    fixed = next((r for r in results if r.name.startswith("fixed")), None)
+    if fixed is not None:
+        fmt = fixed.schedule[0]
+        predictor = Predictor(law, n, recipe_for(cfg, fmt))
+        d_crit = predictor.d_crit()
+        lines.append("")
+        if d_crit is not None:
+            lines.append(
+                f"D_crit({fmt}, B={cfg.block}) = {d_crit.text('.3g')} tokens; the runs reached "
+                f"{fixed.tokens / d_crit.mid:.0%} of it."
+            )
+        if fixed.gap:
+            slope = log_log_slope(fixed.gap)
+            (d0, g0), (d1, g1) = fixed.gap[0], fixed.gap[-1]
+            lines.append(
+                f"Quantization gap of {fixed.name} (held-out batch, quantized - unquantized, same weights): "
+                f"{g0:+.4f} nats at {d0:,} tokens, {g1:+.4f} at {d1:,}; log-log slope "
+                + (f"{slope:.2f}" if slope is not None else "- (too few positive points)")
+                + f" (the law's penalty grows with slope b = {law.b:.3f})."
+            )
+        if "bf16" in by_name:
+            observed = fixed.final_val_loss - by_name["bf16"].final_val_loss
+            band = predictor.penalty(fixed.tokens)
+            lines.append(
+                f"Penalty at {fixed.tokens:,} tokens: observed {fmt} - bf16 final loss {observed:+.4f} nats; "
+                f"the law: {band.text('.4f')}."
+            )
+        points = arm(reference, fmt, str(cfg.block))
+        if points:
+            lowest = min(points, key=lambda p: p[1])
+            later = [f"{loss - lowest[1]:+.3f} at {d / 1e6:.2f}M" for d, loss in points if d > lowest[0]]
+            lines.append(
+                f"The shipped experiment (separate runs annealed to each D, examples/dcrit): {fmt} B={cfg.block} "
+                f"is lowest at D = {lowest[0] / 1e6:.2f}M ({lowest[1]:.4f})"
+                + (f", then {', '.join(later)}" if later else ", still falling at its largest D")
+                + "; its penalty "
+                + ", ".join(f"{p:+.3f}" for _, p in penalty(reference, fmt, str(cfg.block)))
+                + " nats at "
+                + ", ".join(f"{d / 1e6:.2f}M" for d, _ in penalty(reference, fmt, str(cfg.block)))
+                + " (verdict by the rule fixed in advance: docs/dcrit_experiment.md)."
+            )
+    progressive = by_name.get("progressive")
+    if progressive is not None:
+        switches = (
+            "; ".join(
+                f"{h['from'].split()[1]}->{h['to'].split()[1]} at step {h['step']} ({h['tokens']:,} tokens)"
+                for h in progressive.history
+            )
+            or "no switch within the budget"
+        )
+        lines.append(f"Progressive run ({' -> '.join(progressive.schedule)}, switch_at={cfg.switch_at}): {switches}.")
+        others = [f"{name} {r.final_val_loss:.4f}" for name, r in by_name.items() if name != "progressive"]
+        lines.append(
+            f"  final val loss {progressive.final_val_loss:.4f}" + (f" against {', '.join(others)}" if others else "")
+        )
+    for r in results:
+        if r.backends:
+            lines.append(f"{r.name}: quantized stages ran on {'; '.join(r.backends)}")
+    lines += ["", f"plot: {plot_path}", f"logs: {', '.join(str(r.metrics_csv) for r in results)}"]
+    if any(not math.isfinite(r.final_val_loss) for r in results):
+        lines.append("note: a run logged no validation loss (fewer steps than val_every?)")
+    return "\n".join(lines)
