@@ -13,7 +13,7 @@ from lightning.pytorch import Trainer
 
 from helpers import TinyLM, token_loader
 from lightning_fpq import FPQuantPrecision, QuantRecipe
-from lightning_fpq.lightning.gap import QuantizationGap, log_log_slope
+from lightning_fpq.lightning.gap import QuantizationGap, gap_slope, log_log_slope
 from lightning_fpq.linear import restore_linears
 from lightning_fpq.spec import OperandSpec
 from lightning_fpq.state import QuantState
@@ -124,6 +124,14 @@ def test_log_log_slope_matches_numpy_and_needs_three_positive_points():
     assert log_log_slope(list(zip(x, y))) == pytest.approx(np.polyfit(np.log(x), np.log(y), 1)[0], rel=1e-9)
     assert log_log_slope([(1.0, 1.0), (2.0, 2.0)]) is None
     assert log_log_slope([(1.0, -1.0), (2.0, 0.0), (3.0, 3.0), (4.0, math.nan)]) is None
+
+
+def test_the_gap_slope_follows_its_size_whatever_its_sign_but_not_a_change_of_sign():
+    x = [1e3, 1e4, 1e5, 1e6]
+    assert gap_slope([(d, -0.01 * d**0.5) for d in x]) == pytest.approx(0.5)  # adapted weights: negative
+    assert gap_slope([(d, 0.01 * d**0.5) for d in x]) == pytest.approx(0.5)
+    assert gap_slope([(1e3, -0.1), (1e4, 0.2), (1e5, 0.3), (1e6, 0.4)]) is None
+    assert gap_slope([(1e3, 0.0), (1e4, 0.2), (1e5, 0.3)]) is None  # two non-zero points
 
 
 def test_bad_arguments_are_one_line_errors():

@@ -126,6 +126,7 @@ def plot_demo(cfg: Any, results: list, reference: list[ReferenceRun], path: Path
             )
 
     top.set_xscale("log")
+    top.set_xlim(grid[0], grid[-1])  # a wide D_crit band must not stretch the axis
     top.set_ylabel("validation loss (nats / byte)")
     losses = [y for r in results for _, y in r.val] + [r.loss for r in reference]
     if losses:

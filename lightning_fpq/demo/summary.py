@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from ..lightning.gap import log_log_slope
+from ..lightning.gap import gap_slope
 from .plot import recipe_for
 from .predictions import Predictor
 from .reference import ReferenceRun, arm, penalty
@@ -50,13 +50,19 @@ def summary_text(cfg: Any, results: list, reference: list[ReferenceRun], plot_pa
                 f"{fixed.tokens / d_crit.mid:.0%} of it."
             )
         if fixed.gap:
-            slope = log_log_slope(fixed.gap)
+            slope = gap_slope(fixed.gap)
             (d0, g0), (d1, g1) = fixed.gap[0], fixed.gap[-1]
             lines.append(
-                f"Quantization gap of {fixed.name} (held-out batch, quantized - unquantized, same weights): "
-                f"{g0:+.4f} nats at {d0:,} tokens, {g1:+.4f} at {d1:,}; log-log slope "
-                + (f"{slope:.2f}" if slope is not None else "- (too few positive points)")
-                + f" (the law's penalty grows with slope b = {law.b:.3f})."
+                f"Quantization gap of {fixed.name} (held-out batch, quantized - unquantized forward, same weights): "
+                f"{g0:+.4f} nats at {d0:,} tokens, {g1:+.4f} at {d1:,}; d log|gap| / d log D = "
+                + (f"{slope:.2f}" if slope is not None else "- (it changed sign)")
+                + f" (the law's penalty: b = {law.b:.3f})."
+                + (
+                    " Negative: the weights have adapted to the grid, and their unquantized values are the worse "
+                    "model; the gap measures that reliance, not the law's penalty (the line below)."
+                    if g1 < 0
+                    else ""
+                )
             )
         if "bf16" in by_name:
             observed = fixed.final_val_loss - by_name["bf16"].final_val_loss

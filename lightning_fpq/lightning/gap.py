@@ -5,13 +5,15 @@ same weights, once quantized as the active recipe says and once unquantized, and
 the Trainer's loggers::
 
     fpq/gap/loss_quantized   fpq/gap/loss_unquantized   fpq/gap/gap  (quantized - unquantized, nats)
-    fpq/gap/slope            d log(gap) / d log(tokens) over this stage's measurements (3 or more)
+    fpq/gap/slope            d log|gap| / d log(tokens) over this stage's measurements (3 or more, one sign)
 
-The scaling law's penalty term grows as D^b / N^a (docs/science.md): a gap that keeps growing
-with the tokens seen is the run-time observable of that term, where a smoothed training loss is
-not (its noise hides a penalty of a few hundredths of a nat). The gap measures the forward
-quantization of the trained weights; the law's penalty is the difference between two whole
-runs, so the two agree in trend, not in value (docs/science.md, "The quantization gap").
+The scaling law's penalty term grows as D^b / N^a (docs/science.md): how much the precision
+changes what the model computes, measured on held-out data as the tokens grow, is what can be
+watched at run time, where a smoothed training loss cannot (its noise hides a penalty of a few
+hundredths of a nat). The gap is not the law's penalty, which compares two whole runs: weights
+trained quantized adapt to the grid, and then the gap is *negative*: its size says how far
+the weights have come to rely on the grid (what the demo measured: docs/science.md, "The
+quantization gap").
 """
 
 from __future__ import annotations
@@ -145,13 +147,12 @@ class QuantizationGap(Callback):
         return q, u
 
     def slope(self) -> Optional[float]:
-        """d log(gap) / d log(tokens), least squares over the active stage's measurements with a
-        positive gap and token count (``None`` below 3 of them)."""
+        """d log|gap| / d log(tokens), least squares over the active stage's measurements
+        (``None`` below 3 of them with a non-zero gap, or when the gap changed sign)."""
         if not self.history:
             return None
         recipe = self.history[-1]["recipe"]
-        points = [(h["tokens"], h["gap"]) for h in self.history if h["recipe"] == recipe]
-        return log_log_slope(points)
+        return gap_slope([(h["tokens"], h["gap"]) for h in self.history if h["recipe"] == recipe])
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -161,6 +162,14 @@ class QuantizationGap(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = [dict(h) for h in state_dict.get("history", [])]
         self._last_step = state_dict.get("last_step", -1)
+
+
+def gap_slope(points: list[tuple[float, float]]) -> Optional[float]:
+    """:func:`log_log_slope` of (tokens, |gap|) when every non-zero gap has one sign, else ``None``."""
+    nonzero = [(x, y) for x, y in points if y != 0 and math.isfinite(y)]
+    if len({y > 0 for _, y in nonzero}) != 1:
+        return None
+    return log_log_slope([(x, abs(y)) for x, y in nonzero])
 
 
 def log_log_slope(points: list[tuple[float, float]]) -> Optional[float]:
