@@ -53,7 +53,8 @@ class DemoConfig:
     max_bytes: Optional[int] = None  # None: all of the corpus
     seed: int = 0
     accelerator: str = "auto"
-    threads: int = 0  # torch CPU threads; 0 keeps torch's default (use 1 on a busy machine)
+    workers: int = 0  # runs trained at once, in separate processes of one torch thread each; 0: one per CPU core
+    threads: int = 0  # torch CPU threads of a run trained in this process (workers=1); 0: torch's default
     out: str = "runs/demo"
     progress_bar: bool = True
     #: the experiment's sweep CSVs, drawn as such (missing files are skipped)
@@ -71,6 +72,7 @@ class DemoConfig:
             ("warmup_steps", 0),
             ("seed", 0),
             ("threads", 0),
+            ("workers", 0),
         ):
             _config.integer(getattr(self, name), what=f"demo {name}", low=low)
         _config.integer(self.max_bytes, what="demo max_bytes", low=2, optional=True)
@@ -279,14 +281,56 @@ def run_demo(cfg: DemoConfig) -> list[RunResult]:
     from .summary import summary_text
 
     os.makedirs(cfg.out, exist_ok=True)
-    if cfg.threads > 0:
-        import torch
+    runs = planned_runs(cfg)
+    workers = min(len(runs), cfg.workers or os.cpu_count() or 1)
+    if workers > 1:
+        results = _run_in_processes(cfg, runs, workers)
+    else:
+        if cfg.threads > 0:
+            import torch
 
-        torch.set_num_threads(cfg.threads)
-    results = [run_one(cfg, name, schedule, cfg.law) for name, schedule in planned_runs(cfg)]
+            torch.set_num_threads(cfg.threads)
+        results = [run_one(cfg, name, schedule, cfg.law) for name, schedule in runs]
     reference = load_reference(list(cfg.reference))
     plot_path = plot_demo(cfg, results, reference, Path(cfg.out) / "demo.png")
     text = summary_text(cfg, results, reference, plot_path)
     (Path(cfg.out) / "summary.txt").write_text(text + "\n")
     print(text)
     return results
+
+
+def _run_in_worker(cfg: DemoConfig, name: str, schedule: list[str]) -> RunResult:
+    import logging
+    import warnings
+
+    import lightning.pytorch  # noqa: F401  (sets its loggers' levels on import: set ours after)
+    import torch
+
+    torch.set_num_threads(1)  # one core per run: the runs share the machine
+    # several processes write to one terminal: only warnings (the summary repeats the rest)
+    for logger in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(logger).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*treespec.*")  # Lightning's own deprecation, not the user's
+    return run_one(dataclasses.replace(cfg, progress_bar=False), name, schedule, cfg.law)
+
+
+def _run_in_processes(cfg: DemoConfig, runs: list[tuple[str, list[str]]], workers: int) -> list[RunResult]:
+    """Train the runs in ``workers`` fresh processes (their bars would overwrite each other:
+    one line per run instead, as each finishes)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    print(f"training {len(runs)} runs ({', '.join(n for n, _ in runs)}) in {workers} processes, {cfg.steps} steps each")
+    start = time.perf_counter()
+    done: dict[str, RunResult] = {}
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(_run_in_worker, cfg, name, schedule): name for name, schedule in runs}
+        for future in as_completed(futures):
+            result = future.result()
+            done[result.name] = result
+            print(
+                f"  {result.name}: {result.tokens:,} tokens, final validation loss {result.final_val_loss:.4f} "
+                f"({result.wall_s:.0f} s; {time.perf_counter() - start:.0f} s since the start)",
+                flush=True,
+            )
+    return [done[name] for name, _ in runs]

@@ -55,7 +55,7 @@ def summary_text(cfg: Any, results: list, reference: list[ReferenceRun], plot_pa
             lines.append(
                 f"Quantization gap of {fixed.name} (held-out batch, quantized - unquantized forward, same weights): "
                 f"{g0:+.4f} nats at {d0:,} tokens, {g1:+.4f} at {d1:,}; d log|gap| / d log D = "
-                + (f"{slope:.2f}" if slope is not None else "- (it changed sign)")
+                + (f"{slope:.2f}" if slope is not None else "- (needs 3 points of one sign)")
                 + f" (the law's penalty: b = {law.b:.3f})."
                 + (
                     " Negative: the weights have adapted to the grid, and their unquantized values are the worse "
