@@ -42,7 +42,7 @@ def test_demo_runs_end_to_end_with_switches_plot_and_summary(tmp_path, capsys):
     assert f"progressive: quantized stages ran on {fast} (8 layers); {fast} (8 layers)" in out
     png = tmp_path / "demo.png"
     assert png.stat().st_size > 20_000 and png.read_bytes()[:4] == b"\x89PNG"
-    assert (tmp_path / "summary.txt").read_text().strip() == out.strip()
+    assert (tmp_path / "summary.txt").read_text().strip() in out
     rows = read_metrics(tmp_path / "progressive" / "metrics.csv")
     stages = [r["fpq/stage"] for r in rows if "fpq/stage" in r]
     assert stages[0] == 0.0 and stages[-1] == 2.0
@@ -141,6 +141,7 @@ def test_the_demo_never_crashes_on_short_runs_a_tiny_model_or_a_baseline(tmp_pat
             "batch_size=4",
             "corpus=demo",
             "max_bytes=200000",
+            "workers=1",  # in this process (the CLI test trains in parallel processes)
         ),
     )
     results = run_demo(cfg)

@@ -37,6 +37,14 @@ def summary_text(cfg: Any, results: list, reference: list[ReferenceRun], plot_pa
         else:
             predicted, off = "- (no law for a schedule)", "-"
         lines.append(f"{r.name:<14}{r.final_val_loss:>15.4f}   {predicted:<28}{off:>10}{r.wall_s:>7.0f}s")
+    same_d = []
+    for r in results:
+        if len(r.schedule) == 1:  # the experiment has fixed-format runs only
+            observed = dict(arm(reference, r.schedule[0], _block(cfg, r.schedule[0]), cfg.seed)).get(r.tokens)
+            if observed is not None:
+                same_d.append(f"{r.name} {observed:.4f}")
+    if same_d:
+        lines.append(f"  the shipped experiment's runs at this D and seed: {', '.join(same_d)}")
 
     fixed = next((r for r in results if r.name.startswith("fixed")), None)
     if fixed is not None:
@@ -106,3 +114,8 @@ def summary_text(cfg: Any, results: list, reference: list[ReferenceRun], plot_pa
     if any(not math.isfinite(r.final_val_loss) for r in results):
         lines.append("note: a run logged no validation loss (fewer steps than val_every?)")
     return "\n".join(lines)
+
+
+def _block(cfg: Any, fmt: str) -> str:
+    """The experiment CSV's block column for a run of ``fmt`` ("1" for BF16)."""
+    return "1" if fmt == "bf16" else str(cfg.block)

@@ -252,8 +252,8 @@ class CriticalDataMonitor(Callback):
             self.warned.append(key)
             rank_zero_warn(
                 f"[lightning-fpq] {tokens:,} tokens = {fraction:.0%} of the critical data size "
-                f"D_crit = {self.d_crit_text()} tokens for {name} (N = {self.n_params:,}; law: {self.law.short_str()}). "
-                + self._advice(threshold),
+                f"D_crit = {self.d_crit_text()} tokens for {name} (N = {self.n_params:,}; law: "
+                f"{type(self.law).__name__}, {self.law.provenance.short_str()}). " + self._advice(threshold),
                 category=UserWarning,
             )
         if fraction >= 1.0 and name not in self._acted_on:
