@@ -79,6 +79,9 @@ def test_demo_config_errors_name_the_key(tmp_path):
         load_config(None, ("steps=0",))
     with pytest.raises(ValueError, match="unknown format 'fp5'"):
         load_config(None, ("schedule=[fp5,bf16]",))
+    with pytest.raises(ValueError, match="switch_at has 1 values for 3 stages"):
+        load_config(None, ("schedule=[e2m1,e4m3,bf16]", "switch_at=[0.5]"))
+    assert load_config(None, ("schedule=[e2m1,bf16]",)).switch_at == "auto"  # a schedule alone is enough
     cfg = load_config(str(ROOT / "examples" / "configs" / "demo.yaml"), ("steps=7",))
     assert cfg.steps == 7 and cfg.schedule == ["e1m0", "e2m1", "e4m3"]
     assert {k: v for k, v in vars(cfg).items() if k != "steps"} == {

@@ -84,6 +84,12 @@ class DemoConfig:
             self.block = _config.block_size_yaml(_config.block_size(self.block, what="demo block"))
         for entry in [*self.schedule, *([self.fixed] if self.fixed is not None else [])]:
             FPFormat.parse(entry)
+        if len(self.schedule) > 1:  # the schedule's own checks (switch points per stage), before any training
+            from ..lightning.progressive import ProgressivePrecision
+
+            ProgressivePrecision(
+                list(self.schedule), self.switch_at, unit=self.unit, law=self.law, block_size=self.block
+            )
         return self
 
     @property
