@@ -151,7 +151,27 @@ def _demo_progress_bar(name: str):
     return DemoProgressBar(refresh_rate=64)
 
 
-def _trainer_for(cfg: DemoConfig, name: str, schedule: list[str], law: Any):
+def _progress_lines(name: str):
+    """One short line per validation (for runs in parallel processes, whose bars would collide)."""
+    from lightning.pytorch import Callback
+
+    class ProgressLines(Callback):
+        def on_validation_end(self, trainer, pl_module) -> None:
+            if trainer.sanity_checking:
+                return
+            val = trainer.callback_metrics.get("val/loss")
+            fraction = trainer.callback_metrics.get("fpq/d_crit_fraction")
+            print(
+                f"  {name}: step {trainer.global_step}/{trainer.max_steps}"
+                + (f", val {float(val):.3f}" if val is not None else "")
+                + (f", D/Dcrit {float(fraction):.0%}" if fraction is not None and float(fraction) > 0 else ""),
+                flush=True,
+            )
+
+    return ProgressLines()
+
+
+def _trainer_for(cfg: DemoConfig, name: str, schedule: list[str], law: Any, *, lines: bool = False):
     """One run's model, data, plugin, callbacks and trainer."""
     from lightning.pytorch import Trainer, seed_everything
     from lightning.pytorch.loggers import CSVLogger
@@ -197,6 +217,8 @@ def _trainer_for(cfg: DemoConfig, name: str, schedule: list[str], law: Any):
         )
     if cfg.progress_bar:
         callbacks.append(_demo_progress_bar(name))
+    elif lines:
+        callbacks.append(_progress_lines(name))
     trainer = Trainer(
         accelerator=cfg.accelerator,
         devices=1,
@@ -216,12 +238,12 @@ def _trainer_for(cfg: DemoConfig, name: str, schedule: list[str], law: Any):
     return trainer, model, data, callbacks
 
 
-def run_one(cfg: DemoConfig, name: str, schedule: list[str], law: Any) -> RunResult:
+def run_one(cfg: DemoConfig, name: str, schedule: list[str], law: Any, *, lines: bool = False) -> RunResult:
     from ..lightning.gap import QuantizationGap
     from ..lightning.monitor import CriticalDataMonitor
     from ..lightning.progressive import ProgressivePrecision
 
-    trainer, model, data, callbacks = _trainer_for(cfg, name, schedule, law)
+    trainer, model, data, callbacks = _trainer_for(cfg, name, schedule, law, lines=lines)
     start = time.perf_counter()
     trainer.fit(model, datamodule=data)
     if cfg.steps % min(cfg.val_every, cfg.steps):  # the last validation was before the end: one more
@@ -317,12 +339,12 @@ def _run_in_worker(cfg: DemoConfig, name: str, schedule: list[str]) -> RunResult
     for logger in ("lightning.pytorch", "lightning.fabric"):
         logging.getLogger(logger).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*treespec.*")  # Lightning's own deprecation, not the user's
-    return run_one(dataclasses.replace(cfg, progress_bar=False), name, schedule, cfg.law)
+    return run_one(dataclasses.replace(cfg, progress_bar=False), name, schedule, cfg.law, lines=cfg.progress_bar)
 
 
 def _run_in_processes(cfg: DemoConfig, runs: list[tuple[str, list[str]]], workers: int) -> list[RunResult]:
     """Train the runs in ``workers`` fresh processes (their bars would overwrite each other:
-    one line per run instead, as each finishes)."""
+    a line per validation and per finished run instead)."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
