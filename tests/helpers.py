@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from lightning.pytorch import LightningModule
+from lightning.pytorch import LightningModule, Trainer
 from torch.utils.data import DataLoader, TensorDataset
 
 
@@ -50,3 +50,16 @@ def token_loader(n_batches: int, batch: int, seq: int, *, vocab: int = 32, seed:
     g = torch.Generator().manual_seed(seed) if seed is not None else None
     x = torch.randint(0, vocab, (n_batches * batch, seq), generator=g)
     return DataLoader(TensorDataset(x, x.roll(1, -1)), batch_size=batch)
+
+
+def quiet_trainer(**kwargs) -> Trainer:
+    """A CPU ``Trainer`` without logger, progress bar, model summary or checkpoints; ``kwargs``
+    add to or override those settings (``max_steps``, ``plugins``, ``callbacks``, ...)."""
+    settings = dict(
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    return Trainer(**{**settings, **kwargs})

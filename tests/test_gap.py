@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import Trainer
 
-from helpers import TinyLM, token_loader
+from helpers import TinyLM, quiet_trainer, token_loader
 from lightning_fpq import FPQuantPrecision, QuantRecipe
 from lightning_fpq.lightning.gap import QuantizationGap, gap_slope, log_log_slope
 from lightning_fpq.linear import restore_linears
@@ -28,16 +27,7 @@ def tiny_loss(module, batch):
 def _fit(callbacks, recipe, steps=4, seed=0):
     torch.manual_seed(seed)
     model = TinyLM()
-    trainer = Trainer(
-        accelerator="cpu",
-        max_steps=steps,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        plugins=[FPQuantPrecision(recipe, seed=0)],
-        callbacks=callbacks,
-    )
+    trainer = quiet_trainer(max_steps=steps, plugins=[FPQuantPrecision(recipe, seed=0)], callbacks=callbacks)
     trainer.fit(model, token_loader(steps, 4, 8, seed=1))
     return trainer, model
 
@@ -78,13 +68,8 @@ def test_the_first_validation_batch_is_kept_when_no_batch_is_given():
     torch.manual_seed(0)
     model = TinyLM()
     model.validation_step = lambda *args: None
-    trainer = Trainer(
-        accelerator="cpu",
+    trainer = quiet_trainer(
         max_steps=3,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
         num_sanity_val_steps=1,
         plugins=[FPQuantPrecision("full", fmt="e2m1", block_size=16)],
         callbacks=[gap],

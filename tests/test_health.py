@@ -6,9 +6,8 @@ import math
 
 import pytest
 import torch
-from lightning.pytorch import Trainer
 
-from helpers import TinyLM, token_loader
+from helpers import TinyLM, quiet_trainer, token_loader
 from lightning_fpq import FPQuantPrecision
 from lightning_fpq.lightning.health import QuantizationHealth
 from lightning_fpq.operand_health import operand_health
@@ -40,13 +39,8 @@ def test_block_scaling_saturates_nothing_but_inf_and_mx_scales_can_saturate():
 
 def test_the_callback_logs_every_quantized_operand_of_every_layer(tmp_path):
     health = QuantizationHealth(every_n_steps=2)
-    trainer = Trainer(
-        accelerator="cpu",
+    trainer = quiet_trainer(
         max_steps=3,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
         default_root_dir=tmp_path,
         plugins=[FPQuantPrecision("full", fmt="e2m1", block_size=16)],
         callbacks=[health],

@@ -74,32 +74,10 @@ def plot_demo(cfg: Any, results: list, reference: list[ReferenceRun], path: Path
     # the experiment's separate runs, each annealed to its D
     if fmt is not None:
         for name, (arm_fmt, arm_block) in (("fixed", (fmt, block)), ("bf16", ("bf16", "1"))):
-            points = arm(reference, arm_fmt, arm_block)
-            if points:
-                xs, ys = zip(*points)
-                top.plot(
-                    xs,
-                    ys,
-                    "s",
-                    mfc="none",
-                    mec=_color(name),
-                    ms=7,
-                    mew=1.4,
-                    label=f"experiment: {arm_fmt} runs, each annealed to its D",
-                )
-        observed = penalty(reference, fmt, block)
-        if observed:
-            xs, ys = zip(*observed)
-            bottom.plot(
-                xs,
-                ys,
-                "s",
-                mfc="none",
-                mec=_color("fixed"),
-                ms=7,
-                mew=1.4,
-                label=f"experiment: {fmt} loss - bf16 loss, same D",
+            _hollow(
+                top, arm(reference, arm_fmt, arm_block), name, f"experiment: {arm_fmt} runs, each annealed to its D"
             )
+        _hollow(bottom, penalty(reference, fmt, block), "fixed", f"experiment: {fmt} loss - bf16 loss, same D")
 
     # this demo's runs
     for result in results:
@@ -144,6 +122,13 @@ def plot_demo(cfg: Any, results: list, reference: list[ReferenceRun], path: Path
         ax.legend(fontsize=7, loc="upper left" if ax is bottom else "upper right")
     fig.tight_layout()
     return save_figure(fig, path)
+
+
+def _hollow(ax: Any, points: list[tuple[int, float]], name: str, label: str) -> None:
+    """The experiment's points: hollow squares in the color of the demo's matching run."""
+    if points:
+        xs, ys = zip(*points)
+        ax.plot(xs, ys, "s", mfc="none", mec=_color(name), ms=7, mew=1.4, label=label)
 
 
 def _stage(recipe_text: str) -> str:
