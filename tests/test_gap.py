@@ -124,3 +124,20 @@ def test_bad_arguments_are_one_line_errors():
         QuantizationGap(3)
     with pytest.raises(ValueError, match="every_n_steps"):
         QuantizationGap(tiny_loss, every_n_steps=0)
+
+
+def test_under_ddp_every_rank_logs_the_mean_of_the_ranks_gaps(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parent / "callback_scripts" / "ddp_gap.py"
+    result = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"gap{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["history"] == ranks[1]["history"] and len(ranks[0]["history"]) == 2
+    assert ranks[0]["quantized"] != ranks[1]["quantized"]  # each rank held out its own batch
+    last = ranks[0]["history"][-1]  # measured with the final weights, identical on both ranks
+    assert last["loss_quantized"] == pytest.approx((ranks[0]["quantized"] + ranks[1]["quantized"]) / 2, abs=1e-5)
+    assert last["loss_unquantized"] == pytest.approx((ranks[0]["unquantized"] + ranks[1]["unquantized"]) / 2, abs=1e-5)
