@@ -141,3 +141,13 @@ def test_under_ddp_every_rank_logs_the_mean_of_the_ranks_gaps(tmp_path):
     last = ranks[0]["history"][-1]  # measured with the final weights, identical on both ranks
     assert last["loss_quantized"] == pytest.approx((ranks[0]["quantized"] + ranks[1]["quantized"]) / 2, abs=1e-5)
     assert last["loss_unquantized"] == pytest.approx((ranks[0]["unquantized"] + ranks[1]["unquantized"]) / 2, abs=1e-5)
+
+
+def test_the_history_survives_a_checkpoint():
+    held_out = next(iter(token_loader(1, 8, 8, seed=2)))
+    gap = QuantizationGap(tiny_loss, batch=held_out, every_n_steps=2)
+    _fit([gap], QuantRecipe.from_name("full", fmt="e2m1", block_size=16))
+    restored = QuantizationGap(tiny_loss, batch=held_out, every_n_steps=2)
+    restored.load_state_dict(copy.deepcopy(gap.state_dict()))
+    assert restored.history == gap.history and restored._last_step == gap._last_step == 4
+    assert restored.state_key == gap.state_key
