@@ -1,27 +1,16 @@
 #!/usr/bin/env bash
-# Every GPU measurement of the project, one log per step, into the folder $1
-# (default: gpu-results). Run from the repository root with a Python that has torch (CUDA
-# build), triton, torchao, lightning and the test extras; TE is used where installed.
+# The GPU check of lightning-fpq (benchmarks/gpu_check.py), for a lent GPU machine: it runs from
+# this checkout with the Python found there (no install, no package registry; torchao and
+# omegaconf may be missing), stops within 7 minutes, and leaves gpu_check.json, gpu_check.txt and
+# this run's log in the folder $1 (default: gpu-report). docs/gpu.md says what it measures.
 #
-#     PYTHON=.venv/bin/python bash benchmarks/run_gpu.sh gpu-results
-#
-# Record the figures in the docs by hand, with the device and versions printed here.
+#     bash benchmarks/run_gpu.sh gpu-report            # PYTHON=python3 unless set
 set -u
-out=${1:-gpu-results}
+cd "$(dirname "$0")/.."
+out=${1:-gpu-report}
 py=${PYTHON:-python3}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-status=0
-step() {  # step NAME COMMAND...: run, keep the log, remember a failure, go on
-    local name=$1; shift
-    echo "== $name: $*"
-    "$@" >"$out/$name.txt" 2>&1 || { echo "!! $name failed (exit $?), see $out/$name.txt"; status=1; }
-    tail -n 25 "$out/$name.txt"
-}
-step backends "$py" -c "from lightning_fpq import backends; print(backends.describe_backends())"
-step gpu_tests "$py" -m pytest -q -rs -p no:cacheprovider tests/test_kernels.py tests/test_backends.py tests/test_precision.py -k "gpu or kernel or torchao or backend"
-step bench_kernels "$py" benchmarks/bench_kernels.py
-step bench_step_100m "$py" benchmarks/bench_step_gpu.py --size 100m --stages bf16 fp8 fp4
-step bench_step_1b "$py" benchmarks/bench_step_gpu.py --size 1b --stages bf16 fp8 fp4
-step bench_step_1b_compiled "$py" benchmarks/bench_step_gpu.py --size 1b --stages bf16 fp8 fp4 --compile
-exit $status
+# the script caps each section (390 s in all); this cap only guards against a hang
+timeout --kill-after=10 410 "$py" benchmarks/gpu_check.py "$out" 2>&1 | tee "$out/run.log"
+exit "${PIPESTATUS[0]}"

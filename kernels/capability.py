@@ -49,12 +49,18 @@ def triton_available() -> Capability:
 @functools.cache
 def _triton_available(interpret: bool) -> Capability:
     if importlib.util.find_spec("triton") is None:
-        return False, "triton is not installed (pip install 'triton>=3.9' on Linux with an NVIDIA GPU)"
+        return False, "triton is not installed (pip install 'triton>=3.6' on Linux with an NVIDIA GPU)"
     try:
         import triton
     except Exception as exc:  # a broken install must not break `import lightning_fpq`
         return False, f"triton is installed but cannot be imported: {exc!r}"
     if interpret:
+        if _version(triton.__version__) < INTERPRETER_MIN:
+            return False, (
+                f"triton {triton.__version__}'s interpreter cannot run these kernels (3.6-3.8 fail the kernel "
+                "tests: runtime integer arguments and wide float constants); the interpreter needs triton >= 3.9, "
+                "compiled kernels on a GPU >= 3.6"
+            )
         if not _triton_built_for_interpreter():
             return False, (
                 "TRITON_INTERPRET=1 was set after triton had been imported in this process, so "
@@ -71,6 +77,14 @@ def _triton_available(interpret: bool) -> Capability:
     if (major, minor) < (8, 0):
         return False, f"{torch.cuda.get_device_name()} is sm_{major}{minor}; the kernels need sm_80 or newer"
     return True, f"triton {triton.__version__} on {torch.cuda.get_device_name()} (sm_{major}{minor})"
+
+
+INTERPRETER_MIN = (3, 9)  # the oldest triton whose CPU interpreter runs the kernels exactly
+
+
+def _version(text: str) -> tuple[int, int]:
+    major, minor = (text.split("+")[0].split(".") + ["0"])[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
 
 
 def _triton_built_for_interpreter() -> bool:
@@ -133,7 +147,14 @@ def _fp8_cached(interpret: bool) -> Capability:
 
 @functools.cache
 def _dot_scaled_cached(interpret: bool) -> Capability:
-    return _cuda_capability_at_least(10, 0, "block-scaled FP4 tensor cores (tl.dot_scaled)")
+    # sm_90: Triton lowers tl.dot_scaled to an upcast of E2M1 (scale folded in) to bf16 and a
+    # software-pipelined bf16 wgmma; sm_100+: native block-scaled MMA (tcgen05)
+    return _cuda_capability_at_least(9, 0, "tl.dot_scaled (bf16 wgmma on sm_90, block-scaled FP4 MMA on sm_100+)")
+
+
+@functools.cache
+def _native_fp4_cached(interpret: bool) -> Capability:
+    return _cuda_capability_at_least(10, 0, "FP4 tensor cores (tl.dot_scaled lowered to tcgen05 block-scaled MMA)")
 
 
 def fp8_tensor_cores_available() -> Capability:
@@ -142,8 +163,23 @@ def fp8_tensor_cores_available() -> Capability:
 
 
 def dot_scaled_available() -> Capability:
-    """Native block-scaled ``tl.dot_scaled`` with E2M1 operands and E8M0 scales (sm_100 and newer)."""
+    """``tl.dot_scaled`` with E2M1 operands and E8M0 scales: Hopper sm_90 (upcast to bf16 and
+    wgmma) and newer (sm_100+: native FP4 tensor cores, :func:`native_fp4_available`)."""
     return _dot_scaled_cached(interpret_requested())
+
+
+def native_fp4_available() -> Capability:
+    """FP4 tensor cores that ``tl.dot_scaled`` lowers to (Blackwell, sm_100 and newer)."""
+    return _native_fp4_cached(interpret_requested())
+
+
+def device_capability() -> Optional[tuple[int, int]]:
+    """The compute capability the kernels compile for here; ``None`` under the interpreter or
+    without a usable GPU (every path choice then takes its portable branch)."""
+    if interpret_requested() or not triton_available()[0]:
+        return None
+    major, minor = torch.cuda.get_device_capability()
+    return major, minor
 
 
 def require(capability: Capability, what: str) -> None:

@@ -12,8 +12,14 @@ produce, without materialising the dequantized operands:
   36 * block) is exact in the fp32 accumulator;
 - the block scales are applied to that partial sum: ``acc += part * (1/Sa) * (1/Sb)``
   (``dequantize = decode / S``); with power-of-two scales (E8M0) this is exact;
-- on sm_100+ with E8M0 scales and 32-element blocks (OCP MXFP4), path "dot_scaled" hands
-  the packed bytes and the scale exponents to ``tl.dot_scaled`` (native block-scaled MMA).
+- with E8M0 scales and 32-element blocks (OCP MXFP4), path "dot_scaled" hands the packed
+  bytes and the scale exponents to ``tl.dot_scaled``: native block-scaled MMA on sm_100+; on
+  sm_90 Triton lowers it to an upcast to bf16 with the scale folded in (exact: a power of two
+  times an E2M1 value) and a software-pipelined bf16 wgmma.
+
+The path is chosen from what the operands were packed as (their block size and scale format,
+:class:`PackedOperand`, i.e. the recipe) and the device, never from the scale values: no host
+synchronisation (:func:`choose_path`).
 
 With power-of-two scales the result is exactly ``unpack(a) @ unpack(b).T`` summed in any
 order as long as fp32 holds the partial sums exactly; with arbitrary fp32 scales it differs
@@ -22,10 +28,15 @@ scaling happens once per block product instead of once per element.
 
 Under Triton's interpreter ``tl.dot`` multiplies bf16 inputs wrongly (docs/architecture.md, "Known
 traps"): the tile is then built as bf16 or fp8 bits exactly as on the GPU and converted to
-fp32 before the dot, so every path's decoding is exercised on the CPU.
+fp32 before the dot, so every path's decoding is exercised on the CPU. The interpreter also
+truncates fp32 -> bf16 casts, so there the epilogue rounds in software; compiled, it is the
+hardware's round-to-nearest-even cast (``cvt.rn``), the same IEEE rounding.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -39,6 +50,16 @@ E2M1 = FPFormat.parse("e2m1")
 PATHS = ("auto", "dot_scaled", "fp8", "bf16", "fp32")
 _DOT_MODES = {"fp32": 0, "bf16": 1, "fp8": 2, "dot_scaled": 3}
 _OUT_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+SCALE_FORMATS = ("fp32", "e8m0", "e4m3")
+
+
+@dataclass(frozen=True)
+class PackedOperand(PackedTensor):
+    """A ``PackedTensor`` that remembers the scale format it was packed with (``pack_triton``
+    returns one): ``"e8m0"`` promises power-of-two scales, which ``tl.dot_scaled`` needs, so
+    :func:`gemm_fp4` can choose its path without reading the scales."""
+
+    scale_format: str = "fp32"
 
 
 # ============================================================================ kernel
@@ -90,16 +111,18 @@ def _gemm_fp4_kernel(
     scn,
     DOT_MODE: tl.constexpr,
     DOT_IN_FP32: tl.constexpr,
+    EVEN_K: tl.constexpr,
     OUT_KIND: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    """C[M, N] = (A / Sa) @ (B / Sb)^T over K; A: [M, K/2] bytes, B: [N, K/2] bytes,
-    Sa: [M, n_scale_blocks], Sb: [N, n_scale_blocks] (float32 multipliers, or e8m0 bytes for
-    dot_scaled). One program computes a [BLOCK_M, BLOCK_N] tile, programs grouped along M
-    (GROUP_M) so that neighbours reuse B tiles from L2."""
+    """C[M, N] = (A * Ia) @ (B * Ib)^T over K; A: [M, K/2] bytes, B: [N, K/2] bytes; Ia: [M,
+    n_scale_blocks], Ib: [N, n_scale_blocks] the decode multipliers 1/S in float32 (or the e8m0
+    bytes of the decode scales for dot_scaled). One program computes a [BLOCK_M, BLOCK_N] tile,
+    programs grouped along M (GROUP_M) so that neighbours reuse B tiles from L2. EVEN_K: every
+    scale block is whole tiles, so no load needs a mask along K."""
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -140,13 +163,15 @@ def _gemm_fp4_kernel(
             for t in range(0, tiles_per_scale):
                 k0 = sblk * scale_block + t * BLOCK_K
                 kb = k0 // 2 + rkb
-                kb_mask = kb * 2 < k_end
-                a = tl.load(
-                    a_ptr + rm[:, None] * sam + kb[None, :] * sak, mask=m_mask[:, None] & kb_mask[None, :], other=0
-                )
-                b = tl.load(
-                    b_ptr + rn[:, None] * sbn + kb[None, :] * sbk, mask=n_mask[:, None] & kb_mask[None, :], other=0
-                )
+                a_ptrs = a_ptr + rm[:, None] * sam + kb[None, :] * sak
+                b_ptrs = b_ptr + rn[:, None] * sbn + kb[None, :] * sbk
+                if EVEN_K:  # whole tiles: a mask constant along K lets the byte loads vectorise
+                    a = tl.load(a_ptrs, mask=m_mask[:, None], other=0)
+                    b = tl.load(b_ptrs, mask=n_mask[:, None], other=0)
+                else:
+                    kb_mask = kb * 2 < k_end
+                    a = tl.load(a_ptrs, mask=m_mask[:, None] & kb_mask[None, :], other=0)
+                    b = tl.load(b_ptrs, mask=n_mask[:, None] & kb_mask[None, :], other=0)
                 a_vals = _e2m1_tile(a, DOT_MODE, DOT_IN_FP32)
                 b_vals = _e2m1_tile(b, DOT_MODE, DOT_IN_FP32)
                 if DOT_MODE == 0 or DOT_IN_FP32:
@@ -158,14 +183,20 @@ def _gemm_fp4_kernel(
                     part = tl.dot(a_vals, tl.trans(b_vals), part, max_num_imprecise_acc=32)
                 else:
                     part = tl.dot(a_vals, tl.trans(b_vals), part)
-            sa = tl.load(as_ptr + rm * sasm + sblk * sask, mask=m_mask, other=1.0)
-            sb = tl.load(bs_ptr + rn * sbsn + sblk * sbsk, mask=n_mask, other=1.0)
-            inv_a = tl.math.div_rn(tl.zeros_like(sa) + 1.0, sa)
-            inv_b = tl.math.div_rn(tl.zeros_like(sb) + 1.0, sb)
+            # 1/S, divided once on the host side (IEEE, as div_rn would) instead of per tile
+            inv_a = tl.load(as_ptr + rm * sasm + sblk * sask, mask=m_mask, other=1.0)
+            inv_b = tl.load(bs_ptr + rn * sbsn + sblk * sbsk, mask=n_mask, other=1.0)
             acc += (part * inv_a[:, None]) * inv_b[None, :]
 
-    out = round_to_dtype_grid(acc, OUT_KIND)
-    store_from_f32(c_ptr + rm[:, None] * scm + rn[None, :] * scn, out, m_mask[:, None] & n_mask[None, :], OUT_KIND)
+    c_ptrs = c_ptr + rm[:, None] * scm + rn[None, :] * scn
+    c_mask = m_mask[:, None] & n_mask[None, :]
+    if DOT_IN_FP32 or OUT_KIND == 0:
+        # the interpreter truncates fp32 -> bf16 casts: round on the grid exactly first
+        store_from_f32(c_ptrs, round_to_dtype_grid(acc, OUT_KIND), c_mask, OUT_KIND)
+    elif OUT_KIND == 1:  # cvt.rn.bf16.f32: IEEE nearest-even, overflow to inf, as the software rounding
+        tl.store(c_ptrs, acc.to(tl.bfloat16).to(tl.int16, bitcast=True), mask=c_mask)
+    else:
+        tl.store(c_ptrs, acc.to(tl.float16), mask=c_mask)
 
 
 # ============================================================================ host side
@@ -202,25 +233,38 @@ def _e8m0_bytes(scales: torch.Tensor) -> torch.Tensor:
     return (128 - exponent).clamp(0, 254).to(torch.uint8)
 
 
-def _scales_pow2(scales: torch.Tensor) -> bool:
-    mantissa, exponent = torch.frexp(scales)
-    return bool(((mantissa == 0.5) & (exponent >= -126) & (exponent <= 128)).all())
+def choose_path(block_len: int, scale_format: str, cc: Optional[tuple[int, int]]) -> tuple[str, str]:
+    """The path of ``gemm_fp4(path="auto")`` for operands packed with ``block_len``-element blocks
+    and ``scale_format`` scales on a GPU of compute capability ``cc`` (``None``: the interpreter),
+    and why. Decided from the recipe, never from scale values (no host synchronisation):
 
-
-def choose_path(block_len: int, a_scales: torch.Tensor, b_scales: torch.Tensor) -> tuple[str, str]:
-    """The fastest exact path for these operands on this device, and why.
-
-    Only where ``tl.dot_scaled`` exists are the scales inspected (one host sync) to see whether
-    they are powers of two, as E8M0 needs."""
-    if block_len == 32:
-        ok, reason = capability.dot_scaled_available()
-        if ok and _scales_pow2(a_scales) and _scales_pow2(b_scales):
-            return "dot_scaled", reason
-    if block_len >= 32:
-        ok, reason = capability.fp8_tensor_cores_available()
-        if ok:
-            return "fp8", reason
+    ======================  ==============  ======  =====================
+     operands                sm_90, sm_100+  sm_89   sm_80 / interpreter
+    ======================  ==============  ======  =====================
+     B=32, e8m0 (MXFP4)      dot_scaled      fp8     bf16
+     B >= 32, other scales   fp8             fp8     bf16
+     B=16 (NVFP4)            bf16            bf16    bf16
+    ======================  ==============  ======  =====================
+    """
+    if cc is None:
+        return "bf16", "BF16 tensor cores (E2M1 values are exact in BF16); the interpreter forces no other path"
+    if block_len == 32 and scale_format == "e8m0" and cc >= (9, 0):
+        how = "native block-scaled FP4 MMA" if cc >= (10, 0) else "E2M1 upcast to bf16 + pipelined wgmma"
+        return "dot_scaled", f"tl.dot_scaled on sm_{cc[0]}{cc[1]}: {how}"
+    if block_len >= 32 and cc >= (8, 9):
+        return "fp8", f"FP8 tensor cores on sm_{cc[0]}{cc[1]} (E2M1 values are exact in E4M3)"
     return "bf16", "BF16 tensor cores (E2M1 values are exact in BF16)"
+
+
+def operand_scale_format(a: PackedTensor, b: PackedTensor, scale_format: Optional[str]) -> str:
+    """The scale format both operands share: ``scale_format`` when given, else what they were
+    packed with (:class:`PackedOperand`); ``"fp32"`` (no promise) when unknown or different."""
+    if scale_format is not None:
+        if scale_format not in SCALE_FORMATS:
+            raise ValueError(f"scale_format={scale_format!r} is not valid: expected one of {SCALE_FORMATS} or None")
+        return scale_format
+    fa, fb = getattr(a, "scale_format", "fp32"), getattr(b, "scale_format", "fp32")
+    return fa if fa == fb else "fp32"
 
 
 def _tiles(path: str, block_len: int) -> tuple[int, int, int, int, int]:
@@ -278,6 +322,7 @@ if triton is not None:
             out.stride(1),
             DOT_MODE=_DOT_MODES[path],
             DOT_IN_FP32=capability.interpret_requested(),
+            EVEN_K=scale_block % block_k == 0,
             OUT_KIND=out_kind,
             BLOCK_M=block_m,
             BLOCK_N=block_n,
@@ -295,6 +340,7 @@ def gemm_fp4(
     *,
     out_dtype: torch.dtype = torch.float32,
     path: str = "auto",
+    scale_format: Optional[str] = None,
 ) -> torch.Tensor:
     """``unpack(a) @ unpack(b).T`` from packed E2M1 operands, accumulated in float32.
 
@@ -305,10 +351,14 @@ def gemm_fp4(
             for its transpose (its codes are stored in (N, K) order), which is how the
             backward pass's ``W`` (blocked along out_features) is passed.
         out_dtype: float32, bfloat16 or float16 (rounded to nearest-even from fp32).
-        path: "auto" (fastest available: "dot_scaled" on sm_100+ for 32-element blocks with
-            power-of-two scales, "fp8" on sm_89+ for blocks of 32 or more, else "bf16"),
-            or one of them forced; "fp32" uses IEEE fp32 dots (slow, for checks). Forcing a
-            path the GPU lacks raises; under the interpreter every path can be forced.
+        path: "auto" (:func:`choose_path`: "dot_scaled" on sm_90+ for 32-element blocks with
+            e8m0 scales, "fp8" on sm_89+ for blocks of 32 or more, else "bf16"), or one of
+            them forced; "fp32" uses IEEE fp32 dots (slow, for checks). Forcing a path the GPU
+            lacks raises; under the interpreter every path can be forced.
+        scale_format: what the operands' scales are, "fp32", "e8m0" (a promise that every
+            scale is a power of two: "dot_scaled" needs it) or "e4m3"; by default what they
+            were packed with (``pack_triton`` records it), else "fp32". Never read from the
+            scales themselves, which would synchronise the host.
 
     Block sizes: powers of two from 16, "channel" or "tensor"; both operands must share the
     block size and the padded reduction length. Returns an (M, N) tensor.
@@ -334,11 +384,15 @@ def gemm_fp4(
         if t.device.type != device.type:
             raise ValueError(f"gemm_fp4: {name} lives on {t.device}; the kernel runs on {device.type} tensors here")
     interp = capability.interpret_requested()
+    sfmt = operand_scale_format(a, b, scale_format)
     if path == "auto":
-        path = choose_path(block_len, a_scales, b_scales)[0]
+        path = choose_path(block_len, sfmt, capability.device_capability())[0]
     elif path == "dot_scaled":
-        if block_len != 32 or not (_scales_pow2(a_scales) and _scales_pow2(b_scales)):
-            raise ValueError("gemm_fp4: path='dot_scaled' needs 32-element blocks with power-of-two (e8m0) scales")
+        if block_len != 32 or sfmt != "e8m0":
+            raise ValueError(
+                f"gemm_fp4: path='dot_scaled' needs 32-element blocks with power-of-two (e8m0) scales, got "
+                f"block_size={block_len} and scale_format={sfmt!r} (pass scale_format='e8m0' for power-of-two scales)"
+            )
         if not interp:
             capability.require(capability.dot_scaled_available(), "gemm_fp4 path='dot_scaled'")
     elif path == "fp8":
@@ -351,5 +405,7 @@ def gemm_fp4(
     if path == "dot_scaled":
         a_scales, b_scales = _e8m0_bytes(a_scales), _e8m0_bytes(b_scales)
     else:
-        a_scales, b_scales = a_scales.to(torch.float32), b_scales.to(torch.float32)
+        # the decode multipliers 1/S by tensor / tensor division: correctly rounded on CPU and GPU
+        a_scales = torch.ones_like(a_scales, dtype=torch.float32) / a_scales.to(torch.float32)
+        b_scales = torch.ones_like(b_scales, dtype=torch.float32) / b_scales.to(torch.float32)
     return torch.ops.lightning_fpq.gemm_fp4(a_codes, a_scales, b_codes, b_scales, ka, block_len, path, out_dtype)

@@ -54,6 +54,7 @@ from ._common import (
     tl,
     triton,
 )
+from .gemm_fp4 import PackedOperand
 
 _IN_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _OUT_LIMITS = {torch.float32: FP32_MAX, torch.bfloat16: BF16_MAX, torch.float16: FP16_MAX}
@@ -347,18 +348,27 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-def _tiles(block_len: int, n_blocks: int, n_vec: int, vectors_contiguous: bool) -> tuple[int, int, int, int]:
+def _tiles(
+    block_len: int, n_blocks: int, n_vec: int, vectors_contiguous: bool, interp: Optional[bool] = None
+) -> tuple[int, int, int, int]:
     """(BLOCK_V, NB, BLOCK_K, N_CHUNKS): slices x blocks x elements a program holds.
 
     Compiled: about 4096 elements a program. Blocks along rows (elements contiguous) put
     NB short blocks side by side, so that a program reads at least 256 consecutive elements
-    of each row; blocks along columns (slices contiguous) take at least 64 slices instead.
-    Interpreted: as few programs as possible (each costs milliseconds of Python)."""
-    interp = capability.interpret_requested()
+    of each row; blocks along columns (slices contiguous) take at least 64 slices instead,
+    also when a block is longer than one tile ("channel" or "tensor" along axis 0: 64 slices
+    x 64 elements a chunk, so that each row of a tile is 128 contiguous bytes of bf16, not 4
+    elements). Interpreted: as few programs as possible (each costs milliseconds of Python).
+    The tiling never changes a value: amax and rounding are per block and per element."""
+    interp = capability.interpret_requested() if interp is None else interp
     max_k = 4096 if interp else 1024
     target = 16384 if interp else 4096
     block_k = max(2, min(_next_pow2(block_len), max_k))
     n_chunks = -(-block_len // block_k)
+    if n_chunks > 1 and vectors_contiguous and not interp:
+        block_v = min(_next_pow2(n_vec), 64)
+        block_k = min(max_k, target // block_v)
+        return block_v, 1, block_k, -(-block_len // block_k)
     nb = 1
     if n_chunks == 1:
         if interp:
@@ -683,4 +693,6 @@ def pack_triton(
         moved = shape[:axis] + shape[axis + 1 :]
         scales_out = scales.reshape(*moved, -1, 1)
     block_size = {_BLOCK_NONE: None, _BLOCK_CHANNEL: "channel", _BLOCK_TENSOR: "tensor"}.get(block, block)
-    return PackedTensor(codes, scales_out, x.shape, x.dtype, fmt, block_size, axis, padded - length if block > 0 else 0)
+    # records the scale format, so that gemm_fp4 picks its path without reading the scales
+    pad = padded - length if block > 0 else 0
+    return PackedOperand(codes, scales_out, x.shape, x.dtype, fmt, block_size, axis, pad, scale_format)

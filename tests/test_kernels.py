@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -38,6 +37,7 @@ from lightning_fpq.kernels import (
     gemm_fp4,
     interpreting,
     kernel_device,
+    native_fp4_available,
     pack_triton,
     quantize_triton,
     triton_available,
@@ -71,7 +71,7 @@ pytestmark = pytest.mark.filterwarnings(
 def device() -> torch.device:
     """The device the kernels run on here; skips (or fails, in the fresh process) without one."""
     if not OK:
-        if IN_CHILD:
+        if IN_CHILD and "interpreter needs triton" not in REASON:
             pytest.fail(f"the fresh interpreter process cannot run the kernels: {REASON}")
         pytest.skip(_RERUN_REASON if RERUN_IN_FRESH_PROCESS else REASON)
     return kernel_device()
@@ -240,6 +240,31 @@ def test_quantize_three_dims_middle_axis_and_long_channel(device):
     assert_same(
         quantize_triton(xl.to(device), "e2m1", block_size="channel"), reference(xl, "e2m1", block_size="channel")
     )
+
+
+@pytest.mark.parametrize("block_size,scale_format", [("channel", "fp32"), ("tensor", "fp32"), ("channel", "e8m0")])
+def test_quantize_long_blocks_along_axis0_with_the_compiled_tiles(device, monkeypatch, block_size, scale_format):
+    """The GPU's tiles for blocks longer than one tile along axis 0 (64 slices x 64 elements a
+    chunk, 128-bit loads): the interpreter normally takes its own, larger tiles, so they are
+    forced here; the values must not depend on the tiling."""
+    import importlib
+
+    kq = importlib.import_module("lightning_fpq.kernels.quantize")
+    real = kq._tiles
+    seen = []
+
+    def compiled_tiles(*args):
+        seen.append(real(*args, interp=False))
+        return seen[-1]
+
+    monkeypatch.setattr(kq, "_tiles", compiled_tiles)
+    x = edge_tensor((1100, 72), seed=21, dtype=torch.bfloat16)  # 1100 > 1024: two or more chunks
+    kw = dict(block_size=block_size, axis=0, scale_format=scale_format)
+    assert_same(quantize_triton(x.to(device), "e4m3", **kw), reference(x, "e4m3", **kw))
+    assert seen[-1] == (64, 1, 64, 18)  # BLOCK_V, NB, BLOCK_K, N_CHUNKS
+    packed = pack_triton(x.to(device), "e2m1", **kw)
+    expected = pack(x, "e2m1", **kw)
+    assert torch.equal(packed.codes.cpu(), expected.codes) and torch.equal(packed.scales.cpu(), expected.scales)
 
 
 def test_quantize_scalar_and_empty(device):
@@ -431,8 +456,44 @@ def test_gemm_fp4_exact_against_dequantize_then_matmul(device, block_size, path)
     a = random_e2m1_operand(GEMM_M, GEMM_K, block_size, seed=1)
     b = random_e2m1_operand(GEMM_N, GEMM_K, block_size, seed=2)
     expected = (_rows(a) @ _rows(b).T).float()
-    out = gemm_fp4(_to(a, device), _to(b, device), path=path)
+    # the operands' scales are powers of two: e8m0 may be promised (dot_scaled needs it)
+    out = gemm_fp4(_to(a, device), _to(b, device), path=path, scale_format="e8m0" if path == "dot_scaled" else None)
     assert_same(out, expected)
+
+
+@pytest.mark.parametrize("path", ["bf16", "fp8"])
+def test_gemm_fp4_channel_blocks_that_end_inside_a_tile(device, path):
+    # K = 96 with "channel" blocks: tiles of 64, the second one half past the block's end (the
+    # masked loads along K; whole tiles take unmasked ones)
+    a = random_e2m1_operand(GEMM_M, 96, "channel", seed=12)
+    b = random_e2m1_operand(GEMM_N, 96, "channel", seed=13)
+    assert_same(gemm_fp4(_to(a, device), _to(b, device), path=path), (_rows(a) @ _rows(b).T).float())
+
+
+@pytest.mark.parametrize("cc,expected", [((9, 0), "dot_scaled"), ((10, 0), "dot_scaled"), ((8, 9), "fp8")], ids=str)
+def test_gemm_fp4_auto_path_follows_the_packed_scale_format(device, monkeypatch, cc, expected):
+    """path="auto" takes the path from what the operands were packed as (pack_triton records the
+    scale format), never from the scale values; here on a simulated GPU of capability ``cc``,
+    the chosen path runs in the interpreter and stays exact."""
+    import importlib
+
+    from lightning_fpq.kernels import capability
+
+    gemm_module = importlib.import_module("lightning_fpq.kernels.gemm_fp4")  # the package's name is the function
+    paths = []
+    real_tiles = gemm_module._tiles
+    monkeypatch.setattr(capability, "device_capability", lambda: cc)
+    monkeypatch.setattr(gemm_module, "_tiles", lambda path, block: paths.append(path) or real_tiles(path, block))
+    g = torch.Generator().manual_seed(11)
+    x, w = torch.randn(GEMM_M, GEMM_K, generator=g), torch.randn(GEMM_N, GEMM_K, generator=g)
+    a = pack_triton(x.to(device), "e2m1", block_size=32, scale_format="e8m0")
+    b = pack_triton(w.to(device), "e2m1", block_size=32, scale_format="e8m0")
+    assert a.scale_format == b.scale_format == "e8m0"
+    expected_out = (_rows(a) @ _rows(b).T).float()
+    assert_same(gemm_fp4(a, b), expected_out)
+    a32 = pack_triton(x.to(device), "e2m1", block_size=32)  # fp32 scales: never dot_scaled
+    gemm_fp4(a32, pack_triton(w.to(device), "e2m1", block_size=32))
+    assert paths == [expected, "fp8" if cc >= (8, 9) else "bf16"]
 
 
 def test_gemm_fp4_auto_path_and_operand_packed_along_axis0(device):
@@ -483,6 +544,8 @@ def test_gemm_fp4_rejects_what_it_cannot_multiply(device):
     with pytest.raises(ValueError, match="power-of-two"):
         f = pack(torch.randn(8, 64), "e2m1", block_size=32)  # fp32 scales
         gemm_fp4(_to(f, device), _to(f, device), path="dot_scaled")
+    with pytest.raises(ValueError, match="scale_format='e4m4' is not valid"):
+        gemm_fp4(_to(a, device), _to(a, device), scale_format="e4m4")
 
 
 # ================================================== the "triton" layer backend in a training step
@@ -664,13 +727,14 @@ def test_wrappers_validate_arguments_before_launching():
 
 
 def test_capability_checks_are_cached_pairs():
-    for check in (triton_available, fp8_tensor_cores_available, dot_scaled_available):
+    for check in (triton_available, fp8_tensor_cores_available, dot_scaled_available, native_fp4_available):
         ok, reason = check()
         assert isinstance(ok, bool) and isinstance(reason, str) and reason
         assert check() is check()  # cached: the same tuple object
     if INTERPRETING:
         assert not fp8_tensor_cores_available()[0] and "sm_89" in fp8_tensor_cores_available()[1]
-        assert not dot_scaled_available()[0] and "sm_100" in dot_scaled_available()[1]
+        assert not dot_scaled_available()[0] and "sm_90" in dot_scaled_available()[1]
+        assert not native_fp4_available()[0] and "sm_100" in native_fp4_available()[1]
 
 
 @pytest.mark.skipif(OK, reason="the kernels can run here")
@@ -695,146 +759,7 @@ def test_package_imports_without_triton():
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-# ====================================================== compiled for GPU targets (no GPU)
-def _aot_compile(kernel, types: dict, constexprs: dict, arch: int) -> str:
-    """Compile a kernel ahead of time for an NVIDIA target with triton's bundled ptxas: catches
-    what the interpreter cannot (types, layouts, tensor-core lowering). Returns the PTX."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    signature = {name: ("constexpr" if name in constexprs else types[name]) for name in kernel.arg_names}
-    compiled = triton.compile(
-        ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
-        target=GPUTarget("cuda", arch, 32),
-        options={"num_warps": 8, "num_stages": 3},
-    )
-    return compiled.asm["ptx"]
-
-
-_QUANT_TYPES = dict(
-    x_ptr="*fp32",
-    noise_ptr="*fp32",
-    tamax_ptr="*fp32",
-    out_ptr="*fp32",
-    scale_ptr="*fp32",
-    n_vec="i32",
-    inner="i32",
-    length="i32",
-    n_blocks="i32",
-    block_len="i32",
-    seed="i32",
-    sxo="i64",
-    sxl="i32",
-    sxi="i32",
-    sno="i64",
-    snl="i32",
-    sni="i32",
-    soo="i64",
-    sol="i32",
-    soi="i32",
-)
-_QUANT_CONST = dict(
-    MBITS=1,
-    EBITS=2,
-    EMIN=0,
-    EMAX=2,
-    BIAS=1,
-    FMT_MAX=6.0,
-    MIN_NORMAL=1.0,
-    SUB1=2.0,
-    SUB2=1.0,
-    SPECIAL=0,
-    OVERFLOW=0,
-    SCALE_MODE=1,
-    TENSOR_BLOCK=False,
-    ROUND_MODE=0,
-    SATURATE=True,
-    OUT_LIMIT=3.3895313892515355e38,
-    IN_KIND=1,
-    OUT_KIND=1,
-    CODE_BITS=4,
-    BLOCK_V=16,
-    NB=8,
-    BLOCK_K=32,
-    N_CHUNKS=1,
-)
-_GEMM_TYPES = dict(
-    a_ptr="*u8",
-    as_ptr="*fp32",
-    b_ptr="*u8",
-    bs_ptr="*fp32",
-    c_ptr="*i16",
-    M="i32",
-    N="i32",
-    K="i32",
-    n_scale_blocks="i32",
-    scale_block="i32",
-    tiles_per_scale="i32",
-    sam="i32",
-    sak="i32",
-    sasm="i32",
-    sask="i32",
-    sbn="i32",
-    sbk="i32",
-    sbsn="i32",
-    sbsk="i32",
-    scm="i32",
-    scn="i32",
-)
-AOT_CASES = {
-    # name: (kernel module attribute, extra types, constexprs, arch, PTX that must appear)
-    "quantize-bf16-fake-philox-sm90": (
-        "quantize",
-        dict(x_ptr="*i16", out_ptr="*i16"),
-        dict(ROUND_MODE=2),
-        90,
-        "div.rn.f32",
-    ),
-    "quantize-codes-e8m0-nvfp4-sm90": (
-        "quantize",
-        dict(x_ptr="*i16", out_ptr="*u8"),
-        dict(OUT_KIND=3, SCALE_MODE=3, ROUND_MODE=1),
-        90,
-        "st.global",
-    ),
-    "gemm-bf16-sm80": ("gemm", {}, dict(DOT_MODE=1, BLOCK_K=32), 80, "mma.sync"),
-    "gemm-fp8-sm90": ("gemm", {}, dict(DOT_MODE=2, BLOCK_K=32), 90, "wgmma"),
-    "gemm-dot_scaled-sm100": ("gemm", dict(as_ptr="*u8", bs_ptr="*u8"), dict(DOT_MODE=3, BLOCK_K=128), 100, "tcgen05"),
-}
-
-
-@pytest.mark.parametrize("case", list(AOT_CASES))
-def test_kernels_compile_for_gpu_targets(case):
-    """The compiled paths, which the interpreter does not exercise, must at least build for
-    their GPUs (sm_80 BF16 mma, sm_90 FP8 wgmma, sm_100 tcgen05 block-scaled MMA). Runs
-    without a GPU; it does not run the code (the GPU-only tests below do, on a GPU)."""
-    import importlib
-    import importlib.util
-
-    if INTERPRETING or not importlib.util.find_spec("triton"):
-        pytest.skip("needs triton with the GPU-built kernels (this process interprets them, or triton is missing)")
-    try:
-        from triton.backends.compiler import GPUTarget  # noqa: F401
-        from triton.compiler import ASTSource  # noqa: F401
-    except ImportError as exc:
-        pytest.skip(f"this triton has no ASTSource/GPUTarget to compile ahead of time: {exc}")
-    which, types, constexprs, arch, expect = AOT_CASES[case]
-    if which == "quantize":
-        kernel = importlib.import_module("lightning_fpq.kernels.quantize")._block_quantize_kernel
-        types, constexprs = dict(_QUANT_TYPES, **types), dict(_QUANT_CONST, **constexprs)
-    else:
-        kernel = importlib.import_module("lightning_fpq.kernels.gemm_fp4")._gemm_fp4_kernel
-        types = dict(_GEMM_TYPES, **types)
-        constexprs = dict(dict(DOT_IN_FP32=False, OUT_KIND=1, BLOCK_M=128, BLOCK_N=128, GROUP_M=8), **constexprs)
-    if type(kernel).__name__ != "JITFunction":
-        pytest.skip(f"the kernel was built as {type(kernel).__name__} in this process")
-    ptx = _aot_compile(kernel, types, constexprs, arch)
-    assert expect in ptx
-    if which == "quantize":
-        # Exactness needs IEEE arithmetic on subnormals: no flush-to-zero arithmetic. (floor's
-        # cvt.rmi.ftz is harmless: the floor of a non-negative subnormal is 0 either way.)
-        assert not re.search(r"\b(?:add|sub|mul|fma|div)(?:\.rn)?\.ftz\.f32", ptx)
+# Compiled for real GPU targets (sm_80 to sm_100) without a GPU: tests/test_kernel_compile.py.
 
 
 # ============================================================================ GPU only
@@ -857,7 +782,8 @@ def test_gpu_fp8_tensor_cores_exact_at_llm_block_sizes():
 def test_gpu_dot_scaled_exact():
     a = random_e2m1_operand(GEMM_M, GEMM_K, 32, seed=9)
     b = random_e2m1_operand(GEMM_N, GEMM_K, 32, seed=10)
-    assert_same(gemm_fp4(_to(a, "cuda"), _to(b, "cuda"), path="dot_scaled"), (_rows(a) @ _rows(b).T).float())
+    out = gemm_fp4(_to(a, "cuda"), _to(b, "cuda"), path="dot_scaled", scale_format="e8m0")
+    assert_same(out, (_rows(a) @ _rows(b).T).float())
 
 
 @pytest.mark.gpu

@@ -1,8 +1,9 @@
 """The ``triton`` layer backend: the fused Triton quantize kernel for every operand (blocks
 along rows or columns, no transposed copy; the reference for formats wider than fp32) and, for
 every GEMM whose two operands are both E2M1 with one block length, the packed FP4 GEMM kernel
-(``lightning_fpq.kernels.gemm_fp4``); the other GEMMs run in the compute dtype. CUDA tensors,
-or CPU tensors under ``TRITON_INTERPRET=1`` (tests)."""
+(``lightning_fpq.kernels.gemm_fp4``) where that pays on the GPU (:func:`packed_gemm_pays`); the
+other GEMMs run on the fake-quantized operands in the compute dtype. CUDA tensors, or CPU
+tensors under ``TRITON_INTERPRET=1`` (tests)."""
 
 from __future__ import annotations
 
@@ -62,21 +63,65 @@ def fp4_gemms(spec: LayerSpec) -> tuple[bool, bool, bool]:
     )
 
 
+@functools.lru_cache(maxsize=256)
+def packed_gemm_pays(a: OperandSpec, b: OperandSpec, cc: Optional[tuple[int, int]]) -> Capability:
+    """Whether a GEMM of E2M1 operands ``a`` and ``b`` should run packed on ``gemm_fp4`` on a GPU
+    of compute capability ``cc`` (``None``: the interpreter), rather than on their fake-quantized
+    values with the compute-dtype GEMM (cuBLAS). The rule, so that the layer never takes a path
+    expected to be slower than fake quantization plus the bf16 GEMM:
+
+    - interpreter (tests): packed, to exercise the kernel;
+    - sm_100+ with MXFP4 operands (32-element blocks, e8m0 scales): packed, ``tl.dot_scaled``
+      on the FP4 tensor cores;
+    - everything else, sm_90 included: fake-quantized operands and the compute-dtype GEMM. On
+      Hopper the best FP4 path (``tl.dot_scaled``: bf16 upcast + wgmma) does the bf16 GEMM's
+      tensor-core work plus the decoding, so it cannot be expected to beat cuBLAS; the fp8/bf16
+      decode paths are far slower (docs/gpu.md). No GPU has measured this rule yet.
+    """
+    if cc is None:
+        return True, "interpreter: the packed kernel is exercised (tests)"
+    from ..kernels.gemm_fp4 import choose_path
+
+    sfmt = a.scale_format if a.scale_format == b.scale_format else "fp32"
+    block = a.block_size if isinstance(a.block_size, int) else 0
+    path, why = choose_path(block, sfmt, cc)
+    if path == "dot_scaled" and cc >= (10, 0):
+        return True, why
+    return False, (
+        f"on sm_{cc[0]}{cc[1]} the packed FP4 GEMM would take its {path!r} path, not expected to beat "
+        "fake quantization + the compute-dtype GEMM: fake-quantized operands"
+    )
+
+
+@functools.cache  # one GPU kind per process; asked at every layer call
+def _device_cc() -> Optional[tuple[int, int]]:
+    from ..kernels import capability
+
+    return capability.device_capability()
+
+
 def fp4_plan(spec: LayerSpec, shape: tuple[int, int, int]) -> tuple[bool, bool, bool]:
-    """:func:`fp4_gemms` for one call of shape ``(tokens, in_features, out_features)``: a GEMM
-    takes packed operands when its reduction length packs two codes a byte."""
+    """:func:`fp4_gemms` for one call of shape ``(tokens, in_features, out_features)`` on this
+    device: a GEMM takes packed operands when its reduction length packs two codes a byte and
+    :func:`packed_gemm_pays` on this GPU."""
     n_tokens, d_in, d_out = shape
     if min(shape) == 0:
         return False, False, False
+    cc = _device_cc()
 
     def fits(op: Optional[OperandSpec], length: int) -> bool:
         return op is not None and (isinstance(op.block_size, int) or length % 2 == 0)
 
+    def pays(a: Optional[OperandSpec], b: Optional[OperandSpec]) -> bool:
+        return a is not None and b is not None and packed_gemm_pays(a, b, cc)[0]
+
     fwd, dgrad, wgrad = fp4_gemms(spec)
     return (
-        fwd and fits(spec.input, d_in),
-        dgrad and fits(spec.grad_output, d_out),
-        wgrad and fits(spec.grad_output_for_grad_weight, n_tokens),
+        fwd and fits(spec.input, d_in) and pays(spec.input, spec.weight),
+        dgrad and fits(spec.grad_output, d_out) and pays(spec.grad_output, spec.weight_for_grad_input),
+        wgrad
+        and fits(spec.grad_output_for_grad_weight, n_tokens)
+        and pays(spec.grad_output_for_grad_weight, spec.input_for_grad_weight),
     )
 
 
@@ -84,7 +129,8 @@ def supports(spec: LayerSpec, shape: Optional[tuple[int, int, int]] = None) -> C
     gemms = fp4_gemms(spec) if shape is None else fp4_plan(spec, shape)
     if any(gemms):
         names = [n for n, on in zip(GEMM_NAMES, gemms) if on]
-        return True, f"fused quantizer; packed FP4 GEMM for {'/'.join(names)}"
+        where = " where it pays (sm_100+ MXFP4)" if shape is None else ""
+        return True, f"fused quantizer; packed FP4 GEMM for {'/'.join(names)}{where}"
     return True, "fused quantizer; GEMMs in the compute dtype"
 
 

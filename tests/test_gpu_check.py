@@ -1,0 +1,55 @@
+"""``benchmarks/gpu_check.py`` (the one script a lent GPU machine runs) runs end to end: its
+``--smoke`` mode runs every section's logic on CPU under Triton's interpreter with tiny shapes,
+from the checkout alone (the installed package's import hook is removed, as on a machine where
+nothing is installed). Nothing here looks at a time."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# the smoke run in a fresh process (TRITON_INTERPRET=1 must precede triton's import), with the
+# editable install's finder removed so that lightning_fpq and its kernels come from the checkout
+_RUN = """
+import runpy, sys
+sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in str(getattr(f, "__module__", f))]
+sys.argv = ["gpu_check.py", "--smoke", sys.argv[1]]
+runpy.run_path("benchmarks/gpu_check.py", run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+def test_gpu_check_smoke_run_from_the_checkout(tmp_path):
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "TRITON_INTERPRET"))}
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-c", _RUN, str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-5000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert (tmp_path / "gpu_check.txt").read_text().count("=====") == 6
+    sections = report["sections"]
+    assert list(sections) == ["env", "exact", "gemm", "blackwell", "quant", "step"]
+    assert all(s["status"] == "ok" for s in sections.values()), {k: s["notes"] for k, s in sections.items()}
+    assert report["failures"] == [] and report["meta"]["smoke"] is True
+    # no install: the script mapped kernels/ to lightning_fpq.kernels itself
+    assert report["meta"]["kernels_mapped_by_script"] is True
+    assert report["meta"]["kernels_from"] == str(ROOT / "kernels" / "__init__.py")
+    exact = [r for r in sections["exact"]["rows"] if "exact" in r]
+    kernels = {r.get("kernel") for r in exact}
+    assert {"quantize", "pack", "gemm_fp4"} <= kernels and all(r["exact"] for r in exact)
+    assert any("dot_scaled" in r["case"] for r in exact if r.get("kernel") == "gemm_fp4")
+    names = {r.get("name") for r in sections["gemm"]["rows"]}
+    assert "torch.matmul bf16" in names and "dequantize->bf16 matmul B=32 e8m0" in names
+    assert any(str(n).startswith("gemm_fp4 B=32 e8m0 dot_scaled") for n in names)
+    stages = [r["stage"] for r in sections["step"]["rows"] if "vs_bf16" in r]
+    assert stages == ["bf16", "fp8", "fp4", "fp4 packed (forced)"]
+    assert len(sections["blackwell"]["rows"]) == 2  # the operands are built; the GEMM needs sm_100+
