@@ -144,10 +144,12 @@ class CriticalDataMonitor(Callback):
             self._plugin.state.unsubscribe(self._on_switch)
 
     def _on_switch(self, old: Optional[QuantRecipe], new: QuantRecipe) -> None:
-        """D_crit of the recipe now active (the quantization state's switch event)."""
+        """D_crit of the recipe now active (the quantization state's switch event); said in the
+        log when it changed (a recount of the scale groups often changes nothing)."""
+        before = (self.d_crit, self.point)
         self.d_crit, self.point = critical_tokens(new, self.law, self.n_params, self._groups)
         self.d_crit_interval = critical_interval(new, self.law, self.n_params, self._groups)
-        if math.isfinite(self.d_crit):
+        if math.isfinite(self.d_crit) and (self.d_crit, self.point) != before:
             rank_zero_info(
                 f"[lightning-fpq] D_crit = {self.d_crit_text()} tokens for {self.point.short_str()} "
                 f"(N = {self.n_params:,}; law: {self.law.short_str()}{'' if self.law_calibrated else ', uncalibrated: the paper constants'})"
