@@ -173,8 +173,7 @@ def test_demo_help_states_the_true_defaults(capsys):
 
 
 def test_law_bands_are_the_percentiles_of_the_refits():
-    from lightning_fpq.demo.plot import recipe_for
-    from lightning_fpq.demo.predictions import Predictor
+    from lightning_fpq.demo.predictions import Predictor, recipe_for
     from lightning_fpq.scaling.law import resolve_named_law
 
     law = resolve_named_law("demo-calibration")
@@ -213,3 +212,13 @@ def test_counted_scale_groups_example_runs_and_beats_the_constant():
         if line.startswith("RMS error")
     }
     assert rms["counted"] < rms["constant"]  # what docs/science.md reports
+
+
+def test_with_tensor_scales_the_summary_and_the_monitor_agree_on_dcrit(tmp_path, capsys):
+    from lightning_fpq.demo.run import run_demo
+
+    cfg = load_config(None, (*TINY, "steps=4", "block=tensor", "baseline=false", "schedule=[e1m0]", f"out={tmp_path}"))
+    run_demo(cfg)
+    logged = [r["fpq/d_crit"] for r in read_metrics(tmp_path / "fixed-e1m0" / "metrics.csv") if "fpq/d_crit" in r]
+    out = capsys.readouterr().out
+    assert f"D_crit(e1m0, B=tensor) = {logged[-1]:.3g} (90%: " in out  # counted scale groups, both

@@ -15,8 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ..recipe import QuantRecipe
-from .predictions import Predictor, curve
+from .predictions import curve, predictor_for
 from .reference import ReferenceRun, arm, penalty
 
 COLORS = {"fixed": "tab:red", "progressive": "tab:blue", "bf16": "0.25"}
@@ -24,11 +23,6 @@ COLORS = {"fixed": "tab:red", "progressive": "tab:blue", "bf16": "0.25"}
 
 def _color(name: str) -> str:
     return COLORS.get(name.split("-")[0], "tab:green")
-
-
-def recipe_for(cfg: Any, fmt: str) -> QuantRecipe:
-    """The recipe the demo trains ``fmt`` with (as the runs build it)."""
-    return QuantRecipe.from_name(cfg.recipe, block_size=cfg.block).with_format(fmt, block_size=cfg.block)
 
 
 def plot_demo(cfg: Any, results: list, reference: list[ReferenceRun], path: Path) -> Path:
@@ -48,7 +42,7 @@ def plot_demo(cfg: Any, results: list, reference: list[ReferenceRun], path: Path
     for name, run_fmt in (("fixed", fmt), ("bf16", "bf16")):
         if run_fmt is None:
             continue
-        predictor = Predictor(law, n, recipe_for(cfg, run_fmt))
+        predictor = predictor_for(cfg, law, n, run_fmt)
         mid, low, high = curve(predictor.loss, grid)
         top.plot(grid, mid, color=_color(name), lw=1.2, ls="--", label=f"law: final loss, {run_fmt} (90% band)")
         top.fill_between(grid, low, high, color=_color(name), alpha=0.12, lw=0)

@@ -7,8 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..lightning.gap import gap_slope
-from .plot import recipe_for
-from .predictions import Predictor
+from .predictions import predictor_for
 from .reference import ReferenceRun, arm, penalty
 
 
@@ -32,7 +31,7 @@ def summary_text(cfg: Any, results: list, reference: list[ReferenceRun], plot_pa
     by_name = {r.name: r for r in results}
     for r in results:
         if len(r.schedule) == 1:
-            band = Predictor(law, n, recipe_for(cfg, r.schedule[0])).loss(r.tokens)
+            band = predictor_for(cfg, law, n, r.schedule[0]).loss(r.tokens)
             predicted, off = f"{band.mid:.3f} ({band.low:.3f}-{band.high:.3f})", f"{r.final_val_loss - band.mid:+.3f}"
         else:
             predicted, off = "- (no law for a schedule)", "-"
@@ -49,7 +48,7 @@ def summary_text(cfg: Any, results: list, reference: list[ReferenceRun], plot_pa
     fixed = next((r for r in results if r.name.startswith("fixed")), None)
     if fixed is not None:
         fmt = fixed.schedule[0]
-        predictor = Predictor(law, n, recipe_for(cfg, fmt))
+        predictor = predictor_for(cfg, law, n, fmt)
         d_crit = predictor.d_crit()
         lines.append("")
         if d_crit is not None:
