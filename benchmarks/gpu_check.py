@@ -204,21 +204,31 @@ def edge_tensor(shape: tuple[int, int], seed: int, dtype: torch.dtype, device) -
 
 
 def e2m1_operand(rows: int, k: int, block, seed: int, device, scale_format: str = "e8m0"):
-    """Random E2M1 codes (all 16) with power-of-two scales 2**[-2, 2] (or random fp32 ones)."""
+    """Random E2M1 codes (all 16) with power-of-two scales 2**[-2, 2], random fp32 ones, or
+    NVFP4 ones ("e4m3": E4M3 decode scales s in {1, 1.125, ..., 1.5} under the tensor scale
+    t = 2**-3, for which unpack's q / S is exactly q * s * t)."""
     from lightning_fpq.formats import FPFormat
-    from lightning_fpq.kernels.gemm_fp4 import PackedOperand
+    from lightning_fpq.packing import PackedTensor
 
     g = torch.Generator().manual_seed(seed)
     codes = torch.randint(0, 16, (rows * k,), generator=g)
     packed = (codes[0::2] | (codes[1::2] << 4)).to(torch.uint8)
     nb = 1 if block == "channel" else k // block
+    sbytes = tscale = None
     if scale_format == "e8m0":
         scales = torch.exp2(torch.randint(-2, 3, (rows, nb, 1), generator=g).float())
+    elif scale_format == "e4m3":
+        sbytes = torch.randint(0x38, 0x3D, (rows, nb, 1), generator=g).to(torch.uint8)
+        tscale = torch.tensor([0.125])
+        scales = torch.ones(()) / (FPFormat.parse("e4m3").decode(sbytes.long()).float() * tscale)
+        sbytes, tscale = sbytes.to(device), tscale.to(device)
     else:
         scales = torch.rand((rows, nb, 1), generator=g) * 3 + 0.5
     shape = torch.Size((rows, k))
     e2m1 = FPFormat.parse("e2m1")
-    return PackedOperand(packed.to(device), scales.to(device), shape, torch.float32, e2m1, block, 1, 0, scale_format)
+    return PackedTensor(
+        packed.to(device), scales.to(device), shape, torch.float32, e2m1, block, 1, 0, scale_format, sbytes, tscale
+    )
 
 
 def recipe_operands():
@@ -321,15 +331,16 @@ def exact(ctx: Ctx, sec: Section, report: Report) -> None:
 
 
 def _paths(ctx: Ctx, block, scale_format: str) -> list[str]:
+    mx, nv = (block, scale_format) == (32, "e8m0"), (block, scale_format) == (16, "e4m3")
     if ctx.cc is None:  # the interpreter runs every path
         paths = ["bf16", "fp8"] if block == "channel" or block >= 32 else ["bf16"]
-        return paths + (["dot_scaled"] if block == 32 and scale_format == "e8m0" else [])
+        return paths + (["dot_scaled"] if mx or nv else [])
     from lightning_fpq.kernels.gemm_fp4 import choose_path
 
     paths = ["bf16"]
     if (block == "channel" or block >= 32) and ctx.cc >= (8, 9):
         paths.append("fp8")
-    if block == 32 and scale_format == "e8m0" and ctx.cc >= (9, 0):
+    if (mx and ctx.cc >= (9, 0)) or (nv and ctx.cc >= (10, 0)):  # NVFP4: the native MMA only
         paths.append("dot_scaled")
     auto = choose_path(block if isinstance(block, int) else 1 << 30, scale_format, ctx.cc)[0]
     assert auto in paths, (auto, paths)
@@ -341,8 +352,9 @@ def _exact_gemm(ctx: Ctx, sec: Section, report: Report) -> None:
     from lightning_fpq.packing import unpack
 
     m, n = (40, 24) if ctx.smoke else (512, 384)
-    for k, block, sfmt in ((128, 32, "e8m0"), (128, 16, "e8m0"), (128, 128, "e8m0"), (128, "channel", "e8m0"),
-                           (4096, 32, "e8m0"), (4096, 128, "fp32"), (4096, 16, "fp32")):  # fmt: skip
+    for k, block, sfmt in ((128, 32, "e8m0"), (128, 16, "e8m0"), (128, 16, "e4m3"), (128, 128, "e8m0"),
+                           (128, "channel", "e8m0"), (4096, 32, "e8m0"), (4096, 128, "fp32"),
+                           (4096, 16, "fp32")):  # fmt: skip
         if ctx.smoke and k > 128 or sec.over():
             continue
         a = e2m1_operand(m, k, block, 1, ctx.device, sfmt)
@@ -357,7 +369,7 @@ def _exact_gemm(ctx: Ctx, sec: Section, report: Report) -> None:
             rel = float((out.double() - ref).abs().max() / ref.abs().max())
             exact_ = torch.equal(out, ref.float())
             what = f"gemm_fp4 K={k} B={block} {sfmt} path={path}"
-            must = k == 128 and sfmt == "e8m0"
+            must = k == 128 and sfmt in ("e8m0", "e4m3")  # e4m3: NVFP4 scales chosen exact
             sec.row(f"{what}: max rel err vs float64 {rel:.1e}, bit-exact {exact_}{' (required)' if must else ''}",
                     kernel="gemm_fp4", case=what, exact=exact_, rel_err=rel)  # fmt: skip
             if must and not exact_:

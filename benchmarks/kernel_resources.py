@@ -16,7 +16,7 @@ How (no GPU needed, only Triton's NVIDIA backend with its bundled ptxas):
 4. *Analyse* (this script only): ``ptxas -v`` (Triton's bundled one) on the PTX for registers and
    spill bytes; shared memory from the kernel's metadata; pipelining from the TTGIR (asynchronous
    global->shared copies or TMA) and tensor-core instructions from the PTX (mma.sync, wgmma,
-   tcgen05.mma).
+   tcgen05.mma; ``tcgen05.b16`` where it is NVFP4's ``kind::mxf4nvf4.block_scale.block16``).
 
 ``tests/test_kernel_compile.py`` uses steps 1-3 to fail on any compile error.
 
@@ -50,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 DEFAULT_ARCHS = (90, 100)
+NVF4_BLOCK16 = r"kind::mxf4nvf4\.block_scale\.(?:block16|scale_vec::4X)"
 LAYER = (8192, 4096, 14336)  # tokens, d_in, d_out
 SHORT = 256  # the axis that is not blocked: >= every tile's slice count
 NAMED = ("paper", "full", "fp8", "fp4", "nvfp4", "mxfp4", "mxfp8")  # bf16 quantizes nothing
@@ -218,7 +219,9 @@ def gemm_paths(block_len: int, scale_format: str, cc: tuple[int, int]) -> list[s
     paths = ["bf16"]
     if block_len >= 32 and cc >= (8, 9):
         paths.append("fp8")
-    if block_len == 32 and scale_format == "e8m0" and cc >= (9, 0):
+    if (block_len == 32 and scale_format == "e8m0" and cc >= (9, 0)) or (
+        block_len == 16 and scale_format == "e4m3" and cc >= (10, 0)  # NVFP4: native MMA only
+    ):
         paths.append("dot_scaled")
     return paths
 
@@ -309,6 +312,9 @@ def analyse(result: Compiled) -> dict:
         "mma.sync": len(re.findall(r"\bmma\.sync", ptx)),
         "wgmma": len(re.findall(r"\bwgmma\.mma_async", ptx)),
         "tcgen05.mma": len(re.findall(r"\btcgen05\.mma", ptx)),
+        # NVFP4's native MMA: E2M1 x E2M1 with an E4M3 scale per 16 elements (triton 3.9
+        # writes .block16, 3.6 the older spelling of the same, .scale_vec::4X)
+        "nvf4.block16": len(re.findall(NVF4_BLOCK16, ptx)),
         "cp.async": len(re.findall(r"\bcp\.async\b(?!\.bulk)", ptx)),
         "tma": len(re.findall(r"\bcp\.async\.bulk\.tensor", ptx)),
         "ld.global.v4": len(re.findall(r"\bld\.global(?:\.[a-z0-9_]+)*\.v4", ptx)),
@@ -376,6 +382,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             mma = (
                 "wgmma" if row["wgmma"] else "tcgen05" if row["tcgen05.mma"] else "mma.sync" if row["mma.sync"] else "-"
             )
+            if row["nvf4.block16"]:
+                mma += ".b16"  # tcgen05 ... kind::mxf4nvf4.block_scale.block16
             consts = " ".join(f"{k}={v}" for k, v in row["constants"].items())
             print(
                 f"{result.arch:>4} {result.name:<22} {row['registers']!s:>4} {row['spill_stores']!s:>5}/{row['spill_loads']!s:<5} "

@@ -15,11 +15,21 @@ produce, without materialising the dequantized operands:
 - with E8M0 scales and 32-element blocks (OCP MXFP4), path "dot_scaled" hands the packed
   bytes and the scale exponents to ``tl.dot_scaled``: native block-scaled MMA on sm_100+; on
   sm_90 Triton lowers it to an upcast to bf16 with the scale folded in (exact: a power of two
-  times an E2M1 value) and a software-pipelined bf16 wgmma.
+  times an E2M1 value) and a software-pipelined bf16 wgmma;
+- with E4M3 scales and 16-element blocks (NVFP4), path "dot_scaled" on sm_100+ hands the
+  packed bytes and the E4M3 bytes of the block decode scales ``s`` to ``tl.dot_scaled``
+  (``tcgen05.mma ... kind::mxf4nvf4.block_scale.block16``) and multiplies the fp32 sums by
+  the two tensor scales ``t`` in the epilogue: ``sum(qa * sa * qb * sb) * ta * tb``, NVFP4's
+  own definition. ``unpack`` divides by the fp32 ``S = 1/(s * t)`` instead, which differs from
+  ``q * s * t`` by one rounding for some ``s`` (e.g. 1.625): the two agree bit for bit where
+  ``q / S == q * s * t``, else to a few ulps (as with fp32 scales below). Triton's interpreter
+  reads every ``dot_scaled`` scale byte as E8M0, so under it this path multiplies the decoded
+  values (``q * s`` exactly, by a software E4M3 decode) with ``tl.dot`` instead; the compiled
+  ``tl.dot_scaled`` call has been compiled but not run (docs/gpu.md).
 
 The path is chosen from what the operands were packed as (their block size and scale format,
-:class:`PackedOperand`, i.e. the recipe) and the device, never from the scale values: no host
-synchronisation (:func:`choose_path`).
+which every ``PackedTensor`` records, i.e. the recipe) and the device, never from the scale
+values: no host synchronisation (:func:`choose_path`).
 
 With power-of-two scales the result is exactly ``unpack(a) @ unpack(b).T`` summed in any
 order as long as fp32 holds the partial sums exactly; with arbitrary fp32 scales it differs
@@ -35,7 +45,6 @@ hardware's round-to-nearest-even cast (``cvt.rn``), the same IEEE rounding.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -48,18 +57,16 @@ from ._common import jit, round_to_dtype_grid, store_from_f32, tl, triton
 
 E2M1 = FPFormat.parse("e2m1")
 PATHS = ("auto", "dot_scaled", "fp8", "bf16", "fp32")
+# DOT_MODE 3: dot_scaled with E8M0 scales (MXFP4); 4: with E4M3 scales (NVFP4), chosen in the op
 _DOT_MODES = {"fp32": 0, "bf16": 1, "fp8": 2, "dot_scaled": 3}
+_DOT_SCALED_E4M3 = 4
 _OUT_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 SCALE_FORMATS = ("fp32", "e8m0", "e4m3")
+# the (block length, scale format) pairs tl.dot_scaled takes: OCP MXFP4 and NVFP4
+_DOT_SCALED_OPERANDS = ((32, "e8m0"), (16, "e4m3"))
 
-
-@dataclass(frozen=True)
-class PackedOperand(PackedTensor):
-    """A ``PackedTensor`` that remembers the scale format it was packed with (``pack_triton``
-    returns one): ``"e8m0"`` promises power-of-two scales, which ``tl.dot_scaled`` needs, so
-    :func:`gemm_fp4` can choose its path without reading the scales."""
-
-    scale_format: str = "fp32"
+# Kept for callers of the former subclass: every PackedTensor now records its scale format.
+PackedOperand = PackedTensor
 
 
 # ============================================================================ kernel
@@ -87,11 +94,33 @@ def _e2m1_tile(packed, DOT_MODE: tl.constexpr, DOT_IN_FP32: tl.constexpr):
 
 
 @jit
+def _e4m3_scale_to_f32(byte):
+    """Positive E4M3 bytes (NVFP4 block decode scales) -> exact fp32 values, with integer
+    operations (the interpreter's dot_scaled cannot decode them)."""
+    bits = byte.to(tl.int32)
+    e = (bits >> 3) & 15
+    m = bits & 7
+    normal = ((e + 120) << 23 | (m << 20)).to(tl.float32, bitcast=True)  # 2**(e - 7) * (1 + m/8)
+    return tl.where(e > 0, normal, m.to(tl.float32) * 0.001953125)  # subnormal: m * 2**-9
+
+
+@jit
+def _scaled_e2m1_tile(packed, scale, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """[ROWS, BLOCK_K/2] E2M1 bytes and [ROWS, BLOCK_K/16] E4M3 scale bytes -> [ROWS, BLOCK_K]
+    fp32 values q * s (exact: 2 + 4 significant bits), what dot_scaled multiplies."""
+    vals = tl.reshape(_e2m1_tile(packed, 0, True), (ROWS, BLOCK_K // 16, 16))
+    vals = vals * _e4m3_scale_to_f32(scale)[:, :, None]
+    return tl.reshape(vals, (ROWS, BLOCK_K))
+
+
+@jit
 def _gemm_fp4_kernel(
     a_ptr,
     as_ptr,
     b_ptr,
     bs_ptr,
+    at_ptr,
+    bt_ptr,
     c_ptr,
     M,
     N,
@@ -120,7 +149,9 @@ def _gemm_fp4_kernel(
 ):
     """C[M, N] = (A * Ia) @ (B * Ib)^T over K; A: [M, K/2] bytes, B: [N, K/2] bytes; Ia: [M,
     n_scale_blocks], Ib: [N, n_scale_blocks] the decode multipliers 1/S in float32 (or the e8m0
-    bytes of the decode scales for dot_scaled). One program computes a [BLOCK_M, BLOCK_N] tile,
+    bytes of the decode scales for dot_scaled, DOT_MODE 3; the e4m3 bytes of the block decode
+    scales for DOT_MODE 4, whose tensor scales at_ptr, bt_ptr (one fp32 each) multiply the sums
+    in the epilogue; the other modes ignore them). One program computes a [BLOCK_M, BLOCK_N] tile,
     programs grouped along M (GROUP_M) so that neighbours reuse B tiles from L2. EVEN_K: every
     scale block is whole tiles, so no load needs a mask along K."""
     pid = tl.program_id(0)
@@ -156,6 +187,35 @@ def _gemm_fp4_kernel(
                 bs_ptr + rn[:, None] * sbsn + ks[None, :] * sbsk, mask=n_mask[:, None] & ks_mask[None, :], other=127
             )
             acc = tl.dot_scaled(a, sa, "e2m1", tl.trans(b), sb, "e2m1", acc)
+    elif DOT_MODE == 4:
+        # NVFP4: scale_block == 16, scales are the e4m3 bytes of the block decode scales
+        rks = tl.arange(0, BLOCK_K // 16)
+        for t in range(0, tl.cdiv(K, BLOCK_K)):
+            kb = t * (BLOCK_K // 2) + rkb
+            kb_mask = kb < K // 2
+            a = tl.load(a_ptr + rm[:, None] * sam + kb[None, :] * sak, mask=m_mask[:, None] & kb_mask[None, :], other=0)
+            b = tl.load(b_ptr + rn[:, None] * sbn + kb[None, :] * sbk, mask=n_mask[:, None] & kb_mask[None, :], other=0)
+            ks = t * (BLOCK_K // 16) + rks
+            ks_mask = ks < n_scale_blocks
+            # 0x38 is E4M3 1.0 (past the edges the codes are zero anyway; never the NaN 0x7F)
+            sa = tl.load(
+                as_ptr + rm[:, None] * sasm + ks[None, :] * sask, mask=m_mask[:, None] & ks_mask[None, :], other=0x38
+            )
+            sb = tl.load(
+                bs_ptr + rn[:, None] * sbsn + ks[None, :] * sbsk, mask=n_mask[:, None] & ks_mask[None, :], other=0x38
+            )
+            if DOT_IN_FP32:
+                # the interpreter's dot_scaled reads every scale byte as e8m0: multiply the
+                # values q * s (exact in fp32) that the MMA multiplies, with an IEEE fp32 dot
+                a_vals = _scaled_e2m1_tile(a, sa, BLOCK_M, BLOCK_K)
+                b_vals = _scaled_e2m1_tile(b, sb, BLOCK_N, BLOCK_K)
+                acc = tl.dot(a_vals, tl.trans(b_vals), acc, input_precision="ieee")
+            else:
+                sa8 = sa.to(tl.float8e4nv, bitcast=True)  # e4m3 scales: mxf4nvf4 ... block16 on sm_100
+                sb8 = sb.to(tl.float8e4nv, bitcast=True)
+                acc = tl.dot_scaled(a, sa8, "e2m1", tl.trans(b), sb8, "e2m1", acc)
+        # the second level, once per output: (sum * ta) * tb
+        acc = (acc * tl.load(at_ptr)) * tl.load(bt_ptr)
     else:
         for sblk in range(0, n_scale_blocks):
             part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -215,12 +275,15 @@ def _operand(p: PackedTensor, name: str) -> tuple[torch.Tensor, torch.Tensor, in
     if k_padded % 2:
         raise ValueError(f"gemm_fp4: {name}'s reduction length {k_padded} is odd; two codes a byte need an even length")
     codes = p.codes.reshape(-1)[: rows * k_padded // 2].view(rows, k_padded // 2)
-    scales = p.scales.reshape(-1)
+    return codes, _per_row(p.scales, p, rows), rows, k_padded
+
+
+def _per_row(scales: torch.Tensor, p: PackedTensor, rows: int) -> torch.Tensor:
+    """Block scales (or their bytes) shaped like ``p.scales`` -> [rows, n_blocks]."""
+    scales = scales.reshape(-1)
     if p.block_size == "tensor":
-        scales = scales[:1].view(1, 1).expand(rows, 1)
-    else:
-        scales = scales.view(rows, -1)
-    return codes, scales, rows, k_padded
+        return scales[:1].view(1, 1).expand(rows, 1)
+    return scales.view(rows, -1)
 
 
 def _block_len(p: PackedTensor, k_padded: int) -> int:
@@ -238,19 +301,25 @@ def choose_path(block_len: int, scale_format: str, cc: Optional[tuple[int, int]]
     and ``scale_format`` scales on a GPU of compute capability ``cc`` (``None``: the interpreter),
     and why. Decided from the recipe, never from scale values (no host synchronisation):
 
-    ======================  ==============  ======  =====================
-     operands                sm_90, sm_100+  sm_89   sm_80 / interpreter
-    ======================  ==============  ======  =====================
-     B=32, e8m0 (MXFP4)      dot_scaled      fp8     bf16
-     B >= 32, other scales   fp8             fp8     bf16
-     B=16 (NVFP4)            bf16            bf16    bf16
-    ======================  ==============  ======  =====================
+    =======================  ==========  ======  ======  =====================
+     operands                 sm_100+     sm_90   sm_89   sm_80 / interpreter
+    =======================  ==========  ======  ======  =====================
+     B=32, e8m0 (MXFP4)       dot_scaled  dot_sc. fp8     bf16
+     B=16, e4m3 (NVFP4)       dot_scaled  bf16    bf16    bf16
+     B >= 32, other scales    fp8         fp8     fp8     bf16
+     B=16, other scales       bf16        bf16    bf16    bf16
+    =======================  ==========  ======  ======  =====================
+
+    NVFP4 takes ``tl.dot_scaled`` only where Triton lowers E4M3 scales to the native FP4 MMA
+    (sm_100+: ``mxf4nvf4.block16``); on sm_90 it would be an upcast + bf16 wgmma, not taken.
     """
     if cc is None:
         return "bf16", "BF16 tensor cores (E2M1 values are exact in BF16); the interpreter forces no other path"
     if block_len == 32 and scale_format == "e8m0" and cc >= (9, 0):
         how = "native block-scaled FP4 MMA" if cc >= (10, 0) else "E2M1 upcast to bf16 + pipelined wgmma"
         return "dot_scaled", f"tl.dot_scaled on sm_{cc[0]}{cc[1]}: {how}"
+    if block_len == 16 and scale_format == "e4m3" and cc >= (10, 0):
+        return "dot_scaled", f"tl.dot_scaled with E4M3 scales on sm_{cc[0]}{cc[1]}: native NVFP4 MMA (block16)"
     if block_len >= 32 and cc >= (8, 9):
         return "fp8", f"FP8 tensor cores on sm_{cc[0]}{cc[1]} (E2M1 values are exact in E4M3)"
     return "bf16", "BF16 tensor cores (E2M1 values are exact in BF16)"
@@ -258,7 +327,7 @@ def choose_path(block_len: int, scale_format: str, cc: Optional[tuple[int, int]]
 
 def operand_scale_format(a: PackedTensor, b: PackedTensor, scale_format: Optional[str]) -> str:
     """The scale format both operands share: ``scale_format`` when given, else what they were
-    packed with (:class:`PackedOperand`); ``"fp32"`` (no promise) when unknown or different."""
+    packed with (``PackedTensor.scale_format``); ``"fp32"`` (no promise) when they differ."""
     if scale_format is not None:
         if scale_format not in SCALE_FORMATS:
             raise ValueError(f"scale_format={scale_format!r} is not valid: expected one of {SCALE_FORMATS} or None")
@@ -285,6 +354,8 @@ if triton is not None:
         a_scales: torch.Tensor,
         b_codes: torch.Tensor,
         b_scales: torch.Tensor,
+        a_tscale: torch.Tensor,
+        b_tscale: torch.Tensor,
         k: int,
         scale_block: int,
         path: str,
@@ -298,11 +369,15 @@ if triton is not None:
         grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
         out_kind = _OUT_KINDS[out_dtype]
         out_arg = out.view(torch.int16) if out_kind == 1 else out
+        # dot_scaled with 16-element blocks is NVFP4 (gemm_fp4 allows no other): e4m3 scale bytes
+        dot_mode = _DOT_SCALED_E4M3 if path == "dot_scaled" and scale_block == 16 else _DOT_MODES[path]
         torch.library.wrap_triton(_gemm_fp4_kernel)[grid](
             a_codes,
             a_scales,
             b_codes,
             b_scales,
+            a_tscale,
+            b_tscale,
             out_arg,
             m,
             n,
@@ -320,7 +395,7 @@ if triton is not None:
             b_scales.stride(1),
             out.stride(0),
             out.stride(1),
-            DOT_MODE=_DOT_MODES[path],
+            DOT_MODE=dot_mode,
             DOT_IN_FP32=capability.interpret_requested(),
             EVEN_K=scale_block % block_k == 0,
             OUT_KIND=out_kind,
@@ -352,13 +427,16 @@ def gemm_fp4(
             backward pass's ``W`` (blocked along out_features) is passed.
         out_dtype: float32, bfloat16 or float16 (rounded to nearest-even from fp32).
         path: "auto" (:func:`choose_path`: "dot_scaled" on sm_90+ for 32-element blocks with
-            e8m0 scales, "fp8" on sm_89+ for blocks of 32 or more, else "bf16"), or one of
-            them forced; "fp32" uses IEEE fp32 dots (slow, for checks). Forcing a path the GPU
-            lacks raises; under the interpreter every path can be forced.
+            e8m0 scales and on sm_100+ for 16-element blocks with e4m3 scales, "fp8" on sm_89+
+            for blocks of 32 or more, else "bf16"), or one of them forced; "fp32" uses IEEE
+            fp32 dots (slow, for checks). Forcing a path the GPU lacks raises; under the
+            interpreter every path can be forced.
         scale_format: what the operands' scales are, "fp32", "e8m0" (a promise that every
-            scale is a power of two: "dot_scaled" needs it) or "e4m3"; by default what they
-            were packed with (``pack_triton`` records it), else "fp32". Never read from the
-            scales themselves, which would synchronise the host.
+            scale is a power of two: "dot_scaled" needs it for 32-element blocks) or "e4m3"
+            (NVFP4: "dot_scaled" then reads the E4M3 bytes and tensor scales the operands
+            record); by default what they were packed with (``PackedTensor.scale_format``),
+            "fp32" if they differ. Never read from the scales themselves, which would
+            synchronise the host.
 
     Block sizes: powers of two from 16, "channel" or "tensor"; both operands must share the
     block size and the padded reduction length. Returns an (M, N) tensor.
@@ -388,13 +466,17 @@ def gemm_fp4(
     if path == "auto":
         path = choose_path(block_len, sfmt, capability.device_capability())[0]
     elif path == "dot_scaled":
-        if block_len != 32 or sfmt != "e8m0":
+        if (block_len, sfmt) not in _DOT_SCALED_OPERANDS:
             raise ValueError(
-                f"gemm_fp4: path='dot_scaled' needs 32-element blocks with power-of-two (e8m0) scales, got "
-                f"block_size={block_len} and scale_format={sfmt!r} (pass scale_format='e8m0' for power-of-two scales)"
+                f"gemm_fp4: path='dot_scaled' needs 32-element blocks with power-of-two (e8m0) scales or 16-element "
+                f"blocks with e4m3 scales (NVFP4), got block_size={block_len} and scale_format={sfmt!r} (pass "
+                "scale_format='e8m0' for power-of-two scales)"
             )
         if not interp:
-            capability.require(capability.dot_scaled_available(), "gemm_fp4 path='dot_scaled'")
+            if sfmt == "e4m3":  # Triton lowers E4M3 scales to the native MMA on sm_100+ only
+                capability.require(capability.native_fp4_available(), "gemm_fp4 path='dot_scaled' with e4m3 scales")
+            else:
+                capability.require(capability.dot_scaled_available(), "gemm_fp4 path='dot_scaled'")
     elif path == "fp8":
         if block_len < 32:
             raise ValueError("gemm_fp4: path='fp8' needs blocks of at least 32 elements (the FP8 MMA's K)")
@@ -402,10 +484,23 @@ def gemm_fp4(
             capability.require(capability.fp8_tensor_cores_available(), "gemm_fp4 path='fp8'")
     if m == 0 or n == 0 or ka == 0:
         return torch.zeros((m, n), dtype=out_dtype, device=a_codes.device)
-    if path == "dot_scaled":
+    a_tscale, b_tscale = a_scales, b_scales  # read by the NVFP4 path only
+    if path == "dot_scaled" and sfmt == "e4m3":
+        for name, p in (("a", a), ("b", b)):
+            if p.scale_bytes is None or p.tensor_scale is None:
+                raise ValueError(
+                    f"gemm_fp4: path='dot_scaled' with e4m3 scales needs {name}'s E4M3 scale bytes and tensor "
+                    "scale (PackedTensor.scale_bytes, .tensor_scale), which pack and pack_triton record; got None"
+                )
+        a_scales, b_scales = _per_row(a.scale_bytes, a, m), _per_row(b.scale_bytes, b, n)
+        a_tscale = a.tensor_scale.reshape(1).to(device=a_codes.device, dtype=torch.float32)
+        b_tscale = b.tensor_scale.reshape(1).to(device=b_codes.device, dtype=torch.float32)
+    elif path == "dot_scaled":
         a_scales, b_scales = _e8m0_bytes(a_scales), _e8m0_bytes(b_scales)
     else:
         # the decode multipliers 1/S by tensor / tensor division: correctly rounded on CPU and GPU
         a_scales = torch.ones_like(a_scales, dtype=torch.float32) / a_scales.to(torch.float32)
         b_scales = torch.ones_like(b_scales, dtype=torch.float32) / b_scales.to(torch.float32)
-    return torch.ops.lightning_fpq.gemm_fp4(a_codes, a_scales, b_codes, b_scales, ka, block_len, path, out_dtype)
+    return torch.ops.lightning_fpq.gemm_fp4(
+        a_codes, a_scales, b_codes, b_scales, a_tscale, b_tscale, ka, block_len, path, out_dtype
+    )

@@ -34,7 +34,7 @@ import torch
 
 from lightning_fpq._config import BlockSize
 from lightning_fpq.formats import FormatLike, FPFormat
-from lightning_fpq.packing import PackedTensor
+from lightning_fpq.packing import PackedTensor, e4m3_scale_bytes, tensor_scale
 from lightning_fpq.quantize import check_quantize_args
 
 from . import capability
@@ -54,7 +54,6 @@ from ._common import (
     tl,
     triton,
 )
-from .gemm_fp4 import PackedOperand
 
 _IN_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _OUT_LIMITS = {torch.float32: FP32_MAX, torch.bfloat16: BF16_MAX, torch.float16: FP16_MAX}
@@ -440,8 +439,9 @@ def _run(
     seed: int,
     saturate: bool,
     packed: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The launch behind both ops (arguments validated). Returns (values or codes, scales)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The launch behind both ops (arguments validated). Returns (values or codes, scales, the
+    tensor's finite absmax as one element where the scales needed it, else an empty tensor)."""
     fmt = FPFormat(ebits=ebits, mbits=mbits, special=special)
     shape = tuple(x.shape)
     ndim = max(x.dim(), 1)
@@ -529,7 +529,7 @@ def _run(
         BLOCK_K=block_k,
         N_CHUNKS=n_chunks,
     )
-    return out, scales
+    return out, scales, tamax.reshape(1) if tamax is not None else scales.new_empty(0)
 
 
 if triton is not None:
@@ -564,7 +564,7 @@ if triton is not None:
         round_mode: int,
         seed: int,
         saturate: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return _run(x, noise, ebits, mbits, special, block, axis, scale_format, round_mode, seed, saturate, True)
 
 
@@ -682,7 +682,7 @@ def pack_triton(
     if x.numel() == 0:
         raise ValueError("pack_triton needs a non-empty tensor")
     _check_launchable(x)
-    codes, scales = torch.ops.lightning_fpq.block_pack(
+    codes, scales, tamax = torch.ops.lightning_fpq.block_pack(
         x, noise, fmt.ebits, fmt.mbits, fmt.special, block, axis, scale_format, round_mode, seed, saturate
     )
     if block == _BLOCK_NONE:
@@ -693,6 +693,12 @@ def pack_triton(
         moved = shape[:axis] + shape[axis + 1 :]
         scales_out = scales.reshape(*moved, -1, 1)
     block_size = {_BLOCK_NONE: None, _BLOCK_CHANNEL: "channel", _BLOCK_TENSOR: "tensor"}.get(block, block)
-    # records the scale format, so that gemm_fp4 picks its path without reading the scales
     pad = padded - length if block > 0 else 0
-    return PackedOperand(codes, scales_out, x.shape, x.dtype, fmt, block_size, axis, pad, scale_format)
+    # records the scale format (gemm_fp4 picks its path without reading the scales) and, for
+    # NVFP4, the E4M3 bytes and tensor scale that tl.dot_scaled needs, as pack does (device ops, no sync)
+    sbytes = tscale = None
+    if scales_out is not None and scale_format == "e4m3":
+        tscale = tensor_scale(tamax, fmt)
+        sbytes = e4m3_scale_bytes(scales_out, tscale)
+    recorded = scale_format if scales_out is not None else "fp32"
+    return PackedTensor(codes, scales_out, x.shape, x.dtype, fmt, block_size, axis, pad, recorded, sbytes, tscale)

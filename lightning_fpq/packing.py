@@ -3,6 +3,11 @@
 ``pack(x, fmt, ...)`` stores exactly the values ``quantize(x, fmt, ...)`` returns (nearest
 rounding), as format codes (two E2M1 codes a byte) and the block scales; ``unpack`` gives them
 back bit for bit. The packed FP4 GEMM kernel reads these codes directly.
+
+A ``PackedTensor`` also records the scale format it was packed with, so that the GEMM can pick
+its path without reading scale values (no host synchronisation), and, for E4M3 block scales
+(NVFP4), the two levels the hardware multiplies by: the E4M3 byte of each block's decode scale
+and the fp32 tensor scale (``tl.dot_scaled`` takes the bytes, the epilogue the tensor scale).
 """
 
 from __future__ import annotations
@@ -15,7 +20,16 @@ import torch
 from . import _config
 from ._config import BlockSize
 from .formats import FormatLike, FPFormat
-from .quantize import SCALE_FORMATS, block_scales, finite_absmax, from_blocks, round_to_format, to_blocks
+from .quantize import (
+    E4M3,
+    SCALE_FORMATS,
+    block_scales,
+    finite_absmax,
+    from_blocks,
+    round_to_format,
+    to_blocks,
+    usable_max,
+)
 
 
 def encode(q: torch.Tensor, fmt: FPFormat) -> torch.Tensor:
@@ -56,7 +70,13 @@ class PackedTensor:
     ``codes`` is uint8 for formats of at most 8 bits (two codes a byte, low nibble first,
     for formats of at most 4 bits), int16 up to 16 bits, int32 above. ``scales`` holds the
     float32 multipliers ``S`` (dequantize = decode(codes) / S), shaped like the blocks;
-    ``None`` when ``block_size`` is None.
+    ``None`` when ``block_size`` is None. ``unpack`` reads ``codes`` and ``scales`` only.
+
+    ``scale_format`` is what the scales were computed as ("fp32", "e8m0": powers of two, or
+    "e4m3": NVFP4's two levels); ``"fp32"`` promises nothing. For "e4m3" block scales,
+    ``scale_bytes`` holds the E4M3 code (uint8, shaped like ``scales``) of each block's decode
+    scale ``s`` and ``tensor_scale`` the fp32 per-tensor scale ``t`` (one element), with
+    ``S = 1 / (s * t)`` in fp32 (``block_scales``); both are ``None`` otherwise.
     """
 
     codes: torch.Tensor
@@ -67,11 +87,42 @@ class PackedTensor:
     block_size: BlockSize
     axis: int
     pad: int
+    scale_format: str = "fp32"
+    scale_bytes: Optional[torch.Tensor] = None
+    tensor_scale: Optional[torch.Tensor] = None
+
+    def __post_init__(self) -> None:
+        if self.scale_format not in SCALE_FORMATS:
+            raise ValueError(f"scale_format={self.scale_format!r} is not valid: expected one of {SCALE_FORMATS}")
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the codes and the fp32 multipliers (what ``unpack`` reads)."""
         scale_bytes = 0 if self.scales is None else self.scales.numel() * self.scales.element_size()
         return self.codes.numel() * self.codes.element_size() + scale_bytes
+
+
+def tensor_scale(tensor_amax: torch.Tensor, fmt: FPFormat) -> torch.Tensor:
+    """NVFP4's fp32 per-tensor scale ``t = tensor_amax / (fmt.max * 448)`` (1 when the tensor
+    is all zero), as ``block_scales`` computes it: a 1-element float32 tensor."""
+    tamax = tensor_amax.to(torch.float32).reshape(1)
+    return torch.where(tamax > 0, tamax / (usable_max(fmt) * E4M3.max), torch.ones_like(tamax))
+
+
+def e4m3_scale_bytes(scales: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The E4M3 codes (uint8) of the block decode scales ``s`` from the multipliers
+    ``S = 1 / (s * t)`` and the tensor scale ``t``, on the scales' device without a host sync.
+
+    Recovered rather than kept from the quantizer so that ``pack`` and the fused kernel
+    (which writes only ``S``) record the same bytes: ``1 / S / t`` is within a few fp32 ulps
+    of ``s``, which has 4 significant bits, so rounding it to E4M3 gives ``s`` back exactly
+    whenever ``s * t`` is a normal fp32 number (a tensor absmax above ~1e-34). An all-zero
+    block (``S = 1``, codes all zero) gets the code of ``1 / t`` (saturated): any finite scale
+    gives its zero products.
+    """
+    decode = torch.ones_like(scales, dtype=torch.float32) / scales.to(torch.float32)
+    s = round_to_format(decode / t.to(decode.device).reshape(()), E4M3, saturate=True)
+    return encode(s, E4M3).to(torch.uint8)
 
 
 def _code_dtype(fmt: FPFormat) -> torch.dtype:
@@ -94,19 +145,26 @@ def pack(
     scale_format = _config.choice(scale_format, SCALE_FORMATS, what="scale_format")
     x32 = x.to(torch.float32).reshape(x.shape or (1,))
     axis = axis % max(x.dim(), 1)
+    sbytes: Optional[torch.Tensor] = None
+    tscale: Optional[torch.Tensor] = None
     if block_size is None:
         q, scale, pad = round_to_format(x32, fmt, saturate=saturate), None, 0
     else:
         blocks, pad = to_blocks(x32, block_size, axis)
-        scale = block_scales(finite_absmax(blocks), fmt, scale_format)
+        amax = finite_absmax(blocks)
+        scale = block_scales(amax, fmt, scale_format)
         q = round_to_format(blocks * scale, fmt, saturate=saturate)
+        if scale_format == "e4m3":  # block_scales' tensor absmax: the largest block absmax
+            tscale = tensor_scale(amax.amax(), fmt)
+            sbytes = e4m3_scale_bytes(scale, tscale)
     codes = encode(q, fmt).reshape(-1)
     if fmt.bits <= 4:
         if codes.numel() % 2:
             codes = torch.cat([codes, codes.new_zeros(1)])
         codes = codes[0::2] | (codes[1::2] << 4)
     codes = codes.to(_code_dtype(fmt))  # values >= 2**15 (int16) or 2**31 (int32) wrap; unpack masks
-    return PackedTensor(codes, scale, x.shape, x.dtype, fmt, block_size, axis, pad)
+    recorded = scale_format if block_size is not None else "fp32"
+    return PackedTensor(codes, scale, x.shape, x.dtype, fmt, block_size, axis, pad, recorded, sbytes, tscale)
 
 
 def unpack(packed: PackedTensor) -> torch.Tensor:

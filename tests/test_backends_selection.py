@@ -17,7 +17,7 @@ AMPERE, ADA, HOPPER, BLACKWELL, BLACKWELL_12 = (8, 0), (8, 9), (9, 0), (10, 0), 
 PATHS = {
     (32, "e8m0"): ("bf16", "bf16", "fp8", "dot_scaled", "dot_scaled", "dot_scaled"),
     (32, "fp32"): ("bf16", "bf16", "fp8", "fp8", "fp8", "fp8"),
-    (16, "e4m3"): ("bf16",) * 6,
+    (16, "e4m3"): ("bf16", "bf16", "bf16", "bf16", "dot_scaled", "dot_scaled"),  # NVFP4: native on sm_100+
     (16, "e8m0"): ("bf16",) * 6,
     (128, "fp32"): ("bf16", "bf16", "fp8", "fp8", "fp8", "fp8"),
     (128, "e8m0"): ("bf16", "bf16", "fp8", "fp8", "fp8", "fp8"),
@@ -37,6 +37,8 @@ def test_gemm_path_reasons_name_the_device():
     path, reason = choose_path(32, "e8m0", HOPPER)
     assert path == "dot_scaled" and "sm_90" in reason and "wgmma" in reason
     assert "native" in choose_path(32, "e8m0", BLACKWELL)[1]
+    path, reason = choose_path(16, "e4m3", BLACKWELL)
+    assert path == "dot_scaled" and "E4M3" in reason and "sm_100" in reason
 
 
 def spec_of(name: str, **kw):
@@ -46,7 +48,7 @@ def spec_of(name: str, **kw):
 # recipe -> packed FP4 GEMMs (forward, dgrad, wgrad) per capability: interpreter, sm_89, 90, 100
 PACKED = {
     "mxfp4": ((True,) * 3, (False,) * 3, (False,) * 3, (True,) * 3),
-    "nvfp4": ((True,) * 3, (False,) * 3, (False,) * 3, (False,) * 3),  # e4m3 scales, B=16: bf16 path
+    "nvfp4": ((True,) * 3, (False,) * 3, (False,) * 3, (True,) * 3),  # e4m3 scales, B=16: dot_scaled on sm_100
     "fp4": ((True, False, False), (False,) * 3, (False,) * 3, (False,) * 3),  # channel blocks, fp32 scales
     "paper": ((False,) * 3,) * 4,  # no GEMM has two E2M1 operands
 }
@@ -72,8 +74,23 @@ def test_the_rule_says_why():
     ok, reason = triton_backend.packed_gemm_pays(mx, mx, BLACKWELL)
     assert ok and "native" in reason
     nv = spec_of("nvfp4").input
-    assert not triton_backend.packed_gemm_pays(nv, nv, BLACKWELL)[0]
-    assert "'bf16'" in triton_backend.packed_gemm_pays(nv, nv, BLACKWELL)[1]
+    ok, reason = triton_backend.packed_gemm_pays(nv, nv, BLACKWELL)
+    assert ok and "E4M3" in reason
+    ok, reason = triton_backend.packed_gemm_pays(nv, nv, HOPPER)
+    assert not ok and "'bf16'" in reason
+
+
+@pytest.mark.parametrize("other", [{"scale_format": "fp32"}, {"scale_format": "e8m0"}], ids=str)
+def test_nvfp4_on_blackwell_packs_only_a_gemm_that_runs_on_dot_scaled(other):
+    """B=16 operands whose scale formats differ (or are not e4m3 on both sides) run the
+    GEMM's bf16 path, which is not expected to pay: the layer keeps them fake-quantized."""
+    import dataclasses
+
+    nv = spec_of("nvfp4").input
+    mixed = dataclasses.replace(nv, **other)
+    for a, b in ((nv, mixed), (mixed, nv), (mixed, mixed)):
+        ok, reason = triton_backend.packed_gemm_pays(a, b, BLACKWELL)
+        assert not ok and "'bf16'" in reason, (a.scale_format, b.scale_format)
 
 
 def test_supports_names_the_rule_for_a_call(monkeypatch):

@@ -77,7 +77,7 @@ def _compile(arch: int, only: str = "", out_kinds=(0, 1)):
 
 
 def _gemm(results, path: str):
-    mode = {"bf16": 1, "fp8": 2, "dot_scaled": 3}[path]
+    mode = {"bf16": 1, "fp8": 2, "dot_scaled": 3, "dot_scaled nvfp4": 4}[path]
     return [r for r in results if r.name == "_gemm_fp4_kernel" and r.constants["DOT_MODE"] == mode]
 
 
@@ -95,7 +95,14 @@ def test_every_launch_compiles(arch):
     assert len(dot_scaled) == 2 and all("(auto)" in u for r in dot_scaled for u in r.used_by)
     mma = "wgmma.mma_async" if arch == 90 else "tcgen05.mma"
     assert all(mma in r.kernel.asm["ptx"] for r in dot_scaled)
-    for r in _gemm(results, "bf16") + _gemm(results, "fp8") + dot_scaled:
+    # NVFP4 (B=16, e4m3 scales) takes dot_scaled on sm_100 only: the native block16 MMA
+    nvfp4 = _gemm(results, "dot_scaled nvfp4")
+    if arch >= 100:
+        assert len(nvfp4) == 2 and all("B=16 e4m3 path=dot_scaled (auto)" in u for r in nvfp4 for u in r.used_by)
+        assert all(re.search(r"tcgen05\.mma\S*" + kr.NVF4_BLOCK16, r.kernel.asm["ptx"]) for r in nvfp4)
+    else:
+        assert not nvfp4
+    for r in _gemm(results, "bf16") + _gemm(results, "fp8") + dot_scaled + nvfp4:
         ptx = r.kernel.asm["ptx"]
         if r.constants["OUT_KIND"] == 1:  # bf16 output: the hardware's nearest-even cast, no software rounding
             assert re.search(r"cvt\.rn\.bf16(?:x2)?\.f32", ptx), r.used_by
@@ -104,6 +111,6 @@ def test_every_launch_compiles(arch):
 @pytest.mark.parametrize("arch", [80, 89])
 def test_gemm_compiles_for_ampere_and_ada(arch):
     results = _compile(arch, only="gemm", out_kinds=(1,))  # bf16 output: what training asks for
-    assert _gemm(results, "bf16") and not _gemm(results, "dot_scaled")
+    assert _gemm(results, "bf16") and not _gemm(results, "dot_scaled") and not _gemm(results, "dot_scaled nvfp4")
     assert bool(_gemm(results, "fp8")) == (arch >= 89)
     assert all("mma.sync" in r.kernel.asm["ptx"] for r in results if r.name == "_gemm_fp4_kernel")

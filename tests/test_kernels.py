@@ -21,6 +21,7 @@ Every expected value comes from ``lightning_fpq.quantize`` (``backend="reference
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import subprocess
@@ -379,16 +380,49 @@ def test_pack_matches_reference_codes_and_scales(device, fmt, block_size, axis, 
     else:
         assert got.scales.shape == expected.scales.shape
         assert torch.equal(got.scales.cpu(), expected.scales)
-    meta = lambda p: (tuple(p.shape), p.dtype, p.fmt, p.block_size, p.axis, p.pad)  # noqa: E731
+    meta = lambda p: (tuple(p.shape), p.dtype, p.fmt, p.block_size, p.axis, p.pad, p.scale_format)  # noqa: E731
     assert meta(got) == meta(expected)
+    for part in ("scale_bytes", "tensor_scale"):  # NVFP4's two levels, recorded alike
+        if getattr(expected, part) is None:
+            assert getattr(got, part) is None, part
+        else:
+            assert torch.equal(getattr(got, part).cpu(), getattr(expected, part)), part
     # Codes round-trip to the fake-quantized values (a finite format stores NaN as -0).
     keep = ~torch.isnan(x)
     assert_same(unpack(_to_cpu(got))[keep], reference(x, fmt, **kw)[keep])
 
 
 def _to_cpu(p: PackedTensor) -> PackedTensor:
-    scales = None if p.scales is None else p.scales.cpu()
-    return PackedTensor(p.codes.cpu(), scales, p.shape, p.dtype, p.fmt, p.block_size, p.axis, p.pad)
+    return _to(p, "cpu")
+
+
+def test_pack_records_its_scale_format_and_the_nvfp4_scale_parts():
+    """Every PackedTensor says what its scales are; NVFP4 (e4m3) operands also carry the E4M3
+    byte of each block's decode scale s and the fp32 tensor scale t, with S = 1 / (s * t)."""
+    x = edge_tensor((24, 80), seed=15)
+    x[5] = 0.0  # all-zero blocks
+    p = pack(x, "e2m1", block_size=16, scale_format="e4m3")
+    assert p.scale_format == "e4m3"
+    assert p.scale_bytes.dtype == torch.uint8 and p.scale_bytes.shape == p.scales.shape
+    assert p.tensor_scale.dtype == torch.float32 and p.tensor_scale.numel() == 1
+    # independently: s = the block absmax over fmt.max in units of t, rounded to E4M3
+    blocks = x.reshape(24, 5, 16)
+    amax = torch.where(torch.isfinite(blocks), blocks.abs(), 0.0).amax(-1, keepdim=True)
+    t = amax.amax() / (6.0 * 448.0)
+    assert torch.equal(p.tensor_scale, t.reshape(1))
+    s = round_to_format((amax / 6.0) / t, FPFormat.parse("e4m3"))
+    decoded = FPFormat.parse("e4m3").decode(p.scale_bytes.long()).float()
+    nonzero = amax > 0
+    assert torch.equal(decoded[nonzero], s[nonzero])
+    assert torch.equal(p.scales[nonzero], (1.0 / (s * t))[nonzero])  # what unpack divides by
+    keep = ~torch.isnan(x)  # e2m1 stores NaN as -0
+    assert_same(unpack(p)[keep], reference(x, "e2m1", block_size=16, scale_format="e4m3")[keep])
+    for sfmt in ("fp32", "e8m0"):
+        q = pack(x, "e2m1", block_size=16, scale_format=sfmt)
+        assert q.scale_format == sfmt and q.scale_bytes is None and q.tensor_scale is None
+    assert pack(x, "e4m3").scale_format == "fp32"  # no block scales: nothing promised
+    with pytest.raises(ValueError, match="scale_format='e5m2' is not valid"):
+        dataclasses.replace(p, scale_format="e5m2")
 
 
 def test_pack_stochastic_unpacks_to_the_reference(device):
@@ -423,8 +457,32 @@ def random_e2m1_operand(rows: int, k: int, block_size, *, seed: int, axis: int =
     return PackedTensor(packed, torch.exp2(exps.float()), shape, torch.float32, E2M1, block_size, axis, 0)
 
 
+def random_nvfp4_operand(rows: int, k: int, *, seed: int, tensor_exp: int, axis: int = 1) -> PackedTensor:
+    """Random E2M1 codes with NVFP4 scales: 16-element blocks, E4M3 decode scales s in
+    {1, 1.125, 1.25, 1.375, 1.5} and a power-of-two tensor scale t = 2**tensor_exp.
+
+    Why exact: for these s, ``q / S`` with ``S = fl(1 / (s * t))`` (what unpack computes) is
+    exactly ``q * s * t`` (checked by the test; not so for s = 1.625, 1.75, 1.875); every
+    product is a multiple of 2**-8 times t_a * t_b below 127, a sum over K = 128 holds 22
+    significant bits, so fp32 adds it exactly in any order.
+    """
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 16, (rows * k,), generator=g)
+    packed = (codes[0::2] | (codes[1::2] << 4)).to(torch.uint8)
+    sbytes = torch.randint(0x38, 0x3D, (rows, k // 16, 1), generator=g).to(torch.uint8)
+    s = FPFormat.parse("e4m3").decode(sbytes.long()).float()
+    t = torch.tensor([2.0**tensor_exp])
+    scales = torch.ones_like(s) / (s * t)
+    shape = torch.Size((rows, k) if axis == 1 else (k, rows))
+    return PackedTensor(packed, scales, shape, torch.float32, E2M1, 16, axis, 0, "e4m3", sbytes, t)
+
+
 def _to(p: PackedTensor, device) -> PackedTensor:
-    return PackedTensor(p.codes.to(device), p.scales.to(device), p.shape, p.dtype, p.fmt, p.block_size, p.axis, p.pad)
+    move = lambda t: None if t is None else t.to(device)  # noqa: E731
+    return dataclasses.replace(
+        p, codes=p.codes.to(device), scales=move(p.scales), scale_bytes=move(p.scale_bytes),
+        tensor_scale=move(p.tensor_scale),
+    )  # fmt: skip
 
 
 def _rows(p: PackedTensor) -> torch.Tensor:
@@ -496,6 +554,53 @@ def test_gemm_fp4_auto_path_follows_the_packed_scale_format(device, monkeypatch,
     assert paths == [expected, "fp8" if cc >= (8, 9) else "bf16"]
 
 
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_gemm_fp4_nvfp4_dot_scaled_exact_against_dequantize_then_matmul(device, out_dtype):
+    """NVFP4 (16-element blocks, E4M3 scales under an fp32 tensor scale) on the dot_scaled
+    path: the E4M3 bytes per block, the tensor scales in the epilogue. Under the interpreter
+    the block products are the software-decoded q * s (its dot_scaled reads scale bytes as
+    E8M0); compiled, tl.dot_scaled (not run here: docs/gpu.md)."""
+    ok, reason = path_available("dot_scaled") if INTERPRETING else native_fp4_available()
+    if not ok:
+        pytest.skip(reason)
+    a = random_nvfp4_operand(GEMM_M, GEMM_K, seed=20, tensor_exp=-3)
+    b = random_nvfp4_operand(GEMM_N, GEMM_K, seed=21, tensor_exp=2)
+    for p in (a, b):  # the premise of exactness: unpack's q / S is NVFP4's q * s * t here
+        q = unpack(dataclasses.replace(p, scales=torch.ones_like(p.scales))).double()
+        s = FPFormat.parse("e4m3").decode(p.scale_bytes.long()).double().repeat_interleave(16, 1).squeeze(-1)
+        assert torch.equal(_rows(p), q * s.reshape(q.shape) * p.tensor_scale.double())
+    expected = (_rows(a) @ _rows(b).T).float().to(out_dtype)
+    assert_same(gemm_fp4(_to(a, device), _to(b, device), path="dot_scaled", out_dtype=out_dtype), expected)
+    # auto takes the same path on sm_100+ (below); bf16 is the portable path, also exact here
+    assert_same(gemm_fp4(_to(a, device), _to(b, device), path="bf16", out_dtype=out_dtype), expected)
+
+
+@pytest.mark.parametrize("cc,expected", [((10, 0), "dot_scaled"), ((9, 0), "bf16")], ids=str)
+def test_gemm_fp4_auto_path_takes_nvfp4_to_dot_scaled_on_blackwell(device, monkeypatch, cc, expected):
+    """pack_triton's NVFP4 operands record their scale parts; on sm_100 (simulated) auto
+    sends them through dot_scaled, on sm_90 through bf16, and both stay within a few fp32
+    ulps of the dequantized product (NVFP4's q * s * t against unpack's q / S: one rounding)."""
+    import importlib
+
+    from lightning_fpq.kernels import capability
+
+    gemm_module = importlib.import_module("lightning_fpq.kernels.gemm_fp4")
+    paths = []
+    real_tiles = gemm_module._tiles
+    monkeypatch.setattr(capability, "device_capability", lambda: cc)
+    monkeypatch.setattr(gemm_module, "_tiles", lambda path, block: paths.append(path) or real_tiles(path, block))
+    g = torch.Generator().manual_seed(22)
+    x, w = torch.randn(GEMM_M, 96, generator=g), torch.randn(GEMM_N, 96, generator=g)
+    kw = dict(block_size=16, scale_format="e4m3")
+    a, b = pack_triton(x.to(device), "e2m1", **kw), pack_triton(w.to(device), "e2m1", **kw)
+    assert a.scale_format == b.scale_format == "e4m3" and a.scale_bytes is not None
+    da, db = unpack(pack(x, "e2m1", **kw)).double(), unpack(pack(w, "e2m1", **kw)).double()
+    bound = 1e-6 * (da.abs() @ db.abs().T)
+    err = (gemm_fp4(a, b).cpu().double() - da @ db.T).abs()
+    assert (err <= bound).all(), float((err / bound).max())
+    assert paths == [expected]
+
+
 def test_gemm_fp4_auto_path_and_operand_packed_along_axis0(device):
     # dgrad: dX = dY @ W with W (N_out, K_in) blocked along N_out (axis 0) -> codes in (K_in, N_out) order.
     dy = random_e2m1_operand(GEMM_M, GEMM_K, 32, seed=3)
@@ -546,6 +651,12 @@ def test_gemm_fp4_rejects_what_it_cannot_multiply(device):
         gemm_fp4(_to(f, device), _to(f, device), path="dot_scaled")
     with pytest.raises(ValueError, match="scale_format='e4m4' is not valid"):
         gemm_fp4(_to(a, device), _to(a, device), scale_format="e4m4")
+    with pytest.raises(ValueError, match="16-element blocks with e4m3 scales"):
+        s = random_e2m1_operand(8, 64, 16, seed=3)  # B=16 with power-of-two scales: not NVFP4
+        gemm_fp4(_to(s, device), _to(s, device), path="dot_scaled", scale_format="e8m0")
+    with pytest.raises(ValueError, match="needs a's E4M3 scale bytes and tensor scale"):
+        s = random_e2m1_operand(8, 64, 16, seed=3)  # e4m3 promised, but the bytes are not recorded
+        gemm_fp4(_to(s, device), _to(s, device), path="dot_scaled", scale_format="e4m3")
 
 
 # ================================================== the "triton" layer backend in a training step
@@ -593,6 +704,28 @@ def test_triton_layer_backend_matches_emulated(device, monkeypatch, recipe, fp4_
             assert_same(b, a)
         else:
             torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6 * float(a.detach().abs().max()), msg=name)
+
+
+def test_triton_layer_backend_nvfp4_on_blackwell_runs_dot_scaled(device, monkeypatch):
+    """On sm_100 (simulated; the interpreter runs the kernel) the layer packs NVFP4's three
+    GEMMs and gemm_fp4 takes them through the dot_scaled path with the E4M3 bytes and tensor
+    scales that pack_triton records: within 1e-6 relative of fake quantization + fp32 GEMM
+    (NVFP4's q * s * t against the reference's q / S: one rounding apart)."""
+    import importlib
+
+    from lightning_fpq.backends import triton as triton_backend
+    from lightning_fpq.kernels import capability
+
+    gemm_module = importlib.import_module("lightning_fpq.kernels.gemm_fp4")
+    paths, real_tiles = [], gemm_module._tiles
+    monkeypatch.setattr(capability, "device_capability", lambda: (10, 0))
+    monkeypatch.setattr(triton_backend, "_device_cc", lambda: (10, 0))
+    monkeypatch.setattr(gemm_module, "_tiles", lambda path, block: paths.append(path) or real_tiles(path, block))
+    emulated = _layer_step("nvfp4", "emulated", device)
+    triton = _layer_step("nvfp4", "triton", device)
+    assert paths == ["dot_scaled"] * 3
+    for name, a, b in zip(("y", "dX", "dW", "db"), emulated, triton):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6 * float(a.detach().abs().max()), msg=name)
 
 
 def test_triton_layer_backend_under_bf16_autocast(device, monkeypatch):
@@ -783,6 +916,15 @@ def test_gpu_dot_scaled_exact():
     a = random_e2m1_operand(GEMM_M, GEMM_K, 32, seed=9)
     b = random_e2m1_operand(GEMM_N, GEMM_K, 32, seed=10)
     out = gemm_fp4(_to(a, "cuda"), _to(b, "cuda"), path="dot_scaled", scale_format="e8m0")
+    assert_same(out, (_rows(a) @ _rows(b).T).float())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not native_fp4_available()[0], reason=native_fp4_available()[1])
+def test_gpu_nvfp4_dot_scaled_exact():
+    a = random_nvfp4_operand(GEMM_M, GEMM_K, seed=23, tensor_exp=-3)
+    b = random_nvfp4_operand(GEMM_N, GEMM_K, seed=24, tensor_exp=2)
+    out = gemm_fp4(_to(a, "cuda"), _to(b, "cuda"), path="dot_scaled")
     assert_same(out, (_rows(a) @ _rows(b).T).float())
 
 

@@ -71,8 +71,9 @@ def packed_gemm_pays(a: OperandSpec, b: OperandSpec, cc: Optional[tuple[int, int
     expected to be slower than fake quantization plus the bf16 GEMM:
 
     - interpreter (tests): packed, to exercise the kernel;
-    - sm_100+ with MXFP4 operands (32-element blocks, e8m0 scales): packed, ``tl.dot_scaled``
-      on the FP4 tensor cores;
+    - sm_100+ where ``gemm_fp4`` runs the GEMM on ``tl.dot_scaled`` (the FP4 tensor cores):
+      MXFP4 operands (32-element blocks, e8m0 scales) and NVFP4 ones (16-element blocks, e4m3
+      scales on both operands); packed;
     - everything else, sm_90 included: fake-quantized operands and the compute-dtype GEMM. On
       Hopper the best FP4 path (``tl.dot_scaled``: bf16 upcast + wgmma) does the bf16 GEMM's
       tensor-core work plus the decoding, so it cannot be expected to beat cuBLAS; the fp8/bf16
@@ -129,7 +130,7 @@ def supports(spec: LayerSpec, shape: Optional[tuple[int, int, int]] = None) -> C
     gemms = fp4_gemms(spec) if shape is None else fp4_plan(spec, shape)
     if any(gemms):
         names = [n for n, on in zip(GEMM_NAMES, gemms) if on]
-        where = " where it pays (sm_100+ MXFP4)" if shape is None else ""
+        where = " where it pays (sm_100+ MXFP4 and NVFP4)" if shape is None else ""
         return True, f"fused quantizer; packed FP4 GEMM for {'/'.join(names)}{where}"
     return True, "fused quantizer; GEMMs in the compute dtype"
 
