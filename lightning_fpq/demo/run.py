@@ -22,8 +22,7 @@ from typing import Any, Optional
 
 from .. import _config
 from ..formats import FPFormat
-
-CORPORA = ("demo", "stdlib")
+from .data import CORPORA
 
 
 @dataclass
