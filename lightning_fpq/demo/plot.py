@@ -17,6 +17,7 @@ import numpy as np
 
 from .predictions import curve, predictor_for
 from .reference import ReferenceRun, arm, penalty
+from .run import switch_text
 
 COLORS = {"fixed": "tab:red", "progressive": "tab:blue", "bf16": "0.25"}
 
@@ -89,7 +90,7 @@ def plot_demo(cfg: Any, results: list, reference: list[ReferenceRun], path: Path
             top.text(
                 switch["tokens"],
                 0.98,
-                f" {_stage(switch['from'])}->{_stage(switch['to'])}",
+                f" {switch_text(switch)}",
                 color=color,
                 transform=top.get_xaxis_transform(),
                 rotation=90,
@@ -123,12 +124,6 @@ def _hollow(ax: Any, points: list[tuple[int, float]], name: str, label: str) -> 
     if points:
         xs, ys = zip(*points)
         ax.plot(xs, ys, "s", mfc="none", mec=_color(name), ms=7, mew=1.4, label=label)
-
-
-def _stage(recipe_text: str) -> str:
-    """The format of a history entry's recipe text ("paper e1m0 B=32" -> "e1m0")."""
-    parts = recipe_text.split()
-    return parts[1] if len(parts) > 1 else recipe_text
 
 
 def _law_label(law: Any) -> str:

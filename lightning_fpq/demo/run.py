@@ -123,6 +123,11 @@ class RunResult:
         return self.val[-1][1] if self.val else float("nan")
 
 
+def switch_text(entry: dict[str, Any]) -> str:
+    """A switch of a progressive run's history as "e1m0->e2m1" (its recipes' formats)."""
+    return "->".join(text.split()[1] if len(text.split()) > 1 else text for text in (entry["from"], entry["to"]))
+
+
 def _demo_progress_bar(name: str):
     """Lightning's bar, fitted to 80 columns and named after the run (not "Epoch 0/0")."""
     from lightning.pytorch.callbacks import TQDMProgressBar
