@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import NamedTuple, Optional, Union
+from typing import Any, NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -203,18 +203,24 @@ def _dense(t, cd: torch.dtype):
     return t if isinstance(t, PackedTensor) else t.to(cd)
 
 
-def _split_packed(t, cd: torch.dtype):
-    """A saved operand as (tensor, scales, layout): dense values in ``cd`` with no scales or
-    layout, or a PackedTensor's codes and scales plus the rest of it (shape, format, blocks)."""
+#: the tensors of a PackedTensor: they go through save_for_backward, the rest stays on ctx
+_PACKED_TENSORS = ("codes", "scales", "scale_bytes", "tensor_scale")
+
+
+def _split_packed(t, cd: torch.dtype) -> tuple[tuple, Any]:
+    """A saved operand as (its tensors, its layout): dense values in ``cd`` with no layout, or a
+    PackedTensor's tensors (codes, scales and, for E4M3 scales, their bytes and the tensor
+    scale) plus the rest of it (shape, format, blocks), which holds no tensor."""
     if t is None:
-        return None, None, None
+        return (None,) * len(_PACKED_TENSORS), None
     if isinstance(t, PackedTensor):
-        return t.codes, t.scales, dataclasses.replace(t, codes=None, scales=None)  # type: ignore[arg-type]
-    return t.to(cd), None, None
+        tensors = tuple(getattr(t, name) for name in _PACKED_TENSORS)
+        return tensors, dataclasses.replace(t, **dict.fromkeys(_PACKED_TENSORS))  # type: ignore[arg-type]
+    return (t.to(cd),) + (None,) * (len(_PACKED_TENSORS) - 1), None
 
 
-def _join_packed(values, scales, layout):
-    return values if layout is None else dataclasses.replace(layout, codes=values, scales=scales)
+def _join_packed(tensors: tuple, layout: Any):
+    return tensors[0] if layout is None else dataclasses.replace(layout, **dict(zip(_PACKED_TENSORS, tensors)))
 
 
 # ------------------------------------------------------------------ autograd fn
@@ -296,18 +302,19 @@ class _QuantLinearFn(torch.autograd.Function):
         ctx.b_dtype = bias.dtype if bias is not None else None
         ctx.has_bias = bias is not None
         ctx.wq4_saved = keep_wq4
-        # packed operands go through save_for_backward as codes + scales (so saved-tensor hooks,
+        # packed operands go through save_for_backward as their tensors (so saved-tensor hooks,
         # activation checkpointing and retain_graph see them); their layout stays on ctx
-        x_codes, x_scales, ctx.x_layout = _split_packed(xq6 if need_dw else None, cd)
-        w_codes, w_scales, ctx.w_layout = _split_packed(wq4 if keep_wq4 else None, cd)
-        ctx.save_for_backward(x_codes, x_scales, weight, w_codes, w_scales)  # the weight Parameter costs no memory
+        x_saved, ctx.x_layout = _split_packed(xq6 if need_dw else None, cd)
+        w_saved, ctx.w_layout = _split_packed(wq4 if keep_wq4 else None, cd)
+        ctx.save_for_backward(weight, *x_saved, *w_saved)  # the weight Parameter costs no memory
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out):
-        x_codes, x_scales, weight, w_codes, w_scales = ctx.saved_tensors
-        saved_x = _join_packed(x_codes, x_scales, ctx.x_layout)  # q6(X): values in cd, or packed
-        saved_wq4 = _join_packed(w_codes, w_scales, ctx.w_layout)  # q4(W) likewise
+        weight, *saved = ctx.saved_tensors
+        n = len(_PACKED_TENSORS)
+        saved_x = _join_packed(tuple(saved[:n]), ctx.x_layout)  # q6(X): values in cd, or packed
+        saved_wq4 = _join_packed(tuple(saved[n:]), ctx.w_layout)  # q4(W) likewise
         spec, cd, plan = ctx.spec, ctx.cd, ctx.plan
         _, dgrad_fp4, wgrad_fp4 = plan.fp4
         dy2d = grad_out.reshape(-1, grad_out.shape[-1]).to(cd)  # (N, out)

@@ -546,3 +546,25 @@ def test_hf_conv1d_is_converted_like_a_linear_layer(recipe):
     assert torch.equal(ya, yb) and torch.equal(xa.grad, xb.grad)
     assert torch.equal(weight.grad, linear.weight.grad.t()) and torch.equal(model[0].bias.grad, linear.bias.grad)
     assert restore_linears(model) == ["0"] and type(model[0]) is Conv1D
+
+
+def test_a_packed_operand_saved_for_backward_keeps_no_tensor_on_ctx():
+    # NVFP4's E4M3 scale bytes and tensor scale must go through save_for_backward like the
+    # codes and scales, or saved-tensor hooks (save_on_cpu, checkpointing) would miss them
+    import dataclasses as dc
+
+    import torch
+
+    from lightning_fpq.linear_function import _join_packed, _split_packed
+    from lightning_fpq.packing import pack
+
+    packed = pack(torch.randn(8, 64), "e2m1", block_size=16, scale_format="e4m3")
+    assert packed.scale_bytes is not None and packed.tensor_scale is not None
+    tensors, layout = _split_packed(packed, torch.float32)
+    assert not any(isinstance(getattr(layout, f.name), torch.Tensor) for f in dc.fields(layout))
+    joined = _join_packed(tensors, layout)
+    for f in dc.fields(packed):
+        a, b = getattr(packed, f.name), getattr(joined, f.name)
+        assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+    dense, no_layout = _split_packed(torch.ones(2, 3, dtype=torch.float64), torch.float32)
+    assert no_layout is None and _join_packed(dense, no_layout).dtype == torch.float32
