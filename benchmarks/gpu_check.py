@@ -46,10 +46,12 @@ if "--smoke" in sys.argv[1:]:
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import dataclasses  # noqa: E402
+import functools  # noqa: E402
 import importlib  # noqa: E402
 import importlib.util  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
+import signal  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
@@ -96,6 +98,7 @@ class Section:
         if time.perf_counter() - self.t0 < self.cap_s:
             return False
         if "time cap" not in " ".join(self.data["notes"]):
+            self.data["status"] = "capped"  # some checks did not run: not "ok"
             self.note(f"time cap of {self.cap_s} s reached: the rest of this section was skipped")
         return True
 
@@ -128,22 +131,31 @@ class Report:
     def section(self, name: str, cap_s: float):
         self.print(f"\n===== {name} (cap {cap_s:.0f} s)")
         sec = Section(name, cap_s, self.print)
+        self.sections[name] = sec.data  # in the report while it runs: a kill keeps its rows
+        sec.data["status"] = "running"
         try:
             yield sec
+            if sec.data["status"] == "running":
+                sec.data["status"] = "ok"
         except Exception:  # every section is independent: report and go on
             sec.data["status"] = "error"
             sec.note(f"section raised:\n{traceback.format_exc()[-3000:]}")
             self.failures.append(f"section {name} raised")
-        sec.data["seconds"] = round(time.perf_counter() - sec.t0, 1)
-        self.sections[name] = sec.data
-        self.print(f"----- {name}: {sec.data['status']}, {sec.data['seconds']} s")
-        self.write()  # after every section: a run cut short still leaves what it measured
+        finally:  # also on SIGTERM (main turns it into SystemExit)
+            if sec.data["status"] == "running":
+                sec.data["status"] = "interrupted"
+            sec.data["seconds"] = round(time.perf_counter() - sec.t0, 1)
+            self.print(f"----- {name}: {sec.data['status']}, {sec.data['seconds']} s")
+            self.write()  # after every section: a run cut short still leaves what it measured
 
     def write(self) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         blob = {"meta": self.meta, "sections": self.sections, "failures": self.failures}
-        (self.out_dir / "gpu_check.json").write_text(json.dumps(blob, indent=1, default=str))
-        (self.out_dir / "gpu_check.txt").write_text("\n".join(self.lines) + "\n")
+        for name, text in (("gpu_check.json", json.dumps(blob, indent=1, default=str)),
+                           ("gpu_check.txt", "\n".join(self.lines) + "\n")):  # fmt: skip
+            tmp = self.out_dir / f".{name}.tmp"
+            tmp.write_text(text)
+            os.replace(tmp, self.out_dir / name)  # atomic: a kill never leaves half a file
 
 
 # ====================================================================== helpers
@@ -158,8 +170,24 @@ class Ctx:
             torch.cuda.synchronize()
 
 
-def timed_ms(ctx: Ctx, fn: Callable[[], object], reps: int = 20) -> float:
-    """Median milliseconds of ``fn`` (CUDA events; one call on CPU, where nothing is measured)."""
+def guarded(sec: Section, report: Optional[Report], what: str, fn: Callable[[], object]) -> bool:
+    """Run one case; if it raises, record a failed row (and a failure) and go on with the next
+    case instead of losing the rest of the section. Returns whether it ran."""
+    try:
+        fn()
+        return True
+    except Exception as exc:
+        sec.row(f"{what}: FAILED {type(exc).__name__}: {str(exc)[:300]}", case=what, failed=True)
+        if report is not None:
+            report.failures.append(f"{what} raised")
+        return False
+
+
+def timed_ms(ctx: Ctx, fn: Callable[[], object], reps: int = 20, rounds: int = 5) -> float:
+    """Milliseconds per call of ``fn``: the median over ``rounds`` of ``reps`` back-to-back calls
+    between one pair of CUDA events, so that the GPU does not idle while Python launches the
+    next call (a call whose host-side launch takes longer than its kernel is timed at its launch
+    rate, which is what a training step gets). On CPU one call, where nothing is measured."""
     fn()
     if ctx.device.type != "cuda":
         t = time.perf_counter()
@@ -167,14 +195,16 @@ def timed_ms(ctx: Ctx, fn: Callable[[], object], reps: int = 20) -> float:
         return (time.perf_counter() - t) * 1e3
     for _ in range(3):
         fn()
+    torch.cuda.synchronize()
     times = []
-    for _ in range(reps):
+    for _ in range(rounds):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        for _ in range(reps):
+            fn()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end))
+        times.append(start.elapsed_time(end) / reps)
     return statistics.median(times)
 
 
@@ -285,11 +315,6 @@ def env(ctx: Ctx, sec: Section) -> None:
 
 
 def exact(ctx: Ctx, sec: Section, report: Report) -> None:
-    from lightning_fpq.kernels import pack_triton, quantize_triton
-    from lightning_fpq.packing import pack
-    from lightning_fpq.quantize import quantize
-
-    dev = ctx.device
     # the GEMMs first: the quantizer cases compile one kernel each and may meet the time cap
     _exact_gemm(ctx, sec, report)
     _host_sync(ctx, sec)
@@ -304,30 +329,41 @@ def exact(ctx: Ctx, sec: Section, report: Report) -> None:
         if key in seen or sec.over():
             continue
         seen.add(key)
-        for dtype in (torch.float32 if " W" in label else torch.bfloat16,):  # as in training: fp32 master W
-            x = edge_tensor(shape, seed=len(seen), dtype=dtype, device=dev)
-            kw = dict(block_size=op.block_size, axis=axis, scale_format=op.scale_format, rounding=op.rounding)
-            if op.rounding == "stochastic":  # the same draws: one seed, one device
-                got = quantize_triton(x, op.fmt, generator=torch.Generator(dev).manual_seed(5), **kw)
-                ref = quantize(x, op.fmt, backend="reference", generator=torch.Generator(dev).manual_seed(5), **kw)
-            else:
-                got = quantize_triton(x, op.fmt, **kw)
-                ref = quantize(x, op.fmt, backend="reference", **kw)
-            ok, why = bit_equal(got, ref)
-            what = f"quantize {recipe} {label} {op.short_str()} axis={axis} {dtype}"
-            sec.row(f"{what}: {'bit-exact' if ok else 'DIFFERS ' + why}", kernel="quantize", case=what, exact=ok)
+        case = functools.partial(_exact_operand, ctx, sec, report, recipe, label, op, axis, shape, len(seen))
+        guarded(sec, report, f"quantize/pack {recipe} {label} {op.short_str()} axis={axis}", case)
+
+
+def _exact_operand(ctx: Ctx, sec: Section, report: Report, recipe, label, op, axis, shape, seed: int) -> None:
+    """The fused quantizer and the packer on one operand of a named recipe, against the reference."""
+    from lightning_fpq.kernels import pack_triton, quantize_triton
+    from lightning_fpq.packing import pack
+    from lightning_fpq.quantize import quantize
+
+    dev = ctx.device
+    for dtype in (torch.float32 if " W" in label else torch.bfloat16,):  # as in training: fp32 master W
+        x = edge_tensor(shape, seed=seed, dtype=dtype, device=dev)
+        kw = dict(block_size=op.block_size, axis=axis, scale_format=op.scale_format, rounding=op.rounding)
+        if op.rounding == "stochastic":  # the same draws: one seed, one device
+            got = quantize_triton(x, op.fmt, generator=torch.Generator(dev).manual_seed(5), **kw)
+            ref = quantize(x, op.fmt, backend="reference", generator=torch.Generator(dev).manual_seed(5), **kw)
+        else:
+            got = quantize_triton(x, op.fmt, **kw)
+            ref = quantize(x, op.fmt, backend="reference", **kw)
+        ok, why = bit_equal(got, ref)
+        what = f"quantize {recipe} {label} {op.short_str()} axis={axis} {dtype}"
+        sec.row(f"{what}: {'bit-exact' if ok else 'DIFFERS ' + why}", kernel="quantize", case=what, exact=ok)
+        if not ok:
+            report.failures.append(what)
+        if op.fmt.bits <= 16 and op.rounding == "nearest" and op.block_size is not None:
+            got_p = pack_triton(x, op.fmt, **kw)
+            ref_p = pack(x, op.fmt, **{k: v for k, v in kw.items() if k != "rounding"})
+            ok = torch.equal(got_p.codes.cpu(), ref_p.codes.cpu()) and torch.equal(
+                got_p.scales.cpu(), ref_p.scales.cpu()
+            )
+            what = f"pack {recipe} {label} {op.short_str()} axis={axis} {dtype}"
+            sec.row(f"{what}: {'bit-exact' if ok else 'DIFFERS'}", kernel="pack", case=what, exact=ok)
             if not ok:
                 report.failures.append(what)
-            if op.fmt.bits <= 16 and op.rounding == "nearest" and op.block_size is not None:
-                got_p = pack_triton(x, op.fmt, **kw)
-                ref_p = pack(x, op.fmt, **{k: v for k, v in kw.items() if k != "rounding"})
-                ok = torch.equal(got_p.codes.cpu(), ref_p.codes.cpu()) and torch.equal(
-                    got_p.scales.cpu(), ref_p.scales.cpu()
-                )
-                what = f"pack {recipe} {label} {op.short_str()} axis={axis} {dtype}"
-                sec.row(f"{what}: {'bit-exact' if ok else 'DIFFERS'}", kernel="pack", case=what, exact=ok)
-                if not ok:
-                    report.failures.append(what)
 
 
 def _paths(ctx: Ctx, block, scale_format: str) -> list[str]:
@@ -348,7 +384,6 @@ def _paths(ctx: Ctx, block, scale_format: str) -> list[str]:
 
 
 def _exact_gemm(ctx: Ctx, sec: Section, report: Report) -> None:
-    from lightning_fpq.kernels import gemm_fp4
     from lightning_fpq.packing import unpack
 
     m, n = (40, 24) if ctx.smoke else (512, 384)
@@ -362,32 +397,38 @@ def _exact_gemm(ctx: Ctx, sec: Section, report: Report) -> None:
         # K = 128 with power-of-two scales: every fp32 partial sum is exact, so the float64
         # product is the answer bit for bit; at K = 4096 paths are compared with each other
         ref = unpack(a).double().cpu() @ unpack(b).double().cpu().T
-        outs = {}
+        outs: dict[str, torch.Tensor] = {}
         for path in _paths(ctx, block, sfmt):
-            out = gemm_fp4(a, b, path=path).cpu()
-            outs[path] = out
-            rel = float((out.double() - ref).abs().max() / ref.abs().max())
-            exact_ = torch.equal(out, ref.float())
-            what = f"gemm_fp4 K={k} B={block} {sfmt} path={path}"
-            must = k == 128 and sfmt in ("e8m0", "e4m3")  # e4m3: NVFP4 scales chosen exact
-            sec.row(f"{what}: max rel err vs float64 {rel:.1e}, bit-exact {exact_}{' (required)' if must else ''}",
-                    kernel="gemm_fp4", case=what, exact=exact_, rel_err=rel)  # fmt: skip
-            if must and not exact_:
-                report.failures.append(what)
-            if must:  # the bf16 epilogue: the exact fp32 sum rounded once, nearest-even
-                out16 = gemm_fp4(a, b, path=path, out_dtype=torch.bfloat16).cpu()
-                same = torch.equal(out16, ref.float().to(torch.bfloat16))
-                sec.row(
-                    f"{what} out=bf16: bit-exact {same} (required)", kernel="gemm_fp4", case=f"{what} bf16", exact=same
-                )
-                if not same:
-                    report.failures.append(f"{what} out=bf16")
+            case = functools.partial(_exact_path, sec, report, a, b, ref, k, block, sfmt, path, outs)
+            guarded(sec, report, f"gemm_fp4 K={k} B={block} {sfmt} path={path}", case)
         if "fp8" in outs and "bf16" in outs:
             same = torch.equal(outs["fp8"], outs["bf16"])
             sec.row(f"  K={k} B={block}: fp8 path == bf16 path bitwise: {same} (FP8 MMA accumulation promoted exactly)",
                     case=f"fp8==bf16 K={k} B={block}", exact=same)  # fmt: skip
             if not same:
                 report.failures.append(f"gemm_fp4 fp8 != bf16 at K={k} B={block}")
+
+
+def _exact_path(sec: Section, report: Report, a, b, ref, k, block, sfmt: str, path: str, outs: dict) -> None:
+    """One gemm_fp4 path against the float64 product (and its bf16 epilogue where required)."""
+    from lightning_fpq.kernels import gemm_fp4
+
+    out = gemm_fp4(a, b, path=path).cpu()
+    outs[path] = out
+    rel = float((out.double() - ref).abs().max() / ref.abs().max())
+    exact_ = torch.equal(out, ref.float())
+    what = f"gemm_fp4 K={k} B={block} {sfmt} path={path}"
+    must = k == 128 and sfmt in ("e8m0", "e4m3")  # e4m3: NVFP4 scales chosen exact
+    sec.row(f"{what}: max rel err vs float64 {rel:.1e}, bit-exact {exact_}{' (required)' if must else ''}",
+            kernel="gemm_fp4", case=what, exact=exact_, rel_err=rel)  # fmt: skip
+    if must and not exact_:
+        report.failures.append(what)
+    if must:  # the bf16 epilogue: the exact fp32 sum rounded once, nearest-even
+        out16 = gemm_fp4(a, b, path=path, out_dtype=torch.bfloat16).cpu()
+        same = torch.equal(out16, ref.float().to(torch.bfloat16))
+        sec.row(f"{what} out=bf16: bit-exact {same} (required)", kernel="gemm_fp4", case=f"{what} bf16", exact=same)
+        if not same:
+            report.failures.append(f"{what} out=bf16")
 
 
 def _host_sync(ctx: Ctx, sec: Section) -> None:
@@ -497,7 +538,7 @@ def gemm(ctx: Ctx, sec: Section, shapes: list[tuple[int, int, int]]) -> None:
         sec.row(f"M={m} N={n} K={k}")
         for name, ms in res.items():
             tflops = flops / ms / 1e9
-            vs = f"x{bf16 / ms:5.2f} vs bf16" + (f"  x{fp8 / ms:5.2f} vs fp8" if fp8 else "")
+            vs = (f"x{bf16 / ms:5.2f} vs bf16" if bf16 else "") + (f"  x{fp8 / ms:5.2f} vs fp8" if fp8 else "")
             sec.row(f"  {name:40s} {ms:8.3f} ms {tflops:8.1f} TFLOP/s  {vs}", shape=[m, n, k], name=name, ms=ms,
                     tflops=tflops, vs_bf16=bf16 / ms if bf16 else None, vs_fp8=fp8 / ms if fp8 else None)  # fmt: skip
 
@@ -574,7 +615,11 @@ def quant(ctx: Ctx, sec: Section) -> None:
     for name, (fn, nbytes) in cases.items():
         if sec.over():
             break
-        ms = timed_ms(ctx, fn)
+        try:
+            ms = timed_ms(ctx, fn)
+        except Exception as exc:  # one case failing must not lose the others
+            sec.row(f"{name}: FAILED {type(exc).__name__}: {str(exc)[:200]}", name=name, failed=True)
+            continue
         base = base or ms
         sec.row(f"{name:42s} {ms:8.3f} ms {nbytes / ms / 1e6:8.0f} GB/s  clone/this {base / ms:5.2f}", name=name,
                 ms=ms, gbps=nbytes / ms / 1e6, vs_clone=base / ms)  # fmt: skip
@@ -605,13 +650,20 @@ def step(ctx: Ctx, sec: Section, size: str) -> None:
     }
     if not triton_backend.machine_available()[0]:
         del stages["fp4 packed (forced)"]
-    real_pays = triton_backend.packed_gemm_pays
+    real_pays, real_gemm = triton_backend.packed_gemm_pays, triton_backend.gemm_packed
+    packed_calls = {"n": 0}
+
+    def counted_gemm(*args, **kwargs):  # how many GEMMs really ran packed (the layer looks it up per call)
+        packed_calls["n"] += 1
+        return real_gemm(*args, **kwargs)
+
     layer = state.layer_names[0]
     sec.row(f"GPT {size} ({config.num_params() / 1e6:.0f}M parameters), batch {batch} x {seq}, bf16 autocast")
 
     def run(recipe: str, forced: bool, steps: int) -> float:
         # forced: the packed FP4 GEMM wherever the kernel takes the operands, whatever the rule says
         triton_backend.packed_gemm_pays = (lambda a, b, cc: (True, "forced")) if forced else real_pays
+        triton_backend.gemm_packed = counted_gemm
         try:
             state.set_recipe("bf16")  # a fresh choice of backends per stage
             state.set_recipe(recipe)
@@ -627,20 +679,30 @@ def step(ctx: Ctx, sec: Section, size: str) -> None:
             ctx.sync()
             return (time.perf_counter() - t) / max(steps, 1)
         finally:
-            triton_backend.packed_gemm_pays = real_pays
+            triton_backend.packed_gemm_pays, triton_backend.gemm_packed = real_pays, real_gemm
 
-    for name, (recipe, forced) in stages.items():  # warm-up: compiles outside the timing
+    for name, (recipe, forced) in list(stages.items()):  # warm-up: compiles outside the timing
         if sec.over():
             return
-        run(recipe, forced, 0 if ctx.smoke else 2)  # smoke: nothing to warm up, time is the interpreter's
+        packed_calls["n"] = 0
+        # smoke: nothing to warm up (time is the interpreter's), one step to count the packed GEMMs
+        if not guarded(sec, None, f"  {name} (warm-up)", lambda r=recipe, f=forced: run(r, f, 1 if ctx.smoke else 2)):
+            del stages[name]  # a failing stage is reported, the others are still timed
+            continue
         chosen = state.resolve_backends(dev)[layer] if recipe != "bf16" else ("unquantized", "")
-        sec.row(f"  {name:20s} backend {chosen[0]}: {chosen[1][:140]}", stage=name, backend=chosen[0])
+        if recipe == "fp8" and chosen[0] not in ("torchao_float8", "transformer_engine"):
+            note = " [no FP8 GEMM: fake quantization + bf16 GEMMs]"
+        else:
+            note = ""
+        sec.row(f"  {name:20s} backend {chosen[0]}{note}; packed FP4 GEMM calls in the warm-up: {packed_calls['n']}; "
+                f"{chosen[1][:120]}", stage=name, backend=chosen[0], packed_gemm_calls=packed_calls["n"],
+                real_fp8_gemm=recipe != "fp8" or not note)  # fmt: skip
     times: dict[str, list[float]] = {name: [] for name in stages}
     for _ in range(1 if ctx.smoke else 3):
         for name, (recipe, forced) in stages.items():
             if sec.over():
                 break
-            times[name].append(run(recipe, forced, 1 if ctx.smoke else 5))
+            guarded(sec, None, f"  {name} (timing)", lambda n=name, r=recipe, f=forced: times[n].append(run(r, f, 1 if ctx.smoke else 5)))  # fmt: skip
     tokens = batch * seq
     base = statistics.median(times["bf16"]) if times["bf16"] else None
     for name, ts in times.items():
@@ -660,6 +722,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--shapes", default="8192x8192x8192,8192x14336x4096", help="MxNxK list for gemm/blackwell")
     ap.add_argument("--size", default="100m", help="GPT size of the step section (lightning_fpq.demo.model)")
     args = ap.parse_args(argv)
+    # run_gpu.sh's timeout sends SIGTERM: unwind (the section in progress is written) and exit 143
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     mapped = use_checkout()
     warnings.filterwarnings("ignore", message=".*(Failed to load|TRITON_DEFAULT_FP_FUSION|overflow|divide|invalid).*")
     report = Report(args.out_dir)

@@ -11,6 +11,6 @@ out=${1:-gpu-report}
 py=${PYTHON:-python3}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-# the script caps each section (390 s in all); this cap only guards against a hang
+# the script caps each section (360 s in all); this cap only guards against a hang
 timeout --kill-after=10 410 "$py" benchmarks/gpu_check.py "$out" 2>&1 | tee "$out/run.log"
 exit "${PIPESTATUS[0]}"
