@@ -51,7 +51,9 @@ import importlib  # noqa: E402
 import importlib.util  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
+import shutil  # noqa: E402
 import signal  # noqa: E402
+import sysconfig  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
@@ -288,6 +290,12 @@ def env(ctx: Ctx, sec: Section) -> None:
             sec.row(f"{name} {version}", package=name, version=version)
         except Exception as exc:
             sec.row(f"{name}: not importable ({type(exc).__name__}: {str(exc)[:120]})", package=name, version=None)
+    # Triton builds each kernel's launcher with a C compiler and the Python headers on first use
+    compiler = shutil.which(os.environ.get("CC", "gcc")) or shutil.which("cc")
+    header = Path(sysconfig.get_paths()["include"]) / "Python.h"
+    sec.row(f"C compiler: {compiler or 'NONE (Triton cannot build its launchers)'}; Python.h: "
+            f"{header if header.is_file() else 'MISSING (Triton cannot build its launchers)'}",
+            c_compiler=compiler, python_h=header.is_file())  # fmt: skip
     if ctx.device.type == "cuda":
         p = torch.cuda.get_device_properties(0)
         sec.row(f"device {p.name}, sm_{p.major}{p.minor}, {p.multi_processor_count} SMs, {p.total_memory / 2**30:.0f} GiB",
