@@ -53,8 +53,8 @@ import json  # noqa: E402
 import platform  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
-import sysconfig  # noqa: E402
 import statistics  # noqa: E402
+import sysconfig  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
 import warnings  # noqa: E402
