@@ -29,7 +29,7 @@ lint: $(VENV)/.installed-dev
 bench: $(VENV)/.installed-dev
 	$(PY) benchmarks/bench_quantize.py
 	$(PY) benchmarks/bench_step.py
-	$(PY) benchmarks/bench_kernels.py
+	PYTHONPATH=. $(PY) benchmarks/gpu_check.py runs/gpu-report
 
 clean:
 	rm -rf $(VENV) build *.egg-info lightning_logs .pytest_cache .ruff_cache .mypy_cache

@@ -135,6 +135,7 @@ class Report:
         sec = Section(name, cap_s, self.print)
         self.sections[name] = sec.data  # in the report while it runs: a kill keeps its rows
         sec.data["status"] = "running"
+        self.write()
         try:
             yield sec
             if sec.data["status"] == "running":
@@ -730,8 +731,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--shapes", default="8192x8192x8192,8192x14336x4096", help="MxNxK list for gemm/blackwell")
     ap.add_argument("--size", default="100m", help="GPT size of the step section (lightning_fpq.demo.model)")
     args = ap.parse_args(argv)
-    # run_gpu.sh's timeout sends SIGTERM: unwind (the section in progress is written) and exit 143
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     mapped = use_checkout()
     warnings.filterwarnings("ignore", message=".*(Failed to load|TRITON_DEFAULT_FP_FUSION|overflow|divide|invalid).*")
     report = Report(args.out_dir)
@@ -743,6 +742,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.smoke and os.environ.get("TRITON_INTERPRET") != "1":
         report.print("gpu_check --smoke needs TRITON_INTERPRET=1 before triton is imported")
         return 2
+    # run_gpu.sh's timeout sends SIGTERM: unwind (the section in progress is written) and exit 143
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     dev = torch.device("cpu" if args.smoke else "cuda")
     cc = torch.cuda.get_device_capability() if dev.type == "cuda" else None
     ctx = Ctx(dev, args.smoke, cc)

@@ -53,3 +53,27 @@ def test_gpu_check_smoke_run_from_the_checkout(tmp_path):
     stages = [r["stage"] for r in sections["step"]["rows"] if "vs_bf16" in r]
     assert stages == ["bf16", "fp8", "fp4", "fp4 packed (forced)"]
     assert len(sections["blackwell"]["rows"]) == 2  # the operands are built; the GEMM needs sm_100+
+
+
+@pytest.mark.slow
+def test_a_timeout_keeps_the_section_in_progress(tmp_path):
+    # run_gpu.sh stops a hung run with SIGTERM: the report must keep what the running section measured
+    pytest.importorskip("triton")
+    import signal
+    import time
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "TRITON_INTERPRET"))}
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _RUN, str(tmp_path)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    report = tmp_path / "gpu_check.json"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:  # wait until `exact` has started writing rows
+        if report.is_file() and "exact" in json.loads(report.read_text())["sections"]:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 143
+    sections = json.loads(report.read_text())["sections"]
+    assert sections["env"]["status"] == "ok" and sections["exact"]["status"] == "interrupted"
