@@ -24,13 +24,18 @@ runpy.run_path("benchmarks/gpu_check.py", run_name="__main__")
 """
 
 
+def _env() -> dict[str, str]:
+    """This process's environment without pytest's and Triton's variables, the checkout on the path."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "TRITON_INTERPRET"))}
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    return env
+
+
 @pytest.mark.slow
 def test_gpu_check_smoke_run_from_the_checkout(tmp_path):
     pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "TRITON_INTERPRET"))}
-    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     proc = subprocess.run(
-        [sys.executable, "-c", _RUN, str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", _RUN, str(tmp_path)], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-5000:]
@@ -62,10 +67,12 @@ def test_a_timeout_keeps_the_section_in_progress(tmp_path):
     import signal
     import time
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "TRITON_INTERPRET"))}
-    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     proc = subprocess.Popen(
-        [sys.executable, "-c", _RUN, str(tmp_path)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        [sys.executable, "-c", _RUN, str(tmp_path)],
+        cwd=ROOT,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
     )
     report = tmp_path / "gpu_check.json"
     deadline = time.monotonic() + 240
