@@ -52,7 +52,8 @@ def _table(cfg: Any, results: list, reference: list[ReferenceRun]) -> list[str]:
     for r in results:
         if len(r.schedule) == 1:
             band = predictor_for(cfg, r.law, r.n_params, r.schedule[0]).loss(r.tokens)
-            predicted, off = f"{band.mid:.3f} ({band.low:.3f}-{band.high:.3f})", f"{r.final_val_loss - band.mid:+.3f}"
+            spread = f"({band.low:.3f}-{band.high:.3f})" if band.low != band.high else "(no refits)"
+            predicted, off = f"{band.mid:.3f} {spread}", f"{r.final_val_loss - band.mid:+.3f}"
             observed = dict(arm(reference, r.schedule[0], _block(cfg, r.schedule[0]), cfg.seed)).get(r.tokens)
             if observed is not None:  # the experiment has fixed-format runs only
                 same_d.append(f"{r.name} {observed:.4f}")
