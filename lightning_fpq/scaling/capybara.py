@@ -118,6 +118,47 @@ class FloatLawConstants(PrecisionLaw):
     def _max_bits(self) -> int:
         return 1 + MAX_EBITS + MAX_MBITS
 
+    # hooks both laws share: how a block size and a format enter them (each law combines them
+    # with its own ``_loss_from_factor``)
+    def _log2b(self, block_size: Union[int, str], shared_elements: Optional[float] = None) -> float:
+        return log2_block_size(block_size, channel_log2=self.channel_log2_block, shared_elements=shared_elements)
+
+    def _format_factor(self, fmt: Optional[FPFormat]) -> float:
+        if fmt is None:
+            return math.inf  # no quantization: the precision term vanishes (f = 1 for the ceiling law)
+        return float(capybara_precision_factor(*canonical_em(fmt.ebits, fmt.mbits), self.dl, self.nu))
+
+    def _relaxed_factor(self, bits: np.ndarray) -> np.ndarray:
+        # real-valued best split: E + 0.5 = dl P/(dl+nu), M + 0.5 = nu P/(dl+nu)
+        s = self.dl + self.nu
+        bits = np.asarray(bits, dtype=float)
+        return (self.dl * bits / s) ** self.dl * (self.nu * bits / s) ** self.nu
+
+    def _loss_from_factor(self, N, D, factor, log2b) -> np.ndarray:
+        """The loss (nats/token) for a format factor and log2 B: each law's own formula."""
+        raise NotImplementedError
+
+    def loss(
+        self,
+        N,
+        D,
+        fmt: Optional[FormatLike],
+        block_size: Union[int, str] = DEFAULT_BLOCK_SIZE,
+        *,
+        shared_elements: Optional[float] = None,
+    ):
+        """Predicted final loss (nats/token) of N parameters trained on D tokens in ``fmt``.
+
+        Warns :class:`~lightning_fpq.scaling.law.ExtrapolationWarning` when N or D lies beyond 2x
+        the range the law was fitted on (``provenance.n_range``/``d_range``)."""
+        N, D = positive_array("N", N), positive_array("D", D)
+        self.check_range(N, D)
+        return scalar_or_array(
+            self._loss_from_factor(
+                N, D, self._format_factor(format_or_none(fmt)), self._log2b(block_size, shared_elements)
+            )
+        )
+
 
 @dataclass(frozen=True)
 class CapybaraLaw(FloatLawConstants):
@@ -170,20 +211,6 @@ class CapybaraLaw(FloatLawConstants):
     )
 
     # -------------------------------------------------------------- hooks
-    def _log2b(self, block_size: Union[int, str], shared_elements: Optional[float] = None) -> float:
-        return log2_block_size(block_size, channel_log2=self.channel_log2_block, shared_elements=shared_elements)
-
-    def _format_factor(self, fmt: Optional[FPFormat]) -> float:
-        if fmt is None:
-            return math.inf  # no quantization: the penalty term vanishes
-        return float(capybara_precision_factor(*canonical_em(fmt.ebits, fmt.mbits), self.dl, self.nu))
-
-    def _relaxed_factor(self, bits: np.ndarray) -> np.ndarray:
-        # real-valued best split: E + 0.5 = dl P/(dl+nu), M + 0.5 = nu P/(dl+nu)
-        s = self.dl + self.nu
-        bits = np.asarray(bits, dtype=float)
-        return (self.dl * bits / s) ** self.dl * (self.nu * bits / s) ** self.nu
-
     def _loss_from_factor(self, N, D, factor, log2b) -> np.ndarray:
         N, D = np.asarray(N, dtype=float), np.asarray(D, dtype=float)
         with np.errstate(divide="ignore"):
@@ -191,27 +218,6 @@ class CapybaraLaw(FloatLawConstants):
         return self.n / N**self.a + self.d / D**self.b + self.eps + penalty
 
     # -------------------------------------------------------------- the law
-    def loss(
-        self,
-        N,
-        D,
-        fmt: Optional[FormatLike],
-        block_size: Union[int, str] = DEFAULT_BLOCK_SIZE,
-        *,
-        shared_elements: Optional[float] = None,
-    ):
-        """Predicted final loss (nats/token) of N parameters trained on D tokens in ``fmt``.
-
-        Warns :class:`~lightning_fpq.scaling.law.ExtrapolationWarning` when N or D lies beyond 2x
-        the range the law was fitted on (``provenance.n_range``/``d_range``)."""
-        N, D = positive_array("N", N), positive_array("D", D)
-        self.check_range(N, D)
-        return scalar_or_array(
-            self._loss_from_factor(
-                N, D, self._format_factor(format_or_none(fmt)), self._log2b(block_size, shared_elements)
-            )
-        )
-
     def quantization_penalty(
         self,
         N,
@@ -422,19 +428,6 @@ class CeilingLaw(NoCriticalDataSize, FloatLawConstants):
         source="user", note="no published constants: starting values for fits (docs/science.md section 8)"
     )
 
-    def _log2b(self, block_size: Union[int, str], shared_elements: Optional[float] = None) -> float:
-        return log2_block_size(block_size, channel_log2=self.channel_log2_block, shared_elements=shared_elements)
-
-    def _format_factor(self, fmt: Optional[FPFormat]) -> float:
-        if fmt is None:
-            return math.inf
-        return float(capybara_precision_factor(*canonical_em(fmt.ebits, fmt.mbits), self.dl, self.nu))
-
-    def _relaxed_factor(self, bits: np.ndarray) -> np.ndarray:
-        s = self.dl + self.nu
-        bits = np.asarray(bits, dtype=float)
-        return (self.dl * bits / s) ** self.dl * (self.nu * bits / s) ** self.nu
-
     def _loss_from_factor(self, N, D, factor, log2b) -> np.ndarray:
         factor = np.asarray(factor, dtype=float)
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
@@ -445,21 +438,6 @@ class CeilingLaw(NoCriticalDataSize, FloatLawConstants):
                 + self.d / np.asarray(D, dtype=float) ** self.b
                 + self.eps
             )
-
-    def loss(
-        self,
-        N,
-        D,
-        fmt: Optional[FormatLike],
-        block_size: Union[int, str] = DEFAULT_BLOCK_SIZE,
-        *,
-        shared_elements: Optional[float] = None,
-    ):
-        """Predicted loss (nats/token); ``fmt=None`` is unquantized (f = 1)."""
-        N, D = positive_array("N", N), positive_array("D", D)
-        self.check_range(N, D)
-        factor = self._format_factor(format_or_none(fmt))
-        return scalar_or_array(self._loss_from_factor(N, D, factor, self._log2b(block_size, shared_elements)))
 
     def min_loss(
         self,
