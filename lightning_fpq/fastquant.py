@@ -51,6 +51,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib
+import inspect
 import logging
 import math
 import os
@@ -75,6 +76,8 @@ MAX_FAST_EBITS = 7  # see the module docstring: E8 formats fall back
 # Recompiles allowed per kernel key. Shapes never recompile (dims of size 0/1 get keys of their
 # own), but dynamo guards on the dispatch keys of x: inference mode, and inference tensors,
 # each compile the key once more (from inductor's cache). The limit bounds anything else.
+# torch.compile takes it per function from torch 2.13 on; older torch has only the process-wide
+# torch._dynamo.config.recompile_limit (8 by default), which a library must not change.
 _RECOMPILE_LIMIT = 8
 
 _FP32_MAX = torch.finfo(torch.float32).max
@@ -320,9 +323,15 @@ def _kernel(key: _KernelKey) -> Callable:
         graph = _make_graph(key.fmt, key.layout, key.scale_format, key.stochastic, key.saturate, key.dtype)
         digest = hashlib.sha1(repr(key).encode()).hexdigest()[:16]
         graph = _own_code(graph, f"fpq_quantize_{key.layout}_{digest}")
-        fn = torch.compile(graph, fullgraph=True, dynamic=None, recompile_limit=_RECOMPILE_LIMIT)
+        fn = torch.compile(graph, fullgraph=True, dynamic=None, **_recompile_limit())
         _kernels[key] = fn
     return fn
+
+
+def _recompile_limit() -> dict[str, int]:
+    """``recompile_limit=`` for ``torch.compile`` where it takes one (torch >= 2.13), else nothing."""
+    accepts = "recompile_limit" in inspect.signature(torch.compile).parameters
+    return {"recompile_limit": _RECOMPILE_LIMIT} if accepts else {}
 
 
 def _runtime_params(fmt: FPFormat) -> torch.Tensor:

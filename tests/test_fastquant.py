@@ -297,6 +297,27 @@ def test_compile_failure_falls_back_and_is_reported(monkeypatch):
         compiled(x, "e2m1", block_size=32)
 
 
+@needs_compile
+def test_compiles_with_the_torch_compile_of_torch_2_11(monkeypatch):
+    # torch.compile takes recompile_limit= from torch 2.13 on; torch 2.11 (the lent GPU
+    # machine's) raised TypeError on it, so every key failed and "auto" fell back to the
+    # reference. With the older signature the compiled quantizer must still run, bit-exact.
+    real = torch.compile
+
+    def compile_2_11(
+        model=None, *, fullgraph=False, dynamic=None, backend="inductor", mode=None, options=None, disable=False
+    ):
+        return real(
+            model, fullgraph=fullgraph, dynamic=dynamic, backend=backend, mode=mode, options=options, disable=disable
+        )
+
+    monkeypatch.setattr(fastquant.torch, "compile", compile_2_11)
+    monkeypatch.setattr(fastquant, "_kernels", {})
+    monkeypatch.setattr(fastquant, "_failed_keys", {})
+    x = probe(FPFormat.parse("e2m1"))
+    assert_same_bits(compiled(x, "e2m1", block_size=32), reference(x, "e2m1", block_size=32))
+
+
 def test_compiled_available_is_a_reasoned_pair():
     ok, reason = fastquant.compiled_available()
     assert isinstance(ok, bool) and isinstance(reason, str) and reason
