@@ -90,8 +90,10 @@ def test_saturation_clamps_overflow_and_agrees_in_range(name, np_name):
 
 
 def test_bit_exact_against_torch_float8_casts():
-    # torch saturates float8_e4m3fn (inf too); float8_e5m2 overflows to inf.
-    for name, dtype, saturate in [("e4m3", torch.float8_e4m3fn, True), ("e5m2", torch.float8_e5m2, False)]:
+    # float8_e5m2 overflows to inf. float8_e4m3fn saturates (inf too) from torch 2.13 on; up to
+    # torch 2.11 (the lent GPU machine's) its overflow and inf became NaN, our saturate=False.
+    e4m3_saturates = bool(torch.isfinite(torch.tensor(1e4).to(torch.float8_e4m3fn).float()))
+    for name, dtype, saturate in [("e4m3", torch.float8_e4m3fn, e4m3_saturates), ("e5m2", torch.float8_e5m2, False)]:
         fmt = FPFormat.parse(name)
         x = torch.cat([probe_values(fmt), torch.tensor([math.inf, -math.inf, math.nan])])
         assert_same_bits(qref(x, fmt, saturate=saturate), x.to(dtype).float())
