@@ -89,6 +89,11 @@ def cuda_backend_problem() -> Optional[str]:
         return f"triton cannot compile ahead of time here: {type(exc).__name__}: {exc}"
     from triton import backends
 
+    from lightning_fpq.kernels.capability import version_supported
+
+    ok, reason = version_supported(triton.__version__)
+    if not ok:
+        return reason
     if "nvidia" not in getattr(backends, "backends", {}):
         return f"triton {triton.__version__} has no NVIDIA backend"
     path = ptxas_path(90)

@@ -54,13 +54,13 @@ def _triton_available(interpret: bool) -> Capability:
         import triton
     except Exception as exc:  # a broken install must not break `import lightning_fpq`
         return False, f"triton is installed but cannot be imported: {exc!r}"
+    ok, reason = version_supported(triton.__version__)
+    if not ok:
+        return ok, reason
     if interpret:
-        if _version(triton.__version__) < INTERPRETER_MIN:
-            return False, (
-                f"triton {triton.__version__}'s interpreter cannot run these kernels (3.6-3.8 fail the kernel "
-                "tests: runtime integer arguments and wide float constants); the interpreter needs triton >= 3.9, "
-                "compiled kernels on a GPU >= 3.6"
-            )
+        ok, reason = interpreter_supported(triton.__version__)
+        if not ok:
+            return ok, reason
         if not _triton_built_for_interpreter():
             return False, (
                 "TRITON_INTERPRET=1 was set after triton had been imported in this process, so "
@@ -79,7 +79,33 @@ def _triton_available(interpret: bool) -> Capability:
     return True, f"triton {triton.__version__} on {torch.cuda.get_device_name()} (sm_{major}{minor})"
 
 
+TRITON_MIN = (3, 6)  # the oldest triton that compiles every kernel launch (tests/test_kernel_compile.py)
 INTERPRETER_MIN = (3, 9)  # the oldest triton whose CPU interpreter runs the kernels exactly
+
+
+def version_supported(version: str) -> Capability:
+    """Can triton ``version`` compile the kernels for a GPU?"""
+    if _version(version) < TRITON_MIN:
+        return False, (
+            f"triton {version} is too old for the kernels: they need triton >= {_dotted(TRITON_MIN)} "
+            f"(pip install 'triton>={_dotted(TRITON_MIN)}'; older torch releases pin older ones: torch 2.6 brings 3.2)"
+        )
+    return True, f"triton {version} compiles the kernels"
+
+
+def interpreter_supported(version: str) -> Capability:
+    """Can triton ``version``'s CPU interpreter run the kernels (whether or not it is enabled)?"""
+    if _version(version) < INTERPRETER_MIN:
+        return False, (
+            f"triton {version}'s interpreter cannot run these kernels (3.6-3.8 fail the kernel "
+            f"tests: runtime integer arguments and wide float constants); the interpreter needs triton >= "
+            f"{_dotted(INTERPRETER_MIN)}, compiled kernels on a GPU >= {_dotted(TRITON_MIN)}"
+        )
+    return True, f"triton {version}'s interpreter runs the kernels"
+
+
+def _dotted(version: tuple[int, int]) -> str:
+    return ".".join(map(str, version))
 
 
 def _version(text: str) -> tuple[int, int]:

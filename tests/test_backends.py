@@ -26,6 +26,25 @@ def test_every_check_returns_a_flag_and_a_reason():
     assert backends.machine_available("emulated")[0]
 
 
+@pytest.mark.parametrize("interpret", [False, True])
+def test_a_triton_older_than_the_kernels_need_is_refused_with_the_floor(monkeypatch, interpret):
+    # torch 2.6 brings triton 3.2, which cannot compile the kernels (they need 3.6): say so, on
+    # a GPU and under the interpreter, instead of failing inside Triton at the first launch.
+    triton = pytest.importorskip("triton")
+    from lightning_fpq.kernels import capability
+
+    monkeypatch.setattr(triton, "__version__", "3.2.0")
+    monkeypatch.setattr(capability.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(capability.torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setattr(capability.torch.cuda, "get_device_name", lambda *a: "stand-in H100")
+    capability._triton_available.cache_clear()
+    try:
+        ok, reason = capability._triton_available(interpret)
+    finally:
+        capability._triton_available.cache_clear()
+    assert not ok and "triton 3.2.0" in reason and ">= 3.6" in reason
+
+
 def test_transformer_engine_without_a_gpu_says_how_to_get_it():
     ok, reason = backends.machine_available("transformer_engine")
     if not torch.cuda.is_available():

@@ -53,7 +53,26 @@ OK, REASON = triton_available()
 INTERPRETING = interpreting()
 # On a CPU with triton installed but not importable as the interpreter in this process:
 # run this file again in a fresh process where TRITON_INTERPRET=1 precedes triton's import.
-RERUN_IN_FRESH_PROCESS = not OK and not IN_CHILD and not torch.cuda.is_available() and "not installed" not in REASON
+
+
+def _interpreter_version_problem() -> str | None:
+    """Why triton's interpreter cannot run the kernels in any process here (missing, or a triton
+    too old), or None."""
+    try:
+        import triton
+    except Exception as exc:
+        return f"triton cannot be imported: {exc!r}"
+    from lightning_fpq.kernels.capability import interpreter_supported, version_supported
+
+    for check in (version_supported, interpreter_supported):
+        ok, reason = check(triton.__version__)
+        if not ok:
+            return reason
+    return None
+
+
+VERSION_PROBLEM = _interpreter_version_problem()
+RERUN_IN_FRESH_PROCESS = not OK and not IN_CHILD and not torch.cuda.is_available() and VERSION_PROBLEM is None
 _RERUN_REASON = "runs in a fresh TRITON_INTERPRET=1 process (test_kernel_suite_in_fresh_interpreter_process)"
 
 pytestmark = pytest.mark.filterwarnings(
@@ -72,7 +91,7 @@ pytestmark = pytest.mark.filterwarnings(
 def device() -> torch.device:
     """The device the kernels run on here; skips (or fails, in the fresh process) without one."""
     if not OK:
-        if IN_CHILD and "interpreter needs triton" not in REASON:
+        if IN_CHILD and VERSION_PROBLEM is None:
             pytest.fail(f"the fresh interpreter process cannot run the kernels: {REASON}")
         pytest.skip(_RERUN_REASON if RERUN_IN_FRESH_PROCESS else REASON)
     return kernel_device()
