@@ -174,7 +174,14 @@ class _CompiledMLP(TinyLM):
         return torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
 
 
-@pytest.mark.parametrize("switch_at", [10**9, 3 * TOKENS_PER_STEP])
+_DYNAMO_KEEPS_FORMATS_STATIC = pytest.mark.skipif(
+    torch.__version__ < "2.8",
+    reason="torch.compile across a precision switch needs torch >= 2.8: 2.6 and 2.7 make the format's bit "
+    "counts symbolic when they recompile after the switch and fail (InternalTorchDynamoError)",
+)
+
+
+@pytest.mark.parametrize("switch_at", [10**9, pytest.param(3 * TOKENS_PER_STEP, marks=_DYNAMO_KEEPS_FORMATS_STATIC)])
 def test_compiled_training_has_no_graph_breaks_with_or_without_a_switch(tmp_path, switch_at):
     from torch._dynamo.utils import counters
 
