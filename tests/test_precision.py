@@ -253,6 +253,10 @@ def test_torchao_under_autocast_quantizes_the_master_weight_and_the_incoming_act
 
 
 def test_torchao_backend_falls_back_with_a_warning_never_a_different_recipe():
+    from lightning_fpq import backends
+
+    if not backends.machine_available("torchao")[0]:
+        pytest.skip(backends.machine_available("torchao")[1])
     plugin = FPQuantPrecision("paper", fmt="e4m3", backend="torchao")
     net = model()
     plugin.convert_module(net)
