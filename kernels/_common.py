@@ -19,6 +19,8 @@ identity and no kernel is ever launched; the wrappers check ``triton_available()
 
 from __future__ import annotations
 
+import torch
+
 try:  # pragma: no cover - exercised by the import itself
     import triton
     import triton.language as tl
@@ -30,6 +32,20 @@ except ImportError:  # pragma: no cover - triton missing: wrappers refuse with t
 def jit(fn):
     """``triton.jit`` when triton is importable; the plain function otherwise (never launched)."""
     return triton.jit(fn) if triton is not None else fn
+
+
+def launcher(kernel):
+    """``torch.library.wrap_triton(kernel)``, whose launches ``torch.compile`` can trace; the
+    kernel itself where ``wrap_triton`` refuses an interpreted kernel (torch < 2.13 takes only
+    JIT-compiled ones): nothing traces a launch under the interpreter, it runs eagerly."""
+    try:
+        return torch.library.wrap_triton(kernel)
+    except RuntimeError:
+        from triton.runtime.interpreter import InterpretedFunction
+
+        if isinstance(kernel, InterpretedFunction):
+            return kernel
+        raise
 
 
 FP32_MAX = 3.4028234663852886e38

@@ -53,7 +53,7 @@ from lightning_fpq.formats import FPFormat
 from lightning_fpq.packing import PackedTensor
 
 from . import capability
-from ._common import jit, round_to_dtype_grid, store_from_f32, tl, triton
+from ._common import jit, launcher, round_to_dtype_grid, store_from_f32, tl, triton
 
 E2M1 = FPFormat.parse("e2m1")
 PATHS = ("auto", "dot_scaled", "fp8", "bf16", "fp32")
@@ -371,7 +371,7 @@ if triton is not None:
         out_arg = out.view(torch.int16) if out_kind == 1 else out
         # dot_scaled with 16-element blocks is NVFP4 (gemm_fp4 allows no other): e4m3 scale bytes
         dot_mode = _DOT_SCALED_E4M3 if path == "dot_scaled" and scale_block == 16 else _DOT_MODES[path]
-        torch.library.wrap_triton(_gemm_fp4_kernel)[grid](
+        launcher(_gemm_fp4_kernel)[grid](
             a_codes,
             a_scales,
             b_codes,

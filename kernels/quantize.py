@@ -46,6 +46,7 @@ from ._common import (
     copysign_bits,
     exp2i,
     jit,
+    launcher,
     load_as_f32,
     overflow_mode,
     round_magnitude,
@@ -400,7 +401,7 @@ def _tensor_finite_absmax(x3: torch.Tensor, outer: int, length: int, inner: int,
     grid = (triton.cdiv(n_vec, block_v), triton.cdiv(length, block_k))
     partial = torch.empty(grid[0] * grid[1], dtype=torch.float32, device=x3.device)
     src = x3.view(torch.int16) if in_kind == 1 else x3
-    torch.library.wrap_triton(_finite_absmax_kernel)[grid](
+    launcher(_finite_absmax_kernel)[grid](
         src,
         partial,
         n_vec,
@@ -484,7 +485,7 @@ def _run(
     p1 = min(p, 127)
     block_v, nb, block_k, n_chunks = _tiles(block_len, n_blocks, n_vec, inner > 1 and x3.stride(2) == 1)
     grid = (triton.cdiv(n_vec, block_v) * triton.cdiv(n_blocks, nb),)
-    torch.library.wrap_triton(_block_quantize_kernel)[grid](
+    launcher(_block_quantize_kernel)[grid](
         x3.view(torch.int16) if in_kind == 1 else x3,
         n3,
         tamax if tamax is not None else scales,

@@ -176,6 +176,29 @@ def test_quantize_nearest_matches_reference(device, fmt, block_size):
     assert_same(quantize_triton(x.to(device), fmt, **kw), reference(x, fmt, **kw))
 
 
+def test_interpreted_kernels_run_where_torch_wrap_triton_refuses_them(device, monkeypatch):
+    # torch.library.wrap_triton takes the interpreter's kernels from torch 2.13 on; torch 2.11's
+    # raised "wrap_triton only works on functions annotated with triton.jit" at every launch.
+    if not INTERPRETING:
+        pytest.skip("compiled kernels are JIT functions, which every wrap_triton takes")
+    from triton.runtime.jit import JITFunction
+
+    real = torch.library.wrap_triton
+
+    def wrap_triton_2_11(kernel):
+        if not isinstance(kernel, JITFunction):
+            raise RuntimeError("wrap_triton only works on functions annotated with triton.jit or triton.autotune")
+        return real(kernel)
+
+    monkeypatch.setattr(torch.library, "wrap_triton", wrap_triton_2_11)
+    x = edge_tensor((24, 80), seed=3)
+    kw = dict(block_size="tensor", scale_format="e4m3")  # the tensor-absmax kernel, then the quantize kernel
+    assert_same(quantize_triton(x.to(device), "e2m1", **kw), reference(x, "e2m1", **kw))
+    a = random_e2m1_operand(GEMM_M, GEMM_K, 32, seed=1)
+    b = random_e2m1_operand(GEMM_N, GEMM_K, 32, seed=2)
+    assert_same(gemm_fp4(_to(a, device), _to(b, device)), (_rows(a) @ _rows(b).T).float())
+
+
 @pytest.mark.parametrize("scale_format", ["fp32", "e8m0", "e4m3"])
 @pytest.mark.parametrize("axis", [-1, 0])
 @pytest.mark.parametrize("fmt", ["e2m1", "e4m3"])
