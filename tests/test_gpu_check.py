@@ -116,3 +116,42 @@ sys.exit(script["main"](sys.argv[1:]))
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
     step = json.loads((tmp_path / "gpu_check.json").read_text())["sections"]["step"]
     assert step["status"] == "skipped" and "pretend: this triton is too old" in " ".join(step["notes"])
+
+
+def _wheel(folder: Path, name: str) -> Path:
+    """A minimal pure-Python wheel holding module ``name`` (what run_gpu.sh's WHEELS folder holds)."""
+    import zipfile
+
+    dist = f"{name}-0.1.dist-info"
+    files = {
+        f"{name}.py": "VALUE = 1\n",
+        f"{dist}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n",
+        f"{dist}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    files[f"{dist}/RECORD"] = "".join(f"{path},,\n" for path in [*files, f"{dist}/RECORD"])
+    path = folder / f"{name}-0.1-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as whl:
+        for arc, text in files.items():
+            whl.writestr(arc, text)
+    return path
+
+
+@pytest.mark.slow
+def test_run_gpu_sh_installs_a_wheels_folder_offline(tmp_path):
+    # a lent machine reaches no registry: WHEELS=<folder> installs those wheels (torchao ...) with
+    # --no-index into a fresh folder first on PYTHONPATH, then runs the check with the arguments given
+    _needs_interpreter()
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    _wheel(wheels, "fpq_wheel_probe")
+    env = {**_env(), "WHEELS": str(wheels), "PYTHON": sys.executable, "TMPDIR": str(tmp_path)}
+    out = tmp_path / "report"
+    proc = subprocess.run(
+        ["bash", "benchmarks/run_gpu.sh", str(out), "--smoke", "--only", "env"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    sites = list(tmp_path.glob("fpq-site.*"))
+    assert len(sites) == 1 and (sites[0] / "fpq_wheel_probe.py").is_file()
+    assert f"installed into {sites[0]}: fpq_wheel_probe-0.1-py3-none-any.whl" in (out / "run.log").read_text()
+    assert json.loads((out / "gpu_check.json").read_text())["sections"]["env"]["status"] == "ok"
