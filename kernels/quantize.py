@@ -19,10 +19,12 @@ with its own strides, so a transposed operand (the backward pass's ``W`` along
 out_features, ``X`` along tokens) is quantized in place of a copy.
 
 Stochastic rounding draws ``u`` from one of three sources: a ``noise`` tensor (shape of
-``x``, read by the kernel), a ``generator`` (the wrapper draws ``torch.rand`` exactly as the
-reference does, so the result is bit-identical to ``quantize(..., generator=g)``), or a
-``seed`` (Philox inside the kernel: no noise tensor is written or read, fastest, the same
-distribution but not the reference's stream).
+``x``, read by the kernel); a ``generator``, either a ``torch.Generator`` (the wrapper draws
+``torch.rand`` exactly as the reference does) or a ``lightning_fpq.philox.PhiloxGenerator``
+(Philox inside the kernel: no noise tensor is written or read; the element at row-major
+position ``n`` of ``x`` takes counter ``offset + n``, which the reference computes too); or a
+``seed`` (the Philox stream of ``PhiloxGenerator(seed)`` from counter 0). Every source gives
+the result of ``quantize(..., backend="reference")`` with the same draws, bit for bit.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import torch
 from lightning_fpq._config import BlockSize
 from lightning_fpq.formats import FormatLike, FPFormat
 from lightning_fpq.packing import PackedTensor, e4m3_scale_bytes, tensor_scale
+from lightning_fpq.philox import NoiseGenerator, PhiloxGenerator, check_seed
 from lightning_fpq.quantize import check_quantize_args
 
 from . import capability
@@ -185,6 +188,7 @@ def _block_quantize_kernel(
     n_blocks,
     block_len,
     seed,
+    offset,
     sxo,
     sxl,
     sxi,
@@ -276,7 +280,10 @@ def _block_quantize_kernel(
             n_row = o * sno + i * sni
             u = tl.load(noise_ptr + n_row[:, None, None] + (k * snl)[None, :, :], mask=mask, other=0.0)
         elif ROUND_MODE == 2:
-            u = tl.rand(seed, v64[:, None, None] * length + k[None, :, :])
+            # counter = offset + x's row-major index of (o, k, i), whatever the axis
+            # (lightning_fpq.philox: the reference computes the same draws)
+            n = offset + (o * length * inner + i)[:, None, None] + (k * inner)[None, :, :]
+            u = tl.rand(seed, n)
         else:
             u = 0.0
         if OUT_KIND == 3:
@@ -438,6 +445,7 @@ def _run(
     scale_format: str,
     round_mode: int,
     seed: int,
+    offset: int,
     saturate: bool,
     packed: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -497,6 +505,7 @@ def _run(
         n_blocks,
         block_len,
         seed,
+        offset,
         x3.stride(0),
         x3.stride(1),
         x3.stride(2),
@@ -548,9 +557,12 @@ if triton is not None:
         scale_format: str,
         round_mode: int,
         seed: int,
+        offset: int,
         saturate: bool,
     ) -> torch.Tensor:
-        return _run(x, noise, ebits, mbits, special, block, axis, scale_format, round_mode, seed, saturate, False)[0]
+        return _run(
+            x, noise, ebits, mbits, special, block, axis, scale_format, round_mode, seed, offset, saturate, False
+        )[0]
 
     @torch.library.triton_op("lightning_fpq::block_pack", **_OP_ARGS)
     def _block_pack_op(
@@ -564,9 +576,12 @@ if triton is not None:
         scale_format: str,
         round_mode: int,
         seed: int,
+        offset: int,
         saturate: bool,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return _run(x, noise, ebits, mbits, special, block, axis, scale_format, round_mode, seed, saturate, True)
+        return _run(
+            x, noise, ebits, mbits, special, block, axis, scale_format, round_mode, seed, offset, saturate, True
+        )
 
 
 def _prepare(
@@ -576,11 +591,11 @@ def _prepare(
     axis: int,
     scale_format: str,
     rounding: str,
-    generator: Optional[torch.Generator],
+    generator: Optional[NoiseGenerator],
     noise: Optional[torch.Tensor],
     seed: Optional[int],
-) -> tuple[FPFormat, int, int, int, Optional[torch.Tensor], int]:
-    """Validate the public arguments; returns (fmt, block, axis, round_mode, noise, seed)."""
+) -> tuple[FPFormat, int, int, int, Optional[torch.Tensor], int, int]:
+    """Validate the public arguments; returns (fmt, block, axis, round_mode, noise, seed, offset)."""
     fmt, block_size = check_quantize_args(
         x, fmt, block_size, axis, scale_format, rounding, who="the Triton quantize kernel"
     )
@@ -590,13 +605,15 @@ def _prepare(
     if rounding == "nearest":
         if sources:
             raise ValueError("generator, noise and seed are for rounding='stochastic'; rounding='nearest' takes none")
-        return fmt, block, axis, _ROUND_NEAREST, None, 0
+        return fmt, block, axis, _ROUND_NEAREST, None, 0, 0
     if sources > 1:
         raise ValueError("pass at most one of generator, noise and seed for stochastic rounding")
     if seed is not None:
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31:
-            raise ValueError(f"seed={seed!r} is not valid: expected an int in [0, 2**31)")
-        return fmt, block, axis, _ROUND_PHILOX, None, seed
+        return fmt, block, axis, _ROUND_PHILOX, None, check_seed(seed, "seed"), 0
+    if isinstance(generator, PhiloxGenerator):
+        # counters offset .. offset + numel - 1, as the reference takes them (philox.py)
+        seed, offset = generator.reserve(x.numel())
+        return fmt, block, axis, _ROUND_PHILOX, None, seed, offset
     if noise is None:
         # The reference's draw (quantize._noise): same generator, shape and order -> same bits.
         noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=torch.float32)
@@ -605,7 +622,7 @@ def _prepare(
             f"noise must be a float32 tensor of x's shape {tuple(x.shape)} on {x.device}, "
             f"got {noise.dtype} {tuple(noise.shape)} on {noise.device}"
         )
-    return fmt, block, axis, _ROUND_NOISE, noise, 0
+    return fmt, block, axis, _ROUND_NOISE, noise, 0, 0
 
 
 def quantize_triton(
@@ -616,7 +633,7 @@ def quantize_triton(
     axis: int = -1,
     scale_format: str = "fp32",
     rounding: str = "nearest",
-    generator: Optional[torch.Generator] = None,
+    generator: Optional[NoiseGenerator] = None,
     noise: Optional[torch.Tensor] = None,
     seed: Optional[int] = None,
     saturate: bool = True,
@@ -625,20 +642,21 @@ def quantize_triton(
 
     Takes the reference's arguments (``lightning_fpq.quantize.quantize``) plus two sources of
     stochastic-rounding noise: ``noise`` (a float32 tensor of x's shape with values in
-    [0, 1)) or ``seed`` (in-kernel Philox, not the reference's stream). With neither, the
-    noise is drawn with ``torch.rand(x.shape, generator=generator)`` as the reference does.
+    [0, 1)) or ``seed`` (in-kernel Philox from counter 0: ``generator=PhiloxGenerator(seed)``).
+    With neither, the noise comes from ``generator`` as in the reference: ``torch.rand`` on a
+    ``torch.Generator``, in-kernel Philox on a ``PhiloxGenerator`` (no noise tensor).
 
     Raises RuntimeError with the capability's reason where the kernel cannot run (no
     triton, no GPU and no interpreter), ValueError for invalid arguments.
     """
-    fmt, block, axis, round_mode, noise, seed = _prepare(
+    fmt, block, axis, round_mode, noise, seed, offset = _prepare(
         x, fmt, block_size, axis, scale_format, rounding, generator, noise, seed
     )
     _check_launchable(x)
     if x.numel() == 0:
         return x.clone()
     return torch.ops.lightning_fpq.block_quantize(
-        x, noise, fmt.ebits, fmt.mbits, fmt.special, block, axis, scale_format, round_mode, seed, saturate
+        x, noise, fmt.ebits, fmt.mbits, fmt.special, block, axis, scale_format, round_mode, seed, offset, saturate
     )
 
 
@@ -650,7 +668,7 @@ def pack_triton(
     axis: int = -1,
     scale_format: str = "fp32",
     rounding: str = "nearest",
-    generator: Optional[torch.Generator] = None,
+    generator: Optional[NoiseGenerator] = None,
     noise: Optional[torch.Tensor] = None,
     seed: Optional[int] = None,
     saturate: bool = True,
@@ -663,7 +681,7 @@ def pack_triton(
     along ``axis``, padded to whole blocks, must have an even length, so that no byte holds
     codes of two slices; ``pack`` handles the other cases.
     """
-    fmt, block, axis, round_mode, noise, seed = _prepare(
+    fmt, block, axis, round_mode, noise, seed, offset = _prepare(
         x, fmt, block_size, axis, scale_format, rounding, generator, noise, seed
     )
     if fmt.bits > 16:
@@ -684,7 +702,7 @@ def pack_triton(
         raise ValueError("pack_triton needs a non-empty tensor")
     _check_launchable(x)
     codes, scales, tamax = torch.ops.lightning_fpq.block_pack(
-        x, noise, fmt.ebits, fmt.mbits, fmt.special, block, axis, scale_format, round_mode, seed, saturate
+        x, noise, fmt.ebits, fmt.mbits, fmt.special, block, axis, scale_format, round_mode, seed, offset, saturate
     )
     if block == _BLOCK_NONE:
         scales_out = None

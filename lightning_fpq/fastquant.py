@@ -65,6 +65,7 @@ from typing import Optional
 import torch
 
 from .formats import FPFormat
+from .philox import NoiseGenerator, PhiloxGenerator, seed_key, uniform_from_key, uniform_noise
 
 logger = logging.getLogger(__name__)
 
@@ -202,7 +203,7 @@ def _e4m3_scale(amax, fmax, fmax_x448):
 
 
 def _make_graph(
-    fmt: FPFormat, layout: str, scale_format: str, stochastic: bool, saturate: bool, out_dtype: torch.dtype
+    fmt: FPFormat, layout: str, scale_format: str, noise_source: str, saturate: bool, out_dtype: torch.dtype
 ) -> Callable:
     """The function torch.compile traces for one kernel key (a fresh closure per key).
 
@@ -211,6 +212,10 @@ def _make_graph(
     which intermediates inductor keeps in buffers), except a NaN overflow value (an ``fn``
     format without saturation), whose sign a C++ literal would lose, and the NVFP4 tensor
     scale divisor: those come in ``pf`` = [overflow value, its negation, float32(max * 448)].
+
+    Stochastic rounding (``noise_source``): "tensor" takes the draws as a float32 tensor;
+    "philox" computes them in the loop from ``[key word 0, key word 1, first counter]``
+    (``lightning_fpq.philox``), so no noise tensor is written or read.
     """
     mbits, emin, fmax = fmt.mbits, fmt.emin, fmt.max
     # e8m0 aligns the block absmax with the exponent of the largest grid value, as
@@ -231,6 +236,9 @@ def _make_graph(
 
     def graph(x, pf, noise=None):
         ovf, neg_ovf = (pf[0], pf[1]) if runtime_overflow else overflow
+        if noise_source == "philox":  # noise holds [key0, key1, first counter]: x's row-major index
+            counters = noise[2] + torch.arange(x.numel(), dtype=torch.int64, device=x.device).view(x.shape)
+            noise = uniform_from_key(noise[:2], counters)
         x32 = x.to(torch.float32)
         if layout == PLAIN:
             out = _round_fp32(x32, mbits, emin, fmax, ovf, neg_ovf, noise)
@@ -264,7 +272,7 @@ class _KernelKey:
     layout: str
     static_shape: tuple  # per dim: the size when static, None when dynamic
     scale_format: str
-    stochastic: bool
+    noise_source: str  # "" (nearest), "tensor" (torch.rand draws) or "philox" (computed in the loop)
     saturate: bool
     dtype: torch.dtype
 
@@ -320,7 +328,7 @@ def _own_code(fn: Callable, name: str) -> Callable:
 def _kernel(key: _KernelKey) -> Callable:
     fn = _kernels.get(key)
     if fn is None:
-        graph = _make_graph(key.fmt, key.layout, key.scale_format, key.stochastic, key.saturate, key.dtype)
+        graph = _make_graph(key.fmt, key.layout, key.scale_format, key.noise_source, key.saturate, key.dtype)
         digest = hashlib.sha1(repr(key).encode()).hexdigest()[:16]
         graph = _own_code(graph, f"fpq_quantize_{key.layout}_{digest}")
         fn = torch.compile(graph, fullgraph=True, dynamic=None, **_recompile_limit())
@@ -389,7 +397,7 @@ def quantize_fast(
     axis: int,
     scale_format: str,
     rounding: str,
-    generator: Optional[torch.Generator],
+    generator: Optional[NoiseGenerator],
     saturate: bool,
     backend: str,
 ) -> Optional[torch.Tensor]:
@@ -427,7 +435,8 @@ def quantize_fast(
         )
     layout, shape, fixed = plan
     static = tuple(s if (f or s < 2) else None for s, f in zip(shape, fixed))
-    key = _KernelKey(fmt, layout, static, scale_format, rounding == "stochastic", saturate, x.dtype)
+    noise_source = "" if rounding != "stochastic" else "philox" if isinstance(generator, PhiloxGenerator) else "tensor"
+    key = _KernelKey(fmt, layout, static, scale_format, noise_source, saturate, x.dtype)
     if key in _failed_keys:
         return refuse(_failed_keys[key])
     xv = xc.view(shape)
@@ -436,15 +445,19 @@ def quantize_fast(
         torch._dynamo.mark_dynamic(xv, dynamic_dims)
     args = [xv, _runtime_params(fmt)]
     rng_state = None
-    if key.stochastic:
+    if noise_source:
         # The reference's draws, in the same order and shape (quantize._noise); kept
         # undone on failure so the fallback draws the very same numbers.
         gen = generator if generator is not None else torch.default_generator
         rng_state = gen.get_state()
-        noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=torch.float32).view(shape)
-        if dynamic_dims:
-            torch._dynamo.mark_dynamic(noise, dynamic_dims)
-        args.append(noise)
+        if noise_source == "philox":
+            seed, first = gen.reserve(x.numel())
+            args.append(torch.cat([seed_key(seed), torch.tensor([first])]).to(x.device))
+        else:
+            noise = uniform_noise(x.shape, generator, x.device).view(shape)
+            if dynamic_dims:
+                torch._dynamo.mark_dynamic(noise, dynamic_dims)
+            args.append(noise)
     try:
         with torch.no_grad():
             if len(dynamic_dims) > 1:

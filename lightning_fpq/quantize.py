@@ -31,6 +31,7 @@ import torch
 from . import _config
 from ._config import BlockSize
 from .formats import FormatLike, FPFormat
+from .philox import NoiseGenerator, uniform_noise
 
 ROUNDING_MODES = ("nearest", "stochastic")
 SCALE_FORMATS = ("fp32", "e8m0", "e4m3")
@@ -196,7 +197,7 @@ def quantize(
     axis: int = -1,
     scale_format: str = "fp32",
     rounding: str = "nearest",
-    generator: Optional[torch.Generator] = None,
+    generator: Optional[NoiseGenerator] = None,
     saturate: bool = True,
     backend: str = "auto",
 ) -> torch.Tensor:
@@ -213,7 +214,9 @@ def quantize(
         scale_format: "fp32", "e8m0" (OCP MX powers of two) or "e4m3" (NVFP4: E4M3 block
             scales under one fp32 tensor scale).
         rounding: "nearest" (ties to even) or "stochastic" (unbiased, reproducible from
-            ``generator``).
+            ``generator``: a ``torch.Generator``, whose ``torch.rand`` draws are used, or a
+            ``lightning_fpq.philox.PhiloxGenerator``, the counter-based stream that the Triton
+            kernel computes in registers; every backend takes the same draws from either).
         saturate: clamp overflow to +-max (the default of every training recipe).
         backend: "auto" picks the fastest implementation that is bit-identical to the
             reference: the fused Triton kernel for CUDA tensors where Triton runs
@@ -264,7 +267,7 @@ def _quantize_triton(
     axis: int,
     scale_format: str,
     rounding: str,
-    generator: Optional[torch.Generator],
+    generator: Optional[NoiseGenerator],
     saturate: bool,
 ) -> Optional[torch.Tensor]:
     """The Triton kernel's result, or None when "auto" should use another path.
@@ -296,11 +299,11 @@ def _quantize_triton(
         raise ValueError(f"backend='triton' cannot run here: {err}") from None
 
 
-def _noise(x: torch.Tensor, rounding: str, generator: Optional[torch.Generator]) -> Optional[torch.Tensor]:
+def _noise(x: torch.Tensor, rounding: str, generator: Optional[NoiseGenerator]) -> Optional[torch.Tensor]:
     """Uniform [0, 1) float32 draws, one per element of ``x``, in ``x``'s element order."""
     if rounding != "stochastic":
         return None
-    return torch.rand(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+    return uniform_noise(x.shape, generator, x.device)
 
 
 def quantize_reference(
@@ -311,7 +314,7 @@ def quantize_reference(
     axis: int = -1,
     scale_format: str = "fp32",
     rounding: str = "nearest",
-    generator: Optional[torch.Generator] = None,
+    generator: Optional[NoiseGenerator] = None,
     saturate: bool = True,
 ) -> torch.Tensor:
     """The reference implementation of ``quantize`` (arguments already validated)."""

@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 from lightning_fpq import fastquant
 from lightning_fpq.formats import FPFormat
+from lightning_fpq.philox import PhiloxGenerator
 from lightning_fpq.quantize import quantize, quantize_reference
 
 COMPILED_OK, COMPILED_REASON = fastquant.compiled_available()
@@ -160,6 +161,26 @@ def test_bit_identical_to_reference(case):
         reference(y, fmt, generator=torch.Generator().manual_seed(1), **kwargs),
     )
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == frames, "a new shape recompiled the kernel"
+
+
+@needs_compile
+@pytest.mark.parametrize(
+    "case", [c[:4] + ("stochastic",) + c[5:] for c in (CASES[2], CASES[7], CASES[9], CASES[11])], ids=_case_id
+)
+def test_philox_draws_in_the_loop_are_the_references(case):
+    # The counter-based stream: the compiled loop computes the draws the reference computes
+    # (lightning_fpq.philox), from the same counters, and a new seed or offset reuses the kernel.
+    fmt, bs, axis, sf, rnd, sat, dtype, shape = case
+    shape = shape or (48, WIDTH)
+    x = probe(FPFormat.parse(fmt), rows=math.prod(shape) // WIDTH).reshape(shape).to(dtype)
+    kwargs = dict(block_size=bs, axis=axis, scale_format=sf, rounding=rnd, saturate=sat)
+    gen_fast, gen_ref = PhiloxGenerator(2**33 + 1), PhiloxGenerator(2**33 + 1)
+    assert_same_bits(compiled(x, fmt, generator=gen_fast, **kwargs), reference(x, fmt, generator=gen_ref, **kwargs))
+    assert gen_fast.offset == gen_ref.offset == x.numel()
+    frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    for fast, ref in ((gen_fast, gen_ref), (PhiloxGenerator(3), PhiloxGenerator(3))):
+        assert_same_bits(compiled(x, fmt, generator=fast, **kwargs), reference(x, fmt, generator=ref, **kwargs))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == frames, "a new seed or offset recompiled"
 
 
 @needs_compile
