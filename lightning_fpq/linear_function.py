@@ -32,6 +32,7 @@ from . import backends
 from .backends import triton as triton_backend
 from .fp4_estimators import dge_factor, occ_threshold
 from .packing import PackedTensor
+from .philox import NoiseGenerator
 from .quantize import quantize
 from .spec import LayerSpec, OperandSpec
 
@@ -42,7 +43,7 @@ def _q(
     x: torch.Tensor,
     spec: Optional[OperandSpec],
     axis: int,
-    generator: Optional[torch.Generator],
+    generator: Optional[NoiseGenerator],
     quantizer: str = "auto",
 ) -> torch.Tensor:
     """Fake-quantize one operand along ``axis`` (``x`` itself when the spec is None) with the
@@ -72,7 +73,7 @@ def _(x, fmt, block_size, axis, scale_format, backend):
 
 @torch.compiler.disable
 def _quantize_stochastic(
-    x: torch.Tensor, spec: OperandSpec, axis: int, generator: Optional[torch.Generator], quantizer: str
+    x: torch.Tensor, spec: OperandSpec, axis: int, generator: Optional[NoiseGenerator], quantizer: str
 ) -> torch.Tensor:
     # eager (a graph break under torch.compile): the draws come from the layer's own generator
     return quantize(
@@ -118,7 +119,7 @@ def _operand(
     x: torch.Tensor,
     spec: Optional[OperandSpec],
     axis: int,
-    generator: Optional[torch.Generator],
+    generator: Optional[NoiseGenerator],
     quantizer: str,
     packed: bool,
 ) -> Union[torch.Tensor, PackedTensor]:
@@ -129,7 +130,7 @@ def quantize_pair(
     x: torch.Tensor,
     first: Optional[OperandSpec],
     second: Optional[OperandSpec],
-    generator: Optional[torch.Generator] = None,
+    generator: Optional[NoiseGenerator] = None,
     *,
     need_second: bool = True,
     quantizer: str = "auto",
@@ -283,7 +284,7 @@ class _QuantLinearFn(torch.autograd.Function):
         bias,
         spec: LayerSpec,
         compute_dtype: torch.dtype,
-        generator: Optional[torch.Generator],
+        generator: Optional[NoiseGenerator],
         save_quantized_weight: bool,
         cache: Optional[WeightCache],
         plan: Plan,
@@ -360,7 +361,7 @@ def quant_linear(
     bias: Optional[torch.Tensor],
     spec: Optional[LayerSpec],
     *,
-    generator: Optional[torch.Generator] = None,
+    generator: Optional[NoiseGenerator] = None,
     backend: str = "emulated",
     save_quantized_weight: bool = True,
     weight_cache: Optional[WeightCache] = None,

@@ -6,7 +6,7 @@ during a run lives here and nowhere else:
 
 - the active recipe, and the spec each registered layer resolves to under it;
 - the backend chosen for each layer and device, and one history entry per recipe stage;
-- the stochastic-rounding generators (one per layer and device);
+- the stochastic-rounding generators (one per layer and device, ``torch`` or ``philox``);
 - the listeners of the *switch event*: ``set_recipe`` with a different recipe tells each of
   them ``(old, new)`` (the precision plugin converts and logs there; callbacks can listen too).
 
@@ -25,11 +25,14 @@ from typing import Any, Optional, Union
 
 import torch
 
-from . import backends
+from . import _config, backends
+from .philox import NoiseGenerator, PhiloxGenerator
 from .recipe import QuantRecipe, clean_module_name
 from .spec import LayerSpec
 
 SwitchListener = Callable[[QuantRecipe, QuantRecipe], None]
+RNG_KINDS = ("torch", "philox")
+"""The kinds of stochastic-rounding generator (``QuantState(rng=...)``)."""
 _MISSING = object()
 
 
@@ -44,6 +47,13 @@ class QuantState:
         seed: base seed of the stochastic-rounding generators (one per layer and device,
             seeded from ``seed``, ``rank`` and the layer's name); ``None`` takes
             ``torch.initial_seed()`` when the first generator is made.
+        rng: what the generators are. "torch": ``torch.Generator``s whose ``torch.rand`` draws
+            every backend reads as a float32 tensor (one per stochastically rounded operand).
+            "philox": counter-based ``PhiloxGenerator``s (``lightning_fpq.philox``, the stream
+            of Triton's ``tl.rand``): the Triton kernels and the compiled quantizer compute
+            the draws where they use them and no noise tensor is written or read; the
+            reference computes the same draws in torch. Either way every backend rounds
+            identically; the two streams differ from each other.
         rank: mixed into the seed so that data-parallel ranks draw different noise.
         save_quantized_weight: save q4(W) for the backward pass (computed in forward while
             W is read anyway). ``False`` saves W itself and quantizes it again in backward:
@@ -61,12 +71,14 @@ class QuantState:
         *,
         backend: str = "auto",
         seed: Optional[int] = None,
+        rng: str = "torch",
         rank: int = 0,
         save_quantized_weight: bool = True,
         cache_weights: bool = False,
     ) -> None:
         self._backend = backends.check_backend(backend)
         backends.require(self._backend)  # a forced backend this machine cannot run: say so now
+        self.rng = _config.choice(rng, RNG_KINDS, what="rng")
         self.seed = seed
         self.rank = rank
         self.save_quantized_weight = save_quantized_weight
@@ -74,7 +86,7 @@ class QuantState:
         self._recipe = QuantRecipe.coerce(recipe)
         self._specs: dict[str, Optional[LayerSpec]] = {}  # registered layers -> spec under the recipe
         self._backends: dict[tuple[str, str], str] = {}  # (layer, device type) -> backend
-        self._generators: dict[tuple[str, str], torch.Generator] = {}
+        self._generators: dict[tuple[str, str], NoiseGenerator] = {}
         self._listeners: list[SwitchListener] = []
         #: one entry per recipe stage whose backends were resolved:
         #: ``{"recipe": short_str, "device": type, "backends": {backend: n_layers}}``
@@ -214,26 +226,29 @@ class QuantState:
         return choices
 
     # --------------------------------------------------------------- generators
-    def generator(self, name: str, device: torch.device) -> torch.Generator:
+    def generator(self, name: str, device: torch.device) -> NoiseGenerator:
         """The stochastic-rounding generator of layer ``name`` on ``device`` (reproducible:
-        seeded from the state's seed, the rank and the name)."""
+        seeded from the state's seed, the rank and the name; a ``torch.Generator`` or a
+        ``PhiloxGenerator`` as :attr:`rng` says)."""
         key = (name, str(device))
         gen = self._generators.get(key)
         if gen is None:
             if self.seed is None:
                 self.seed = torch.initial_seed() % (2**63)
-            gen = torch.Generator(device=device)
+            gen = torch.Generator(device=device) if self.rng == "torch" else PhiloxGenerator()
             gen.manual_seed((self.seed + 1_000_003 * self.rank + zlib.crc32(name.encode())) % (2**63))
             self._generators[key] = gen
         return gen
 
     # --------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
-        """The recipe, the backend asked for, the seed and every generator's state."""
+        """The recipe, the backend asked for, the seed, the kind of generator and every
+        generator's state."""
         return {
             "recipe": self._recipe.to_dict(),
             "backend": self._backend,
             "seed": self.seed,
+            "rng_kind": self.rng,
             "rng": {f"{name}@{dev}": gen.get_state() for (name, dev), gen in self._generators.items()},
         }
 
@@ -242,6 +257,12 @@ class QuantState:
 
         ``state["rng"]`` is one process's generator states, or a list of them indexed by rank
         (a data-parallel checkpoint): each rank takes its own."""
+        saved_kind = state.get("rng_kind", "torch")  # checkpoints from before rng= drew with torch
+        if saved_kind != self.rng and state.get("rng"):
+            raise ValueError(
+                f"the checkpoint's stochastic-rounding generators are rng={saved_kind!r}, this run has "
+                f"rng={self.rng!r}: resume with rng={saved_kind!r} (the two streams cannot continue each other)"
+            )
         if "recipe" in state:
             self.set_recipe(QuantRecipe.from_dict(state["recipe"]))
         if state.get("seed") is not None:

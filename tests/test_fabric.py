@@ -75,3 +75,23 @@ def test_the_trainers_plugin_under_fabric_says_which_plugin_to_use():
     model, optimizer = fabric.setup(model, torch.optim.SGD(model.parameters(), lr=0.1))
     with pytest.raises(TypeError, match="FPQuantFabricPrecision"):
         fabric.backward(model(torch.randn(2, 32)).sum())
+
+
+def test_fabric_with_philox_noise_checkpoints_the_counters(tmp_path):
+    # rng="philox" under Fabric: the layers draw from counter-based generators, saved and restored
+    from lightning_fpq.philox import PhiloxGenerator
+
+    torch.manual_seed(0)
+    model = MLP()
+    plugin = FPQuantFabricPrecision("nvfp4", rng="philox", seed=3)
+    fabric = Fabric(accelerator="cpu", devices=1, plugins=[plugin])
+    fabric_model, optimizer = fabric.setup(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    for x in _batches(2):
+        _step(fabric_model, optimizer, x, fabric.backward)
+    gen = plugin.state.generator("fc1", torch.device("cpu"))
+    # 2 steps x q5 of fc1's dY (32 tokens x 64); no q3: the input needs no gradient, no dgrad
+    assert isinstance(gen, PhiloxGenerator) and gen.offset == 2 * 32 * 64
+    fabric.save(tmp_path / "ckpt", {"quant": plugin})
+    resumed = FPQuantFabricPrecision("nvfp4", rng="philox", seed=3)
+    Fabric(accelerator="cpu", devices=1, plugins=[resumed]).load(tmp_path / "ckpt", {"quant": resumed})
+    assert torch.equal(resumed.state.generator("fc1", torch.device("cpu")).get_state(), gen.get_state())

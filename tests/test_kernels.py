@@ -788,14 +788,16 @@ def test_gemm_fp4_rejects_what_it_cannot_multiply(device):
 
 
 # ================================================== the "triton" layer backend in a training step
-def _layer_step(recipe, backend, device, *, dtype=torch.float32, autocast=False):
+def _layer_step(recipe, backend, device, *, dtype=torch.float32, autocast=False, rng="torch"):
     """One forward/backward of a QuantLinear on ``backend``: (y, dX, dW, db)."""
     from lightning_fpq.linear import QuantLinear
+    from lightning_fpq.recipe import QuantRecipe
+    from lightning_fpq.state import QuantState
 
     torch.manual_seed(0)
-    layer = QuantLinear(64, 48, recipe=recipe).to(device)
-    layer._fpq_state.set_backend(backend)
-    layer._fpq_state.seed = 7  # the same stochastic-rounding stream on both backends
+    # the same seed: the same stochastic-rounding stream on both backends
+    state = QuantState(QuantRecipe.coerce(recipe), backend=backend, seed=7, rng=rng)
+    layer = QuantLinear(64, 48, state=state).to(device)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 16, 64, generator=g).to(device=device, dtype=dtype).requires_grad_()
     dy = torch.randn(2, 16, 48, generator=g).to(device=device)
@@ -832,6 +834,37 @@ def test_triton_layer_backend_matches_emulated(device, monkeypatch, recipe, fp4_
             assert_same(b, a)
         else:
             torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6 * float(a.detach().abs().max()), msg=name)
+
+
+@pytest.mark.parametrize("name", ["mxfp4+sr", "nvfp4"])
+def test_triton_layer_backend_with_philox_noise_writes_no_noise_tensor(device, monkeypatch, name):
+    """rng="philox": the kernels compute the stochastic-rounding draws in registers (no
+    torch.rand, no noise tensor) and the emulated backend's reference computes the same ones,
+    so the two agree as they do with torch's generator (bit for bit with power-of-two scales:
+    MXFP4 with its gradients rounded stochastically)."""
+    from lightning_fpq.recipe import QuantRecipe
+    from lightning_fpq.spec import OperandSpec
+
+    sr = OperandSpec(E2M1, 32, "e8m0", "stochastic")
+    recipe = QuantRecipe.from_name("mxfp4").with_spec(p3=sr, p5=sr) if name == "mxfp4+sr" else name
+    calls = _count_fp4_gemms(monkeypatch)
+    emulated = _layer_step(recipe, "emulated", device, rng="philox")
+    real_rand = torch.rand
+
+    def no_rand(*args, **kwargs):
+        raise AssertionError("the triton backend drew a noise tensor with torch.rand")
+
+    monkeypatch.setattr(torch, "rand", no_rand)
+    triton = _layer_step(recipe, "triton", device, rng="philox")
+    monkeypatch.setattr(torch, "rand", real_rand)
+    assert len(calls) == 3
+    with_torch_rng = _layer_step(recipe, "emulated", device)
+    assert not torch.equal(with_torch_rng[2], emulated[2])  # another stream: another dW
+    for what, a, b in zip(("y", "dX", "dW", "db"), emulated, triton):
+        if name == "mxfp4+sr":
+            assert_same(b, a)
+        else:
+            torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6 * float(a.detach().abs().max()), msg=what)
 
 
 def test_triton_layer_backend_nvfp4_on_blackwell_runs_dot_scaled(device, monkeypatch):

@@ -341,6 +341,41 @@ def test_stochastic_rounding_matches_the_reference_with_the_same_generator():
     assert torch.equal(wr.grad, q5.t() @ rq(x.reshape(-1, 96), recipe.p6, 0))
 
 
+@pytest.mark.parametrize("backend", ["emulated", "compiled"])
+def test_philox_noise_matches_the_reference_on_every_cpu_backend(backend):
+    # rng="philox": the layer draws from a PhiloxGenerator; the compiled quantizer computes the
+    # draws in its loop, the reference in torch, from the same counters (q3 then q5, in order).
+    from lightning_fpq import backends
+    from lightning_fpq.philox import PhiloxGenerator
+
+    ok, reason = backends.available(backend, "cpu")
+    if not ok:
+        pytest.skip(reason)
+    recipe = QuantRecipe.from_name("nvfp4")
+    x, w, b, dy = data()
+    state = QuantState(recipe, seed=11, rng="philox", backend=backend)
+    layer = QuantLinear(96, 80, state=state, name="blocks.0.fc")
+    with torch.no_grad():
+        layer.weight.copy_(w)
+        layer.bias.copy_(b)
+    xr = x.clone().requires_grad_()
+    layer(xr).backward(dy)
+    gen = state.generator("blocks.0.fc", x.device)
+    assert isinstance(gen, PhiloxGenerator) and gen.offset == 2 * dy.numel()  # q3 and q5 drew dY's size each
+    ref = PhiloxGenerator(gen.initial_seed())
+    dy2d = dy.reshape(-1, 80)
+    kw = dict(block_size=16, scale_format="e4m3", rounding="stochastic", generator=ref, backend="reference")
+    q3 = quantize(dy2d, "e2m1", axis=-1, **kw)
+    q5 = quantize(dy2d, "e2m1", axis=0, **kw)
+    assert torch.equal(xr.grad.reshape(-1, 96), q3 @ rq(w, recipe.p4, 0))
+    assert torch.equal(layer.weight.grad, q5.t() @ rq(x.reshape(-1, 96), recipe.p6, 0))
+
+
+def test_rng_must_be_torch_or_philox():
+    with pytest.raises(ValueError, match=r"rng='cuda' is not valid: expected one of \('torch', 'philox'\)"):
+        QuantState("nvfp4", rng="cuda")
+
+
 # ------------------------------------------------------------------- conversion
 class Tiny(nn.Module):
     def __init__(self):

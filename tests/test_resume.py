@@ -61,6 +61,38 @@ def test_resume_from_a_step_checkpoint_is_bit_identical(tmp_path, explicit_count
         assert torch.equal(value, _weights(resumed_model)[key]), key
 
 
+def test_resume_with_philox_noise_is_bit_identical_and_keeps_its_kind(tmp_path):
+    # nvfp4 rounds dY stochastically: the resumed run must continue each layer's Philox counter
+    # (4 batches an epoch, a checkpoint at the end of the first)
+    def plugin(rng="philox"):
+        return FPQuantPrecision(recipe="nvfp4", rng=rng)
+
+    def callbacks(ckpt_dir):
+        return [ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=4, save_top_k=-1)]
+
+    seed_everything(0)
+    full = TinyLM()
+    _trainer(tmp_path, callbacks(tmp_path / "a"), max_steps=8, plugin=plugin()).fit(
+        full, token_loader(4, BATCH, SEQ, seed=1)
+    )
+    ckpt = next((tmp_path / "a").glob("*step=4.ckpt"))
+    saved = torch.load(ckpt, weights_only=False)["FPQuantPrecision"]
+    assert saved["rng_kind"] == "philox" and all(v.shape == (2,) for v in saved["rng"].values())
+
+    seed_everything(0)
+    resumed_model = TinyLM()
+    _trainer(tmp_path, callbacks(tmp_path / "b"), max_steps=8, plugin=plugin()).fit(
+        resumed_model, token_loader(4, BATCH, SEQ, seed=1), ckpt_path=ckpt
+    )
+    for key, value in _weights(full).items():
+        assert torch.equal(value, _weights(resumed_model)[key]), key
+
+    with pytest.raises(ValueError, match=r"generators are rng='philox', this run has rng='torch'"):
+        _trainer(tmp_path, [], max_steps=8, plugin=plugin("torch")).fit(
+            TinyLM(), token_loader(4, BATCH, SEQ, seed=1), ckpt_path=ckpt
+        )
+
+
 def _count_ids(batch) -> int:
     return batch[0].numel()
 
@@ -196,7 +228,8 @@ def test_compiled_training_has_no_graph_breaks_with_or_without_a_switch(tmp_path
 
 
 @pytest.mark.slow
-def test_ddp_resume_gives_each_rank_its_own_stochastic_rounding_generators(tmp_path):
+@pytest.mark.parametrize("rng", ["torch", "philox"])
+def test_ddp_resume_gives_each_rank_its_own_stochastic_rounding_generators(tmp_path, rng):
     import json
     import subprocess
     import sys
@@ -205,7 +238,7 @@ def test_ddp_resume_gives_each_rank_its_own_stochastic_rounding_generators(tmp_p
     script = Path(__file__).parent / "callback_scripts" / "ddp_rng_resume.py"
     for phase in ("train", "resume"):
         result = subprocess.run(
-            [sys.executable, str(script), str(tmp_path), phase], capture_output=True, text=True, timeout=600
+            [sys.executable, str(script), str(tmp_path), phase, rng], capture_output=True, text=True, timeout=600
         )
         assert result.returncode == 0, result.stderr[-3000:]
     trained = [json.loads((tmp_path / f"train{r}.json").read_text()) for r in (0, 1)]

@@ -14,6 +14,7 @@ import torch
 
 from ..formats import FPFormat
 from ..packing import PackedTensor
+from ..philox import NoiseGenerator
 from ..spec import LayerSpec, OperandSpec
 from .hardware import Capability
 
@@ -144,7 +145,7 @@ def worth_auto(device: torch.device) -> Capability:
 
 
 @torch.compiler.disable
-def pack_operand(x: torch.Tensor, spec: OperandSpec, axis: int, generator: Optional[torch.Generator]) -> PackedTensor:
+def pack_operand(x: torch.Tensor, spec: OperandSpec, axis: int, generator: Optional[NoiseGenerator]) -> PackedTensor:
     """E2M1 codes and block scales of ``x`` along ``axis`` (the Triton kernel; its values are
     the reference's, and stochastic rounding draws the reference's noise from ``generator``)."""
     from ..kernels import pack_triton

@@ -47,6 +47,12 @@ class FPQuantPrecision(QuantPrecisionMixin, Precision):
             model's device cannot run raises it at setup.
         seed: base seed of the stochastic-rounding generators (``None``: from
             ``torch.initial_seed()``, so ``seed_everything`` makes runs reproducible).
+        rng: the stochastic-rounding noise. "torch" (default): ``torch.rand`` on a
+            ``torch.Generator`` per layer, written as one float32 tensor per stochastically
+            rounded operand. "philox": a counter-based stream per layer (Triton's ``tl.rand``),
+            which the Triton kernels and the compiled quantizer compute in place (no noise
+            tensor); the reference computes the same draws, so every backend still agrees bit
+            for bit. A checkpoint resumes only with the ``rng`` it was saved with.
         save_quantized_weight: keep q4(W) from forward for backward (faster) or quantize W
             again in backward (less memory). ``None``: keep it, except under FSDP2 sharding.
         cache_weights: quantize each weight once per optimizer step rather than once per

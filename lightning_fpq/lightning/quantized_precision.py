@@ -103,6 +103,7 @@ class QuantPrecisionMixin:
         compute_dtype: Optional[Union[str, torch.dtype]] = None,
         backend: str = "auto",
         seed: Optional[int] = None,
+        rng: str = "torch",
         save_quantized_weight: Optional[bool] = None,
         cache_weights: bool = False,
         quantize_tied: bool = False,
@@ -129,6 +130,7 @@ class QuantPrecisionMixin:
             self.requested_recipe,
             backend=backend,
             seed=seed,
+            rng=rng,
             save_quantized_weight=True if save_quantized_weight is None else save_quantized_weight,
             cache_weights=cache_weights,
         )

@@ -4,7 +4,7 @@ Phase "train": 2 steps of nvfp4 (stochastic rounding on dY), a checkpoint, and e
 generator states written to OUT_DIR/train<rank>.json. Phase "resume": a new run restores that
 checkpoint and writes the restored states to OUT_DIR/resume<rank>.json.
 
-Usage: python ddp_rng_resume.py OUT_DIR train|resume
+Usage: python ddp_rng_resume.py OUT_DIR train|resume [torch|philox]  (the plugin's rng, default torch)
 """
 
 import hashlib
@@ -20,9 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from helpers import TinyLM, token_loader  # noqa: E402
 
 
-def main(out_dir: Path, phase: str) -> None:
+def main(out_dir: Path, phase: str, rng: str) -> None:
     seed_everything(0)
-    plugin = FPQuantPrecision(recipe="nvfp4")
+    plugin = FPQuantPrecision(recipe="nvfp4", rng=rng)
     trainer = Trainer(
         accelerator="cpu",
         devices=2,
@@ -48,4 +48,4 @@ def main(out_dir: Path, phase: str) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2])
+    main(Path(sys.argv[1]), sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else "torch")
