@@ -12,8 +12,10 @@ quantizers through ``quantize()`` (backend "auto", which takes the compiled path
 same work through the reference, through torchao's ``MXTensor`` (E2M1, B=32, e8m0 scales:
 ``MXTensor.to_mx(x, torch.float4_e2m1fn_x2, 32).dequantize(torch.float32)``), and plain
 casts without scaling (``quantize(block_size=None)`` and ml_dtypes' numpy ``astype`` round
-trip ``x -> float4_e2m1fn / float8_e4m3fn -> float32``). Every output that claims to equal
-the reference's is checked against it bit for bit.
+trip ``x -> float4_e2m1fn / float8_e4m3fn -> float32``), and NVFP4 with stochastic rounding
+(E2M1, B=16, e4m3 scales) drawing from torch's generator (a ``torch.rand`` noise tensor) and
+from a ``PhiloxGenerator`` (``rng="philox"``: the draws computed in the compiled loop). Every
+output that claims to equal the reference's is checked against it bit for bit.
 
     .venv/bin/python benchmarks/bench_quantize.py                  # 16M fp32 elements
     .venv/bin/python benchmarks/bench_quantize.py --quick          # only clone and quantize()
@@ -41,6 +43,7 @@ import torch
 from lightning_fpq import fastquant
 from lightning_fpq.formats import FPFormat
 from lightning_fpq.quantize import quantize, quantize_reference
+from lightning_fpq.philox import PhiloxGenerator
 
 
 def _cpu_name() -> str:
@@ -155,7 +158,30 @@ def main() -> None:
         exact = "not checked (--quick)" if args.quick else _same_bits(got, refs[label])
         print(f"  {label:<18} {first:6.2f} s   bit-identical to the reference: {exact}")
 
+    # Stochastic rounding (NVFP4's gradients): torch.rand's noise tensor (rng="torch") against
+    # the Philox draws computed in the compiled loop (rng="philox"), both checked bit for bit.
+    nvfp4_sr = dict(block_size=16, scale_format="e4m3", rounding="stochastic")
+    noise_sources = {"torch": lambda: torch.Generator().manual_seed(1), "philox": lambda: PhiloxGenerator(1)}
+    for rng, make in noise_sources.items():
+        t0 = time.perf_counter()
+        got = quantize(x, "e2m1", generator=make(), **nvfp4_sr)
+        first = time.perf_counter() - t0
+        exact = "not checked (--quick)"
+        if not args.quick:
+            exact = _same_bits(got, quantize_reference(x, FPFormat.parse("e2m1"), generator=make(), **nvfp4_sr))
+        print(f"  NVFP4 SR rng={rng:<7} {first:6.2f} s   bit-identical to the reference: {exact}")
+
     rows = [Row("x.clone() (memory-traffic limit)", lambda: x.clone(), args.repeats)]
+    for rng, make in noise_sources.items():
+        gen = make()  # one stream, advancing call by call as in training
+        rows.append(
+            Row(
+                f"quantize NVFP4 B=16 SR rng={rng}",
+                (lambda g=gen: quantize(x, "e2m1", generator=g, **nvfp4_sr)),
+                args.repeats,
+                "compiled; " + ("torch.rand noise tensor" if rng == "torch" else "draws computed in the loop"),
+            )
+        )
     for label, fmt, bs, sf in cases:
         rows.append(
             Row(
@@ -172,6 +198,16 @@ def main() -> None:
                 (lambda f=fmt, b=bs, s=sf: quantize(x, f, block_size=b, scale_format=s, backend="reference")),
                 args.ref_repeats,
                 "quantize_reference",
+            )
+        )
+    for rng, make in [] if args.quick else noise_sources.items():
+        gen = make()
+        rows.append(
+            Row(
+                f"reference NVFP4 B=16 SR rng={rng}",
+                (lambda g=gen: quantize(x, "e2m1", generator=g, backend="reference", **nvfp4_sr)),
+                args.ref_repeats,
+                "quantize_reference; " + ("torch.rand" if rng == "torch" else "Philox in eager torch"),
             )
         )
     mx, mx_note = (None, "skipped (--quick)") if args.quick else _torchao_mx(x)

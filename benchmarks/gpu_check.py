@@ -14,7 +14,8 @@ Sections:
              compute-dtype GEMM) the selection rules take on this device.
   exact      every kernel against the pure-torch reference, bit for bit: the fused quantizer
              (fake-quantized values; nearest and stochastic rounding, the reference drawing the
-             same noise on the same device) and the packer (codes and scales) for each named
+             same noise on the same device, from torch's generator and from the Philox stream
+             of ``rng="philox"``) and the packer (codes and scales) for each named
              recipe's operands, with NaN/inf/subnormal inputs; ``gemm_fp4`` on every path of this
              GPU against the float64 product where fp32 sums are exact, paths against each other
              at K = 4096; host synchronisation of ``gemm_fp4(path="auto")``; the torchao backend
@@ -346,6 +347,7 @@ def _exact_operand(ctx: Ctx, sec: Section, report: Report, recipe, label, op, ax
     """The fused quantizer and the packer on one operand of a named recipe, against the reference."""
     from lightning_fpq.kernels import pack_triton, quantize_triton
     from lightning_fpq.packing import pack
+    from lightning_fpq.philox import PhiloxGenerator
     from lightning_fpq.quantize import quantize
 
     dev = ctx.device
@@ -363,6 +365,14 @@ def _exact_operand(ctx: Ctx, sec: Section, report: Report, recipe, label, op, ax
         sec.row(f"{what}: {'bit-exact' if ok else 'DIFFERS ' + why}", kernel="quantize", case=what, exact=ok)
         if not ok:
             report.failures.append(what)
+        if op.rounding == "stochastic":  # rng="philox": the kernel's Philox draws against the reference's
+            got = quantize_triton(x, op.fmt, generator=PhiloxGenerator(2**40 + 5), **kw)
+            ref = quantize(x, op.fmt, backend="reference", generator=PhiloxGenerator(2**40 + 5), **kw)
+            ok, why = bit_equal(got, ref)
+            what = f"quantize {recipe} {label} {op.short_str()} axis={axis} {dtype} philox"
+            sec.row(f"{what}: {'bit-exact' if ok else 'DIFFERS ' + why}", kernel="quantize", case=what, exact=ok)
+            if not ok:
+                report.failures.append(what)
         if op.fmt.bits <= 16 and op.rounding == "nearest" and op.block_size is not None:
             got_p = pack_triton(x, op.fmt, **kw)
             ref_p = pack(x, op.fmt, **{k: v for k, v in kw.items() if k != "rounding"})
@@ -602,6 +612,7 @@ def blackwell(ctx: Ctx, sec: Section, shapes: list[tuple[int, int, int]]) -> Non
 
 def quant(ctx: Ctx, sec: Section) -> None:
     from lightning_fpq.kernels import pack_triton, quantize_triton
+    from lightning_fpq.philox import PhiloxGenerator
 
     dev = ctx.device
     x = torch.randn((64, 128) if ctx.smoke else (8192, 4096), device=dev, dtype=torch.bfloat16)
@@ -609,6 +620,7 @@ def quant(ctx: Ctx, sec: Section) -> None:
         sec.note("smoke run: timings measure nothing")
     n, e = x.numel(), x.element_size()
     g = torch.Generator(dev).manual_seed(0)
+    philox = PhiloxGenerator(0)
     cases = {  # name: (fn, bytes moved)
         "x.clone() bf16": (lambda: x.clone(), 2 * n * e),
         "pack mxfp4 rows (q1)": (lambda: pack_triton(x, "e2m1", block_size=32, scale_format="e8m0"), n * e + n / 2 + n / 8),
@@ -616,6 +628,9 @@ def quant(ctx: Ctx, sec: Section) -> None:
         "pack nvfp4 rows": (lambda: pack_triton(x, "e2m1", block_size=16, scale_format="e4m3"), 2 * n * e + n / 2 + n / 4),
         "pack nvfp4 cols stochastic": (lambda: pack_triton(x, "e2m1", block_size=16, axis=0, scale_format="e4m3",
                                                            rounding="stochastic", generator=g), 2 * n * e + 4 * n + n / 2 + n / 4),
+        # rng="philox": the draws computed in the kernel, no noise tensor written or read
+        "pack nvfp4 cols stochastic philox": (lambda: pack_triton(x, "e2m1", block_size=16, axis=0, scale_format="e4m3",
+                                                                  rounding="stochastic", generator=philox), 2 * n * e + n / 2 + n / 4),
         "fake mxfp4 rows": (lambda: quantize_triton(x, "e2m1", block_size=32, scale_format="e8m0"), 2 * n * e),
         "fake e4m3 tensor (fp8)": (lambda: quantize_triton(x, "e4m3", block_size="tensor"), 3 * n * e),
         "fake e4m3 channel cols (fp8 rowwise q6)": (lambda: quantize_triton(x, "e4m3", block_size="channel", axis=0), 2 * n * e),

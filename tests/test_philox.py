@@ -92,3 +92,10 @@ def test_invalid_seeds_name_the_value_and_the_range(seed):
 def test_a_torch_generator_state_is_refused_with_the_reason():
     with pytest.raises(ValueError, match=r"int64 tensor \[seed, offset\].*rng='torch'"):
         PhiloxGenerator().set_state(torch.Generator().get_state())
+
+
+def test_generator_draws_in_chunks_equal_one_pass():
+    # uniform() computes long ranges chunk by chunk (to stay in cache): same values as one pass
+    n = 3 * (1 << 16) + 5
+    g = PhiloxGenerator(seed=99, offset=2**32 - 70_000)  # the range crosses a 32-bit counter boundary
+    assert torch.equal(g.uniform((n,)), philox_uniform(99, torch.arange(2**32 - 70_000, 2**32 - 70_000 + n)))
