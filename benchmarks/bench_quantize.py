@@ -42,8 +42,8 @@ import torch
 
 from lightning_fpq import fastquant
 from lightning_fpq.formats import FPFormat
-from lightning_fpq.quantize import quantize, quantize_reference
 from lightning_fpq.philox import PhiloxGenerator
+from lightning_fpq.quantize import quantize, quantize_reference
 
 
 def _cpu_name() -> str:
