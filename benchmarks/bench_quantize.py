@@ -172,6 +172,15 @@ def main() -> None:
         print(f"  NVFP4 SR rng={rng:<7} {first:6.2f} s   bit-identical to the reference: {exact}")
 
     rows = [Row("x.clone() (memory-traffic limit)", lambda: x.clone(), args.repeats)]
+    draws = torch.Generator().manual_seed(2)
+    rows.append(
+        Row(
+            "torch.rand(x.shape) (the draws alone)",
+            lambda: torch.rand(x.shape, generator=draws),
+            args.repeats,
+            "rng=torch's noise tensor",
+        )
+    )
     for rng, make in noise_sources.items():
         gen = make()  # one stream, advancing call by call as in training
         rows.append(

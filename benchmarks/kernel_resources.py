@@ -177,6 +177,8 @@ def capture(cc: tuple[int, int], only: str = "") -> list[Launch]:
     """Every launch the wrappers make for the named recipes' operands and FP4 GEMMs on ``cc``."""
     kernels = importlib.import_module("lightning_fpq.kernels")
     gemm = importlib.import_module("lightning_fpq.kernels.gemm_fp4")
+    from lightning_fpq.philox import PhiloxGenerator
+
     g = torch.Generator().manual_seed(0)
     with pretend_gpu(cc) as (launches, context):
         if only != "gemm":
@@ -187,13 +189,16 @@ def capture(cc: tuple[int, int], only: str = "") -> list[Launch]:
                     shape = (SHORT, length) if axis == -1 else (length, SHORT)
                     x = torch.randn(shape, generator=g).to(dtype)
                     args = dict(block_size=op.block_size, axis=axis, scale_format=op.scale_format, rounding=op.rounding)
-                    if op.rounding == "stochastic":
-                        args["generator"] = torch.Generator().manual_seed(1)
-                    context["used_by"] = f"{name}{kw or ''} {label} {op.short_str()} fake"
-                    kernels.quantize_triton(x, op.fmt, **args)
-                    if packed:  # the triton backend packs it where the GEMM can take it
-                        context["used_by"] = f"{name}{kw or ''} {label} {op.short_str()} packed"
-                        kernels.pack_triton(x, op.fmt, **args)
+                    # stochastic rounding: torch's generator (a noise tensor), and rng="philox" (in-kernel draws)
+                    sources = [("", torch.Generator().manual_seed(1)), (" philox", PhiloxGenerator(1))]
+                    for tag, gen in sources if op.rounding == "stochastic" else [("", None)]:
+                        if gen is not None:
+                            args["generator"] = gen
+                        context["used_by"] = f"{name}{kw or ''} {label} {op.short_str()} fake{tag}"
+                        kernels.quantize_triton(x, op.fmt, **args)
+                        if packed:  # the triton backend packs it where the GEMM can take it
+                            context["used_by"] = f"{name}{kw or ''} {label} {op.short_str()} packed{tag}"
+                            kernels.pack_triton(x, op.fmt, **args)
             # API modes the layer does not launch: Philox stochastic rounding, 16-bit codes
             x = torch.randn(SHORT, LAYER[1], generator=g).to(torch.bfloat16)
             context["used_by"] = "api quantize_triton(seed=) e2m1 B=32"

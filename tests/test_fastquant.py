@@ -342,3 +342,34 @@ def test_compiles_with_the_torch_compile_of_torch_2_11(monkeypatch):
 def test_compiled_available_is_a_reasoned_pair():
     ok, reason = fastquant.compiled_available()
     assert isinstance(ok, bool) and isinstance(reason, str) and reason
+
+
+@needs_compile
+def test_stochastic_floor_decision_is_exact_at_boundaries():
+    # The compiled loop's floor(|t| + u): pairs (y, u) whose exact t + u sits at or just below
+    # an integer, where an fp32 sum would round (as in the kernel test), and u far below
+    # ulp(t); against round_to_format, inf, NaN and -0 included.
+    from lightning_fpq.quantize import round_to_format
+
+    fmt = FPFormat.parse("e2m1")
+    t = torch.tensor([0.375, 0.375, 2.0**-20, 2.0**-20, 2.0**-24 - 2.0**-30, 0.75, 0.75, 2.5, 2.5, 3.0, 1.5])
+    u = torch.tensor(
+        [
+            0.625,
+            0.625 - 2.0**-24,
+            1 - 2.0**-20,
+            1 - 2.0**-20 - 2.0**-24,
+            1 - 2.0**-24,
+            0.25,
+            0.0,
+            0.5,
+            2.0**-31,
+            0.999,
+            0.5,
+        ]
+    )
+    y = torch.cat([t / 2, -t / 2, torch.tensor([float("inf"), float("-inf"), float("nan"), -0.0])])
+    noise = torch.cat([u, u, torch.tensor([0.5, 0.5, 0.5, 0.5])])
+    expected = round_to_format(y, fmt, rounding="stochastic", noise=noise)
+    step = torch.compile(lambda y, u: fastquant._round_fp32(y, fmt.mbits, fmt.emin, fmt.max, fmt.max, -fmt.max, u))
+    assert_same_bits(step(y, noise), expected)

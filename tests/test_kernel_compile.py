@@ -86,6 +86,9 @@ def test_every_launch_compiles(arch):
     results = _compile(arch)
     quantize = [r for r in results if r.name == "_block_quantize_kernel"]
     assert len(quantize) >= 10 and any(r.name == "_finite_absmax_kernel" for r in results)
+    # rng="philox": NVFP4's stochastically rounded gradients with in-kernel draws, packed
+    philox = [r for r in quantize if r.constants["ROUND_MODE"] == 2 and r.constants["SCALE_MODE"] == 3]
+    assert any("nvfp4" in u and u.endswith("packed philox") for r in philox for u in r.used_by)
     for r in quantize:
         # exactness needs IEEE arithmetic on subnormals: no flush-to-zero arithmetic (floor's
         # cvt.rmi.ftz is harmless: the floor of a non-negative subnormal is 0 either way)
