@@ -172,6 +172,17 @@ def main() -> None:
         print(f"  NVFP4 SR rng={rng:<7} {first:6.2f} s   bit-identical to the reference: {exact}")
 
     rows = [Row("x.clone() (memory-traffic limit)", lambda: x.clone(), args.repeats)]
+    for label, fmt, bs, sf in cases:
+        rows.append(
+            Row(
+                f"quantize {label}",
+                (lambda f=fmt, b=bs, s=sf: quantize(x, f, block_size=b, scale_format=s)),
+                args.repeats,
+                "compiled" if ok else "reference (compiled path unavailable)",
+            )
+        )
+    # after the other quantize rows: placed before them, they changed the page state the next
+    # row found (E2M1 e8m0 then timed faster than clone, 1.4x-3.2x, in two of four runs)
     draws = torch.Generator().manual_seed(2)
     rows.append(
         Row(
@@ -189,15 +200,6 @@ def main() -> None:
                 (lambda g=gen: quantize(x, "e2m1", generator=g, **nvfp4_sr)),
                 args.repeats,
                 "compiled; " + ("torch.rand noise tensor" if rng == "torch" else "draws computed in the loop"),
-            )
-        )
-    for label, fmt, bs, sf in cases:
-        rows.append(
-            Row(
-                f"quantize {label}",
-                (lambda f=fmt, b=bs, s=sf: quantize(x, f, block_size=b, scale_format=s)),
-                args.repeats,
-                "compiled" if ok else "reference (compiled path unavailable)",
             )
         )
     for label, fmt, bs, sf in [] if args.quick else cases[:3]:

@@ -356,11 +356,19 @@ def _next_pow2(n: int) -> int:
 
 
 def _tiles(
-    block_len: int, n_blocks: int, n_vec: int, vectors_contiguous: bool, interp: Optional[bool] = None
+    block_len: int,
+    n_blocks: int,
+    n_vec: int,
+    vectors_contiguous: bool,
+    philox: bool = False,
+    interp: Optional[bool] = None,
 ) -> tuple[int, int, int, int]:
     """(BLOCK_V, NB, BLOCK_K, N_CHUNKS): slices x blocks x elements a program holds.
 
-    Compiled: about 4096 elements a program. Blocks along rows (elements contiguous) put
+    Compiled: about 4096 elements a program, 2048 when the program computes Philox draws
+    (``philox``: each element's 10 rounds hold six 32-bit words; at 4096 the NVFP4 column
+    kernel compiled to 236-255 registers on sm_90/sm_100, against 142-168 reading a noise
+    tensor; ``benchmarks/kernel_resources.py``). Blocks along rows (elements contiguous) put
     NB short blocks side by side, so that a program reads at least 256 consecutive elements
     of each row; blocks along columns (slices contiguous) take at least 64 slices instead,
     also when a block is longer than one tile ("channel" or "tensor" along axis 0: 64 slices
@@ -369,7 +377,7 @@ def _tiles(
     The tiling never changes a value: amax and rounding are per block and per element."""
     interp = capability.interpret_requested() if interp is None else interp
     max_k = 4096 if interp else 1024
-    target = 16384 if interp else 4096
+    target = 16384 if interp else 2048 if philox else 4096
     block_k = max(2, min(_next_pow2(block_len), max_k))
     n_chunks = -(-block_len // block_k)
     if n_chunks > 1 and vectors_contiguous and not interp:
@@ -491,7 +499,8 @@ def _run(
         n3, sn = x3, (0, 0, 0)
     p = fmt.mbits - fmt.emin  # q / min_subnormal = q * 2**p, as two fp32 factors
     p1 = min(p, 127)
-    block_v, nb, block_k, n_chunks = _tiles(block_len, n_blocks, n_vec, inner > 1 and x3.stride(2) == 1)
+    contiguous_slices = inner > 1 and x3.stride(2) == 1
+    block_v, nb, block_k, n_chunks = _tiles(block_len, n_blocks, n_vec, contiguous_slices, round_mode == _ROUND_PHILOX)
     grid = (triton.cdiv(n_vec, block_v) * triton.cdiv(n_blocks, nb),)
     launcher(_block_quantize_kernel)[grid](
         x3.view(torch.int16) if in_kind == 1 else x3,

@@ -102,6 +102,17 @@ def test_rng_preserved_restores_and_forgets_generators():
     assert torch.equal(state.generator("b", torch.device("cpu")).get_state(), fresh)  # made afresh
 
 
+def test_rng_preserved_restores_philox_counters():
+    # rng="philox": a measurement inside the block must not move the layer's counter either
+    state = QuantState("nvfp4", seed=0, rng="philox")
+    gen = state.generator("a", torch.device("cpu"))
+    gen.uniform((5,))
+    with state.rng_preserved():
+        gen.uniform((1000,))
+        assert gen.offset == 1005
+    assert state.generator("a", torch.device("cpu")).offset == 5
+
+
 def test_log_log_slope_matches_numpy_and_needs_three_positive_points():
     rng = np.random.default_rng(0)
     x = np.geomspace(1e3, 1e6, 7)

@@ -437,6 +437,24 @@ def test_stochastic_with_philox_follows_the_row_major_index_on_any_view(device):
         assert_same(quantize_triton(t, "e2m1", seed=5, **kw), expected)  # seed=s: the stream from counter 0
 
 
+def test_philox_with_the_compiled_tiles_along_both_axes(device, monkeypatch):
+    # The GPU's smaller Philox tiles (2048 elements a program), forced under the interpreter:
+    # the draws follow the element, not the tile.
+    import importlib
+
+    from lightning_fpq.philox import PhiloxGenerator
+
+    kq = importlib.import_module("lightning_fpq.kernels.quantize")
+    real, seen = kq._tiles, []
+    monkeypatch.setattr(kq, "_tiles", lambda *args: seen.append(real(*args, interp=False)) or seen[-1])
+    x = edge_tensor((96, 80), seed=26, dtype=torch.bfloat16)
+    for axis, tiles in ((-1, (16, 8, 16, 1)), (0, (64, 2, 16, 1))):  # BLOCK_V, NB, BLOCK_K, N_CHUNKS
+        kw = dict(block_size=16, axis=axis, scale_format="e4m3", rounding="stochastic")
+        expected = quantize(x, "e2m1", backend="reference", generator=PhiloxGenerator(4), **kw)
+        assert_same(quantize_triton(x.to(device), "e2m1", generator=PhiloxGenerator(4), **kw), expected)
+        assert seen[-1] == tiles
+
+
 def test_pack_stochastic_with_philox_unpacks_to_the_reference(device):
     from lightning_fpq.philox import PhiloxGenerator
 
