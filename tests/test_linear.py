@@ -280,19 +280,23 @@ def test_output_sqnr_floor(name, fmt, floor):
 
 
 # ---------------------------------------------------------------- stochastic rounding
+def _layer_grads(state: QuantState, x, w, b, dy) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dX, dW) of one step of a 96 -> 80 QuantLinear with weight ``w`` and bias ``b`` under ``state``."""
+    layer = QuantLinear(96, 80, state=state, name="blocks.0.fc")
+    with torch.no_grad():
+        layer.weight.copy_(w)
+        layer.bias.copy_(b)
+    xr = x.clone().requires_grad_()
+    layer(xr).backward(dy)
+    return xr.grad, layer.weight.grad
+
+
 def test_stochastic_rounding_is_reproducible_from_the_seed_and_unbiased():
     recipe = QuantRecipe.from_name("nvfp4")
     x, w, b, dy = data()
 
     def grads(seed):
-        state = QuantState(recipe, seed=seed)
-        layer = QuantLinear(96, 80, state=state, name="blocks.0.fc")
-        with torch.no_grad():
-            layer.weight.copy_(w)
-            layer.bias.copy_(b)
-        xr = x.clone().requires_grad_()
-        layer(xr).backward(dy)
-        return xr.grad, layer.weight.grad
+        return _layer_grads(QuantState(recipe, seed=seed), x, w, b, dy)
 
     a, b_ = grads(1), grads(1)
     c = grads(2)
@@ -354,12 +358,7 @@ def test_philox_noise_matches_the_reference_on_every_cpu_backend(backend):
     recipe = QuantRecipe.from_name("nvfp4")
     x, w, b, dy = data()
     state = QuantState(recipe, seed=11, rng="philox", backend=backend)
-    layer = QuantLinear(96, 80, state=state, name="blocks.0.fc")
-    with torch.no_grad():
-        layer.weight.copy_(w)
-        layer.bias.copy_(b)
-    xr = x.clone().requires_grad_()
-    layer(xr).backward(dy)
+    dx, dw = _layer_grads(state, x, w, b, dy)
     gen = state.generator("blocks.0.fc", x.device)
     assert isinstance(gen, PhiloxGenerator) and gen.offset == 2 * dy.numel()  # q3 and q5 drew dY's size each
     ref = PhiloxGenerator(gen.initial_seed())
@@ -367,8 +366,8 @@ def test_philox_noise_matches_the_reference_on_every_cpu_backend(backend):
     kw = dict(block_size=16, scale_format="e4m3", rounding="stochastic", generator=ref, backend="reference")
     q3 = quantize(dy2d, "e2m1", axis=-1, **kw)
     q5 = quantize(dy2d, "e2m1", axis=0, **kw)
-    assert torch.equal(xr.grad.reshape(-1, 96), q3 @ rq(w, recipe.p4, 0))
-    assert torch.equal(layer.weight.grad, q5.t() @ rq(x.reshape(-1, 96), recipe.p6, 0))
+    assert torch.equal(dx.reshape(-1, 96), q3 @ rq(w, recipe.p4, 0))
+    assert torch.equal(dw, q5.t() @ rq(x.reshape(-1, 96), recipe.p6, 0))
 
 
 def test_rng_must_be_torch_or_philox():
