@@ -124,7 +124,14 @@ def plain_install(tmp_path_factory):
         (wheel,) = (base / "wheels").glob("lightning_fpq-*.whl")
         _ok(_run([sys.executable, "-m", "venv", str(venv)], base))
         pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
-        _ok(_run([*pip, "torch==2.13.0+cpu"], base))  # the local CPU wheel: never the CUDA build
+        torch_install = _run([*pip, "torch==2.13.0+cpu"], base)  # the local CPU wheel: never the CUDA build
+        if "No matching distribution found for torch==2.13.0+cpu" in torch_install.stderr:
+            # the registry holds that CPU wheel for some Pythons only (this machine's: 3.11)
+            pytest.skip(
+                f"no torch==2.13.0+cpu wheel for Python {sys.version_info.major}.{sys.version_info.minor} "
+                "in the package index; the fresh venv would need the multi-GB CUDA build"
+            )
+        _ok(torch_install)
         _ok(_run([*pip, str(wheel)], base))
         yield venv / "bin", base
     finally:
