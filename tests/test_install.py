@@ -125,8 +125,10 @@ def plain_install(tmp_path_factory):
         _ok(_run([sys.executable, "-m", "venv", str(venv)], base))
         pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
         torch_install = _run([*pip, "torch==2.13.0+cpu"], base)  # the local CPU wheel: never the CUDA build
-        if "No matching distribution found for torch==2.13.0+cpu" in torch_install.stderr:
-            # the registry holds that CPU wheel for some Pythons only (this machine's: 3.11)
+        unavailable = ("No matching distribution found for torch==2.13.0+cpu", "Cannot install torch==2.13.0+cpu")
+        if any(message in torch_install.stderr for message in unavailable):
+            # the registry holds that CPU wheel for some Pythons only (this machine's: 3.11); where
+            # it has none, scripts/setup.sh fails first (it installs the same wheel), so CI still would
             pytest.skip(
                 f"no torch==2.13.0+cpu wheel for Python {sys.version_info.major}.{sys.version_info.minor} "
                 "in the package index; the fresh venv would need the multi-GB CUDA build"
