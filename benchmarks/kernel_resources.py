@@ -203,6 +203,9 @@ def capture(cc: tuple[int, int], only: str = "") -> list[Launch]:
             x = torch.randn(SHORT, LAYER[1], generator=g).to(torch.bfloat16)
             context["used_by"] = "api quantize_triton(seed=) e2m1 B=32"
             kernels.quantize_triton(x, "e2m1", block_size=32, rounding="stochastic", seed=3)
+            # rows whose length is not a multiple of 4: one Philox evaluation per element
+            context["used_by"] = "api quantize_triton(seed=) e2m1 B=32, rows of 4095"
+            kernels.quantize_triton(x[:, :-1], "e2m1", block_size=32, rounding="stochastic", seed=3)
             context["used_by"] = "api pack_triton e5m10 B=64"
             kernels.pack_triton(x, "e5m10", block_size=64)
         if only != "quantize":
@@ -308,7 +311,8 @@ def compile_all(archs=DEFAULT_ARCHS, only: str = "", select=None, on_result=None
 
 # ------------------------------------------------------------------ 4. analyse
 _SHOWN = ("DOT_MODE", "BLOCK_M", "BLOCK_N", "BLOCK_K", "OUT_KIND", "MBITS", "EBITS", "SCALE_MODE", "ROUND_MODE",
-          "IN_KIND", "CODE_BITS", "BLOCK_V", "NB", "N_CHUNKS")  # fmt: skip
+          "PHILOX_GROUP", "IN_KIND", "CODE_BITS", "BLOCK_V", "NB", "N_CHUNKS")  # fmt: skip
+_PHILOX_MUL_HI = 20  # mul.hi.u32 of one Philox4x32-10 evaluation: two a round, ten rounds
 
 
 def analyse(result: Compiled) -> dict:
@@ -332,6 +336,10 @@ def analyse(result: Compiled) -> dict:
         # the main loop streams tiles asynchronously into shared memory ahead of the MMA
         "pipelined": "async_copy_global_to_local" in ttgir or "async_tma_copy" in ttgir or "tma_load" in ttgir,
     }
+    if result.constants.get("ROUND_MODE") == 2:  # Philox draws in the kernel: evaluations per element
+        c = result.constants
+        per_thread = c["BLOCK_V"] * c["NB"] * c["BLOCK_K"] / (32 * ck.metadata.num_warps)
+        row["philox_per_element"] = len(re.findall(r"\bmul\.hi\.u32", ptx)) / _PHILOX_MUL_HI / per_thread
     row.update(_ptxas_usage(ptx, result.arch))
     return row
 
@@ -395,6 +403,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             if row["nvf4.block16"]:
                 mma += ".b16"  # tcgen05 ... kind::mxf4nvf4.block_scale.block16
             consts = " ".join(f"{k}={v}" for k, v in row["constants"].items())
+            if "philox_per_element" in row:
+                consts += f" philox/elem={row['philox_per_element']:.2f}"
             print(
                 f"{result.arch:>4} {result.name:<22} {row['registers']!s:>4} {row['spill_stores']!s:>5}/{row['spill_loads']!s:<5} "
                 f"{row['shared_bytes']!s:>7} {'yes' if row['pipelined'] else 'no':>4} {mma:>9} {result.seconds:5.1f}  "

@@ -22,7 +22,8 @@ Stochastic rounding draws ``u`` from one of three sources: a ``noise`` tensor (s
 ``x``, read by the kernel); a ``generator``, either a ``torch.Generator`` (the wrapper draws
 ``torch.rand`` exactly as the reference does) or a ``lightning_fpq.philox.PhiloxGenerator``
 (Philox inside the kernel: no noise tensor is written or read; the element at row-major
-position ``n`` of ``x`` takes counter ``offset + n``, which the reference computes too); or a
+position ``n`` of ``x`` takes draw ``offset + n`` of the stream, four draws per Philox
+evaluation, which the reference computes too); or a
 ``seed`` (the Philox stream of ``PhiloxGenerator(seed)`` from counter 0). Every source gives
 the result of ``quantize(..., backend="reference")`` with the same draws, bit for bit.
 """
@@ -176,6 +177,49 @@ def _quantize_tile(
 
 
 @jit
+def _philox_tile(
+    seed,
+    offset,
+    pv,
+    o,
+    i,
+    k,
+    kbase,
+    length,
+    inner,
+    GROUP: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    NB: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """The stochastic-rounding draws of a [BLOCK_V, NB, BLOCK_K] tile: element (o, k, i) takes
+    draw ``d = offset + n`` (``n`` its row-major index in x), which is word ``d % 4`` of
+    ``tl.rand4x(seed, d // 4)`` (``lightning_fpq.philox``; ``offset`` is a multiple of 4).
+
+    GROUP 1 (blocks along the last axis, row length, block and tile multiples of 4): four
+    consecutive k share one counter, so Philox runs once per four elements and its words are
+    interleaved along k. GROUP 2 (slices contiguous, ``inner`` and BLOCK_V multiples of 4):
+    the same along the slices. GROUP 0: one Philox evaluation per element, its word selected."""
+    if GROUP == 1:
+        kq = kbase + 4 * tl.arange(0, BLOCK_K // 4)[None, :]  # [NB, BLOCK_K // 4]: each group's first k
+        d = offset + (o * length)[:, None, None] + kq[None, :, :]
+        u0, u1, u2, u3 = tl.rand4x(seed, d >> 2)
+        u = tl.reshape(tl.join(tl.join(u0, u2), tl.join(u1, u3)), (BLOCK_V, NB, BLOCK_K))
+    elif GROUP == 2:
+        vq = (pv * BLOCK_V + 4 * tl.arange(0, BLOCK_V // 4)).to(tl.int64)  # each group's first slice
+        d = offset + ((vq // inner) * length * inner + vq % inner)[:, None, None] + (k * inner)[None, :, :]
+        u0, u1, u2, u3 = tl.rand4x(seed, d >> 2)  # [BLOCK_V // 4, NB, BLOCK_K] each
+        z = tl.join(tl.join(u0, u2), tl.join(u1, u3))  # [.., NB, BLOCK_K, 2, 2]: word 2b + a at [.., b, a]
+        u = tl.reshape(tl.permute(z, (0, 3, 4, 1, 2)), (BLOCK_V, NB, BLOCK_K))
+    else:
+        d = offset + (o * length * inner + i)[:, None, None] + (k * inner)[None, :, :]
+        u0, u1, u2, u3 = tl.rand4x(seed, d >> 2)
+        w = d & 3
+        u = tl.where(w == 0, u0, tl.where(w == 1, u1, tl.where(w == 2, u2, u3)))
+    return u
+
+
+@jit
 def _block_quantize_kernel(
     x_ptr,
     noise_ptr,
@@ -212,6 +256,7 @@ def _block_quantize_kernel(
     SCALE_MODE: tl.constexpr,
     TENSOR_BLOCK: tl.constexpr,
     ROUND_MODE: tl.constexpr,
+    PHILOX_GROUP: tl.constexpr,
     SATURATE: tl.constexpr,
     OUT_LIMIT: tl.constexpr,
     IN_KIND: tl.constexpr,
@@ -280,10 +325,8 @@ def _block_quantize_kernel(
             n_row = o * sno + i * sni
             u = tl.load(noise_ptr + n_row[:, None, None] + (k * snl)[None, :, :], mask=mask, other=0.0)
         elif ROUND_MODE == 2:
-            # counter = offset + x's row-major index of (o, k, i), whatever the axis
-            # (lightning_fpq.philox: the reference computes the same draws)
-            n = offset + (o * length * inner + i)[:, None, None] + (k * inner)[None, :, :]
-            u = tl.rand(seed, n)
+            kbase = k0[:, None] + c * BLOCK_K  # [NB, 1]: the chunk's first k in each block
+            u = _philox_tile(seed, offset, pv, o, i, k, kbase, length, inner, PHILOX_GROUP, BLOCK_V, NB, BLOCK_K)
         else:
             u = 0.0
         if OUT_KIND == 3:
@@ -395,6 +438,19 @@ def _tiles(
         nb = max(1, min(want, _next_pow2(n_blocks), target // block_k))
     block_v = max(1, min(_next_pow2(n_vec), target // (nb * block_k)))
     return block_v, nb, block_k, n_chunks
+
+
+def _philox_group(round_mode: int, inner: int, length: int, block_len: int, block_v: int, block_k: int) -> int:
+    """How ``_philox_tile`` shares Philox counters in this launch: 1 along k, 2 along the
+    slices, 0 not at all (one evaluation per element: shapes whose groups of four would
+    straddle a row, a block or a tile). Every choice computes the same draws."""
+    if round_mode != _ROUND_PHILOX:
+        return 0
+    if inner == 1 and length % 4 == 0 and block_len % 4 == 0 and block_k % 4 == 0:
+        return 1
+    if inner % 4 == 0 and block_v % 4 == 0:
+        return 2
+    return 0
 
 
 def _view3(t: torch.Tensor, axis: int) -> tuple[torch.Tensor, int, int, int]:
@@ -538,6 +594,7 @@ def _run(
         SCALE_MODE=scale_mode,
         TENSOR_BLOCK=block == _BLOCK_TENSOR,
         ROUND_MODE=round_mode,
+        PHILOX_GROUP=_philox_group(round_mode, inner, length, block_len, block_v, block_k),
         SATURATE=saturate,
         OUT_LIMIT=_OUT_LIMITS[x.dtype],
         IN_KIND=in_kind,
@@ -620,7 +677,7 @@ def _prepare(
     if seed is not None:
         return fmt, block, axis, _ROUND_PHILOX, None, check_seed(seed, "seed"), 0
     if isinstance(generator, PhiloxGenerator):
-        # counters offset .. offset + numel - 1, as the reference takes them (philox.py)
+        # draws offset .. offset + numel - 1, as the reference takes them (philox.py)
         seed, offset = generator.reserve(x.numel())
         return fmt, block, axis, _ROUND_PHILOX, None, seed, offset
     if noise is None:

@@ -65,7 +65,7 @@ from typing import Optional
 import torch
 
 from .formats import FPFormat
-from .philox import NoiseGenerator, PhiloxGenerator, seed_key, uniform_from_key, uniform_noise
+from .philox import NoiseGenerator, PhiloxGenerator, seed_key, uniform4_from_key, uniform_noise
 
 logger = logging.getLogger(__name__)
 
@@ -215,7 +215,7 @@ def _make_graph(
 
     Stochastic rounding (``noise_source``): "tensor" takes the draws as a float32 tensor;
     "philox" computes them in the loop from ``[key word 0, key word 1, first counter]``
-    (``lightning_fpq.philox``), so no noise tensor is written or read.
+    (``lightning_fpq.philox``: four draws a counter), so no noise tensor is written or read.
     """
     mbits, emin, fmax = fmt.mbits, fmt.emin, fmt.max
     # e8m0 aligns the block absmax with the exponent of the largest grid value, as
@@ -236,9 +236,10 @@ def _make_graph(
 
     def graph(x, pf, noise=None):
         ovf, neg_ovf = (pf[0], pf[1]) if runtime_overflow else overflow
-        if noise_source == "philox":  # noise holds [key0, key1, first counter]: x's row-major index
-            counters = noise[2] + torch.arange(x.numel(), dtype=torch.int64, device=x.device).view(x.shape)
-            noise = uniform_from_key(noise[:2], counters)
+        if noise_source == "philox":  # noise holds [key0, key1, first counter]; 4 draws a counter, row-major
+            n = x.numel()
+            counters = noise[2] + torch.arange((n + 3) // 4, dtype=torch.int64, device=x.device)
+            noise = uniform4_from_key(noise[:2], counters).reshape(-1)[:n].view(x.shape)
         x32 = x.to(torch.float32)
         if layout == PLAIN:
             out = _round_fp32(x32, mbits, emin, fmax, ovf, neg_ovf, noise)
@@ -451,8 +452,8 @@ def quantize_fast(
         gen = generator if generator is not None else torch.default_generator
         rng_state = gen.get_state()
         if noise_source == "philox":
-            seed, first = gen.reserve(x.numel())
-            args.append(torch.cat([seed_key(seed), torch.tensor([first])]).to(x.device))
+            seed, first = gen.reserve(x.numel())  # first: a multiple of 4, draw first is counter first // 4
+            args.append(torch.cat([seed_key(seed), torch.tensor([first // 4])]).to(x.device))
         else:
             noise = uniform_noise(x.shape, generator, x.device).view(shape)
             if dynamic_dims:

@@ -1,22 +1,24 @@
-"""Counter-based stochastic-rounding noise: Triton's ``tl.rand`` stream, reproduced in torch.
+"""Counter-based stochastic-rounding noise: Triton's ``tl.rand4x`` stream, reproduced in torch.
 
 Stochastic rounding needs one uniform draw per element. ``torch.rand`` on a generator
 (the default, ``rng="torch"``) has to be written to memory as a float32 tensor and read
-again by the quantizer. A counter-based generator needs no such tensor: draw ``n`` is a pure
-function of ``(seed, n)``, so a kernel can compute it where it needs it. This module defines
+again by the quantizer. A counter-based generator needs no such tensor: draw ``d`` is a pure
+function of ``(seed, d)``, so a kernel can compute it where it needs it. This module defines
 that function once, in torch, equal bit for bit to what the Triton quantize kernel computes
-inside itself with ``tl.rand(seed, offset)`` (``triton/language/random.py``):
+with ``tl.rand4x(seed, d // 4)`` (``triton/language/random.py``):
 
 - Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC 2011) with
-  key ``(seed mod 2**32, seed div 2**32)`` and counter ``(n mod 2**32, n div 2**32, 0, 0)``;
-- the first 32-bit output word, read as a signed int32 ``w``, folded to ``w' = w`` when
-  ``w >= 0`` and ``~w`` otherwise (so ``w'`` is in [0, 2**31 - 1]);
+  key ``(seed mod 2**32, seed div 2**32)`` and counter ``(c mod 2**32, c div 2**32, 0, 0)``
+  gives four 32-bit words; draw ``d`` is word ``d mod 4`` of counter ``c = d div 4``, so one
+  Philox evaluation (ten rounds of two 32 x 32-bit products) serves four elements;
+- each word, read as a signed int32 ``w``, is folded to ``w' = w`` when ``w >= 0`` and ``~w``
+  otherwise (so ``w'`` is in [0, 2**31 - 1]);
 - ``u = float32(w') * float32(4.6566127342e-10)``, both roundings to nearest, always < 1.
 
 :class:`PhiloxGenerator` is the stream a layer draws from: a seed and an offset, the offset
-advancing by the number of draws each call (as torch's CUDA generator advances its Philox
-offset), so no two calls reuse a counter. Its ``get_state``/``set_state`` make resuming from a
-checkpoint exact.
+advancing by the number of draws each call, rounded up to a multiple of four (so that every
+call starts on a fresh counter and no two calls share one), as torch's CUDA generator advances
+its Philox offset. Its ``get_state``/``set_state`` make resuming from a checkpoint exact.
 
 The reference computes the words in int64 without overflow: each 32 x 32-bit product is
 formed from two 32 x 16-bit products (below 2**48), so every device and dtype path agrees.
@@ -34,7 +36,7 @@ _ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57  # the round multipliers
 ROUNDS = 10
 _TO_UNIFORM = 4.6566127342e-10  # triton's scale: the largest with (2**31 - 1) * scale < 1 in float32
 MAX_SEED = 2**63  # seeds and offsets are non-negative int64
-_CHUNK = 1 << 16  # draws computed at once by PhiloxGenerator.uniform
+_CHUNK = 1 << 16  # draws computed at once by PhiloxGenerator.uniform (a multiple of 4)
 
 
 def _mul_hi_lo(a: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,27 +65,37 @@ def philox4x32(
 
 
 def philox_words(seed: int, counters: torch.Tensor) -> torch.Tensor:
-    """The first output word of Philox4x32-10 for key ``seed`` and each counter in ``counters``
-    (int64, non-negative): int64 values in [0, 2**32)."""
-    return _first_word(_key(check_seed(seed, "seed")), counters)
+    """The four output words of Philox4x32-10 for key ``seed`` and each counter in ``counters``
+    (int64, non-negative), on a new last dimension: int64 values in [0, 2**32)."""
+    return _words(_key(check_seed(seed, "seed")), counters)
 
 
-def philox_uniform(seed: int, counters: torch.Tensor) -> torch.Tensor:
-    """float32 draws in [0, 1), one per counter: ``tl.rand(seed, counters)`` bit for bit."""
-    return uniform_from_key(_key(check_seed(seed, "seed")), counters)
+def philox_uniform4(seed: int, counters: torch.Tensor) -> torch.Tensor:
+    """float32 draws in [0, 1), four per counter on a new last dimension:
+    ``tl.rand4x(seed, counters)`` bit for bit."""
+    return uniform4_from_key(_key(check_seed(seed, "seed")), counters)
 
 
-def uniform_from_key(key: Union[tuple[int, int], torch.Tensor], counters: torch.Tensor) -> torch.Tensor:
-    """:func:`philox_uniform` with the seed given as its two key words (ints, or an int64 tensor
+def stream_draws(seed: int, first: int, n: int, device: Optional[torch.device] = None) -> torch.Tensor:
+    """Draws ``first .. first + n - 1`` of the stream of ``seed`` (``first`` a multiple of 4):
+    draw ``d`` is ``philox_uniform4(seed, d // 4)[d % 4]``. float32, shape ``(n,)``."""
+    if first % 4:
+        raise ValueError(f"first={first} is not valid: a call's draws start on a counter (a multiple of 4)")
+    counters = torch.arange(first // 4, (first + n + 3) // 4, dtype=torch.int64, device=device)
+    return philox_uniform4(seed, counters).reshape(-1)[:n]
+
+
+def uniform4_from_key(key: Union[tuple[int, int], torch.Tensor], counters: torch.Tensor) -> torch.Tensor:
+    """:func:`philox_uniform4` with the seed given as its two key words (ints, or an int64 tensor
     of two: a compiled graph takes them as data, so a new seed does not recompile it)."""
-    w = _first_word(key, counters)
+    w = _words(key, counters)
     folded = torch.where(w >= 2**31, _M32 - w, w)  # int32 w < 0  ->  ~w = 2**32 - 1 - w (unsigned)
     scale = torch.tensor(_TO_UNIFORM, dtype=torch.float32, device=folded.device)
     return folded.to(torch.float32) * scale
 
 
 def seed_key(seed: int) -> torch.Tensor:
-    """The key words of ``seed`` as an int64 tensor of two (see :func:`uniform_from_key`)."""
+    """The key words of ``seed`` as an int64 tensor of two (see :func:`uniform4_from_key`)."""
     return torch.tensor(_key(check_seed(seed, "seed")), dtype=torch.int64)
 
 
@@ -91,10 +103,10 @@ def _key(seed: int) -> tuple[int, int]:
     return seed & _M32, (seed >> 32) & _M32
 
 
-def _first_word(key, counters: torch.Tensor) -> torch.Tensor:
+def _words(key, counters: torch.Tensor) -> torch.Tensor:
     c = counters.to(torch.int64)
     zero = torch.zeros_like(c)
-    return philox4x32((c & _M32, (c >> 32) & _M32, zero, zero), (key[0], key[1]))[0]
+    return torch.stack(philox4x32((c & _M32, (c >> 32) & _M32, zero, zero), (key[0], key[1])), dim=-1)
 
 
 def check_seed(value: int, name: str) -> int:
@@ -103,19 +115,26 @@ def check_seed(value: int, name: str) -> int:
     return value
 
 
+def _check_offset(value: int) -> int:
+    check_seed(value, "offset")
+    if value % 4:
+        raise ValueError(f"offset={value} is not valid: a call's draws start on a counter, a multiple of 4")
+    return value
+
+
 class PhiloxGenerator:
     """A counter-based stochastic-rounding stream with ``torch.Generator``'s seeding and state
     methods: each call of :meth:`reserve` hands out the next ``n`` counters.
 
     Pass it wherever the quantizers take ``generator=``: the reference and compiled
-    quantizers compute the draws with :func:`philox_uniform`, the Triton kernel computes the
+    quantizers compute the draws with :func:`stream_draws`, the Triton kernel computes the
     same draws in registers (no noise tensor), so every backend rounds identically.
-    The element at row-major position ``i`` of a quantized tensor gets counter ``offset + i``.
+    The element at row-major position ``i`` of a quantized tensor gets draw ``offset + i``.
     """
 
     def __init__(self, seed: int = 0, offset: int = 0) -> None:
         self._seed = check_seed(seed, "seed")
-        self._offset = check_seed(offset, "offset")
+        self._offset = _check_offset(offset)
 
     def manual_seed(self, seed: int) -> PhiloxGenerator:
         self._seed = check_seed(seed, "seed")
@@ -127,13 +146,14 @@ class PhiloxGenerator:
 
     @property
     def offset(self) -> int:
-        """The counter the next draw starts at."""
+        """The draw the next call starts at (a multiple of 4)."""
         return self._offset
 
     def reserve(self, n: int) -> tuple[int, int]:
-        """``(seed, offset)`` for the next ``n`` draws; the stream moves past them."""
+        """``(seed, offset)`` for the next ``n`` draws; the stream moves past them, to the next
+        multiple of 4 (the next call starts on a fresh counter)."""
         start = self._offset
-        self._offset = (start + int(n)) % MAX_SEED
+        self._offset = (start + -(-int(n) // 4) * 4) % MAX_SEED
         return self._seed, start
 
     def uniform(self, shape: Union[torch.Size, tuple[int, ...]], device: Optional[torch.device] = None) -> torch.Tensor:
@@ -143,12 +163,11 @@ class PhiloxGenerator:
             n *= int(size)
         seed, start = self.reserve(n)
         out = torch.empty(n, dtype=torch.float32, device=device)
-        # in chunks: the ~250 elementwise int64 passes of 10 rounds then run in cache, about
-        # 13x faster on CPU than over the whole range at once (same values)
+        # in chunks (a multiple of 4 draws): the ~250 elementwise int64 passes of 10 rounds then
+        # run in cache, about 13x faster on CPU than over the whole range at once (same values)
         for begin in range(0, n, _CHUNK):
             size = min(_CHUNK, n - begin)
-            counters = torch.arange(start + begin, start + begin + size, dtype=torch.int64, device=device)
-            out[begin : begin + size] = philox_uniform(seed, counters)
+            out[begin : begin + size] = stream_draws(seed, start + begin, size, device)
         return out.view(shape)
 
     def get_state(self) -> torch.Tensor:
@@ -163,7 +182,7 @@ class PhiloxGenerator:
                 f"{tuple(values.shape)} (a torch.Generator's state? the run used rng='torch')"
             )
         self._seed = check_seed(int(values[0]), "seed")
-        self._offset = check_seed(int(values[1]), "offset")
+        self._offset = _check_offset(int(values[1]))
         return self
 
     def __repr__(self) -> str:

@@ -50,7 +50,7 @@ class QuantState:
         rng: what the generators are. "torch": ``torch.Generator``s whose ``torch.rand`` draws
             every backend reads as a float32 tensor (one per stochastically rounded operand).
             "philox": counter-based ``PhiloxGenerator``s (``lightning_fpq.philox``, the stream
-            of Triton's ``tl.rand``): the Triton kernels and the compiled quantizer compute
+            of Triton's ``tl.rand4x``): the Triton kernels and the compiled quantizer compute
             the draws where they use them and no noise tensor is written or read; the
             reference computes the same draws in torch. Either way every backend rounds
             identically; the two streams differ from each other.

@@ -362,25 +362,29 @@ def test_stochastic_floor_decision_is_exact_at_boundaries(device):
     assert_same(quantize_triton(y2.to(device), "e4m3", rounding="stochastic", noise=u2.to(device)), expected2)
 
 
-def _tl_rand_kernel():
-    """A kernel that stores ``tl.rand(seed, offsets)``: Triton's own Philox, the stream that
-    ``lightning_fpq.philox`` reproduces."""
+def _tl_rand4x_kernel():
+    """A kernel that stores ``tl.rand4x(seed, counters)``: Triton's own Philox, the stream that
+    ``lightning_fpq.philox`` reproduces (four draws per counter, word after word)."""
     import triton
     import triton.language as tl
 
     @triton.jit
-    def store_rand(out_ptr, counter_ptr, seed, n, BLOCK: tl.constexpr):
+    def store_rand4x(out_ptr, counter_ptr, seed, n, BLOCK: tl.constexpr):
         idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = idx < n
         counters = tl.load(counter_ptr + idx, mask=mask, other=0)
-        tl.store(out_ptr + idx, tl.rand(seed, counters), mask=mask)
+        u0, u1, u2, u3 = tl.rand4x(seed, counters)
+        tl.store(out_ptr + idx * 4, u0, mask=mask)
+        tl.store(out_ptr + idx * 4 + 1, u1, mask=mask)
+        tl.store(out_ptr + idx * 4 + 2, u2, mask=mask)
+        tl.store(out_ptr + idx * 4 + 3, u3, mask=mask)
 
-    return store_rand
+    return store_rand4x
 
 
 @pytest.mark.parametrize("seed", [0, 17, 2**31 - 1, 2**31 + 5, 2**40 + 3, 2**63 - 1])
-def test_philox_reference_is_tl_rand_bit_for_bit(device, seed):
-    from lightning_fpq.philox import philox_uniform
+def test_philox_reference_is_tl_rand4x_bit_for_bit(device, seed):
+    from lightning_fpq.philox import philox_uniform4
 
     # counters around every 32-bit boundary of the counter's low word, and a few far ones
     edges = [0, 2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**33 + 2**31, 2**62]
@@ -388,11 +392,10 @@ def test_philox_reference_is_tl_rand_bit_for_bit(device, seed):
     counters = torch.cat(
         [counters, torch.randint(0, 2**62, (3000,), generator=torch.Generator().manual_seed(seed % 97))]
     )
-    out = torch.empty(counters.numel(), dtype=torch.float32, device=device)
-    _tl_rand_kernel()[(triton_cdiv(counters.numel(), 1024),)](
-        out, counters.to(device), seed, counters.numel(), BLOCK=1024
-    )
-    assert_same(out, philox_uniform(seed, counters))
+    out = torch.empty(counters.numel() * 4, dtype=torch.float32, device=device)
+    n = counters.numel()
+    _tl_rand4x_kernel()[(triton_cdiv(n, 1024),)](out, counters.to(device), seed, n, BLOCK=1024)
+    assert_same(out.view(n, 4), philox_uniform4(seed, counters))
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -422,6 +425,37 @@ def test_stochastic_with_philox_generator_is_bit_exact(device, fmt, block_size, 
         expected = quantize(x, fmt, backend="reference", generator=g_ref, **kw)
         assert_same(quantize_triton(x, fmt, generator=g_kernel, **kw), expected)
     assert g_kernel.offset == g_ref.offset == 2 * x.numel()
+
+
+@pytest.mark.parametrize(
+    "shape,axis,block_size,group",
+    [
+        ((24, 80), -1, 16, 1),  # rows: four consecutive elements of a row share a Philox counter
+        ((24, 80), 0, 16, 2),  # columns: four consecutive slices share one
+        ((24, 81), -1, "channel", 0),  # a row of 81: groups would straddle rows
+        ((3, 40, 5), 1, 16, 0),  # 5 slices: groups would straddle the outer index
+        ((2, 40, 12), 1, "tensor", 2),
+        ((30, 2), -1, None, 0),  # no blocks, rows of 2: a group spans two rows
+    ],
+    ids=str,
+)
+def test_philox_draws_shared_four_to_a_counter_are_the_references(device, monkeypatch, shape, axis, block_size, group):
+    # Each Philox evaluation serves four elements where the tile allows (groups 1 and 2), else
+    # one (group 0): the same draws either way, those of the reference.
+    import importlib
+
+    from lightning_fpq.philox import PhiloxGenerator
+
+    kq = importlib.import_module("lightning_fpq.kernels.quantize")
+    real, chosen = kq._philox_group, []
+    monkeypatch.setattr(kq, "_philox_group", lambda *args: chosen.append(real(*args)) or chosen[-1])
+    x = edge_tensor(shape, seed=27)
+    kw = dict(block_size=block_size, axis=axis, rounding="stochastic")
+    g_ref, g_kernel = PhiloxGenerator(2**35 + 3), PhiloxGenerator(2**35 + 3)
+    for _ in range(2):  # the second call starts where the first stopped
+        expected = quantize(x, "e2m1", backend="reference", generator=g_ref, **kw)
+        assert_same(quantize_triton(x.to(device), "e2m1", generator=g_kernel, **kw), expected)
+    assert chosen[-1] == group
 
 
 def test_stochastic_with_philox_follows_the_row_major_index_on_any_view(device):

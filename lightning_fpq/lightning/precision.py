@@ -49,7 +49,7 @@ class FPQuantPrecision(QuantPrecisionMixin, Precision):
             ``torch.initial_seed()``, so ``seed_everything`` makes runs reproducible).
         rng: the stochastic-rounding noise. "torch" (default): ``torch.rand`` on a
             ``torch.Generator`` per layer, written as one float32 tensor per stochastically
-            rounded operand. "philox": a counter-based stream per layer (Triton's ``tl.rand``),
+            rounded operand. "philox": a counter-based stream per layer (Triton's ``tl.rand4x``),
             which the Triton kernels and the compiled quantizer compute in place (no noise
             tensor); the reference computes the same draws, so every backend still agrees bit
             for bit. A checkpoint resumes only with the ``rng`` it was saved with.
