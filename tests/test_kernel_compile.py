@@ -89,6 +89,8 @@ def test_every_launch_compiles(arch):
     # rng="philox": NVFP4's stochastically rounded gradients with in-kernel draws, packed
     philox = [r for r in quantize if r.constants["ROUND_MODE"] == 2 and r.constants["SCALE_MODE"] == 3]
     assert any("nvfp4" in u and u.endswith("packed philox") for r in philox for u in r.used_by)
+    # and at LLM shapes it evaluates Philox once per four elements (along rows or slices)
+    assert all(r.constants["PHILOX_GROUP"] in (1, 2) for r in philox)
     for r in quantize:
         # exactness needs IEEE arithmetic on subnormals: no flush-to-zero arithmetic (floor's
         # cvt.rmi.ftz is harmless: the floor of a non-negative subnormal is 0 either way)
