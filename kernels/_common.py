@@ -29,9 +29,12 @@ except ImportError:  # pragma: no cover - triton missing: wrappers refuse with t
     tl = None
 
 
-def jit(fn):
-    """``triton.jit`` when triton is importable; the plain function otherwise (never launched)."""
-    return triton.jit(fn) if triton is not None else fn
+def jit(fn=None, **options):
+    """``triton.jit`` (with its ``options``, e.g. ``do_not_specialize``) when triton is
+    importable; the plain function otherwise (never launched)."""
+    if fn is None:
+        return lambda f: jit(f, **options)
+    return triton.jit(fn, **options) if triton is not None else fn
 
 
 def launcher(kernel):

@@ -219,7 +219,10 @@ def _philox_tile(
     return u
 
 
-@jit
+# seed and offset change from call to call (rng="philox"): typed int64 and never specialised,
+# so that one compiled kernel serves every value (else one per width, per value 1 and per
+# divisibility by 16 of each: tests/test_kernel_compile.py)
+@jit(do_not_specialize=["seed", "offset"])
 def _block_quantize_kernel(
     x_ptr,
     noise_ptr,
@@ -231,8 +234,8 @@ def _block_quantize_kernel(
     length,
     n_blocks,
     block_len,
-    seed,
-    offset,
+    seed: tl.int64,
+    offset: tl.int64,
     sxo,
     sxl,
     sxi,

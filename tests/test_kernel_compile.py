@@ -119,3 +119,23 @@ def test_gemm_compiles_for_ampere_and_ada(arch):
     assert _gemm(results, "bf16") and not _gemm(results, "dot_scaled") and not _gemm(results, "dot_scaled nvfp4")
     assert bool(_gemm(results, "fp8")) == (arch >= 89)
     assert all("mma.sync" in r.kernel.asm["ptx"] for r in results if r.name == "_gemm_fp4_kernel")
+
+
+def test_a_new_seed_or_offset_compiles_no_new_kernel():
+    # rng="philox" passes each call's seed and offset: Triton would otherwise specialise a kernel
+    # per i32/i64 width, per value 1 and per divisibility by 16 of each; one kernel serves all.
+    import importlib
+
+    import torch
+
+    from lightning_fpq.philox import PhiloxGenerator
+
+    kernels = importlib.import_module("lightning_fpq.kernels")
+    x = torch.randn(256, 4096).to(torch.bfloat16)
+    kw = dict(block_size=16, scale_format="e4m3", rounding="stochastic")
+    with kr.pretend_gpu((9, 0)) as (launches, context):
+        for seed, offset in ((16, 0), (17, 4), (1, 2**31), (2**31 + 3, 2**31 + 8), (2**40, 2**33 + 4)):
+            context["used_by"] = f"seed={seed} offset={offset}"
+            kernels.quantize_triton(x, "e2m1", generator=PhiloxGenerator(seed, offset), **kw)
+    quantize = [g for g in kr.distinct(launches, 90) if g[0].kernel.fn.__name__ == "_block_quantize_kernel"]
+    assert len(quantize) == 1, [g[1] for g in quantize]
