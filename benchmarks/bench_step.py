@@ -30,13 +30,14 @@ from lightning_fpq.linear import convert_linears
 from lightning_fpq.recipe import QuantRecipe  # noqa: E402
 from lightning_fpq.state import QuantState  # noqa: E402
 
-# name, recipe arguments
+# name, (recipe name, recipe arguments[, the stochastic-rounding rng: "torch" unless given])
 VARIANTS = [
     ("paper e2m1 B=128", ("paper", dict(fmt="e2m1", block_size=128))),
     ("full e4m3 B=128", ("full", dict(fmt="e4m3", block_size=128))),
     ("fp8 tensorwise", ("fp8", {})),
     ("fp4 (DGE+OCC)", ("fp4", {})),
     ("nvfp4", ("nvfp4", {})),
+    ("nvfp4 rng=philox", ("nvfp4", {}, "philox")),  # its P3/P5 draws computed in the quantizer
     ("mxfp4", ("mxfp4", {})),
     ("mxfp8", ("mxfp8", {})),
 ]
@@ -54,8 +55,9 @@ def build(config: GPTConfig, recipe, seed: int = 0, backend: str = "auto"):
     torch.manual_seed(seed)
     model = GPT(config)
     if recipe is not None:
-        name, kwargs = recipe
-        convert_linears(model, QuantState(QuantRecipe.from_name(name, **kwargs), backend=backend))
+        name, kwargs, *rng = recipe
+        state = QuantState(QuantRecipe.from_name(name, **kwargs), backend=backend, rng=rng[0] if rng else "torch")
+        convert_linears(model, state)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
     return model, opt
 
