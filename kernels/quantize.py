@@ -38,7 +38,7 @@ import torch
 from lightning_fpq._config import BlockSize
 from lightning_fpq.formats import FormatLike, FPFormat
 from lightning_fpq.packing import PackedTensor, e4m3_scale_bytes, tensor_scale
-from lightning_fpq.philox import NoiseGenerator, PhiloxGenerator, check_seed
+from lightning_fpq.philox import NoiseGenerator, PhiloxGenerator, check_seed, uniform_noise
 from lightning_fpq.quantize import check_quantize_args
 
 from . import capability
@@ -685,7 +685,7 @@ def _prepare(
         return fmt, block, axis, _ROUND_PHILOX, None, seed, offset
     if noise is None:
         # The reference's draw (quantize._noise): same generator, shape and order -> same bits.
-        noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+        noise = uniform_noise(x.shape, generator, x.device)
     elif noise.shape != x.shape or noise.dtype != torch.float32 or noise.device != x.device:
         raise ValueError(
             f"noise must be a float32 tensor of x's shape {tuple(x.shape)} on {x.device}, "

@@ -65,7 +65,7 @@ from typing import Optional
 import torch
 
 from .formats import FPFormat
-from .philox import NoiseGenerator, PhiloxGenerator, seed_key, uniform4_from_key, uniform_noise
+from .philox import NoiseGenerator, PhiloxGenerator, key_words, uniform4_from_key, uniform_noise
 
 logger = logging.getLogger(__name__)
 
@@ -453,7 +453,7 @@ def quantize_fast(
         rng_state = gen.get_state()
         if noise_source == "philox":
             seed, first = gen.reserve(x.numel())  # first: a multiple of 4, draw first is counter first // 4
-            args.append(torch.cat([seed_key(seed), torch.tensor([first // 4])]).to(x.device))
+            args.append(torch.tensor([*key_words(seed), first // 4], dtype=torch.int64, device=x.device))
         else:
             noise = uniform_noise(x.shape, generator, x.device).view(shape)
             if dynamic_dims:

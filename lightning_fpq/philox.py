@@ -67,13 +67,13 @@ def philox4x32(
 def philox_words(seed: int, counters: torch.Tensor) -> torch.Tensor:
     """The four output words of Philox4x32-10 for key ``seed`` and each counter in ``counters``
     (int64, non-negative), on a new last dimension: int64 values in [0, 2**32)."""
-    return _words(_key(check_seed(seed, "seed")), counters)
+    return _words(key_words(seed), counters)
 
 
 def philox_uniform4(seed: int, counters: torch.Tensor) -> torch.Tensor:
     """float32 draws in [0, 1), four per counter on a new last dimension:
     ``tl.rand4x(seed, counters)`` bit for bit."""
-    return uniform4_from_key(_key(check_seed(seed, "seed")), counters)
+    return uniform4_from_key(key_words(seed), counters)
 
 
 def stream_draws(seed: int, first: int, n: int, device: Optional[torch.device] = None) -> torch.Tensor:
@@ -94,12 +94,9 @@ def uniform4_from_key(key: Union[tuple[int, int], torch.Tensor], counters: torch
     return folded.to(torch.float32) * scale
 
 
-def seed_key(seed: int) -> torch.Tensor:
-    """The key words of ``seed`` as an int64 tensor of two (see :func:`uniform4_from_key`)."""
-    return torch.tensor(_key(check_seed(seed, "seed")), dtype=torch.int64)
-
-
-def _key(seed: int) -> tuple[int, int]:
+def key_words(seed: int) -> tuple[int, int]:
+    """The two 32-bit key words of ``seed`` (see :func:`uniform4_from_key`)."""
+    check_seed(seed, "seed")
     return seed & _M32, (seed >> 32) & _M32
 
 
