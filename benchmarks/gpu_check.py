@@ -448,6 +448,14 @@ def _exact_path(sec: Section, report: Report, a, b, ref, k, block, sfmt: str, pa
         sec.row(f"{what} out=bf16: bit-exact {same} (required)", kernel="gemm_fp4", case=f"{what} bf16", exact=same)
         if not same:
             report.failures.append(f"{what} out=bf16")
+        # the layer's forward: a bf16 bias added to the fp32 sums in the epilogue, then one rounding
+        bias = torch.linspace(-40.0, 40.0, ref.shape[1]).to(torch.bfloat16)
+        out_b = gemm_fp4(a, b, path=path, out_dtype=torch.bfloat16, bias=bias.to(a.codes.device)).cpu()
+        same = torch.equal(out_b, (ref.float() + bias.float()).to(torch.bfloat16))
+        sec.row(f"{what} out=bf16 + bias: bit-exact {same} (required)", kernel="gemm_fp4", case=f"{what} bias",
+                exact=same)  # fmt: skip
+        if not same:
+            report.failures.append(f"{what} out=bf16 + bias")
 
 
 def _host_sync(ctx: Ctx, sec: Section) -> None:

@@ -224,6 +224,10 @@ def capture(cc: tuple[int, int], only: str = "") -> list[Launch]:
                         tag = " (auto)" if path == auto else ""
                         context["used_by"] = f"gemm_fp4 B={block} {sfmt} path={path}{tag} out={out_dtype}"
                         kernels.gemm_fp4(a, b, out_dtype=out_dtype, path=path)
+                    # the layer's forward: its bias added in the epilogue, bf16 out (autocast)
+                    context["used_by"] = f"gemm_fp4 B={block} {sfmt} path={path}{tag} out=bf16 + bias"
+                    bias = torch.randn(SHORT, generator=g).to(torch.bfloat16)
+                    kernels.gemm_fp4(a, b, out_dtype=torch.bfloat16, path=path, bias=bias)
     return launches
 
 
@@ -310,7 +314,7 @@ def compile_all(archs=DEFAULT_ARCHS, only: str = "", select=None, on_result=None
 
 
 # ------------------------------------------------------------------ 4. analyse
-_SHOWN = ("DOT_MODE", "BLOCK_M", "BLOCK_N", "BLOCK_K", "OUT_KIND", "MBITS", "EBITS", "SCALE_MODE", "ROUND_MODE",
+_SHOWN = ("DOT_MODE", "BLOCK_M", "BLOCK_N", "BLOCK_K", "OUT_KIND", "BIAS_KIND", "MBITS", "EBITS", "SCALE_MODE", "ROUND_MODE",
           "PHILOX_GROUP", "IN_KIND", "CODE_BITS", "BLOCK_V", "NB", "N_CHUNKS")  # fmt: skip
 _PHILOX_MUL_HI = 20  # mul.hi.u32 of one Philox4x32-10 evaluation: two a round, ten rounds
 

@@ -51,6 +51,9 @@ def launcher(kernel):
         raise
 
 
+# The float dtypes the kernels load and store, as the IN_KIND / OUT_KIND constants of
+# load_as_f32, store_from_f32 and round_to_dtype_grid.
+DTYPE_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 FP32_MAX = 3.4028234663852886e38
 BF16_MAX = 3.3895313892515355e38
 FP16_MAX = 65504.0

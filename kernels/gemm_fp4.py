@@ -53,14 +53,13 @@ from lightning_fpq.formats import FPFormat
 from lightning_fpq.packing import PackedTensor
 
 from . import capability
-from ._common import jit, launcher, round_to_dtype_grid, store_from_f32, tl, triton
+from ._common import DTYPE_KINDS, jit, launcher, load_as_f32, round_to_dtype_grid, store_from_f32, tl, triton
 
 E2M1 = FPFormat.parse("e2m1")
 PATHS = ("auto", "dot_scaled", "fp8", "bf16", "fp32")
 # DOT_MODE 3: dot_scaled with E8M0 scales (MXFP4); 4: with E4M3 scales (NVFP4), chosen in the op
 _DOT_MODES = {"fp32": 0, "bf16": 1, "fp8": 2, "dot_scaled": 3}
 _DOT_SCALED_E4M3 = 4
-_OUT_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 SCALE_FORMATS = ("fp32", "e8m0", "e4m3")
 # the (block length, scale format) pairs tl.dot_scaled takes: OCP MXFP4 and NVFP4
 _DOT_SCALED_OPERANDS = ((32, "e8m0"), (16, "e4m3"))
@@ -121,6 +120,7 @@ def _gemm_fp4_kernel(
     bs_ptr,
     at_ptr,
     bt_ptr,
+    bias_ptr,
     c_ptr,
     M,
     N,
@@ -141,6 +141,7 @@ def _gemm_fp4_kernel(
     DOT_MODE: tl.constexpr,
     DOT_IN_FP32: tl.constexpr,
     EVEN_K: tl.constexpr,
+    BIAS_KIND: tl.constexpr,
     OUT_KIND: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -153,7 +154,9 @@ def _gemm_fp4_kernel(
     scales for DOT_MODE 4, whose tensor scales at_ptr, bt_ptr (one fp32 each) multiply the sums
     in the epilogue; the other modes ignore them). One program computes a [BLOCK_M, BLOCK_N] tile,
     programs grouped along M (GROUP_M) so that neighbours reuse B tiles from L2. EVEN_K: every
-    scale block is whole tiles, so no load needs a mask along K."""
+    scale block is whole tiles, so no load needs a mask along K. BIAS_KIND: -1 no bias, else the
+    dtype kind (``load_as_f32``) of the [N] bias at bias_ptr, added to the fp32 sums before the
+    one rounding to the output dtype."""
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -248,6 +251,10 @@ def _gemm_fp4_kernel(
             inv_b = tl.load(bs_ptr + rn * sbsn + sblk * sbsk, mask=n_mask, other=1.0)
             acc += (part * inv_a[:, None]) * inv_b[None, :]
 
+    if BIAS_KIND >= 0:
+        # F.linear's order: the bias joins the fp32 sums, then one rounding to the output dtype.
+        # The launch disables FP fusion, so (sum * ta) * tb + bias is not one FMA (NVFP4).
+        acc = acc + load_as_f32(bias_ptr + rn, n_mask, BIAS_KIND)[None, :]
     c_ptrs = c_ptr + rm[:, None] * scm + rn[None, :] * scn
     c_mask = m_mask[:, None] & n_mask[None, :]
     if DOT_IN_FP32 or OUT_KIND == 0:
@@ -356,6 +363,7 @@ if triton is not None:
         b_scales: torch.Tensor,
         a_tscale: torch.Tensor,
         b_tscale: torch.Tensor,
+        bias: Optional[torch.Tensor],
         k: int,
         scale_block: int,
         path: str,
@@ -367,10 +375,12 @@ if triton is not None:
         n_scale_blocks = a_scales.shape[1]
         tiles_per_scale = -(-scale_block // block_k)
         grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
-        out_kind = _OUT_KINDS[out_dtype]
+        out_kind = DTYPE_KINDS[out_dtype]
         out_arg = out.view(torch.int16) if out_kind == 1 else out
         # dot_scaled with 16-element blocks is NVFP4 (gemm_fp4 allows no other): e4m3 scale bytes
         dot_mode = _DOT_SCALED_E4M3 if path == "dot_scaled" and scale_block == 16 else _DOT_MODES[path]
+        bias_kind = -1 if bias is None else DTYPE_KINDS[bias.dtype]
+        bias_arg = a_tscale if bias is None else bias.view(torch.int16) if bias_kind == 1 else bias  # unread if None
         launcher(_gemm_fp4_kernel)[grid](
             a_codes,
             a_scales,
@@ -378,6 +388,7 @@ if triton is not None:
             b_scales,
             a_tscale,
             b_tscale,
+            bias_arg,
             out_arg,
             m,
             n,
@@ -398,6 +409,7 @@ if triton is not None:
             DOT_MODE=dot_mode,
             DOT_IN_FP32=capability.interpret_requested(),
             EVEN_K=scale_block % block_k == 0,
+            BIAS_KIND=bias_kind,
             OUT_KIND=out_kind,
             BLOCK_M=block_m,
             BLOCK_N=block_n,
@@ -405,6 +417,9 @@ if triton is not None:
             GROUP_M=8,
             num_warps=num_warps,
             num_stages=num_stages,
+            # no FMA contraction: every sum and product rounds as written, as under the
+            # interpreter and in the reference (the scalar work is small next to the MMA)
+            enable_fp_fusion=False,
         )
         return out
 
@@ -416,8 +431,9 @@ def gemm_fp4(
     out_dtype: torch.dtype = torch.float32,
     path: str = "auto",
     scale_format: Optional[str] = None,
+    bias: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """``unpack(a) @ unpack(b).T`` from packed E2M1 operands, accumulated in float32.
+    """``unpack(a) @ unpack(b).T (+ bias)`` from packed E2M1 operands, accumulated in float32.
 
     Args:
         a: (M, K) packed e2m1 along K (``pack(x, "e2m1", block_size=B, axis=-1)``).
@@ -437,13 +453,16 @@ def gemm_fp4(
             record); by default what they were packed with (``PackedTensor.scale_format``),
             "fp32" if they differ. Never read from the scales themselves, which would
             synchronise the host.
+        bias: an optional float32, bfloat16 or float16 tensor of shape (N,) on the operands'
+            device, added to the fp32 sums in the kernel before the one rounding to
+            ``out_dtype``, as ``F.linear`` adds it (no fp32 (M, N) temporary).
 
     Block sizes: powers of two from 16, "channel" or "tensor"; both operands must share the
     block size and the padded reduction length. Returns an (M, N) tensor.
     """
     if path not in PATHS:
         raise ValueError(f"path={path!r} is not valid: expected one of {PATHS}")
-    if out_dtype not in _OUT_KINDS:
+    if out_dtype not in DTYPE_KINDS:
         raise ValueError(f"out_dtype={out_dtype} is not valid: expected float32, bfloat16 or float16")
     a_codes, a_scales, m, ka = _operand(a, "a")
     b_codes, b_scales, n, kb = _operand(b, "b")
@@ -482,8 +501,12 @@ def gemm_fp4(
             raise ValueError("gemm_fp4: path='fp8' needs blocks of at least 32 elements (the FP8 MMA's K)")
         if not interp:
             capability.require(capability.fp8_tensor_cores_available(), "gemm_fp4 path='fp8'")
+    if bias is not None:
+        _check_bias(bias, n, a_codes.device)
+        bias = bias.contiguous()  # the kernel reads it with stride 1
     if m == 0 or n == 0 or ka == 0:
-        return torch.zeros((m, n), dtype=out_dtype, device=a_codes.device)
+        out = torch.zeros((m, n), dtype=out_dtype, device=a_codes.device)
+        return out if bias is None else out + bias.to(out_dtype)
     a_tscale, b_tscale = a_scales, b_scales  # read by the NVFP4 path only
     if path == "dot_scaled" and sfmt == "e4m3":
         for name, p in (("a", a), ("b", b)):
@@ -502,5 +525,15 @@ def gemm_fp4(
         a_scales = torch.ones_like(a_scales, dtype=torch.float32) / a_scales.to(torch.float32)
         b_scales = torch.ones_like(b_scales, dtype=torch.float32) / b_scales.to(torch.float32)
     return torch.ops.lightning_fpq.gemm_fp4(
-        a_codes, a_scales, b_codes, b_scales, a_tscale, b_tscale, ka, block_len, path, out_dtype
+        a_codes, a_scales, b_codes, b_scales, a_tscale, b_tscale, bias, ka, block_len, path, out_dtype
     )
+
+
+def _check_bias(bias: torch.Tensor, n: int, device: torch.device) -> None:
+    if not isinstance(bias, torch.Tensor) or bias.dtype not in DTYPE_KINDS or tuple(bias.shape) != (n,):
+        got = f"{bias.dtype} {tuple(bias.shape)}" if isinstance(bias, torch.Tensor) else type(bias).__name__
+        raise ValueError(
+            f"gemm_fp4: bias must be a 1-D float tensor of length {n} (float32, bfloat16 or float16), got {got}"
+        )
+    if bias.device != device:
+        raise ValueError(f"gemm_fp4: bias lives on {bias.device}; the operands are on {device}")

@@ -44,6 +44,7 @@ from lightning_fpq.quantize import check_quantize_args
 from . import capability
 from ._common import (
     BF16_MAX,
+    DTYPE_KINDS,
     FP16_MAX,
     FP32_MAX,
     SPECIAL_CODES,
@@ -60,7 +61,6 @@ from ._common import (
     triton,
 )
 
-_IN_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _OUT_LIMITS = {torch.float32: FP32_MAX, torch.bfloat16: BF16_MAX, torch.float16: FP16_MAX}
 _SCALE_MODES = {"fp32": 1, "e8m0": 2, "e4m3": 3}  # 0: no scaling (block_size=None)
 _ROUND_NEAREST, _ROUND_NOISE, _ROUND_PHILOX = 0, 1, 2
@@ -528,7 +528,7 @@ def _run(
     block_len = length if block in (_BLOCK_NONE, _BLOCK_CHANNEL, _BLOCK_TENSOR) else block
     n_blocks = max(1, -(-length // block_len))
     padded = n_blocks * block_len
-    in_kind = _IN_KINDS[x.dtype]
+    in_kind = DTYPE_KINDS[x.dtype]
     scale_mode = 0 if block == _BLOCK_NONE else _SCALE_MODES[scale_format]
     needs_tamax = scale_mode == 3 or (block == _BLOCK_TENSOR and scale_mode > 0)
     tamax = _tensor_finite_absmax(x3, outer, length, inner, in_kind) if needs_tamax else None

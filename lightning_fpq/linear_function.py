@@ -261,11 +261,9 @@ def _forward(
         residual = None
     # W does not change between forward and backward: q4(W) comes from this same read of W
     wq2, wq4 = _weight_operands(weight, spec, generator, need_wq4, cache, plan)
-    if fwd_fp4 and bias is not None:
-        # the bias joins the fp32 sums before the one rounding to cd, as in F.linear's epilogue
-        y = (triton_backend.gemm_packed(xq1, wq2, torch.float32) + bias.to(cd).float()).to(cd)
-    elif fwd_fp4:
-        y = triton_backend.gemm_packed(xq1, wq2, cd)
+    if fwd_fp4:
+        # the kernel adds the bias to the fp32 sums before the one rounding to cd, as F.linear does
+        y = triton_backend.gemm_packed(xq1, wq2, cd, bias=bias.to(cd) if bias is not None else None)
     else:
         y = F.linear(xq1, wq2.to(cd), bias.to(cd) if bias is not None else None)  # (N, out)
     if residual is not None:

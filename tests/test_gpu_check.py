@@ -62,6 +62,7 @@ def test_gpu_check_smoke_run_from_the_checkout(tmp_path):
     kernels = {r.get("kernel") for r in exact}
     assert {"quantize", "pack", "gemm_fp4"} <= kernels and all(r["exact"] for r in exact)
     assert any("dot_scaled" in r["case"] for r in exact if r.get("kernel") == "gemm_fp4")
+    assert any(r["case"].endswith("e4m3 path=dot_scaled bias") for r in exact)  # NVFP4's epilogue + bias
     assert any(r["case"].endswith("philox") for r in exact if r.get("kernel") == "quantize")
     assert "pack nvfp4 cols stochastic philox" in {r.get("name") for r in sections["quant"]["rows"]}
     names = {r.get("name") for r in sections["gemm"]["rows"]}

@@ -56,7 +56,7 @@ def _one_per_code_path(out_kinds=(0, 1)):
         if name == "_gemm_fp4_kernel":
             if constants["OUT_KIND"] not in out_kinds:
                 return False
-            key = (name, constants["DOT_MODE"], constants["OUT_KIND"], constants["BLOCK_K"])
+            key = (name, constants["DOT_MODE"], constants["OUT_KIND"], constants["BLOCK_K"], constants["BIAS_KIND"])
         else:
             key = (name, constants.get("N_CHUNKS", 1) > 1) + tuple(constants.get(c) for c in _PATH_CONSTANTS)
         if key in seen:
@@ -97,13 +97,13 @@ def test_every_launch_compiles(arch):
         assert not re.search(r"\b(?:add|sub|mul|fma|div)(?:\.rn)?\.ftz\.f32", r.kernel.asm["ptx"]), r.used_by
     # the E8M0 32-block GEMM has every path here; dot_scaled is what auto takes for MXFP4
     dot_scaled = _gemm(results, "dot_scaled")
-    assert len(dot_scaled) == 2 and all("(auto)" in u for r in dot_scaled for u in r.used_by)
+    assert len(dot_scaled) == 3 and all("(auto)" in u for r in dot_scaled for u in r.used_by)  # fp32, bf16, + bias
     mma = "wgmma.mma_async" if arch == 90 else "tcgen05.mma"
     assert all(mma in r.kernel.asm["ptx"] for r in dot_scaled)
     # NVFP4 (B=16, e4m3 scales) takes dot_scaled on sm_100 only: the native block16 MMA
     nvfp4 = _gemm(results, "dot_scaled nvfp4")
     if arch >= 100:
-        assert len(nvfp4) == 2 and all("B=16 e4m3 path=dot_scaled (auto)" in u for r in nvfp4 for u in r.used_by)
+        assert len(nvfp4) == 3 and all("B=16 e4m3 path=dot_scaled (auto)" in u for r in nvfp4 for u in r.used_by)
         assert all(re.search(r"tcgen05\.mma\S*" + kr.NVF4_BLOCK16, r.kernel.asm["ptx"]) for r in nvfp4)
     else:
         assert not nvfp4
@@ -111,6 +111,12 @@ def test_every_launch_compiles(arch):
         ptx = r.kernel.asm["ptx"]
         if r.constants["OUT_KIND"] == 1:  # bf16 output: the hardware's nearest-even cast, no software rounding
             assert re.search(r"cvt\.rn\.bf16(?:x2)?\.f32", ptx), r.used_by
+        # launched without FP fusion: every product and sum rounds as the interpreter's (no FMA)
+        assert not re.search(r"\bfma\.rn(?:\.ftz)?\.f32", ptx), r.used_by
+    # the layer's forward adds its bf16 bias in the epilogue, on auto's path
+    with_bias = [r for r in _gemm(results, "dot_scaled") + nvfp4 if r.constants["BIAS_KIND"] == 1]
+    assert len(with_bias) == (2 if arch >= 100 else 1)
+    assert all(u.endswith("(auto) out=bf16 + bias") for r in with_bias for u in r.used_by)
 
 
 @pytest.mark.parametrize("arch", [80, 89])

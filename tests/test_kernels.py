@@ -811,6 +811,51 @@ def test_gemm_fp4_after_pack_triton_with_fp32_scales(device):
     assert (err <= bound).all(), float((err / bound).max())
 
 
+BIAS_CASES = [(32, "bf16"), (32, "fp8"), (32, "dot_scaled"), (16, "fp32"), ("nvfp4", "dot_scaled")]
+
+
+@pytest.mark.parametrize("bias_dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("block_size,path", BIAS_CASES, ids=str)
+def test_gemm_fp4_bias_joins_the_fp32_sums_before_the_one_rounding(device, block_size, path, out_dtype, bias_dtype):
+    """``bias=`` is added in the kernel's epilogue, to the fp32 sums, before the one rounding to
+    ``out_dtype`` (F.linear's and cuBLAS's order): bit for bit the fp32 product plus the bias
+    in fp32, rounded once, with no (M, N) fp32 temporary."""
+    if block_size == "nvfp4":
+        ok, reason = path_available("dot_scaled") if INTERPRETING else native_fp4_available()
+        a = random_nvfp4_operand(GEMM_M, GEMM_K, seed=30, tensor_exp=-1)
+        b = random_nvfp4_operand(GEMM_N, GEMM_K, seed=31, tensor_exp=3)
+    else:
+        ok, reason = path_available(path)
+        a = random_e2m1_operand(GEMM_M, GEMM_K, block_size, seed=32)
+        b = random_e2m1_operand(GEMM_N, GEMM_K, block_size, seed=33)
+    if not ok:
+        pytest.skip(reason)
+    bias = (torch.randn(GEMM_N, generator=torch.Generator().manual_seed(34)) * 100).to(bias_dtype)
+    product = (_rows(a) @ _rows(b).T).float()  # exact (random_*_operand)
+    expected = (product + bias.float()).to(out_dtype)
+    sfmt = "e8m0" if path == "dot_scaled" and block_size != "nvfp4" else None
+    got = gemm_fp4(
+        _to(a, device), _to(b, device), path=path, out_dtype=out_dtype, scale_format=sfmt, bias=bias.to(device)
+    )
+    assert_same(got, expected)
+    assert not torch.equal(expected, product.to(out_dtype))  # the bias counts
+
+
+def test_gemm_fp4_rejects_a_bias_it_cannot_add(device):
+    a = _to(random_e2m1_operand(8, 64, 32, seed=1), device)
+    b = _to(random_e2m1_operand(6, 64, 32, seed=2), device)
+    with pytest.raises(ValueError, match=r"bias must be a 1-D float tensor of length 6 .*got torch.float32 \(7,\)"):
+        gemm_fp4(a, b, bias=torch.zeros(7, device=device))
+    with pytest.raises(ValueError, match=r"got torch.float32 \(1, 6\)"):
+        gemm_fp4(a, b, bias=torch.zeros(1, 6, device=device))
+    with pytest.raises(ValueError, match="got torch.int64"):
+        gemm_fp4(a, b, bias=torch.zeros(6, dtype=torch.long, device=device))
+    if device.type != "cpu":
+        with pytest.raises(ValueError, match="on cpu"):
+            gemm_fp4(a, b, bias=torch.zeros(6))
+
+
 def test_gemm_fp4_rejects_what_it_cannot_multiply(device):
     a = random_e2m1_operand(8, 64, 32, seed=1)
     with pytest.raises(ValueError, match="reduction lengths differ"):
@@ -865,7 +910,12 @@ def _count_fp4_gemms(monkeypatch) -> list:
     from lightning_fpq.backends import triton as triton_backend
 
     calls, real = [], triton_backend.gemm_packed
-    monkeypatch.setattr(triton_backend, "gemm_packed", lambda a, b, cd: calls.append(cd) or real(a, b, cd))
+
+    def spy(a, b, cd, bias=None):
+        calls.append(cd if bias is None else (cd, "bias"))
+        return real(a, b, cd, bias=bias)
+
+    monkeypatch.setattr(triton_backend, "gemm_packed", spy)
     return calls
 
 
@@ -947,7 +997,8 @@ def test_triton_layer_backend_under_bf16_autocast(device, monkeypatch):
     calls = _count_fp4_gemms(monkeypatch)
     emulated = _layer_step("mxfp4", "emulated", device, autocast=True)
     triton = _layer_step("mxfp4", "triton", device, autocast=True)
-    assert calls == [torch.float32, torch.bfloat16, torch.bfloat16]  # forward adds the bias in fp32
+    # the forward's bias joins the fp32 sums in the kernel: no fp32 (N, out) output to round after
+    assert calls == [(torch.bfloat16, "bias"), torch.bfloat16, torch.bfloat16]
     for a, b in zip(emulated, triton):
         assert_same(b, a)
 

@@ -162,8 +162,11 @@ def pack_operand(x: torch.Tensor, spec: OperandSpec, axis: int, generator: Optio
 
 
 @torch.compiler.disable
-def gemm_packed(a: PackedTensor, b: PackedTensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """``unpack(a) @ unpack(b).T`` on the packed FP4 kernel, fp32 accumulation."""
+def gemm_packed(
+    a: PackedTensor, b: PackedTensor, out_dtype: torch.dtype, bias: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """``unpack(a) @ unpack(b).T (+ bias)`` on the packed FP4 kernel, fp32 accumulation; the
+    bias joins the fp32 sums before the one rounding to ``out_dtype``."""
     from ..kernels import gemm_fp4
 
-    return gemm_fp4(a, b, out_dtype=out_dtype)
+    return gemm_fp4(a, b, out_dtype=out_dtype, bias=bias)
