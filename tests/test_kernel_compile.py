@@ -111,8 +111,6 @@ def test_every_launch_compiles(arch):
         ptx = r.kernel.asm["ptx"]
         if r.constants["OUT_KIND"] == 1:  # bf16 output: the hardware's nearest-even cast, no software rounding
             assert re.search(r"cvt\.rn\.bf16(?:x2)?\.f32", ptx), r.used_by
-        # launched without FP fusion: every product and sum rounds as the interpreter's (no FMA)
-        assert not re.search(r"\bfma\.rn(?:\.ftz)?\.f32", ptx), r.used_by
     # the layer's forward adds its bf16 bias in the epilogue, on auto's path
     with_bias = [r for r in _gemm(results, "dot_scaled") + nvfp4 if r.constants["BIAS_KIND"] == 1]
     assert len(with_bias) == (2 if arch >= 100 else 1)
