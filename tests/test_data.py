@@ -55,7 +55,7 @@ def test_full_corpus_is_the_fixed_list_only():
 
 
 def test_default_corpus_is_the_demo_corpus():
-    assert CORPORA == ("demo", "stdlib")
+    assert CORPORA == ("demo", "stdlib", "stdlib+torch")
     assert torch.equal(load_corpus(), load_corpus(corpus="demo"))
     assert corpus_info() == corpus_info(DEFAULT_MAX_BYTES, "demo")
     assert all(torch.equal(a, b) for a, b in zip(split_corpus(), split_corpus(corpus="demo")))
@@ -107,6 +107,28 @@ def test_stdlib_corpus_split_holds_out_the_tail_of_every_file():
     assert val.numel() == sum(int(n * 0.1) for _, n in info.files)
     again_train, again_val = split_corpus(None, 0.1, "stdlib")
     assert torch.equal(train, again_train) and torch.equal(val, again_val)  # a fixed split
+
+
+def test_stdlib_plus_torch_corpus_appends_the_installed_torch_source():
+    """"stdlib+torch": the "stdlib" corpus, byte for byte, then every non-test module of the
+    installed torch package (same selection rule, sorted), about four times more text."""
+    stdlib = corpus_info(None, "stdlib")
+    info = corpus_info(None, "stdlib+torch")
+    n = len(stdlib.files)
+    assert info.files[:n] == stdlib.files
+    extra = [f for f, _ in info.files[n:]]
+    assert extra == sorted(extra) and all(f.startswith("torch/") for f in extra)
+    assert "torch/nn/modules/linear.py" in extra and "torch/__init__.py" in extra
+    assert all(_is_stdlib_module_source(PurePosixPath(f)) for f in extra)  # no test directories or test_*.py
+    assert info.total_bytes > 3 * stdlib.total_bytes
+    assert info.packages == (("torch", torch.__version__),) and stdlib.packages == ()
+    assert f"torch {torch.__version__}" in info.short_str()
+    full = load_corpus(None, "stdlib+torch")
+    assert full.numel() == info.total_bytes
+    assert torch.equal(full[: stdlib.total_bytes], load_corpus(None, "stdlib"))
+    train, val = split_corpus(None, 0.1, "stdlib+torch")
+    assert val.numel() == sum(int(k * 0.1) for _, k in info.files)
+    assert train.numel() + val.numel() == info.total_bytes
 
 
 def test_unknown_corpus_is_rejected():
