@@ -110,7 +110,7 @@ def test_stdlib_corpus_split_holds_out_the_tail_of_every_file():
 
 
 def test_stdlib_plus_torch_corpus_appends_the_installed_torch_source():
-    """"stdlib+torch": the "stdlib" corpus, byte for byte, then every non-test module of the
+    """ "stdlib+torch": the "stdlib" corpus, byte for byte, then every non-test module of the
     installed torch package (same selection rule, sorted), about four times more text."""
     stdlib = corpus_info(None, "stdlib")
     info = corpus_info(None, "stdlib+torch")
