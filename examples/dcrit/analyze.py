@@ -1,12 +1,14 @@
-"""Issue 13, part 1: the analysis of the critical-data-size runs (docs/dcrit_experiment.md).
+"""The analysis of the critical-data-size runs (docs/dcrit_experiment.md), part 1 or part 2.
 
-Reads examples/dcrit/runs.csv (seed 0, weight decay 0.1), runs_seed1.csv (seed 1, the same
-settings) and runs_wd0.csv (weight decay 0), and prints, in this order:
+Part 1 (the default) reads examples/dcrit/runs.csv (seed 0, weight decay 0.1), runs_seed1.csv
+(seed 1, the same settings) and runs_wd0.csv (weight decay 0); part 2 (``--part 2``) reads
+runs_part2.csv and runs_part2_seed1.csv (seeds 0 and 1, bf16 and E1M0 B=32, corpus
+stdlib+torch). It prints, in this order:
 
 1. the runs: validation loss per arm, D and seed, the training loss and the passes over the
    training split;
 2. the paired quantization penalty (quantized minus bf16, same seed and weight decay), next
-   to what the shipped calibration (lightning_fpq/scaling/calibrations/demo_calibration.yaml)
+   to what the shipped calibration (as it was when part 1's protocol was written: PROTOCOL_LAW)
    predicts for it;
 3. the decision rule fixed in the protocol, per quantized arm and doubling, and its verdict;
 4. two laws fitted on the runs with D below the largest and judged on the largest-D runs
@@ -14,9 +16,10 @@ settings) and runs_wd0.csv (weight decay 0), and prints, in this order:
    without a minimum (written here: a saturating penalty); then both refitted on every run,
    with a residual-bootstrap interval for Capybara's D_crit.
 
-Run from the repository root (writes the plots to examples/dcrit/plots/):
+Run from the repository root (writes the plots to examples/dcrit/plots/, plots_part2/):
 
     .venv/bin/python examples/dcrit/analyze.py > examples/dcrit/analysis.txt
+    .venv/bin/python examples/dcrit/analyze.py --part 2 > examples/dcrit/analysis_part2.txt
 
 It works on whatever rows exist (a sweep still under way gives a partial analysis).
 """
@@ -30,7 +33,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -39,11 +41,27 @@ sys.path.insert(0, str(ROOT))
 from lightning_fpq.scaling.capybara import CapybaraLaw  # noqa: E402
 from lightning_fpq.scaling.fitting import fit  # noqa: E402
 
-SHIPPED = ROOT / "lightning_fpq" / "scaling" / "calibrations" / "demo_calibration.yaml"
-TRAIN_BYTES_NOTE = "training split of corpus=stdlib (val_fraction 0.1)"
-# (csv, weight decay); runs.csv and runs_seed1.csv share one settings hash
-SOURCES = (("runs.csv", 0.1), ("runs_seed1.csv", 0.1), ("runs_wd0.csv", 0.0))
-QUANT_ARMS = (("e1m0", "32"), ("e1m0", "tensor"))
+# What each part of the experiment reads: (csv, weight decay) sources (the CSVs of one weight
+# decay share one settings hash), its quantized arms, its corpus, where its plots go.
+PARTS = {
+    1: dict(
+        sources=(("runs.csv", 0.1), ("runs_seed1.csv", 0.1), ("runs_wd0.csv", 0.0)),
+        arms=(("e1m0", "32"), ("e1m0", "tensor")),
+        corpus="stdlib",
+        plots="examples/dcrit/plots",
+        command=".venv/bin/python examples/dcrit/analyze.py > examples/dcrit/analysis.txt",
+    ),
+    2: dict(
+        sources=(("runs_part2.csv", 0.1), ("runs_part2_seed1.csv", 0.1)),
+        arms=(("e1m0", "32"),),
+        corpus="stdlib+torch",
+        plots="examples/dcrit/plots_part2",
+        command=".venv/bin/python examples/dcrit/analyze.py --part 2 > examples/dcrit/analysis_part2.txt",
+    ),
+}
+SOURCES = PARTS[1]["sources"]  # main() sets these three from --part
+QUANT_ARMS = PARTS[1]["arms"]
+CORPUS = PARTS[1]["corpus"]
 FLAT = 0.02  # nats per doubling: the protocol's "flat" and the floor of the rise threshold
 
 
@@ -104,18 +122,37 @@ def fmt_d(D: float) -> str:
 def train_bytes() -> int:
     from lightning_fpq.demo.data import split_corpus
 
-    return int(split_corpus(None, 0.1, "stdlib")[0].numel())
+    return int(split_corpus(None, 0.1, CORPUS)[0].numel())
+
+
+# The shipped calibration as it was when part 1's protocol was written (the law file at commit
+# f4af143); it was refitted afterwards (E0My read as E1M(y-1), docs/calibration.md). Both parts
+# hold a, dl and nu at these values in their Capybara fits, as part 1's protocol fixed them, and
+# show this law's penalty, so that every number of analysis.txt reproduces.
+PROTOCOL_LAW = dict(
+    n=4.855844353140247,
+    a=0.0942381690765452,
+    d=1040.8963825551289,
+    b=0.5693160886639111,
+    eps=5.260948640031045e-13,
+    g=158332.44098461824,
+    dl=0.597654960905024,
+    nu=1.7165607291620617,
+    channel_log2_block=13.1567,
+)
 
 
 def shipped_law() -> CapybaraLaw:
-    consts = yaml.safe_load(SHIPPED.read_text())["constants"]
-    return CapybaraLaw(**consts)
+    """The shipped law of part 1's protocol (PROTOCOL_LAW)."""
+    return CapybaraLaw(**PROTOCOL_LAW)
 
 
 # ------------------------------------------------------------------ 1-2: runs and penalties
 def print_runs(tab: dict, n_train: int) -> None:
     print("## 1. The runs (validation loss, nats/byte; train = mean training loss over the last 10% of steps)\n")
-    print(f"Training split: {n_train:,} bytes ({TRAIN_BYTES_NOTE}); passes = D / {n_train:,}.\n")
+    print(
+        f"Training split: {n_train:,} bytes (training split of corpus={CORPUS}, val_fraction 0.1); passes = D / {n_train:,}.\n"
+    )
     print("| arm | D | passes | loss s0 | loss s1 | train s0 | train - val s0 | CPU-min s0 |")
     print("|---|---|---|---|---|---|---|---|")
     for key in sorted(tab, key=lambda k: (-k[2], k[0] != "bf16", k[1])):
@@ -143,7 +180,10 @@ def print_runs(tab: dict, n_train: int) -> None:
 
 def print_penalties(tab: dict, law: CapybaraLaw, n_params: int) -> None:
     print("## 2. Quantization penalty: quantized minus bf16, same seed and weight decay (nats)\n")
-    print("shipped = the penalty term of the shipped calibration (fitted on the 2 MB demo corpus) at this N and D.\n")
+    print(
+        "shipped = the penalty term of the shipped calibration (fitted on the 2 MB demo corpus) as it was when\n"
+        "part 1's protocol was written, at this N and D.\n"
+    )
     print("| arm | D | seed 0 | seed 1 | shipped law |")
     print("|---|---|---|---|---|")
     for wd in (0.1, 0.0):
@@ -476,15 +516,21 @@ def plots(tab: dict, res: dict, n_params: int, law0: CapybaraLaw, out_dir: Path)
 
 
 def main() -> None:
+    global SOURCES, QUANT_ARMS, CORPUS
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--part", type=int, choices=sorted(PARTS), default=1, help="which part of the experiment")
     ap.add_argument("--boot", type=int, default=100, help="bootstrap refits for the D_crit interval")
     ap.add_argument(
         "--plots",
-        default="examples/dcrit/plots",
-        help="folder for the plots, relative to the repository root ('' for none)",
+        default=None,
+        help="folder for the plots, relative to the repository root ('' for none; default: the part's)",
     )
-    ap.add_argument("--runs", default=str(HERE), help="folder of runs.csv, runs_seed1.csv, runs_wd0.csv")
+    ap.add_argument("--runs", default=str(HERE), help="folder of the part's CSVs")
     args = ap.parse_args()
+    part = PARTS[args.part]
+    SOURCES, QUANT_ARMS, CORPUS = part["sources"], part["arms"], part["corpus"]
+    if args.plots is None:
+        args.plots = part["plots"]
     rows = load(Path(args.runs))
     if not rows:
         raise SystemExit("no ok rows yet in examples/dcrit/*.csv")
@@ -492,8 +538,8 @@ def main() -> None:
     n_params = rows[0]["N"]
     law0 = shipped_law()
     n_train = train_bytes()
-    print("# D_crit experiment (issue 13, part 1): analysis\n")
-    print("Command: .venv/bin/python examples/dcrit/analyze.py > examples/dcrit/analysis.txt\n")
+    print(f"# D_crit experiment, part {args.part}: analysis\n")
+    print(f"Command: {part['command']}\n")
     print_runs(tab, n_train)
     print_penalties(tab, law0, n_params)
     decision(tab)
@@ -503,7 +549,7 @@ def main() -> None:
         sub = [r for r in rows if r["wd"] == wd]
         if len({r["D"] for r in sub}) >= 4 and any(r["fmt"] == "bf16" for r in sub):
             res[wd] = fits(rows, wd, law0, n_params, args.boot)
-    if 0.1 in res:
+    if 0.1 in res and args.part == 1:
         print("## 4b. Not in the protocol (added after seeing the runs): the same fits without the tensor-wise arm\n")
         spread, _ = seed_spread(tab, "e1m0", "tensor")
         print(f"The tensor-wise arm's two seeds differ by up to {spread:.2f} nats; these fits ask what the")
