@@ -550,6 +550,14 @@ def gemm(ctx: Ctx, sec: Section, shapes: list[tuple[int, int, int]]) -> None:
                 fns[f"gemm_fp4 B={block} {sfmt} {path}"] = lambda a=a, b=b, path=path: gemm_fp4(
                     a, b, out_dtype=torch.bfloat16, path=path
                 )
+            if block != 128:  # the layer's forward with a bias: in the epilogue, against an fp32 output + a pass
+                bias = torch.randn(n, device=dev, dtype=torch.bfloat16)
+                fns[f"gemm_fp4 B={block} {sfmt} auto + bias"] = lambda a=a, b=b, bias=bias: gemm_fp4(
+                    a, b, out_dtype=torch.bfloat16, bias=bias
+                )
+                fns[f"gemm_fp4 B={block} {sfmt} auto fp32, + bias after"] = lambda a=a, b=b, bias=bias: (
+                    gemm_fp4(a, b, out_dtype=torch.float32) + bias.float()
+                ).to(torch.bfloat16)
         res = {}
         for name, fn in fns.items():
             if sec.over():

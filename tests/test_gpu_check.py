@@ -68,6 +68,7 @@ def test_gpu_check_smoke_run_from_the_checkout(tmp_path):
     names = {r.get("name") for r in sections["gemm"]["rows"]}
     assert "torch.matmul bf16" in names and "dequantize->bf16 matmul B=32 e8m0" in names
     assert any(str(n).startswith("gemm_fp4 B=32 e8m0 dot_scaled") for n in names)
+    assert {"gemm_fp4 B=16 e4m3 auto + bias", "gemm_fp4 B=16 e4m3 auto fp32, + bias after"} <= names
     stages = [r["stage"] for r in sections["step"]["rows"] if "vs_bf16" in r]
     assert stages == ["bf16", "fp8", "fp4", "fp4 packed (forced)"]
     assert len(sections["blackwell"]["rows"]) == 2  # the operands are built; the GEMM needs sm_100+
