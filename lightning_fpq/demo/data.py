@@ -16,8 +16,8 @@ tests and the shipped calibration use); ``"stdlib"``: every non-test ``.py`` fil
 running Python's standard library (:func:`stdlib_files`: about 12 MB on CPython 3.11), in sorted
 path order, for runs that must not see their data twice (``docs/dcrit_experiment.md``); and
 ``"stdlib+torch"``: that, then every non-test module of the installed ``torch`` package by the
-same rule (58.5 MB in all with CPython 3.11.7 and torch 2.13.0), for longer runs. All split every file the same
-way (:func:`split_corpus`): its last ``val_fraction`` is held out.
+same rule (58.5 MB in all with CPython 3.11.7 and torch 2.13.0), for longer runs. All split
+every file the same way (:func:`split_corpus`): its last ``val_fraction`` is held out.
 
 Batches are ``(x, y)``, both ``(B, T)`` int64 token ids, ``y`` being ``x`` shifted by one
 byte. Tokens per batch = ``x.numel()`` = ``B * T``: the rule a token counter uses.
