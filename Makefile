@@ -19,7 +19,7 @@ test: $(VENV)/.installed-dev
 # Type-checked: the numerics core (formats, quantizer, packing, specs, recipes, state, layers, backends).
 MYPY_PATHS := lightning_fpq/_config.py lightning_fpq/formats.py lightning_fpq/quantize.py lightning_fpq/philox.py lightning_fpq/packing.py \
 	lightning_fpq/spec.py lightning_fpq/named_recipes.py lightning_fpq/recipe.py lightning_fpq/state.py \
-	lightning_fpq/fp4_estimators.py lightning_fpq/linear_function.py lightning_fpq/linear.py lightning_fpq/backends
+	lightning_fpq/fp4_estimators.py lightning_fpq/linear_function.py lightning_fpq/linear.py lightning_fpq/attention.py lightning_fpq/backends
 
 lint: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check .

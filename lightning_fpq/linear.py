@@ -20,6 +20,7 @@ from typing import Any, Optional, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from .formats import FPFormat
 from .linear_function import WeightCache, quant_linear
@@ -50,6 +51,9 @@ class QuantGemm(nn.Module):
     _fpq_wcache: WeightCache
     _fpq_backend_state: dict
     _fpq_name: str
+    #: whether forward's first argument is the GEMM's input and the gradient of its output is the
+    #: GEMM's dY (an attention layer's output is not its in-projection's): what QuantizationHealth hooks
+    module_io_is_gemm_io: bool = True
 
     def gemm_weight(self) -> torch.Tensor:
         return self.weight  # nn.Linear's layout: (out, in)
@@ -139,7 +143,8 @@ def _transposed_weight(self: QuantGemm) -> torch.Tensor:
 
 
 _QUANT_CLASSES: dict[type, type] = {}  # plain class -> its quantized class (FSDP2's and Conv1D's, made once)
-_ATTRIBUTES = ("_fpq_state", "_fpq_name", "_fpq_wcache", "_fpq_backend_state")  # what _attach adds
+# what _attach adds (and QuantMultiheadAttention's caches of its weight slices)
+_ATTRIBUTES = ("_fpq_state", "_fpq_name", "_fpq_wcache", "_fpq_backend_state", "_fpq_slice_caches")
 
 
 def is_hf_conv1d(cls: type) -> bool:
@@ -149,14 +154,17 @@ def is_hf_conv1d(cls: type) -> bool:
 
 
 def is_gemm_layer(module: nn.Module) -> bool:
-    """A layer this package converts: ``nn.Linear`` (and subclasses, refused with a reason) or ``Conv1D``."""
-    return isinstance(module, nn.Linear) or is_hf_conv1d(type(module))
+    """A layer this package converts: ``nn.Linear`` (and subclasses, refused with a reason),
+    ``Conv1D`` or ``nn.MultiheadAttention`` (``lightning_fpq.attention``)."""
+    return isinstance(module, (nn.Linear, nn.MultiheadAttention)) or is_hf_conv1d(type(module))
 
 
 def _quant_class_for(cls: type) -> Optional[type]:
     """The class a module of class ``cls`` becomes: QuantLinear for nn.Linear; for FSDP2's
     per-module class ``FSDPLinear(FSDPModule, nn.Linear)`` a matching ``FSDPQuantLinear``; for
-    Hugging Face's ``Conv1D`` a ``QuantConv1D``."""
+    Hugging Face's ``Conv1D`` a ``QuantConv1D``; for ``nn.MultiheadAttention`` a
+    ``QuantMultiheadAttention`` and for its ``out_proj`` (an ``nn.Linear`` subclass that changes
+    nothing) a ``QuantLinear`` of that class."""
     if cls is nn.Linear or issubclass(cls, QuantGemm):
         return QuantLinear if cls is nn.Linear else cls
     new = _QUANT_CLASSES.get(cls)
@@ -164,6 +172,12 @@ def _quant_class_for(cls: type) -> Optional[type]:
         return new
     if is_hf_conv1d(cls):
         new = type("QuantConv1D", (QuantGemm, cls), {"gemm_weight": _transposed_weight})
+    elif cls is nn.MultiheadAttention:
+        from .attention import QuantMultiheadAttention  # it imports this module
+
+        new = QuantMultiheadAttention
+    elif cls is NonDynamicallyQuantizableLinear:
+        new = type(f"Quant{cls.__name__}", (QuantLinear, cls), {})
     else:
         try:
             from torch.distributed.fsdp import FSDPModule
@@ -193,10 +207,16 @@ def convert_linears(
     converted, skipped = [], []
     recipe = state.recipe
     leave = set(leave)
+    # an attention layer's out_proj: its forward runs only once the attention layer is converted
+    attention_of = {id(m.out_proj): m for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
     for name, module in list(model.named_modules()):
         if not is_gemm_layer(module) or clean_module_name(name) in leave:
             continue
         if only_included and not isinstance(module, QuantGemm) and not recipe.is_included(name):
+            continue
+        if isinstance(module, nn.MultiheadAttention) and _attention_unconvertible(module):
+            continue  # named, with the reason, by unquantized_gemm_layers
+        if id(module) in attention_of and not isinstance(attention_of[id(module)], QuantGemm):
             continue
         if _quant_class_for(type(module)) is None:
             skipped.append(clean_module_name(name))
@@ -206,19 +226,32 @@ def convert_linears(
     return converted, skipped
 
 
+def _attention_unconvertible(module: nn.MultiheadAttention) -> Optional[str]:
+    """Why this attention layer cannot be converted (``None``: it can)."""
+    if type(module) is not nn.MultiheadAttention and not isinstance(module, QuantGemm):
+        return "a subclass of nn.MultiheadAttention (its forward may differ) is not converted"
+    from .attention import unconvertible_reason
+
+    return unconvertible_reason(module)
+
+
 #: layers that compute GEMMs this package leaves in the compute dtype, and why
 _UNQUANTIZED_GEMMS: tuple[tuple[type, str], ...] = (
-    (nn.MultiheadAttention, "its q/k/v and output projections run inside F.multi_head_attention_forward"),
     (nn.modules.conv._ConvNd, "convolutions are not quantized"),
     (nn.Bilinear, "bilinear layers are not quantized"),
 )
+_ATTENTION_UNCONVERTED = "its q/k/v and output projections run inside F.multi_head_attention_forward"
 
 
 def unquantized_gemm_layers(model: nn.Module) -> dict[str, str]:
-    """``{name: why}`` of the layers of ``model`` that compute a GEMM but are never quantized."""
+    """``{name: why}`` of the layers of ``model`` that compute a GEMM and are not quantized: an
+    ``nn.MultiheadAttention`` not (or not yet) converted, convolutions, ``nn.Bilinear``."""
     found = {}
     for name, module in model.named_modules():
-        why = next((why for cls, why in _UNQUANTIZED_GEMMS if isinstance(module, cls)), None)
+        if isinstance(module, nn.MultiheadAttention) and not isinstance(module, QuantGemm):
+            why: Optional[str] = _attention_unconvertible(module) or _ATTENTION_UNCONVERTED
+        else:
+            why = next((why for cls, why in _UNQUANTIZED_GEMMS if isinstance(module, cls)), None)
         if why is not None:
             found[clean_module_name(name)] = why
     return found

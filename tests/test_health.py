@@ -51,3 +51,34 @@ def test_the_callback_logs_every_quantized_operand_of_every_layer(tmp_path):
     assert not any(key.startswith("fpq/health/lm_head/") for key in health.last)
     assert 0 < health.last["fpq/health/min_sqnr_db"] < 30  # E2M1 keeps about 3 bits
     assert health.last["fpq/health/max_saturated"] == 0.0
+
+
+class _Attention(TinyLM):
+    """TinyLM with a self-attention layer between the embedding and the hidden layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = torch.nn.MultiheadAttention(16, 2, batch_first=True)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        h = self.emb(x)
+        h = h + self.attn(h, h, h, need_weights=False)[0]
+        logits = self.lm_head(torch.relu(self.hidden(h)))
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
+
+
+def test_attention_layers_report_their_input_and_weight_operands(tmp_path):
+    health = QuantizationHealth(every_n_steps=1)
+    trainer = quiet_trainer(
+        max_steps=1,
+        default_root_dir=tmp_path,
+        plugins=[FPQuantPrecision("full", fmt="e2m1", block_size=16)],
+        callbacks=[health],
+    )
+    trainer.fit(_Attention(), token_loader(3, 4, 8, seed=0))
+    operands = {key.split("/")[3] for key in health.last if key.startswith("fpq/health/attn/")}
+    # the in-projection's X and W operands; its dY is inside the attention, not the layer's output gradient
+    assert operands == {"P1", "P2", "P4", "P6"}
+    out_proj = {key.split("/")[3] for key in health.last if key.startswith("fpq/health/attn.out_proj/")}
+    assert out_proj == {f"P{i}" for i in range(1, 7)}

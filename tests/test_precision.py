@@ -492,14 +492,8 @@ class _Encoder(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.0)
 
 
-def test_validation_runs_quantized_like_training_and_unquantized_gemms_are_named(tmp_path):
-    from torch.utils.data import DataLoader, TensorDataset
-
-    torch.manual_seed(0)
-    data = DataLoader(TensorDataset(torch.randn(16, 6, 32), torch.randint(0, 8, (16,))), batch_size=8)
-    model = _Encoder()
-    plugin = FPQuantPrecision("paper", fmt="e2m1", block_size=16)
-    trainer = L.Trainer(
+def _validating_trainer(tmp_path, plugin):
+    return L.Trainer(
         accelerator="cpu",
         logger=False,
         enable_progress_bar=False,
@@ -508,8 +502,24 @@ def test_validation_runs_quantized_like_training_and_unquantized_gemms_are_named
         default_root_dir=tmp_path,
         plugins=[plugin],
     )
-    with pytest.warns(UserWarning, match=r"self_attn.*F\.multi_head_attention_forward"):
+
+
+def test_validation_runs_quantized_like_training_with_attention_quantized(tmp_path):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_fpq.attention import QuantMultiheadAttention
+
+    torch.manual_seed(0)
+    data = DataLoader(TensorDataset(torch.randn(16, 6, 32), torch.randint(0, 8, (16,))), batch_size=8)
+    model = _Encoder()
+    plugin = FPQuantPrecision("paper", fmt="e2m1", block_size=16)
+    trainer = _validating_trainer(tmp_path, plugin)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         validated = trainer.validate(model, data, verbose=False)[0]["val_loss"]
+    assert not [w for w in caught if "self_attn" in str(w.message) or "compute dtype" in str(w.message)]
+    assert isinstance(model.encoder.layers[0].self_attn, QuantMultiheadAttention)
+    assert {"encoder.layers.0.self_attn", "encoder.layers.1.self_attn.out_proj"} <= set(plugin.backend_choices())
     # the quantized loss, computed outside the fast path (train mode; dropout is 0)
     model.train()
     with torch.no_grad():
@@ -520,3 +530,21 @@ def test_validation_runs_quantized_like_training_and_unquantized_gemms_are_named
     with torch.no_grad():
         unquantized = torch.stack([model.loss(b) for b in data]).mean()
     assert abs(float(unquantized) - validated) > 1e-5
+
+
+def test_attention_layers_that_stay_unquantized_are_named_with_the_reason(tmp_path):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    class _ZeroAttn(_Encoder):
+        def __init__(self):
+            super().__init__()
+            self.extra = nn.MultiheadAttention(32, 4, add_zero_attn=True, batch_first=True)
+
+        def loss(self, batch):
+            x, y = batch
+            return nn.functional.cross_entropy(self.head(self.extra(x, x, x)[0]).mean(1), y)
+
+    data = DataLoader(TensorDataset(torch.randn(8, 6, 32), torch.randint(0, 8, (8,))), batch_size=8)
+    trainer = _validating_trainer(tmp_path, FPQuantPrecision("paper", fmt="e2m1", block_size=16))
+    with pytest.warns(UserWarning, match=r"stay in the compute dtype \(extra: add_zero_attn=True is not converted\)"):
+        trainer.validate(_ZeroAttn(), data, verbose=False)

@@ -66,7 +66,8 @@ class QuantizationHealth(Callback):
             return
         for name, layer in quantized_layers(pl_module):
             self._handles.append(layer.register_forward_pre_hook(self._keep_input(name)))
-            self._handles.append(layer.register_full_backward_hook(self._keep_grad(name)))
+            if layer.module_io_is_gemm_io:  # else the output's gradient is not the GEMM's dY: P3, P5 not measured
+                self._handles.append(layer.register_full_backward_hook(self._keep_grad(name)))
 
     def _keep_input(self, name: str):
         def hook(module: torch.nn.Module, args: tuple) -> None:
