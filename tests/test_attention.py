@@ -204,3 +204,11 @@ def test_an_excluded_attention_layer_is_left_alone():
     recipe = QuantRecipe.from_name("paper", fmt="e2m1", block_size=16, exclude=["attn"])
     converted, _ = convert_linears(model, QuantState(recipe))
     assert converted == [] and type(model.attn) is nn.MultiheadAttention
+
+
+def test_under_bf16_autocast():
+    plain, quant, state = _pair(batch_first=True)
+    q, k, v = _inputs(True, cross=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for need_weights in (False, True):
+            _compare(plain, quant, state, q, k, v, need_weights=need_weights)
