@@ -91,7 +91,8 @@ class QuantGemm(nn.Module):
 
     def extra_repr(self) -> str:
         spec = self.spec
-        return f"{super().extra_repr()}, quant={'off' if spec is None else spec.short_str()}"
+        quant = f"quant={'off' if spec is None else spec.short_str()}"
+        return ", ".join(part for part in (super().extra_repr(), quant) if part)
 
 
 class QuantLinear(QuantGemm, nn.Linear):

@@ -420,15 +420,15 @@ class QuantRecipe:
         return f"QuantRecipe({self.short_str()})"
 
     def describe(self, model: Any) -> str:
-        """A table of every ``nn.Linear`` of ``model``: name, shape (out x in), each operand's spec."""
-        import torch.nn as nn  # local: keeps `import lightning_fpq.recipe` light
-
+        """A table of every GEMM layer of ``model`` (``nn.Linear``, ``nn.MultiheadAttention``'s
+        in-projection, any converted layer): name, shape (out x in), each operand's spec."""
         header = ["layer", "shape", "P1", "P2", "P3", "P4", "P5", "P6", "options"]
         rows = [header]
         for name, module in model.named_modules():
-            if not isinstance(module, nn.Linear):
+            weight = _gemm_weight(module)
+            if weight is None:
                 continue
-            shape = f"{module.out_features}x{module.in_features}"
+            shape = "x".join(map(str, weight.shape))
             spec = self.layer_spec(name)
             if spec is None:
                 rows.append([clean_module_name(name), shape] + ["-"] * 6 + ["excluded"])
@@ -567,3 +567,16 @@ def clean_module_name(name: str) -> str:
 def named_recipes() -> dict[str, QuantRecipe]:
     """Every named recipe at its default format and block size."""
     return {m.value: QuantRecipe.from_name(m) for m in RecipeName}
+
+
+def _gemm_weight(module: Any) -> Any:
+    """The (out, in) GEMM weight of a layer :meth:`QuantRecipe.describe` lists, else ``None``."""
+    import torch.nn as nn  # local: keeps `import lightning_fpq.recipe` light
+
+    if hasattr(module, "gemm_weight"):  # a converted layer (QuantGemm)
+        return module.gemm_weight()
+    if isinstance(module, nn.Linear):
+        return module.weight
+    if isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is not None:
+        return module.in_proj_weight
+    return None

@@ -169,6 +169,8 @@ def test_transformer_layers_are_converted_and_restored():
     names = dict(quantized_layers(model))
     assert isinstance(names["layers.1.self_attn"], QuantGemm) and len(names) == 8
     assert state.layer_spec("layers.0.self_attn") is not None
+    table = RECIPE.describe(model)
+    assert f"layers.0.self_attn           {3 * E}x{E}" in table and f"layers.0.self_attn.out_proj  {E}x{E}" in table
     x = torch.randn(2, 7, E)
     mask = nn.Transformer.generate_square_subsequent_mask(7)
     model(x, mask=mask, is_causal=True).sum().backward()
