@@ -991,6 +991,37 @@ def test_triton_layer_backend_nvfp4_on_blackwell_runs_dot_scaled(device, monkeyp
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6 * float(a.detach().abs().max()), msg=name)
 
 
+def test_triton_layer_backend_runs_attention_packed(device, monkeypatch):
+    """An nn.MultiheadAttention converted to QuantMultiheadAttention on the triton backend: its
+    in-projection (one packed GEMM with the bias in the epilogue) and its out_proj run on the
+    FP4 kernel, bit-identical to emulated with MXFP4's power-of-two scales."""
+    from torch import nn
+
+    from lightning_fpq.linear import convert_linears
+    from lightning_fpq.recipe import QuantRecipe
+    from lightning_fpq.state import QuantState
+
+    calls = _count_fp4_gemms(monkeypatch)
+    g = torch.Generator().manual_seed(3)
+    x, dy = torch.randn(16, 2, 64, generator=g), torch.randn(16, 2, 64, generator=g)
+    outs = []
+    for backend in ("emulated", "triton"):
+        torch.manual_seed(0)
+        model = nn.Sequential()
+        model.add_module("attn", nn.MultiheadAttention(64, 4))
+        converted, _ = convert_linears(model, QuantState(QuantRecipe.coerce("mxfp4"), backend=backend))
+        assert converted == ["attn", "attn.out_proj"]
+        model.to(device)
+        xd = x.to(device).requires_grad_()
+        y = model.attn(xd, xd, xd, need_weights=False)[0]
+        y.backward(dy.to(device))
+        attn = model.attn
+        outs.append((y, xd.grad, attn.in_proj_weight.grad, attn.in_proj_bias.grad, attn.out_proj.weight.grad))
+    assert calls.count((torch.float32, "bias")) == 2 and len(calls) == 6  # two layers: forward, dgrad, wgrad
+    for a, b in zip(*outs):
+        assert_same(b, a)
+
+
 def test_triton_layer_backend_under_bf16_autocast(device, monkeypatch):
     # E2M1 values times power-of-two scales are exact in bf16, so the emulated path's bf16
     # operands lose nothing and both round the fp32 sums to bf16 once.
