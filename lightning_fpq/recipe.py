@@ -579,4 +579,8 @@ def _gemm_weight(module: Any) -> Any:
         return module.weight
     if isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is not None:
         return module.in_proj_weight
+    from .linear import is_hf_conv1d  # local: linear imports this module
+
+    if is_hf_conv1d(type(module)):
+        return module.weight.t()  # Hugging Face's Conv1D stores (in, out)
     return None

@@ -563,7 +563,10 @@ def test_hf_conv1d_is_converted_like_a_linear_layer(recipe):
     torch.manual_seed(0)
     model = nn.Sequential(Conv1D(80, 96))
     weight, keys = model[0].weight, list(model.state_dict())
-    converted, skipped = convert_linears(model, QuantState(recipe))
+    state = QuantState(recipe)
+    assert "\n0      80x96 " in state.recipe.describe(model)  # listed as (out x in), before and after
+    converted, skipped = convert_linears(model, state)
+    assert "\n0      80x96 " in state.recipe.describe(model)
     assert converted == ["0"] and not skipped and isinstance(model[0], QuantGemm)
     assert model[0].weight is weight and list(model.state_dict()) == keys
     # the same layer as a QuantLinear with W transposed: bit-identical output and gradients
