@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .linear import QuantGemm
-from .linear_function import WeightCache, quant_linear
+from .linear_function import WeightCache
 
 
 def unconvertible_reason(module: nn.MultiheadAttention) -> Optional[str]:
@@ -58,28 +58,13 @@ class QuantMultiheadAttention(QuantGemm, nn.MultiheadAttention):
 
     def _project(self, x: torch.Tensor, part: slice) -> torch.Tensor:
         """``x @ W[part].T + b[part]`` with the in-projection's operands quantized."""
-        state = self._fpq_state
         weight = self.in_proj_weight[part]
         bias = self.in_proj_bias[part] if self.in_proj_bias is not None else None
-        spec = state.layer_spec(self._fpq_name)
-        if spec is None or spec.is_identity:
-            return F.linear(x, weight, bias)
-        whole = part == slice(None)
         # the quantized-weight cache and a backend's per-layer objects are per weight slice
         key = (part.start, part.stop)
         caches = self.__dict__.setdefault("_fpq_slice_caches", {})
-        cache = self._fpq_wcache if whole else caches.setdefault(key, WeightCache())
-        return quant_linear(
-            x,
-            weight,
-            bias,
-            spec,
-            generator=state.generator(self._fpq_name, x.device) if spec.needs_generator else None,
-            backend=state.layer_backend(self._fpq_name, x.device),
-            save_quantized_weight=state.save_quantized_weight,
-            weight_cache=cache if state.cache_weights else None,
-            backend_state=self._fpq_backend_state.setdefault(key, {}),
-        )
+        cache = self._fpq_wcache if part == slice(None) else caches.setdefault(key, WeightCache())
+        return self.quantized_gemm(x, weight, bias, cache, self._fpq_backend_state.setdefault(key, {}))
 
     def forward(  # type: ignore[override]
         self,

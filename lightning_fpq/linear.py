@@ -72,21 +72,34 @@ class QuantGemm(nn.Module):
         return self._fpq_state.layer_spec(self._fpq_name)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return self.quantized_gemm(input, self.gemm_weight(), self.bias, self._fpq_wcache, self._fpq_backend_state)
+
+    def quantized_gemm(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: Optional[torch.Tensor],
+        cache: WeightCache,
+        backend_state: dict,
+    ) -> torch.Tensor:
+        """``F.linear(x, weight, bias)`` with the operands quantized as this layer's spec says;
+        ``cache`` holds the quantized ``weight`` between calls, ``backend_state`` a backend's
+        objects for it."""
         state = self._fpq_state
         spec = state.layer_spec(self._fpq_name)
         if spec is None or spec.is_identity:
-            return F.linear(input, self.gemm_weight(), self.bias)
-        generator = state.generator(self._fpq_name, input.device) if spec.needs_generator else None
+            return F.linear(x, weight, bias)
+        generator = state.generator(self._fpq_name, x.device) if spec.needs_generator else None
         return quant_linear(
-            input,
-            self.gemm_weight(),
-            self.bias,
+            x,
+            weight,
+            bias,
             spec,
             generator=generator,
-            backend=state.layer_backend(self._fpq_name, input.device),
+            backend=state.layer_backend(self._fpq_name, x.device),
             save_quantized_weight=state.save_quantized_weight,
-            weight_cache=self._fpq_wcache if state.cache_weights else None,
-            backend_state=self._fpq_backend_state,
+            weight_cache=cache if state.cache_weights else None,
+            backend_state=backend_state,
         )
 
     def extra_repr(self) -> str:
