@@ -275,6 +275,23 @@ def test_law_point_adds_the_penalty_of_every_quantized_operand():
     assert critical_tokens(QuantRecipe.from_name("bf16"), law, 10**8)[0] == math.inf
 
 
+def test_a_fitted_law_is_calibrated_only_on_the_block_sizes_it_was_fitted_on():
+    from lightning_fpq.scaling.law import resolve_named_law
+
+    shipped = resolve_named_law("demo-calibration")
+    assert shipped.provenance.block_sizes == (4, 8, 32)  # the quantized rows of its fit
+    point = lambda law, block: law_point(QuantRecipe.from_name("paper", fmt="e2m1", block_size=block), law, 10**5)  # noqa: E731
+    assert point(shipped, 32).calibrated and point(shipped, 16).calibrated  # inside the fitted range
+    for block in ("channel", "tensor", 128, 2):
+        p = point(shipped, block)
+        assert not p.calibrated and "fitted on blocks of 4, 8, 32 elements" in p.short_str(), block
+    # the paper's law (block sizes not recorded): integer blocks and channel-wise scaling, as fitted there
+    paper = CapybaraLaw.paper()
+    assert paper.provenance.block_sizes is None
+    assert point(paper, "channel").calibrated and point(paper, 128).calibrated
+    assert not point(paper, "tensor").calibrated
+
+
 def _numerical_crossing(law, n, cur, nxt):
     """Where ``-dL/dD / bits`` of the next stage overtakes the current one's, by central
     differences of the law's loss on a log grid of token counts (inf: never)."""

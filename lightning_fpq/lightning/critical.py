@@ -156,11 +156,12 @@ def law_point(recipe: QuantRecipe, law: CapybaraLaw, n_params: int, groups: Opti
         factor += law.operand_factor(op.fmt, block, shared_elements=shared)
     labels = sorted({f"{op.fmt.name} B={_config.block_size_text(op.block_size)}" for _, _, op in quantized})
     label = f"{' + '.join(labels)} on {','.join(f'P{i + 1}' for i, _, _ in quantized)}"
-    return LawPoint(factor, recipe.fmt, label, *_calibration(spec))
+    return LawPoint(factor, recipe.fmt, label, *_calibration(spec, law))
 
 
-def _calibration(spec: LayerSpec) -> tuple[bool, str]:
-    """Whether the law was fitted on layers like ``spec`` (the paper's setup), and if not why."""
+def _calibration(spec: LayerSpec, law: CapybaraLaw) -> tuple[bool, str]:
+    """Whether ``law`` was fitted on layers like ``spec`` (the paper's setup, at block sizes it
+    saw), and if not why."""
     quantized = {role for role in ROLES if getattr(spec, role) is not None}
     if quantized != set(_FITTED_ROLES):
         return False, "the law was fitted on P2, P4, P6 quantized alike"
@@ -170,8 +171,15 @@ def _calibration(spec: LayerSpec) -> tuple[bool, str]:
         return False, "P2, P4, P6 differ"
     if op.scale_format != "fp32" or op.rounding != "nearest" or spec.fp4.active:
         return False, "fitted with fp32 scales, nearest rounding, no DGE/OCC"
-    if op.block_size in (None, "tensor"):
-        return False, "no tensor-wise or unscaled runs were fitted"
+    fitted = law.provenance.block_sizes
+    if fitted is None:  # not recorded (the paper's law): integer blocks and channel-wise scaling were fitted
+        if op.block_size in (None, "tensor"):
+            return False, "no tensor-wise or unscaled runs were fitted"
+        return True, ""
+    ints = [b for b in fitted if isinstance(b, int)]
+    inside = isinstance(op.block_size, int) and bool(ints) and min(ints) <= op.block_size <= max(ints)
+    if op.block_size not in fitted and not inside:
+        return False, f"the law was fitted on blocks of {', '.join(map(str, fitted))} elements"
     return True, ""
 
 

@@ -40,6 +40,7 @@ from lightning_fpq.scaling.capybara import (
 from lightning_fpq.scaling.chinchilla import ChinchillaLaw
 from lightning_fpq.scaling.kumar import KumarLaw, kumar_factor
 from lightning_fpq.scaling.law import CHANNEL_LOG2_BLOCK, Provenance, log2_block_size
+from lightning_fpq.scaling.sweep_plan import UNQUANTIZED
 
 __all__ = ["FitResult", "fit", "load_rows", "MIN_ROWS_PER_CONSTANT", "HUBER_DELTA"]
 
@@ -242,6 +243,15 @@ def load_rows(
         raise ValueError(f"{where}: column B: {err}") from None
     out["B"] = np.array(blocks, dtype=object)
     return out
+
+
+def _quantized_block_sizes(rows: Mapping[str, np.ndarray]) -> Optional[tuple]:
+    """The block sizes of the quantized rows (not bf16/fp32), or None where the law has no B."""
+    if "B" not in rows:
+        return None
+    plain = {(FPFormat.parse(name).ebits, FPFormat.parse(name).mbits) for name in UNQUANTIZED}
+    blocks = [b for b, e, m in zip(rows["B"], rows["E"], rows["M"]) if (int(e), int(m)) not in plain]
+    return tuple(blocks) or None
 
 
 # ---------------------------------------------------------------- identifiability
@@ -671,6 +681,7 @@ def fit(
             note=f"Huber (delta {huber_delta:g}) on log loss, {len(starts_x)} starts, seed {seed}{fixed_note}",
             n_range=(float(train["N"].min()), float(train["N"].max())),
             d_range=(float(train["D"].min()), float(train["D"].max())),
+            block_sizes=_quantized_block_sizes(train),
             extra=extra_info or None,
         ),
     )

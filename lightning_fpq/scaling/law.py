@@ -150,7 +150,8 @@ class Provenance:
     For a fit: ``rows`` used, the fit's ``rmse`` (nats, on the fitted rows), ``r2``, and
     ``heldout_rmse`` (nats, on rows kept out of the fit) when rows were held out.
     ``n_range`` and ``d_range``: the (smallest, largest) N and D the constants were fitted on
-    (None: unknown, no extrapolation warning). ``extra``: a mapping of further results, e.g. a
+    (None: unknown, no extrapolation warning). ``block_sizes``: the block sizes of the fitted
+    quantized rows (ints, ``"channel"``, ``"tensor"``; None: unknown). ``extra``: a mapping of further results, e.g. a
     fit's bootstrap intervals and its precision-unaware baseline (``fitting.fit``).
     """
 
@@ -163,6 +164,7 @@ class Provenance:
     note: str = ""
     n_range: Optional[tuple[float, float]] = None
     d_range: Optional[tuple[float, float]] = None
+    block_sizes: Optional[tuple[Union[int, str], ...]] = None
     extra: Optional[dict] = field(default=None, hash=False)
 
     SOURCES: ClassVar[tuple[str, ...]] = ("paper", "fit", "user")
@@ -183,6 +185,11 @@ class Provenance:
                     f"Provenance {name}={value!r} is not valid: expected None or [low, high] with 0 < low <= high"
                 )
             object.__setattr__(self, name, (low, high))
+        if self.block_sizes is not None:
+            blocks = [_config.block_size(b, allow_none=False, what="Provenance block_sizes") for b in self.block_sizes]
+            # ints ascending, then "channel" and "tensor": one order for equal sets
+            order = sorted(set(blocks), key=lambda b: (isinstance(b, str), b if isinstance(b, int) else 0, str(b)))
+            object.__setattr__(self, "block_sizes", tuple(order))
         if self.extra is not None and not isinstance(self.extra, dict):
             raise ValueError(f"Provenance extra={self.extra!r} is not valid: expected None or a mapping")
 
