@@ -37,16 +37,26 @@ def test_block_scaling_saturates_nothing_but_inf_and_mx_scales_can_saturate():
     assert math.isinf(operand_health(torch.ones(4, 32), OperandSpec("e2m1", 32), -1).sqnr_db)  # exact
 
 
-def test_the_callback_logs_every_quantized_operand_of_every_layer(tmp_path):
-    health = QuantizationHealth(every_n_steps=2)
+def _fit_with_health(tmp_path, model, *, every_n_steps: int, max_steps: int) -> QuantizationHealth:
+    """Train ``model`` a few steps with the `full` E2M1 recipe and the callback; returns it."""
+    health = QuantizationHealth(every_n_steps=every_n_steps)
     trainer = quiet_trainer(
-        max_steps=3,
+        max_steps=max_steps,
         default_root_dir=tmp_path,
         plugins=[FPQuantPrecision("full", fmt="e2m1", block_size=16)],
         callbacks=[health],
     )
-    trainer.fit(TinyLM(), token_loader(3, 4, 8, seed=0))
-    operands = {key.split("/")[3] for key in health.last if key.startswith("fpq/health/hidden/")}
+    trainer.fit(model, token_loader(3, 4, 8, seed=0))
+    return health
+
+
+def _operands(health: QuantizationHealth, layer: str) -> set:
+    return {key.split("/")[3] for key in health.last if key.startswith(f"fpq/health/{layer}/")}
+
+
+def test_the_callback_logs_every_quantized_operand_of_every_layer(tmp_path):
+    health = _fit_with_health(tmp_path, TinyLM(), every_n_steps=2, max_steps=3)
+    operands = _operands(health, "hidden")
     assert operands == {f"P{i}" for i in range(1, 7)}  # `full` quantizes all six; lm_head is excluded
     assert not any(key.startswith("fpq/health/lm_head/") for key in health.last)
     assert 0 < health.last["fpq/health/min_sqnr_db"] < 30  # E2M1 keeps about 3 bits
@@ -69,16 +79,7 @@ class _Attention(TinyLM):
 
 
 def test_attention_layers_report_their_input_and_weight_operands(tmp_path):
-    health = QuantizationHealth(every_n_steps=1)
-    trainer = quiet_trainer(
-        max_steps=1,
-        default_root_dir=tmp_path,
-        plugins=[FPQuantPrecision("full", fmt="e2m1", block_size=16)],
-        callbacks=[health],
-    )
-    trainer.fit(_Attention(), token_loader(3, 4, 8, seed=0))
-    operands = {key.split("/")[3] for key in health.last if key.startswith("fpq/health/attn/")}
+    health = _fit_with_health(tmp_path, _Attention(), every_n_steps=1, max_steps=1)
     # the in-projection's X and W operands; its dY is inside the attention, not the layer's output gradient
-    assert operands == {"P1", "P2", "P4", "P6"}
-    out_proj = {key.split("/")[3] for key in health.last if key.startswith("fpq/health/attn.out_proj/")}
-    assert out_proj == {f"P{i}" for i in range(1, 7)}
+    assert _operands(health, "attn") == {"P1", "P2", "P4", "P6"}
+    assert _operands(health, "attn.out_proj") == {f"P{i}" for i in range(1, 7)}
