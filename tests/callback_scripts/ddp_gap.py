@@ -17,7 +17,7 @@ from lightning.pytorch import Trainer, seed_everything
 from lightning_fpq import FPQuantPrecision, QuantizationGap
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from helpers import TinyLM, token_loader  # noqa: E402
+from helpers import TinyLM, exit_cleanly, token_loader  # noqa: E402
 
 
 def loss_fn(module, batch):
@@ -61,3 +61,4 @@ def main(out_dir: Path) -> None:
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]))
+    exit_cleanly()

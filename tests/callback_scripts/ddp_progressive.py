@@ -14,7 +14,7 @@ from lightning_fpq.lightning.tokens import TokenCounter
 
 # tests/ holds the shared test model; every DDP rank re-runs this file, so each adds it.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from helpers import TinyLM, token_loader  # noqa: E402
+from helpers import TinyLM, exit_cleanly, token_loader  # noqa: E402
 
 BATCH, SEQ = 4, 8
 
@@ -49,3 +49,4 @@ def main(out_dir: Path) -> None:
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]))
+    exit_cleanly()

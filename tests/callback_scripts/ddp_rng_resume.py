@@ -17,7 +17,7 @@ from lightning.pytorch import Trainer, seed_everything
 from lightning_fpq import FPQuantPrecision
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from helpers import TinyLM, token_loader  # noqa: E402
+from helpers import TinyLM, exit_cleanly, token_loader  # noqa: E402
 
 
 def main(out_dir: Path, phase: str, rng: str) -> None:
@@ -49,3 +49,4 @@ def main(out_dir: Path, phase: str, rng: str) -> None:
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]), sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else "torch")
+    exit_cleanly()

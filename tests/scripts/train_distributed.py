@@ -18,12 +18,14 @@ import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # tests/: helpers.exit_cleanly
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from fpq_helpers import LossRecorder, datamodule, model, quiet, trainer  # noqa: E402
+from helpers import exit_cleanly  # noqa: E402
 from lightning_fpq.demo.model import GPTLightning  # noqa: E402
 from lightning_fpq.lightning.precision import FPQuantPrecision  # noqa: E402
 from lightning_fpq.linear import QuantLinear  # noqa: E402
@@ -120,3 +122,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_cleanly()
